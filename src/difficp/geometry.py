@@ -1,0 +1,214 @@
+"""SE(3) helpers, normals, and depth map <-> point conversions.
+
+Conventions: points are row vectors, ``(B, N, 3)``; a transform ``T`` is a ``(B, 4, 4)``
+homogeneous matrix acting as ``p' = p @ R.T + t`` with ``R = T[..., :3, :3]``, ``t = T[..., :3, 3]``.
+Pinhole intrinsics are ``(3, 3)`` or ``(B, 3, 3)`` matrices ``[[fx, 0, cx], [0, fy, cy], [0, 0, 1]]``;
+pixel ``(u, v)`` is column ``u``, row ``v``; camera looks along +z.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import roma
+import torch
+from torch import Tensor
+
+
+def transform_points(points: Tensor, transform: Tensor) -> Tensor:
+    """Apply ``transform`` ``(..., 4, 4)`` to ``points`` ``(..., N, 3)``."""
+    return points @ transform[..., :3, :3].transpose(-1, -2) + transform[..., None, :3, 3]
+
+
+def rotate_vectors(vectors: Tensor, transform: Tensor) -> Tensor:
+    """Rotate direction vectors ``(..., N, 3)`` by the rotation part of ``transform``."""
+    return vectors @ transform[..., :3, :3].transpose(-1, -2)
+
+
+def make_transform(rotation: Tensor, translation: Tensor) -> Tensor:
+    """Build ``(..., 4, 4)`` from ``rotation`` ``(..., 3, 3)`` and ``translation`` ``(..., 3)``."""
+    top = torch.cat([rotation, translation[..., :, None]], dim=-1)
+    bottom = torch.zeros_like(top[..., :1, :])
+    bottom[..., 0, 3] = 1
+    return torch.cat([top, bottom], dim=-2)
+
+
+def invert_transform(transform: Tensor) -> Tensor:
+    """Inverse of a rigid ``(..., 4, 4)`` transform (uses R^T, not a general inverse)."""
+    R_t = transform[..., :3, :3].transpose(-1, -2)
+    t = transform[..., :3, 3]
+    return make_transform(R_t, -(R_t @ t[..., None])[..., 0])
+
+
+def twist_to_transform(twist: Tensor) -> Tensor:
+    """``(..., 6)`` twist ``(omega, v)`` -> ``(..., 4, 4)`` with ``R = exp([omega]x)``, ``t = v``.
+
+    This is the update whose linearisation is ``p' ~ p + omega x p + v``, the one the linearised
+    metrics solve for (Open3D composes its updates the same way, with Euler angles).
+    """
+    return make_transform(roma.rotvec_to_rotmat(twist[..., :3]), twist[..., 3:])
+
+
+def random_rotation(
+    batch: int | None = None, max_angle_deg: float = 180.0, generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Rotations about uniformly random axes by angles uniform in [0, max_angle_deg]."""
+    shape = (1,) if batch is None else (batch,)
+    axis = torch.randn(*shape, 3, generator=generator, dtype=torch.float64)
+    axis = axis / axis.norm(dim=-1, keepdim=True)
+    angle = torch.rand(*shape, 1, generator=generator, dtype=torch.float64) * np.deg2rad(max_angle_deg)
+    R = roma.rotvec_to_rotmat(axis * angle).to(dtype)
+    return R[0] if batch is None else R
+
+
+def rotation_angle_deg(R: Tensor) -> Tensor:
+    """Geodesic angle of rotation matrices ``(..., 3, 3)`` in degrees."""
+    cos = ((R.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1, 1)
+    return torch.rad2deg(torch.arccos(cos))
+
+
+def is_rigid(transform: Tensor, atol: float = 1e-4) -> Tensor:
+    """``(...)`` bool: rotation block orthonormal with det +1 and last row ``[0, 0, 0, 1]``."""
+    R = transform[..., :3, :3].detach().double()
+    eye = torch.eye(3, dtype=R.dtype, device=R.device)
+    orthonormal = ((R.transpose(-1, -2) @ R - eye).abs().amax(dim=(-1, -2)) < atol)
+    proper = (torch.linalg.det(R) - 1).abs() < atol
+    last_row = torch.tensor([0, 0, 0, 1], dtype=R.dtype, device=R.device)
+    bottom = (transform[..., 3, :].detach().double() - last_row).abs().amax(-1) < atol
+    return orthonormal & proper & bottom
+
+
+# --------------------------------------------------------------------------------------------
+# Normals
+# --------------------------------------------------------------------------------------------
+
+
+def estimate_normals(
+    points: Tensor, k: int = 16, viewpoint: Tensor | None = None, lengths: Tensor | None = None
+) -> Tensor:
+    """PCA normals from the ``k`` nearest neighbours, oriented towards ``viewpoint``.
+
+    Args:
+        points: ``(N, 3)`` or ``(B, N, 3)``.
+        k: neighbourhood size (clipped to the number of points).
+        viewpoint: ``(3,)`` or ``(B, 3)``; normals are flipped to face it (default: the origin,
+            which is the camera centre for clouds made from depth maps).
+        lengths: ``(B,)`` valid counts of a padded batch.
+    Returns:
+        Unit normals of the same shape as ``points`` (not differentiable: the neighbourhoods are
+        found with a KD-tree; the eigen-decomposition itself is batched in torch).
+    """
+    from difficp.correspondence import knn_indices
+
+    unbatched = points.dim() == 2
+    pts = points[None] if unbatched else points
+    B, N, _ = pts.shape
+    k = max(3, min(k, N))
+    with torch.no_grad():
+        idx = knn_indices(pts, pts, k, query_lengths=lengths, reference_lengths=lengths)
+        nbrs = torch.gather(pts, 1, idx.reshape(B, N * k, 1).expand(-1, -1, 3))
+        nbrs = nbrs.reshape(B, N, k, 3)
+        centred = nbrs - nbrs.mean(dim=2, keepdim=True)
+        cov = centred.transpose(-1, -2) @ centred
+        _, vecs = torch.linalg.eigh(cov.double())
+        normals = vecs[..., 0].to(pts.dtype)
+        vp = torch.zeros(3, dtype=pts.dtype, device=pts.device) if viewpoint is None else viewpoint
+        vp = vp.reshape(-1, 1, 3) if vp.dim() == 2 else vp.reshape(1, 1, 3)
+        flip = ((vp - pts) * normals).sum(-1, keepdim=True) < 0
+        normals = torch.where(flip, -normals, normals)
+    return normals[0] if unbatched else normals
+
+
+# --------------------------------------------------------------------------------------------
+# Depth maps
+# --------------------------------------------------------------------------------------------
+
+
+def check_intrinsics(intrinsics: Tensor, batch: int | None = None) -> Tensor:
+    """Validate pinhole intrinsics and return them as ``(B or 1, 3, 3)``."""
+    if not isinstance(intrinsics, Tensor):
+        intrinsics = torch.as_tensor(np.asarray(intrinsics))
+    if intrinsics.shape[-2:] != (3, 3) or intrinsics.dim() not in (2, 3):
+        raise ValueError(
+            f"intrinsics must be a (3, 3) or (B, 3, 3) pinhole matrix, got shape {tuple(intrinsics.shape)}"
+        )
+    K = intrinsics if intrinsics.dim() == 3 else intrinsics[None]
+    if batch is not None and K.shape[0] not in (1, batch):
+        raise ValueError(f"intrinsics has batch {K.shape[0]} but there are {batch} depth maps")
+    if not torch.isfinite(K).all():
+        raise ValueError("intrinsics contains NaN or inf; pass finite fx, fy, cx, cy")
+    fx, fy = K[:, 0, 0], K[:, 1, 1]
+    if (fx <= 0).any() or (fy <= 0).any():
+        raise ValueError("intrinsics must have positive focal lengths fx = K[0,0] and fy = K[1,1]")
+    off = K.clone()
+    off[:, 0, 0] = off[:, 1, 1] = off[:, 0, 2] = off[:, 1, 2] = 0
+    off[:, 2, 2] -= 1
+    if off.abs().amax() > 1e-6:
+        raise ValueError(
+            "intrinsics must be [[fx, 0, cx], [0, fy, cy], [0, 0, 1]] (no skew, last row 0 0 1)"
+        )
+    return K
+
+
+def depth_to_points(depth: Tensor, intrinsics: Tensor) -> Tensor:
+    """Back-project depth maps to camera-frame points.
+
+    Args:
+        depth: ``(H, W)`` or ``(B, H, W)`` z-depth; 0 marks an invalid pixel.
+        intrinsics: ``(3, 3)`` or ``(B, 3, 3)``.
+    Returns:
+        ``(..., H, W, 3)`` points (invalid pixels give ``(0, 0, 0)``); differentiable in ``depth``.
+    """
+    unbatched = depth.dim() == 2
+    d = depth[None] if unbatched else depth
+    B, H, W = d.shape
+    K = check_intrinsics(intrinsics, B).to(d)
+    v, u = torch.meshgrid(
+        torch.arange(H, dtype=d.dtype, device=d.device),
+        torch.arange(W, dtype=d.dtype, device=d.device),
+        indexing="ij",
+    )
+    fx, fy = K[:, 0, 0, None, None], K[:, 1, 1, None, None]
+    cx, cy = K[:, 0, 2, None, None], K[:, 1, 2, None, None]
+    x = (u - cx) / fx * d
+    y = (v - cy) / fy * d
+    pts = torch.stack([x, y, d], dim=-1)
+    return pts[0] if unbatched else pts
+
+
+def points_to_pixels(points: Tensor, intrinsics: Tensor) -> tuple[Tensor, Tensor]:
+    """Project camera-frame ``points`` ``(B, N, 3)`` to continuous pixels ``(B, N, 2)`` ``(u, v)``.
+
+    Returns the pixels and the depth ``z`` ``(B, N)``; points with ``z <= 0`` get pixel ``-1``.
+    """
+    K = check_intrinsics(intrinsics, points.shape[0]).to(points)
+    z = points[..., 2]
+    safe_z = torch.where(z > 0, z, torch.ones_like(z))
+    u = K[:, None, 0, 0] * points[..., 0] / safe_z + K[:, None, 0, 2]
+    v = K[:, None, 1, 1] * points[..., 1] / safe_z + K[:, None, 1, 2]
+    uv = torch.stack([u, v], dim=-1)
+    return torch.where((z > 0)[..., None], uv, torch.full_like(uv, -1.0)), z
+
+
+def depth_normals(points_map: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Normals of an organised point map ``(..., H, W, 3)`` by central differences.
+
+    Normals face the camera (negative z component). Pixels whose neighbours are invalid get
+    a zero normal. ``valid`` defaults to ``z > 0``.
+    """
+    if valid is None:
+        valid = points_map[..., 2] > 0
+    p = points_map
+    pad = torch.nn.functional.pad
+    # Central differences along rows and columns; pad so the output keeps the map's size.
+    pc = pad(p.movedim(-1, -3), (1, 1, 1, 1), mode="replicate").movedim(-3, -1)
+    vc = pad(valid.to(p.dtype)[..., None, :, :], (1, 1, 1, 1))[..., 0, :, :] > 0
+    du = pc[..., 1:-1, 2:, :] - pc[..., 1:-1, :-2, :]
+    dv = pc[..., 2:, 1:-1, :] - pc[..., :-2, 1:-1, :]
+    n = torch.cross(du, dv, dim=-1)
+    ok = valid & vc[..., 1:-1, 2:] & vc[..., 1:-1, :-2] & vc[..., 2:, 1:-1] & vc[..., :-2, 1:-1]
+    norm = n.norm(dim=-1, keepdim=True)
+    ok = ok & (norm[..., 0] > 0)
+    n = n / norm.clamp_min(torch.finfo(p.dtype).tiny)
+    n = torch.where((n[..., 2:3] > 0), -n, n)
+    return torch.where(ok[..., None], n, torch.zeros_like(n))
