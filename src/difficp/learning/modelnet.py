@@ -211,6 +211,8 @@ class ModelNetPairs(Dataset):
         seed: base seed; pair ``i`` uses ``default_rng([seed, i])``.
         num_points: points taken from each shape before cropping.
         num_classes: classes of the dataset (for ``unseen``).
+        shuffle: visit the shapes in a fixed random order (from ``seed``) instead of file order,
+            so the first ``n`` pairs (``--limit n``) mix all classes (files are sorted by class).
     Items are dicts of float32 tensors: ``source`` (N, 3), ``target`` (M, 3), ``rotation`` (3, 3),
     ``translation`` (3,), and ``label`` / ``index`` ints.
     """
@@ -218,6 +220,7 @@ class ModelNetPairs(Dataset):
     def __init__(
         self, points: np.ndarray, labels: np.ndarray, protocol: str = "clean", split: str = "test",
         seed: int = 0, num_points: int = NUM_POINTS, num_classes: int | None = None,
+        shuffle: bool = True,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -230,8 +233,10 @@ class ModelNetPairs(Dataset):
             train_mask, test_mask = unseen_class_split(labels, n_cls)
             keep = train_mask if split == "train" else test_mask
             points, labels = points[keep], labels[keep]
-        self.points = points
-        self.labels = labels
+        order = (np.random.default_rng(seed).permutation(len(points)) if shuffle
+                 else np.arange(len(points)))
+        self.points = points[order]
+        self.labels = labels[order]
         self.protocol = protocol
         self.seed = seed
         self.num_points = num_points
