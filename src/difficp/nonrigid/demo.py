@@ -1,0 +1,260 @@
+"""Non-rigid ICP demo: fit an embedded deformation graph to a bent, noisy, half-seen limb.
+
+The scene needs no data files. The source is a cylinder (a "limb": radius 5 cm, length 50 cm)
+sampled at random on its surface. The target is the same cylinder bent along its length by a
+known smooth deformation (a circular bend plus a twist about the axis), sampled independently,
+seen from one side only (points whose normal faces the camera), with Gaussian noise.
+
+The error reported is the mean distance from the deformed source (all of it, including the
+unseen back) to the *true* bent surface, in metres; ``error_vertex`` is the stricter mean
+distance from each deformed source point to where the true deformation takes it.
+
+Run with ``difficp demo nonrigid --out DIR`` or :func:`run_nonrigid_demo`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+from torch import Tensor
+
+from difficp.config import ICPConfig
+from difficp.geometry import estimate_normals
+from difficp.nonrigid.deformation_graph import EmbeddedDeformationGraph
+from difficp.nonrigid.icp import NonrigidICPResult, nonrigid_icp
+
+
+@dataclass
+class LimbScene:
+    """A source cylinder, its true deformation, and the partial noisy target (float64, metres).
+
+    Attributes:
+        source, source_normals: ``(N, 3)`` source surface samples and unit normals.
+        true_source: ``(N, 3)`` where the true deformation takes each source point.
+        target, target_normals: ``(M, 3)`` visible noisy target samples; normals estimated from
+            the target itself (oriented to the camera), as a real scan would give them.
+        surface, surface_normals: ``(S, 3)`` dense samples of the true deformed surface with exact
+            normals, for measuring the error.
+        camera: ``(3,)`` camera position.
+    """
+
+    source: Tensor
+    source_normals: Tensor
+    true_source: Tensor
+    target: Tensor
+    target_normals: Tensor
+    surface: Tensor
+    surface_normals: Tensor
+    camera: Tensor
+
+
+def bend(points: Tensor, bend_deg: float, twist_deg: float, length: float) -> Tensor:
+    """The true deformation: twist about the z axis then bend the z axis into a circular arc.
+
+    ``(..., 3)`` -> ``(..., 3)``. The twist angle grows linearly along z (``twist_deg`` over
+    ``length``); the bend maps the axis point ``(0, 0, z)`` to the arc of curvature
+    ``bend / length`` in the x-z plane, keeping cross-sections perpendicular to the arc (an
+    isometry of the axis). ``z = 0`` is fixed.
+    """
+    x, y, z = points.unbind(-1)
+    phi = math.radians(twist_deg) * z / length
+    xt = x * torch.cos(phi) - y * torch.sin(phi)
+    yt = x * torch.sin(phi) + y * torch.cos(phi)
+    kappa = math.radians(bend_deg) / length
+    rho = 1.0 / kappa
+    theta = kappa * z
+    return torch.stack([rho - (rho - xt) * torch.cos(theta), yt, (rho - xt) * torch.sin(theta)], -1)
+
+
+def _bend_normals(points: Tensor, normals: Tensor, **kw: float) -> Tensor:
+    """Normals carried by :func:`bend`: ``J^-T n``, re-normalised."""
+    jac = torch.func.vmap(torch.func.jacfwd(lambda p: bend(p, **kw)))(points)  # (N, 3, 3)
+    n = torch.linalg.solve(jac.transpose(-1, -2), normals[..., None])[..., 0]
+    return n / n.norm(dim=-1, keepdim=True)
+
+
+def _cylinder(angle: Tensor, z: Tensor, radius: float) -> tuple[Tensor, Tensor]:
+    normals = torch.stack([torch.cos(angle), torch.sin(angle), torch.zeros_like(angle)], -1)
+    points = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle), z], -1)
+    return points, normals
+
+
+def make_limb_scene(
+    seed: int = 0,
+    n_source: int = 1500,
+    n_target: int = 4000,
+    radius: float = 0.05,
+    length: float = 0.5,
+    bend_deg: float = 60.0,
+    twist_deg: float = 30.0,
+    noise: float = 0.002,
+    camera: tuple[float, float, float] = (0.8, 1.2, 0.0),
+) -> LimbScene:
+    """Build the demo scene (see the module docstring); all randomness from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    kw = {"bend_deg": bend_deg, "twist_deg": twist_deg, "length": length}
+
+    def samples(n: int) -> tuple[Tensor, Tensor]:
+        angle = torch.rand(n, generator=g, dtype=torch.float64) * 2 * math.pi
+        z = (torch.rand(n, generator=g, dtype=torch.float64) - 0.5) * length
+        return _cylinder(angle, z, radius)
+
+    source, source_normals = samples(n_source)
+    true_source = bend(source, **kw)
+    rest, rest_n = samples(n_target)
+    target = bend(rest, **kw)
+    target_true_n = _bend_normals(rest, rest_n, **kw)
+    cam = torch.tensor(camera, dtype=torch.float64)
+    visible = ((cam - target) * target_true_n).sum(-1) > 0
+    target = target[visible] + noise * torch.randn(int(visible.sum()), 3, generator=g, dtype=torch.float64)
+    target_normals = estimate_normals(target, k=16, viewpoint=cam)
+    # Dense exact samples of the true surface for the error measure (about 1 mm apart).
+    na, nz = 320, int(length / 0.001)
+    angle, z = torch.meshgrid(
+        torch.linspace(0, 2 * math.pi, na + 1, dtype=torch.float64)[:-1],
+        torch.linspace(-length / 2, length / 2, nz, dtype=torch.float64), indexing="ij")
+    rest_s, rest_sn = _cylinder(angle.reshape(-1), z.reshape(-1), radius)
+    surface = bend(rest_s, **kw)
+    surface_normals = _bend_normals(rest_s, rest_sn, **kw)
+    return LimbScene(source, source_normals, true_source, target, target_normals, surface,
+                     surface_normals, cam)
+
+
+def surface_error(points: Tensor, scene: LimbScene) -> float:
+    """Mean distance (m) from ``points`` ``(N, 3)`` to the true deformed surface.
+
+    Point-to-plane distance to the nearest dense surface sample, using its exact normal: exact
+    to second order in the ~1 mm sample spacing, so it can measure sub-millimetre errors.
+    """
+    surf = scene.surface.numpy()
+    p = points.detach().double().numpy()
+    _, idx = cKDTree(surf).query(p, workers=-1)
+    n = scene.surface_normals.numpy()[idx]
+    d_plane = np.abs(((p - surf[idx]) * n).sum(-1))
+    return float(d_plane.mean())
+
+
+def vertex_error(points: Tensor, scene: LimbScene) -> float:
+    """Mean distance (m) from each deformed source point to its true deformed position."""
+    return float((points.detach().double() - scene.true_source).norm(dim=-1).mean())
+
+
+# Settings used by the demo (and the tests, on a smaller scene).
+DEMO_GRAPH = {"num_nodes": 64, "skin_k": 4, "graph_k": 6, "rotation": "affine",
+              "rot_weight": 1.0, "smooth_weight": 1.0}
+DEMO_CONFIG = ICPConfig(
+    correspondence="nearest", metric="point_to_plane", solver="lm", lm_steps=2,
+    max_distance=0.1, max_normal_angle=60.0, max_iterations=40, relative_fitness=1e-6,
+    relative_rmse=1e-6, return_history=True,
+)
+
+
+def stiffness_schedule(iterations: int, start: float = 100.0, end: float = 1.0) -> list[float]:
+    """Regulariser factors falling geometrically from ``start`` to ``end`` (stiff to flexible)."""
+    return list(np.geomspace(start, end, iterations))
+
+
+def fit_graph(
+    scene: LimbScene, graph: dict[str, Any] | None = None, config: ICPConfig = DEMO_CONFIG,
+    schedule: list[float] | None = None, dtype: torch.dtype = torch.float32,
+) -> tuple[EmbeddedDeformationGraph, NonrigidICPResult]:
+    """Fit an embedded deformation graph of ``scene.source`` to ``scene.target``."""
+    model = EmbeddedDeformationGraph(
+        scene.source.to(dtype), source_normals=scene.source_normals.to(dtype), **(graph or DEMO_GRAPH))
+    result = nonrigid_icp(
+        None, scene.target.to(dtype), model, config, target_normals=scene.target_normals.to(dtype),
+        regularizer_schedule=stiffness_schedule(12) if schedule is None else schedule,
+    )
+    return model, result
+
+
+def plot_before_after(scene: LimbScene, fitted: Tensor, path: Path, errors: tuple[float, float]) -> None:
+    """Before / after figure: target (grey) with the source (left) and the fitted source (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(11, 5))
+    tgt = scene.target.numpy()
+    for i, (pts, title) in enumerate(
+        [(scene.source, f"before: mean error {errors[0] * 1000:.1f} mm"),
+         (fitted, f"after: mean error {errors[1] * 1000:.2f} mm")]):
+        ax = fig.add_subplot(1, 2, i + 1, projection="3d")
+        ax.scatter(tgt[:, 0], tgt[:, 1], tgt[:, 2], s=1, c="0.6", alpha=0.5, label="target (seen side)")
+        p = pts.detach().double().numpy()
+        ax.scatter(p[:, 0], p[:, 1], p[:, 2], s=2, c="tab:red", label="source")
+        ax.set_title(title)
+        ax.view_init(elev=20, azim=-60)
+        ax.set_box_aspect((1, 1, 1))
+        lo, hi = tgt.min(0).min(), tgt.max(0).max()
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.set_zlim(lo, hi)
+        ax.legend(loc="upper left", fontsize=8)
+    fig.suptitle("Non-rigid ICP, embedded deformation graph (64 nodes): bent + twisted limb, "
+                 "one-sided noisy target")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_nonrigid_demo(out_dir: str | Path | None = None, seed: int = 0) -> dict[str, Any]:
+    """Run the demo; write ``metrics.json`` and ``nonrigid_before_after.png`` to ``out_dir``.
+
+    Returns the metrics: ``error_before`` / ``error_after`` (mean distance to the true surface,
+    m), ``error_vertex_before`` / ``error_vertex_after``, ``seconds``, ``iterations`` and sizes.
+    """
+    scene = make_limb_scene(seed=seed)
+    start = time.perf_counter()
+    _, result = fit_graph(scene)
+    seconds = time.perf_counter() - start
+    fitted = result.points[0] if result.points.dim() == 3 else result.points
+    metrics: dict[str, Any] = {
+        "error_before": surface_error(scene.source, scene),
+        "error_after": surface_error(fitted, scene),
+        "error_vertex_before": vertex_error(scene.source, scene),
+        "error_vertex_after": vertex_error(fitted, scene),
+        "seconds": seconds,
+        "iterations": int(result.iterations),
+        "source_points": int(scene.source.shape[0]),
+        "target_points": int(scene.target.shape[0]),
+        "graph_nodes": DEMO_GRAPH["num_nodes"],
+        "seed": seed,
+    }
+    metrics["improvement"] = metrics["error_before"] / max(metrics["error_after"], 1e-12)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        plot_before_after(scene, fitted, out / "nonrigid_before_after.png",
+                          (metrics["error_before"], metrics["error_after"]))
+    return metrics
+
+
+def run_demo(args: Any) -> int:
+    """Entry point of ``difficp demo nonrigid --out DIR [--seed S]``."""
+    seed = int(getattr(args, "seed", 0) or 0)
+    out = getattr(args, "out", None) or "nonrigid_demo"
+    m = run_nonrigid_demo(out, seed)
+    print(f"non-rigid ICP (embedded deformation graph, {m['graph_nodes']} nodes), "
+          f"{m['source_points']} source / {m['target_points']} target points")
+    print(f"mean distance to the true surface: before {m['error_before'] * 1000:.2f} mm, "
+          f"after {m['error_after'] * 1000:.3f} mm ({m['improvement']:.0f}x lower)")
+    print(f"mean per-point error: before {m['error_vertex_before'] * 1000:.2f} mm, "
+          f"after {m['error_vertex_after'] * 1000:.3f} mm")
+    print(f"{m['iterations']} iterations in {m['seconds']:.1f} s; wrote {out}/metrics.json and "
+          f"{out}/nonrigid_before_after.png")
+    return 0
+
+
+__all__ = ["LimbScene", "bend", "fit_graph", "make_limb_scene", "run_demo", "run_nonrigid_demo",
+           "surface_error", "vertex_error"]
