@@ -1,0 +1,136 @@
+"""``difficp experiment``: the paper experiments. ``depth``: pose CNN + differentiable ICP.
+
+    difficp experiment depth train --data-dir D --out results/depth [--seed 0] [--resume]
+    difficp experiment depth eval  --data-dir D --out DIR --n 500 --seed 1 [--checkpoint P]
+    difficp experiment depth plot  --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+DEFAULT_OUT = Path("results") / "depth"
+CHECKPOINT_NAME = "pose_cnn.pt"
+FIGURE_NAME = "success_vs_initial_distance.png"
+
+
+def committed_checkpoint() -> Path:
+    """The checkpoint shipped with the repository (``results/depth/pose_cnn.pt``).
+
+    Looked up next to the source tree (editable install), else relative to the working directory.
+    """
+    repo = Path(__file__).resolve().parents[3]
+    candidate = repo / DEFAULT_OUT / CHECKPOINT_NAME
+    return candidate if candidate.is_file() else DEFAULT_OUT / CHECKPOINT_NAME
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from difficp.datadir import require_data_dir
+    from difficp.learning.depth.train import StageConfig, train_depth
+
+    _threads(args.threads)
+    data_dir = require_data_dir(args.data_dir, needs="the body mesh")
+    steps = max(1, args.n // args.batch)
+    nn_cfg = StageConfig(epochs=args.epochs, steps=steps, batch=args.batch)
+    icp_cfg = StageConfig(epochs=args.icp_epochs, steps=max(1, args.icp_n // args.batch),
+                          batch=args.batch, lr=2e-4, min_lr=1e-5)
+    train_depth(data_dir, Path(args.out), seed=args.seed, resume=args.resume, nn_config=nn_cfg,
+                icp_config=icp_cfg, progress=not args.no_progress)
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from difficp.datadir import require_data_dir
+    from difficp.learning.depth.data import TEST, DepthPairs, load_or_build, open_renderer
+    from difficp.learning.depth.evaluate import method_errors, summarize
+    from difficp.learning.depth.plot import plot_metrics
+    from difficp.learning.depth.train import load_final
+
+    _threads(args.threads)
+    data_dir = require_data_dir(args.data_dir, needs="the body mesh")
+    ckpt = Path(args.checkpoint) if args.checkpoint else committed_checkpoint()
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt} not found; train one with "
+                                "`difficp experiment depth train` or pass --checkpoint")
+    nets, scene, _ = load_final(ckpt)
+    if args.icp_res:
+        scene = replace(scene, icp_res=args.icp_res)
+    out = Path(args.out)
+    data = DepthPairs(open_renderer(data_dir), scene, args.seed, TEST, args.n)
+    # The test set is rendered once and cached; a later run with the same seed/n reuses it.
+    cache = out / "cache" / f"test_seed{args.seed}_n{args.n}_icp{scene.icp_res}.pt"
+    batch = load_or_build(cache, data, progress=not args.no_progress)
+    errors = method_errors(nets, batch, scene, progress=not args.no_progress)
+    metrics = summarize(errors, batch["init_rmse"])
+    metrics.update(seed=args.seed, checkpoint=str(ckpt), icp_res=scene.icp_res)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    plot_metrics(metrics, out / FIGURE_NAME)
+    for name, m in metrics["methods"].items():
+        print(f"{name:12s} success@3cm {m['success_3cm']:.3f}  success@30cm "
+              f"{m['success_30cm']:.3f}  median error {m['median_error_m']:.3f} m")
+    print(f"wrote {out / 'metrics.json'} and {out / FIGURE_NAME}")
+    return 0
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from difficp.learning.depth.plot import plot_metrics
+
+    out = Path(args.out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    plot_metrics(metrics, out / FIGURE_NAME)
+    print(f"wrote {out / FIGURE_NAME}")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, seed: int) -> None:
+    p.add_argument("--data-dir", default=None, help="data directory (default: $DIFFICP_DATA)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (%(default)s)")
+    p.add_argument("--seed", type=int, default=seed, help="random seed (%(default)s)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (%(default)s: the machine is usually shared)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("experiment", help="run a paper experiment (depth, ...)")
+    experiments = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
+    depth = experiments.add_parser(
+        "depth", help="pose CNN + differentiable ICP on rendered depth maps of a body")
+    actions = depth.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    train = actions.add_parser("train", help="train nn, then fine-tune nn_icp through ICP")
+    _common(train, seed=0)
+    train.add_argument("--n", type=int, default=19200,
+                       help="fresh training samples per nn epoch (%(default)s)")
+    train.add_argument("--epochs", type=int, default=10, help="nn epochs (%(default)s)")
+    train.add_argument("--icp-n", type=int, default=4800,
+                       help="training samples per nn_icp epoch (%(default)s)")
+    train.add_argument("--icp-epochs", type=int, default=3, help="nn_icp epochs (%(default)s)")
+    train.add_argument("--batch", type=int, default=32, help="batch size (%(default)s)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from OUT/checkpoints after an interruption")
+    train.set_defaults(func=run_train)
+
+    ev = actions.add_parser("eval", help="evaluate the four methods on fresh test samples")
+    _common(ev, seed=1)
+    ev.add_argument("--n", type=int, default=500, help="test samples (%(default)s)")
+    ev.add_argument("--checkpoint", default=None,
+                    help="pose_cnn.pt to evaluate (default: the committed results/depth one)")
+    ev.add_argument("--icp-res", type=int, default=None,
+                    help="render the ICP point clouds at this resolution (default: as trained)")
+    ev.set_defaults(func=run_eval)
+
+    plot = actions.add_parser("plot", help="plot OUT/metrics.json to a PNG")
+    plot.add_argument("--out", default=str(DEFAULT_OUT), help="directory of metrics.json")
+    plot.set_defaults(func=run_plot)

@@ -1,0 +1,204 @@
+"""Training of the pose CNN: ``nn`` (pose loss) then ``nn_icp`` (fine-tuned through difficp).
+
+Each stage runs ``epochs`` epochs of ``steps`` batches. Every epoch draws *fresh* samples
+(``split=TRAIN``, indices continuing where the previous epoch stopped), so there is no
+over-fitting to a finite set and no render cache to keep; rendering a 64x64 pair costs ~1 ms.
+A checkpoint (model, optimiser, scheduler, RNG, history) is written after every epoch;
+``resume=True`` continues from the last one, giving the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from difficp.learning.depth.data import (
+    TRAIN,
+    VAL,
+    DepthPairs,
+    SceneConfig,
+    collate,
+    rmse_between,
+)
+from difficp.learning.depth.model import PoseCNN
+
+STAGE_OFFSET = {"nn": 0, "nn_icp": 10_000_000}  # the two stages see disjoint training samples
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Optimisation settings of one stage."""
+
+    epochs: int = 8
+    steps: int = 400
+    batch: int = 32
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    grad_clip: float = 1.0
+    val_size: int = 256
+
+
+@dataclass
+class Stage:
+    """What a stage trains and how it scores a batch: ``loss_fn(model, batch) -> (B,)`` errors."""
+
+    name: str
+    model: PoseCNN
+    loss_fn: Callable[[PoseCNN, dict[str, Tensor]], Tensor]
+    config: StageConfig
+
+
+def nn_loss(model: PoseCNN, batch: dict[str, Tensor]) -> Tensor:
+    """Pose loss of the network alone: ``(B,)`` RMSE of the body under estimate vs truth."""
+    return rmse_between(batch["body"], model(batch["depth"]), batch["transform"])
+
+
+def _checkpoint_path(out: Path, name: str) -> Path:
+    return out / "checkpoints" / f"{name}.pt"
+
+
+def run_stage(stage: Stage, renderer, scene: SceneConfig, out: Path, seed: int,
+              resume: bool = False, progress: bool = True, log: Callable[[str], None] = print,
+              ) -> dict:
+    """Train ``stage.model`` in place; returns its history (per-epoch loss, val error, time).
+
+    Checkpoints go to ``out/checkpoints/<name>.pt`` after every epoch. With ``resume`` the run
+    continues from that file if it exists (a finished stage is not re-run).
+    """
+    cfg = stage.config
+    model = stage.model
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    total = cfg.epochs * cfg.steps
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=cfg.min_lr)
+    history: dict = {"epochs": [], "seconds": 0.0, "config": asdict(cfg)}
+    start_epoch = 0
+    ckpt = _checkpoint_path(out, stage.name)
+    if resume and ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        history = state["history"]
+        start_epoch = state["epoch"] + 1
+        torch.set_rng_state(state["torch_rng"])
+        log(f"[{stage.name}] resumed after epoch {start_epoch} from {ckpt}")
+    val = collate([DepthPairs(renderer, scene, seed, VAL, cfg.val_size)[i]
+                   for i in range(cfg.val_size)])
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.time()
+        data = DepthPairs(renderer, scene, seed, TRAIN, cfg.steps * cfg.batch,
+                          offset=STAGE_OFFSET[stage.name] + epoch * cfg.steps * cfg.batch)
+        model.train()
+        losses = []
+        bar = tqdm(range(cfg.steps), desc=f"{stage.name} epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not progress, dynamic_ncols=True)
+        for step in bar:
+            batch = collate([data[step * cfg.batch + j] for j in range(cfg.batch)])
+            loss = stage.loss_fn(model, batch).mean()
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        model.eval()
+        with torch.no_grad():
+            err = torch.cat([stage.loss_fn(model, {k: v[i:i + 64] for k, v in val.items()})
+                             for i in range(0, cfg.val_size, 64)])
+        row = {"epoch": epoch + 1, "train_loss": sum(losses) / len(losses),
+               "val_rmse_mean": err.mean().item(), "val_rmse_median": err.median().item(),
+               "val_success_3cm": (err < 0.03).float().mean().item(),
+               "val_success_30cm": (err < 0.30).float().mean().item(),
+               "seconds": time.time() - t0}
+        history["epochs"].append(row)
+        history["seconds"] += row["seconds"]
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "history": history, "epoch": epoch,
+                    "torch_rng": torch.get_rng_state()}, ckpt)
+        log(f"[{stage.name}] " + json.dumps({k: round(v, 4) for k, v in row.items()}))
+    return history
+
+
+def make_model(scene: SceneConfig, width: int = 32) -> PoseCNN:
+    return PoseCNN(scene.intrinsics(scene.cnn_res), res=scene.cnn_res, width=width)
+
+
+def save_final(path: Path, nets: dict[str, PoseCNN], scene: SceneConfig, extra: dict) -> None:
+    """The deliverable checkpoint: every stage's weights + the configs needed to rebuild them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({
+        "scene": scene.to_dict(),
+        "model_config": next(iter(nets.values())).config(),
+        "nets": {k: v.state_dict() for k, v in nets.items()},
+        "info": extra,
+    }, path)
+
+
+def load_final(path: Path) -> tuple[dict[str, PoseCNN], SceneConfig, dict]:
+    """Inverse of :func:`save_final`: ``({stage: PoseCNN in eval mode}, scene, info)``."""
+    blob = torch.load(path, weights_only=True, map_location="cpu")
+    scene = SceneConfig.from_dict(blob["scene"])
+    nets = {}
+    for name, state in blob["nets"].items():
+        net = PoseCNN(scene.intrinsics(scene.cnn_res), **blob["model_config"])
+        net.load_state_dict(state)
+        nets[name] = net.eval()
+    return nets, scene, blob["info"]
+
+
+def copy_model(model: PoseCNN) -> PoseCNN:
+    return copy.deepcopy(model)
+
+
+def train_depth(data_dir: Path, out: Path, seed: int = 0, resume: bool = False,
+                nn_config: StageConfig | None = None, icp_config: StageConfig | None = None,
+                scene: SceneConfig | None = None, width: int = 32, progress: bool = True,
+                log: Callable[[str], None] = print) -> dict:
+    """The whole recipe; writes ``out/pose_cnn.pt`` and ``out/train_log.json``.
+
+    1. ``nn``: train the CNN from scratch with the pose loss (body RMSE of its estimate).
+    2. ``nn_icp``: fine-tune a copy end to end through the soft, unrolled ICP of
+       :func:`~difficp.learning.depth.methods.train_schedule`, loss = body RMSE of the *final*
+       (post-ICP) estimate.
+    """
+    from difficp.learning.depth.data import open_renderer
+    from difficp.learning.depth.methods import nn_icp_forward, train_schedule
+
+    torch.manual_seed(seed)
+    scene = scene or SceneConfig()
+    nn_config = nn_config or StageConfig()
+    icp_config = icp_config or StageConfig(epochs=3, steps=150, lr=2e-4, min_lr=1e-5)
+    renderer = open_renderer(data_dir)
+    out = Path(out)
+    t0 = time.time()
+    net = make_model(scene, width)
+    hist_nn = run_stage(Stage("nn", net, nn_loss, nn_config), renderer, scene, out, seed,
+                        resume=resume, progress=progress, log=log)
+    fine = copy_model(net)
+    schedule = train_schedule()
+
+    def icp_loss(model: PoseCNN, batch: dict[str, Tensor]) -> Tensor:
+        T = nn_icp_forward(model, batch, scene, schedule)
+        return rmse_between(batch["body"], T, batch["transform"])
+
+    hist_icp = run_stage(Stage("nn_icp", fine, icp_loss, icp_config), renderer, scene, out,
+                         seed, resume=resume, progress=progress, log=log)
+    info = {"seed": seed, "nn": hist_nn, "nn_icp": hist_icp,
+            "train_seconds": hist_nn["seconds"] + hist_icp["seconds"],
+            "wall_seconds_this_run": time.time() - t0,
+            "torch_threads": torch.get_num_threads()}
+    save_final(out / "pose_cnn.pt", {"nn": net, "nn_icp": fine}, scene, info)
+    (out / "train_log.json").write_text(json.dumps(info, indent=1))
+    log(f"training time {info['train_seconds'] / 60:.1f} min (sum of epoch times); "
+        f"wrote {out / 'pose_cnn.pt'}")
+    return info
