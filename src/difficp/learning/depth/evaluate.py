@@ -34,7 +34,8 @@ def method_errors(nets: dict[str, PoseCNN], data: dict[str, Tensor], scene: Scen
     """``(N,)`` final errors (body RMSE, m) per method (and per ICP variant) on ``data``.
 
     ``data`` is a collated batch of :class:`~difficp.learning.depth.data.DepthPairs` items.
-    Keys: ``nn``, ``nn_icp``, ``nn_then_icp``, ``icp_projective``, ``icp_nearest``.
+    Keys: ``nn``, ``nn_icp``, ``nn_then_icp``, ``icp_projective``, ``icp_nearest`` and the
+    control ``icp_schedule`` (the refinement schedule run from the identity).
     """
     n = data["depth"].shape[0]
     out: dict[str, list[Tensor]] = {}
@@ -48,6 +49,9 @@ def method_errors(nets: dict[str, PoseCNN], data: dict[str, Tensor], scene: Scen
                                      nets["nn_icp"](b["depth"]))
         for corr in ICP_VARIANTS:
             est[f"icp_{corr}"] = run_icp(clouds, b["icp_depth"], scene, icp_baseline_config(corr))
+        # Control: the test-time refinement schedule alone, from the identity. It separates
+        # what the network contributes from what the better ICP schedule contributes.
+        est["icp_schedule"] = run_schedule(clouds, b["icp_depth"], scene, refine)
         for k, T in est.items():
             out.setdefault(k, []).append(rmse_between(b["body"], T, b["transform"]))
     return {k: torch.cat(v) for k, v in out.items()}
@@ -71,7 +75,7 @@ def summarize(errors: dict[str, Tensor], init_rmse: Tensor) -> dict:
     ``methods`` holds exactly ``nn``, ``icp``, ``nn_icp``, ``nn_then_icp``, each with
     ``success_3cm``, ``success_30cm`` (fractions), ``bins``, plus ``median_error_m``. ``icp`` is
     the better (by 3 cm success, then 30 cm) of the projective and nearest variants, whose own
-    numbers are under ``icp_variants``.
+    numbers are under ``icp_variants``; ``controls`` has the refinement schedule from identity.
     """
     init = init_rmse.numpy()
 
@@ -90,6 +94,8 @@ def summarize(errors: dict[str, Tensor], init_rmse: Tensor) -> dict:
     return {
         "methods": methods,
         "icp_variants": variants,
+        "controls": {"icp_schedule": stats(errors["icp_schedule"])}
+        if "icp_schedule" in errors else {},
         "n": len(init),
         "initial_distance_median_m": float(np.median(init)),
     }

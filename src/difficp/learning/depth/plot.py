@@ -21,7 +21,7 @@ def plot_metrics(metrics: dict, path: Path, title: str | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(9.5, 4.5), dpi=120)
     for name, m in metrics["methods"].items():
         for thr, style in (("3cm", "-"), ("30cm", "--")):
             xs, ys = [], []
@@ -38,7 +38,7 @@ def plot_metrics(metrics: dict, path: Path, title: str | None = None) -> None:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.set_title(title or f"Depth-map registration of a body, n = {metrics.get('n', '?')}")
-    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
