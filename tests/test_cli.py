@@ -1,0 +1,215 @@
+"""``difficp register`` and ``difficp demo``, run in-process through :func:`difficp.cli.main`."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from difficp.cli import build_parser, main
+from difficp.commands.demo import sample_terrain
+from difficp.io import read_point_cloud, read_transform, write_point_cloud, write_transform
+
+
+def _true_transform() -> np.ndarray:
+    T = np.eye(4)
+    T[:3, :3] = Rotation.from_rotvec(
+        np.deg2rad(8.0) * np.array([0.3, -0.5, 0.8]) / math.sqrt(0.98)
+    ).as_matrix()
+    T[:3, 3] = [0.08, -0.05, 0.04]
+    return T
+
+
+def _rotation_error_deg(A: np.ndarray, B: np.ndarray) -> float:
+    c = (np.trace(A[:3, :3].T @ B[:3, :3]) - 1) / 2
+    return math.degrees(math.acos(float(np.clip(c, -1.0, 1.0))))
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """(source path, target path, true source->target transform): a terrain patch and the same
+    patch, independently resampled, seen from a frame moved by the inverse of the truth."""
+    rng = np.random.default_rng(3)
+    target, _ = sample_terrain(4000, rng)
+    other, _ = sample_terrain(4000, rng)
+    T = _true_transform()
+    source = (other - T[:3, 3]) @ T[:3, :3]  # T^-1 applied to another sampling
+    src, tgt = tmp_path / "source.ply", tmp_path / "target.pcd"
+    write_point_cloud(src, source)
+    write_point_cloud(tgt, target, double=True)
+    return src, tgt, T
+
+
+def _printed_transform(out: str) -> np.ndarray:
+    lines = out.splitlines()
+    i = lines.index("transform (source -> target):")
+    T = np.array([[float(v) for v in ln.split()] for ln in lines[i + 1 : i + 5]])
+    assert T.shape == (4, 4)
+    return T
+
+
+def _printed(out: str, key: str) -> str:
+    return next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith(key + ":"))
+
+
+# --------------------------------------------------------------------------------------------
+# register
+# --------------------------------------------------------------------------------------------
+
+
+def test_register_recovers_known_transform(pair, tmp_path, capsys):
+    src, tgt, T_true = pair
+    out_T, aligned = tmp_path / "T.txt", tmp_path / "aligned.xyz"
+    code = main(
+        ["register", str(src), str(tgt), "--max-distance", "0.2", "--threads", "1",
+         "--out", str(out_T), "--aligned", str(aligned)]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    printed = _printed_transform(captured.out)
+    written = read_transform(out_T)
+    np.testing.assert_allclose(printed, written, atol=1e-8)  # printed with 9 decimals
+    assert _rotation_error_deg(written, T_true) < 0.5
+    assert np.linalg.norm(written[:3, 3] - T_true[:3, 3]) < 0.01
+    # point_to_plane (the default) needed target normals: the PCD has none, so they were estimated.
+    assert "normals estimated for: target" in captured.out
+    assert float(_printed(captured.out, "fitness")) > 0.95
+    assert float(_printed(captured.out, "inlier_rmse")) < 0.02
+    assert int(_printed(captured.out, "iterations")) >= 1
+    assert _printed(captured.out, "converged") in ("true", "false")
+    # The aligned source (with its estimated-or-absent normals) lies on the target.
+    moved = read_point_cloud(aligned).points
+    source = read_point_cloud(src).points
+    np.testing.assert_allclose(moved, source @ written[:3, :3].T + written[:3, 3], atol=1e-9)
+
+
+@pytest.mark.parametrize("metric", ["point_to_point", "symmetric"])
+def test_register_other_metrics_and_init(pair, tmp_path, capsys, metric):
+    src, tgt, T_true = pair
+    # Start from a perturbed truth so that point_to_point converges within its basin quickly.
+    init = T_true.copy()
+    init[:3, 3] += [0.02, 0.0, -0.01]
+    write_transform(tmp_path / "init.txt", init)
+    code = main(
+        ["register", str(src), str(tgt), "--metric", metric, "--init", str(tmp_path / "init.txt"),
+         "--max-distance", "0.1", "--max-iterations", "60", "--dtype", "float32",
+         "--threads", "1"]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    T = _printed_transform(captured.out)
+    assert _rotation_error_deg(T, T_true) < 1.0
+    assert np.linalg.norm(T[:3, 3] - T_true[:3, 3]) < 0.02
+    if metric == "symmetric":  # needs both normals; neither file has them
+        assert "normals estimated for: source, target" in captured.out
+    else:
+        assert "normals estimated" not in captured.out
+
+
+def test_register_uses_normals_from_the_file(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    pts, nrm = sample_terrain(3000, rng)
+    write_point_cloud(tmp_path / "t.ply", pts, nrm)
+    write_point_cloud(tmp_path / "s.npy", pts + np.array([0.01, 0.0, 0.0]))
+    code = main(["register", str(tmp_path / "s.npy"), str(tmp_path / "t.ply"), "--threads", "1"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "normals estimated" not in captured.out
+    T = _printed_transform(captured.out)
+    np.testing.assert_allclose(T[:3, 3], [-0.01, 0.0, 0.0], atol=1e-3)
+
+
+def _bad_inputs(tmp_path):
+    good = tmp_path / "good.xyz"
+    write_point_cloud(good, np.random.default_rng(0).normal(size=(50, 3)))
+    (tmp_path / "bad.ply").write_bytes(b"ply\nformat ascii 1.0\nelement vertex 3\n")
+    (tmp_path / "cols.txt").write_text("1 2 3 4\n")
+    (tmp_path / "two.xyz").write_text("1 2 3\n4 5 6\n")
+    (tmp_path / "init.txt").write_text("1 0 0\n0 1 0\n0 0 1\n")
+    g = str(good)
+    return [
+        (["register", str(tmp_path / "missing.ply"), g], "no such file"),
+        (["register", str(tmp_path / "bad.ply"), g], "end_header"),
+        (["register", g, str(tmp_path / "cols.txt")], "3 columns"),
+        (["register", g, str(tmp_path / "cloud.obj")], "unknown point-cloud extension"),
+        (["register", g, str(tmp_path / "two.xyz")], "at least 3"),
+        (["register", g, g, "--init", str(tmp_path / "init.txt")], "4 lines of 4"),
+        (["register", g, g, "--max-distance", "-1"], "max_distance"),
+        (["register", g, g, "--max-iterations", "0"], "max-iterations"),
+        (["register", g, g, "--metric", "point_to_plane", "--solver", "svd"], "svd"),
+        (["register", g, g, "--out", str(tmp_path / "no" / "such" / "dir" / "T.txt")], "write"),
+    ]
+
+
+def test_register_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    for argv, message in _bad_inputs(tmp_path):
+        code = main(argv)
+        captured = capsys.readouterr()
+        assert code == 2, (argv, captured.err)
+        err = captured.err.strip()
+        assert "Traceback" not in err
+        assert len(err.splitlines()) == 1, err
+        assert err.startswith("difficp register: error:")
+        assert message in err, (argv, err)
+
+
+# --------------------------------------------------------------------------------------------
+# demo
+# --------------------------------------------------------------------------------------------
+
+
+def test_demo_parser_defaults():
+    args = build_parser("demo").parse_args(["demo"])
+    assert args.kind == "rigid" and args.out == "difficp_demo" and args.metric == "point_to_plane"
+    args = build_parser("demo").parse_args(["demo", "nonrigid", "--seed", "3"])
+    assert args.kind == "nonrigid" and args.seed == 3
+    with pytest.raises(SystemExit):
+        build_parser("demo").parse_args(["demo", "wobbly"])
+
+
+def test_demo_rigid_writes_png_and_small_errors(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(["demo", "rigid", "--out", str(out), "--seed", "1"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "rotation error" in captured.out
+    png = out / "demo.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    image = matplotlib.image.imread(png)
+    assert image.shape[0] > 400 and image.shape[1] > 600
+    assert image[..., :3].std() > 0.05  # not a blank canvas
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["true_rotation_deg"] == 20.0
+    assert m["rotation_error_deg"] < 2.0
+    assert m["translation_error_relative"] < 0.01
+    assert m["fitness_after"] > m["fitness_before"] + 0.2
+    assert m["rmse_after"] < m["rmse_before"]
+    # The estimate explains the data as well as the truth does.
+    assert m["fitness_after"] > 0.95 * m["fitness_true_pose"]
+    T = np.array(m["transform"])
+    assert T.shape == (4, 4) and np.allclose(T[:3, :3].T @ T[:3, :3], np.eye(3), atol=1e-6)
+
+
+def test_demo_nonrigid_missing_module_message(tmp_path, capsys, monkeypatch):
+    # A None entry in sys.modules makes the import fail as if the module were not installed.
+    monkeypatch.setitem(sys.modules, "difficp.nonrigid.demo", None)
+    code = main(["demo", "nonrigid", "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "non-rigid demo" in captured.err and "Traceback" not in captured.err
+
+
+def test_demo_nonrigid_dispatches_to_run_demo(tmp_path, monkeypatch):
+    calls = []
+    fake = types.ModuleType("difficp.nonrigid.demo")
+    fake.run_demo = lambda args: calls.append(args) or 0
+    monkeypatch.setitem(sys.modules, "difficp.nonrigid.demo", fake)
+    assert main(["demo", "nonrigid", "--out", str(tmp_path), "--seed", "7"]) == 0
+    assert len(calls) == 1 and calls[0].seed == 7 and calls[0].out == str(tmp_path)
