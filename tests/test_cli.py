@@ -213,3 +213,50 @@ def test_demo_nonrigid_dispatches_to_run_demo(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "difficp.nonrigid.demo", fake)
     assert main(["demo", "nonrigid", "--out", str(tmp_path), "--seed", "7"]) == 0
     assert len(calls) == 1 and calls[0].seed == 7 and calls[0].out == str(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Real data: the 3DMatch pair, against Open3D
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def scan_pair():
+    import os
+    from pathlib import Path
+
+    value = os.environ.get("DIFFICP_DATA")
+    if not value:
+        pytest.skip("DIFFICP_DATA is not set")
+    folder = Path(value) / "scans" / "open3d_3dmatch_pair"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is missing")
+    return folder / "feature_cloud_bin_0.pcd", folder / "feature_cloud_bin_1.pcd"
+
+
+@pytest.mark.parametrize(
+    ("metric", "estimation"),
+    [("point_to_plane", "TransformationEstimationPointToPlane"),
+     ("point_to_point", "TransformationEstimationPointToPoint")],
+)  # fmt: skip
+def test_register_matches_open3d_on_3dmatch(scan_pair, tmp_path, capsys, metric, estimation):
+    o3d = pytest.importorskip("open3d")
+    src, tgt = scan_pair
+    code = main(
+        ["register", str(src), str(tgt), "--metric", metric, "--max-distance", "0.05",
+         "--threads", "1", "--out", str(tmp_path / "T.txt")]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    ref = o3d.pipelines.registration.registration_icp(
+        o3d.io.read_point_cloud(str(src)),
+        o3d.io.read_point_cloud(str(tgt)),
+        0.05,
+        np.eye(4),
+        getattr(o3d.pipelines.registration, estimation)(),
+        o3d.pipelines.registration.ICPConvergenceCriteria(max_iteration=30),
+    )
+    T = read_transform(tmp_path / "T.txt")
+    np.testing.assert_allclose(T, ref.transformation, atol=1e-6)
+    assert abs(float(_printed(captured.out, "fitness")) - ref.fitness) < 1e-4
+    assert abs(float(_printed(captured.out, "inlier_rmse")) - ref.inlier_rmse) < 1e-5
