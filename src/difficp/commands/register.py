@@ -33,11 +33,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             ".xyzn, .txt (3 or 6 columns), .npy. Normals missing from a file are estimated "
             "(PCA of the k nearest neighbours) when the metric needs them."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("source", metavar="SOURCE", help="point cloud to move")
     p.add_argument("target", metavar="TARGET", help="point cloud to move it onto")
-    p.add_argument("--metric", choices=METRICS, default="point_to_plane", help="error metric")
+    p.add_argument(
+        "--metric",
+        choices=METRICS,
+        default="point_to_plane",
+        help="error metric (default: %(default)s)",
+    )
     p.add_argument(
         "--solver", choices=SOLVERS, default=None, help="solver (default: svd or linear by metric)"
     )
@@ -45,7 +49,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--correspondence",
         choices=[c for c in CORRESPONDENCES if c != "projective"],  # projective needs depth maps
         default="nearest",
-        help="how partners are found",
+        help="how partners are found (default: %(default)s)",
     )
     p.add_argument(
         "--max-distance",
@@ -53,27 +57,47 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         help="reject pairs farther than this, in the files' units (default: keep all pairs)",
     )
-    p.add_argument("--max-iterations", type=int, default=30, help="iteration cap")
+    p.add_argument(
+        "--max-iterations", type=int, default=30, help="iteration cap (default: %(default)s)"
+    )
     p.add_argument(
         "--robust-kernel",
         choices=[k for k in ROBUST_KERNELS if k is not None],
         default=None,
-        help="IRLS robust kernel on the residuals",
-    )
-    p.add_argument("--kernel-scale", type=float, default=1.0, help="scale of the robust kernel")
-    p.add_argument(
-        "--temperature", type=float, default=1e-3, help="softmax temperature of soft partners"
+        help="IRLS robust kernel on the residuals (default: none)",
     )
     p.add_argument(
-        "--normals-k", type=int, default=16, help="neighbours for normals estimated from points"
+        "--kernel-scale",
+        type=float,
+        default=1.0,
+        help="scale of the robust kernel (default: %(default)s)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=1e-3,
+        help="softmax temperature of soft partners (default: %(default)s)",
+    )
+    p.add_argument(
+        "--normals-k",
+        type=int,
+        default=16,
+        help="neighbours for estimated normals (default: %(default)s)",
     )
     p.add_argument("--init", metavar="FILE", help="initial transform (4x4 text)")
     p.add_argument("--out", metavar="FILE", help="write the transform here (4x4 text)")
     p.add_argument(
         "--aligned", metavar="FILE", help="write the transformed source here (.ply/.pcd/...)"
     )
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--dtype", choices=DTYPES, default="float64", help="computation precision")
+    p.add_argument(
+        "--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float64",
+        help="computation precision (default: %(default)s)",
+    )
     p.add_argument(
         "--threads",
         type=int,
