@@ -226,13 +226,8 @@ def register_files(args: argparse.Namespace) -> dict[str, Any]:
         if args.aligned:
             moved = transform_points(src_pts, T.to(dtype))
             nrm = None if src_nrm is None else rotate_vectors(src_nrm, T.to(dtype))
-            write_point_cloud(
-                args.aligned,
-                moved,
-                nrm,
-                source.colors,
-                double=True if args.dtype == "float64" else None,
-            )
+            # Each format's own precision (float32 for PCD, which Open3D's binary reader needs).
+            write_point_cloud(args.aligned, moved, nrm, source.colors)
     except (OSError, ValueError) as err:
         raise InputError(f"cannot write output: {err}") from None
     return out
