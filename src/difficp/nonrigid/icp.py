@@ -82,32 +82,43 @@ def _schedule_length(schedule: Schedule) -> int:
     return len(schedule)
 
 
-def _data_block(
+def _data_blocks(
     model: DeformationModel, metric: Metric, params: Tensor, corr: Correspondences,
-    sqrt_w: Tensor, with_jacobian: bool,
-) -> ResidualBlock:
-    """The weighted data residuals ``(B, N, m)`` at ``params`` against fixed partners ``corr``."""
+    sqrt_w: Tensor, with_jacobian: bool, point_weight: float = 0.0,
+) -> list[ResidualBlock]:
+    """The weighted data residuals ``(B, N, m)`` at ``params`` against fixed partners ``corr``,
+    plus ``point_weight`` times point-to-point residuals when that is positive."""
     x = model.deform(params)
     n = model.deform_normals(params)
-    r = metric.residuals(x, n, corr) * sqrt_w[..., None]
-    if not with_jacobian:
-        return ResidualBlock(r)
-    # d r / d x: the translation columns of the metric's rigid-step Jacobian.
-    dr_dx = metric.jacobian(x, n, corr)[..., 3:] * sqrt_w[..., None, None]  # (B, N, m, 3)
-    values, index = model.point_jacobian(params)  # (B, N, 3, Q)
-    return ResidualBlock(r, dr_dx @ values, index)
+    metrics = [(metric, 1.0)]
+    if point_weight > 0 and metric.name != "point_to_point":
+        metrics.append((get_metric("point_to_point"), point_weight))
+    values, index = model.point_jacobian(params) if with_jacobian else (None, None)
+    blocks = []
+    for m, weight in metrics:
+        sw = sqrt_w * weight**0.5
+        r = m.residuals(x, n, corr) * sw[..., None]
+        if values is None:
+            blocks.append(ResidualBlock(r))
+            continue
+        # d r / d x: the translation columns of the metric's rigid-step Jacobian.
+        dr_dx = m.jacobian(x, n, corr)[..., 3:] * sw[..., None, None]  # (B, N, m, 3)
+        blocks.append(ResidualBlock(r, dr_dx @ values, index))
+    return blocks
 
 
 def _step(
     model: DeformationModel, metric: Metric, config: ICPConfig, params: Tensor,
     corr: Correspondences, weights: Tensor, reg_scale: float, damping: Tensor,
+    point_weight: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One solver update of ``params`` with correspondences fixed. Returns params, damping, cost."""
     sqrt_w = weights.clamp_min(0).sqrt()
 
     def blocks(p: Tensor, with_jacobian: bool) -> list[ResidualBlock]:
         regs = [b.scaled(reg_scale) for b in model.regularizers(p, with_jacobian)]
-        return [_data_block(model, metric, p, corr, sqrt_w, with_jacobian), *regs]
+        data = _data_blocks(model, metric, p, corr, sqrt_w, with_jacobian, point_weight)
+        return [*data, *regs]
 
     if config.solver == "lm":
         return levenberg_marquardt(blocks, params, damping, config.lm_steps)
@@ -125,7 +136,7 @@ def _correspond(problem: Problem, config: ICPConfig, model: DeformationModel, pa
 
 def _run(
     problem: Problem, config: ICPConfig, model: DeformationModel, params: Tensor,
-    schedule: Schedule, metric: Metric,
+    schedule: Schedule, metric: Metric, point_weight: float,
 ) -> tuple[NonrigidICPResult, Tensor]:
     B = params.shape[0]
     device = params.device
@@ -145,7 +156,8 @@ def _run(
         if not bool(active.any()):
             break
         new_params, new_damping, new_cost = _step(
-            model, metric, config, params, corr, w, _schedule_value(schedule, it), damping)
+            model, metric, config, params, corr, w, _schedule_value(schedule, it), damping,
+            point_weight)
         params = torch.where(active[:, None], new_params, params)
         damping = torch.where(active, new_damping, damping)
         cost = torch.where(active, new_cost, cost)
@@ -178,7 +190,7 @@ def _run(
 
 def _implicit_params(
     problem: Problem, config: ICPConfig, model: DeformationModel, params_star: Tensor,
-    schedule: Schedule, metric: Metric, iterations: int,
+    schedule: Schedule, metric: Metric, iterations: int, point_weight: float,
 ) -> Tensor:
     """Re-attach gradients to converged parameters by the implicit function theorem.
 
@@ -193,7 +205,8 @@ def _implicit_params(
     sqrt_w = w.clamp_min(0).sqrt()
     scale = _schedule_value(schedule, max(iterations - 1, 0))
     regs = [b.scaled(scale) for b in model.regularizers(p, True)]
-    H, g, _ = normal_equations([_data_block(model, metric, p, corr, sqrt_w, True), *regs], p.shape[-1])
+    data = _data_blocks(model, metric, p, corr, sqrt_w, True, point_weight)
+    H, g, _ = normal_equations([*data, *regs], p.shape[-1])
     return p + damped_solve(H.detach(), g, 0.0)
 
 
@@ -228,6 +241,7 @@ def nonrigid_icp(
     target_pose: Tensor | None = None,
     init_params: Tensor | None = None,
     regularizer_schedule: Schedule = None,
+    point_weight: float = 0.0,
     model_options: dict[str, Any] | None = None,
     search_backend: str = "auto",
     **overrides: Any,
@@ -252,6 +266,9 @@ def nonrigid_icp(
         regularizer_schedule: factor on the regularisers per iteration, a sequence (last value
             repeats) or a function of the iteration; e.g. start stiff and relax, as in Amberg et
             al.'s optimal-step non-rigid ICP. The loop does not stop before a sequence ends.
+        point_weight: add this times the point-to-point residuals to a point-to-plane or
+            symmetric metric. Point-to-plane alone lets a deformable surface slide along itself
+            (on a tube, along and around its axis) at no cost; a small point term pins it.
 
     Returns:
         :class:`NonrigidICPResult`.
@@ -284,15 +301,17 @@ def nonrigid_icp(
                 f"got {tuple(params.shape)}")
         if config.differentiation == "implicit":
             with torch.no_grad():
-                result, _ = _run(problem, config, model, params, regularizer_schedule, metric)
+                result, _ = _run(
+                    problem, config, model, params, regularizer_schedule, metric, point_weight)
             result.params = _implicit_params(
                 problem, config, model, result.params, regularizer_schedule, metric,
-                int(result.iterations.max()))
+                int(result.iterations.max()), point_weight)
             result.points = model.deform(result.params)
             if result.transform is not None:
                 result.transform = model.transform(result.params)  # type: ignore[attr-defined]
         else:
-            result, _ = _run(problem, config, model, params, regularizer_schedule, metric)
+            result, _ = _run(
+                problem, config, model, params, regularizer_schedule, metric, point_weight)
     return result._squeeze() if model.unbatched else result
 
 
