@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from difficp.nonrigid.demo import fit_graph, make_limb_scene, surface_error, vertex_error
+from difficp.nonrigid.demo import LimbScene, fit_graph, make_limb_scene, surface_error, vertex_error
 
 CPD_GRID = [  # (beta, lmd, w)
     (0.1, 2.0, 0.1),
@@ -33,7 +33,9 @@ CPD_GRID = [  # (beta, lmd, w)
 ]
 
 
-def run_cpd(scene, beta: float, lmd: float, w: float, maxiter: int = 100) -> tuple[np.ndarray, float]:
+def run_cpd(
+    scene: LimbScene, beta: float, lmd: float, w: float, maxiter: int = 100
+) -> tuple[np.ndarray, float]:
     """Deform ``scene.source`` onto ``scene.target`` by probreg's non-rigid CPD."""
     from probreg import cpd
 

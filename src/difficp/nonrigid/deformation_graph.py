@@ -4,7 +4,7 @@ A sparse set of graph nodes ``g_j`` is sampled on the source (farthest point sam
 carries a local transform ``(A_j, t_j)`` acting in its neighbourhood, and every source point is
 skinned to its ``k`` nearest nodes:
 
-    x_i = sum_j w_ij [A_j (v_i - g_j) + g_j + t_j],    w_ij = (1 - |v_i - g_j| / d_max)^2, normalised,
+    x_i = sum_j w_ij [A_j (v_i - g_j) + g_j + t_j],   w_ij ~ (1 - |v_i - g_j| / d_max)^2 (sum 1),
 
 with ``d_max`` the distance to the ``(k+1)``-th nearest node. Two regularisers keep the motion
 plausible where the data do not constrain it (e.g. the unseen back of a partial scan):
@@ -113,10 +113,11 @@ class EmbeddedDeformationGraph(DeformationModel):
         lengths: Tensor | None = None,
     ) -> None:
         self.rest_points, self.unbatched = as_batched_points("source", source)
-        B, N, _ = self.rest_points.shape
+        B = self.rest_points.shape[0]
         if rotation not in ("affine", "rotvec"):
             raise ValueError(f"rotation must be 'affine' or 'rotvec', got {rotation!r}")
-        self.lengths = None if lengths is None else torch.as_tensor(lengths, device=self.rest_points.device)
+        device = self.rest_points.device
+        self.lengths = None if lengths is None else torch.as_tensor(lengths, device=device)
         mask = self.valid_mask()
         min_count = int(mask.sum(1).min())
         if not 2 <= skin_k + 1 <= num_nodes <= min_count:
@@ -198,7 +199,8 @@ class EmbeddedDeformationGraph(DeformationModel):
             return None
         theta = params.unflatten(-1, (self.num_nodes, self.q))
         A, _ = self.node_transforms(_gather_rows(theta, self.skin_index))  # (B, N, k, 3, 3)
-        n = (self.skin_weights[..., None] * (A @ self.rest_normals[:, :, None, :, None])[..., 0]).sum(-2)
+        rotated = (A @ self.rest_normals[:, :, None, :, None])[..., 0]  # (B, N, k, 3)
+        n = (self.skin_weights[..., None] * rotated).sum(-2)
         return n / n.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(n.dtype).tiny)
 
     def point_jacobian(self, params: Tensor) -> tuple[Tensor, Tensor]:
@@ -233,9 +235,10 @@ class EmbeddedDeformationGraph(DeformationModel):
         theta = params.unflatten(-1, (self.num_nodes, self.q))
         blocks = []
         if self.rotation == "affine" and self.rot_weight > 0:
-            node_ids = torch.arange(self.num_nodes, device=params.device).expand(params.shape[0], -1)
+            node_ids = torch.arange(self.num_nodes, device=params.device)
+            index = self._param_index(node_ids.expand(params.shape[0], -1))
             jac = rowwise_jacobian(self._rot_residuals, theta) if with_jacobian else None
-            blocks.append(ResidualBlock(self._rot_residuals(theta), jac, self._param_index(node_ids)))
+            blocks.append(ResidualBlock(self._rot_residuals(theta), jac, index))
         if self.smooth_weight > 0:
             theta_edge = torch.cat(
                 [_gather_rows(theta, self.edge_from), _gather_rows(theta, self.edge_to)], -1)

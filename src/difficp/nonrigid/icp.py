@@ -33,6 +33,8 @@ from difficp.weighting import inlier_statistics
 MIN_CORRESPONDENCES = 3
 
 Schedule = Callable[[int], float] | Sequence[float] | None
+# Extra per-point weights from the deformed points and normals: (B, N, 3), (B, N, 3)|None -> (B, N)
+PointWeightFn = Callable[[Tensor, Tensor | None], Tensor]
 
 
 @dataclass
@@ -63,8 +65,8 @@ class NonrigidICPResult:
     transform: Tensor | None = None
 
     def _squeeze(self) -> NonrigidICPResult:
-        return NonrigidICPResult(
-            *(None if v is None else v[0] for v in dataclasses.astuple(self, tuple_factory=list)))
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return NonrigidICPResult(**{k: None if v is None else v[0] for k, v in values.items()})
 
 
 def _schedule_value(schedule: Schedule, iteration: int) -> float:
@@ -137,6 +139,7 @@ def _correspond(problem: Problem, config: ICPConfig, model: DeformationModel, pa
 def _run(
     problem: Problem, config: ICPConfig, model: DeformationModel, params: Tensor,
     schedule: Schedule, metric: Metric, point_weight: float,
+    source_weights: PointWeightFn | None = None,
 ) -> tuple[NonrigidICPResult, Tensor]:
     B = params.shape[0]
     device = params.device
@@ -151,6 +154,8 @@ def _run(
     no_stop_before = _schedule_length(schedule)
     for it in range(config.max_iterations):
         w = weigh(config, metric, corr, moved, moved_n)
+        if source_weights is not None:
+            w = w * source_weights(moved, moved_n)
         enough = ((w.detach() > 0) & corr.valid).sum(1) >= MIN_CORRESPONDENCES
         active = active & enough
         if not bool(active.any()):
@@ -191,6 +196,7 @@ def _run(
 def _implicit_params(
     problem: Problem, config: ICPConfig, model: DeformationModel, params_star: Tensor,
     schedule: Schedule, metric: Metric, iterations: int, point_weight: float,
+    source_weights: PointWeightFn | None = None,
 ) -> Tensor:
     """Re-attach gradients to converged parameters by the implicit function theorem.
 
@@ -202,6 +208,8 @@ def _implicit_params(
     p = params_star.detach()
     corr, moved, moved_n = _correspond(problem, config, model, p)
     w = weigh(config, metric, corr, moved, moved_n)
+    if source_weights is not None:
+        w = w * source_weights(moved, moved_n)
     sqrt_w = w.clamp_min(0).sqrt()
     scale = _schedule_value(schedule, max(iterations - 1, 0))
     regs = [b.scaled(scale) for b in model.regularizers(p, True)]
@@ -242,6 +250,7 @@ def nonrigid_icp(
     init_params: Tensor | None = None,
     regularizer_schedule: Schedule = None,
     point_weight: float = 0.0,
+    source_weights: PointWeightFn | None = None,
     model_options: dict[str, Any] | None = None,
     search_backend: str = "auto",
     **overrides: Any,
@@ -269,6 +278,9 @@ def nonrigid_icp(
         point_weight: add this times the point-to-point residuals to a point-to-plane or
             symmetric metric. Point-to-plane alone lets a deformable surface slide along itself
             (on a tube, along and around its axis) at no cost; a small point term pins it.
+        source_weights: optional ``f(points, normals) -> (B, N)`` factor on each deformed source
+            point's correspondence weight, e.g. visibility from known cameras in a partial scan
+            (points facing away from every camera cannot have a partner in the scan).
 
     Returns:
         :class:`NonrigidICPResult`.
@@ -285,7 +297,8 @@ def nonrigid_icp(
             f"source has shape {tuple(source.shape)} but the model was built on "
             f"{tuple(model.rest_points.shape)}; pass source=None to use the model's points")
     if config.needs_source_normals and model.rest_normals is None:
-        raise ValueError("this configuration needs source normals: build the model with source_normals=")
+        raise ValueError(
+            "this configuration needs source normals: build the model with source_normals=")
     metric = get_metric(config.metric)
     grad_context = torch.no_grad() if config.differentiation == "none" else nullcontext()
     with grad_context:
@@ -302,16 +315,18 @@ def nonrigid_icp(
         if config.differentiation == "implicit":
             with torch.no_grad():
                 result, _ = _run(
-                    problem, config, model, params, regularizer_schedule, metric, point_weight)
+                    problem, config, model, params, regularizer_schedule, metric, point_weight,
+                    source_weights)
             result.params = _implicit_params(
                 problem, config, model, result.params, regularizer_schedule, metric,
-                int(result.iterations.max()), point_weight)
+                int(result.iterations.max()), point_weight, source_weights)
             result.points = model.deform(result.params)
             if result.transform is not None:
                 result.transform = model.transform(result.params)  # type: ignore[attr-defined]
         else:
             result, _ = _run(
-                problem, config, model, params, regularizer_schedule, metric, point_weight)
+                problem, config, model, params, regularizer_schedule, metric, point_weight,
+                source_weights)
     return result._squeeze() if model.unbatched else result
 
 

@@ -57,7 +57,9 @@ class ResidualBlock:
         return (self.residuals**2).flatten(1).sum(1)
 
 
-def rowwise_jacobian(fn: Callable[[Tensor], Tensor], x: Tensor, chunk_size: int | None = None) -> Tensor:
+def rowwise_jacobian(
+    fn: Callable[[Tensor], Tensor], x: Tensor, chunk_size: int | None = None
+) -> Tensor:
     """Jacobian of a *row-independent* function by forward-mode autograd.
 
     ``fn`` maps ``x`` ``(*rows, Q)`` to ``(*rows, D)`` where output row ``i`` depends only on input
@@ -116,7 +118,7 @@ def rotvec_to_rotmat(rotvec: Tensor) -> Tensor:
 def as_batched_points(name: str, points: Tensor) -> tuple[Tensor, bool]:
     """``(N, 3)`` or ``(B, N, 3)`` -> ``(B, N, 3)`` and whether the input was unbatched."""
     if not isinstance(points, Tensor) or not points.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point torch.Tensor of shape (N, 3) or (B, N, 3)")
+        raise ValueError(f"{name} must be a float torch.Tensor of shape (N, 3) or (B, N, 3)")
     if points.dim() not in (2, 3) or points.shape[-1] != 3 or points.shape[-2] == 0:
         raise ValueError(f"{name} must have shape (N, 3) or (B, N, 3), got {tuple(points.shape)}")
     if not torch.isfinite(points.detach()).all():
@@ -130,7 +132,7 @@ class DeformationModel(ABC):
     Subclasses set ``rest_points`` (the source, ``(B, N, 3)``), optionally ``rest_normals`` and
     ``lengths`` (valid counts of a padded batch), and implement :meth:`initial_params` and
     :meth:`deform`. Everything else has a generic autograd default that a model may override to
-    exploit its structure (see :class:`~difficp.nonrigid.deformation_graph.EmbeddedDeformationGraph`).
+    exploit its structure (see :class:`~difficp.nonrigid.EmbeddedDeformationGraph`).
 
     Attributes:
         rest_points: ``(B, N, 3)`` undeformed source points.

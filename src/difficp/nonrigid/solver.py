@@ -21,8 +21,10 @@ from difficp.nonrigid.model import ResidualBlock
 BlockFn = Callable[[Tensor, bool], list[ResidualBlock]]
 
 
-def normal_equations(blocks: list[ResidualBlock], num_params: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Assemble ``H = J^T J`` ``(B, P, P)``, ``g = J^T r`` ``(B, P)`` and the cost ``|r|^2`` ``(B,)``."""
+def normal_equations(
+    blocks: list[ResidualBlock], num_params: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Assemble ``H = J^T J`` ``(B, P, P)``, ``g = J^T r`` ``(B, P)`` and the cost ``(B,)``."""
     ref = blocks[0].residuals
     B, P = ref.shape[0], num_params
     H = ref.new_zeros(B, P * P)
@@ -65,7 +67,9 @@ def damped_solve(H: Tensor, g: Tensor, damping: Tensor | float) -> Tensor:
     return -torch.linalg.solve(A, g[..., None])[..., 0]
 
 
-def gauss_newton_step(blocks_fn: BlockFn, params: Tensor, damping: float = 0.0) -> tuple[Tensor, Tensor]:
+def gauss_newton_step(
+    blocks_fn: BlockFn, params: Tensor, damping: float = 0.0
+) -> tuple[Tensor, Tensor]:
     """One (lightly damped) Gauss-Newton step. Returns new ``params`` ``(B, P)`` and the cost
     ``(B,)`` *before* the step."""
     H, g, cost = normal_equations(blocks_fn(params, True), params.shape[-1])
@@ -95,9 +99,12 @@ def levenberg_marquardt(
         accept = trial_cost.detach() < cost.detach()
         params = torch.where(accept[:, None], trial, params)
         cost = torch.where(accept, trial_cost, cost)
-        damping = torch.where(accept, (damping / 10).clamp_min(1e-12), (damping * 10).clamp_max(1e12))
+        damping = torch.where(
+            accept, (damping / 10).clamp_min(1e-12), (damping * 10).clamp_max(1e12))
     assert cost is not None
     return params, damping, cost
 
 
-__all__ = ["damped_solve", "gauss_newton_step", "levenberg_marquardt", "normal_equations", "total_cost"]
+__all__ = [
+    "damped_solve", "gauss_newton_step", "levenberg_marquardt", "normal_equations", "total_cost",
+]
