@@ -9,11 +9,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 
-Scalar = Union[float, torch.Tensor]
+Scalar = float | torch.Tensor
 
 CORRESPONDENCES = ("nearest", "soft", "projective")
 METRICS = ("point_to_point", "point_to_plane", "symmetric")
@@ -30,7 +30,9 @@ def _positive(name: str, value: Scalar | None, allow_none: bool = True) -> None:
         return
     v = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
     if v.numel() != 1:
-        raise ValueError(f"ICPConfig.{name} must be a scalar, got a tensor of shape {tuple(v.shape)}")
+        raise ValueError(
+            f"ICPConfig.{name} must be a scalar, got a tensor of shape {tuple(v.shape)}"
+        )
     f = float(v)
     if not math.isfinite(f) or f <= 0:
         raise ValueError(f"ICPConfig.{name} must be a finite positive number, got {f}")
@@ -123,7 +125,9 @@ class ICPConfig:
                     f"ICPConfig.max_normal_angle must be in (0, 180] degrees, got {angle}"
                 )
         if self.soft_k is not None and (not isinstance(self.soft_k, int) or self.soft_k < 1):
-            raise ValueError(f"ICPConfig.soft_k must be a positive int or None, got {self.soft_k!r}")
+            raise ValueError(
+                f"ICPConfig.soft_k must be a positive int or None, got {self.soft_k!r}"
+            )
         if not isinstance(self.max_iterations, int) or self.max_iterations < 1:
             raise ValueError(
                 f"ICPConfig.max_iterations must be a positive int, got {self.max_iterations!r}"

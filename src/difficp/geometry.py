@@ -40,23 +40,39 @@ def invert_transform(transform: Tensor) -> Tensor:
 
 
 def twist_to_transform(twist: Tensor) -> Tensor:
-    """``(..., 6)`` twist ``(omega, v)`` -> ``(..., 4, 4)`` with ``R = exp([omega]x)``, ``t = v``.
+    """``(..., 6)`` step ``(alpha, beta, gamma, v)`` -> ``(..., 4, 4)`` with
+    ``R = Rz(gamma) Ry(beta) Rx(alpha)`` and ``t = v``.
 
-    This is the update whose linearisation is ``p' ~ p + omega x p + v``, the one the linearised
-    metrics solve for (Open3D composes its updates the same way, with Euler angles).
+    To first order this is ``p' ~ p + omega x p + v`` with ``omega = (alpha, beta, gamma)``, the
+    step the linearised metrics solve for; the Euler form is the one Open3D composes its updates
+    with, so iterates match Open3D's step for step.
     """
+    return make_transform(roma.euler_to_rotmat("xyz", twist[..., :3]), twist[..., 3:])
+
+
+def se3_exp(twist: Tensor) -> Tensor:
+    """``(..., 6)`` ``(rotation vector, translation)`` -> ``(..., 4, 4)``; inverse of :func:`se3_log`."""
     return make_transform(roma.rotvec_to_rotmat(twist[..., :3]), twist[..., 3:])
 
 
+def se3_log(transform: Tensor) -> Tensor:
+    """``(..., 4, 4)`` -> ``(..., 6)`` ``(rotation vector, translation)``."""
+    return torch.cat([roma.rotmat_to_rotvec(transform[..., :3, :3]), transform[..., :3, 3]], dim=-1)
+
+
 def random_rotation(
-    batch: int | None = None, max_angle_deg: float = 180.0, generator: torch.Generator | None = None,
+    batch: int | None = None,
+    max_angle_deg: float = 180.0,
+    generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Rotations about uniformly random axes by angles uniform in [0, max_angle_deg]."""
     shape = (1,) if batch is None else (batch,)
     axis = torch.randn(*shape, 3, generator=generator, dtype=torch.float64)
     axis = axis / axis.norm(dim=-1, keepdim=True)
-    angle = torch.rand(*shape, 1, generator=generator, dtype=torch.float64) * np.deg2rad(max_angle_deg)
+    angle = torch.rand(*shape, 1, generator=generator, dtype=torch.float64) * np.deg2rad(
+        max_angle_deg
+    )
     R = roma.rotvec_to_rotmat(axis * angle).to(dtype)
     return R[0] if batch is None else R
 
@@ -71,7 +87,7 @@ def is_rigid(transform: Tensor, atol: float = 1e-4) -> Tensor:
     """``(...)`` bool: rotation block orthonormal with det +1 and last row ``[0, 0, 0, 1]``."""
     R = transform[..., :3, :3].detach().double()
     eye = torch.eye(3, dtype=R.dtype, device=R.device)
-    orthonormal = ((R.transpose(-1, -2) @ R - eye).abs().amax(dim=(-1, -2)) < atol)
+    orthonormal = (R.transpose(-1, -2) @ R - eye).abs().amax(dim=(-1, -2)) < atol
     proper = (torch.linalg.det(R) - 1).abs() < atol
     last_row = torch.tensor([0, 0, 0, 1], dtype=R.dtype, device=R.device)
     bottom = (transform[..., 3, :].detach().double() - last_row).abs().amax(-1) < atol

@@ -1,0 +1,350 @@
+"""Step 2 of ICP: find each source point's partner in the target.
+
+Three kinds of partner, all returning a :class:`Correspondences` of fixed shape ``(B, N)``:
+
+* :func:`nearest_correspondences` - the exact nearest target point (hard). The *choice* is not
+  differentiable, the partner's coordinates are (gradients flow into the chosen target points).
+* :func:`soft_correspondences` - the softmax(-|p - q|^2 / T)-weighted mean of the targets (all of
+  them, or the ``soft_k`` nearest): differentiable in the source, the target and ``T``.
+* :func:`projective_correspondences` - the target pixel a source point projects to in a depth map.
+
+Neighbour search (:class:`NeighborIndex`) is built once per target and reused across iterations:
+on the CPU a scipy KD-tree over the whole batch at once, elsewhere a chunked brute-force search by
+matrix products whose memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+from torch import Tensor
+
+from difficp.geometry import points_to_pixels, transform_points
+
+SearchBackend = Literal["auto", "kdtree", "brute_force"]
+
+# Elements of the (queries x references) distance block computed at once by brute force.
+_BRUTE_FORCE_BLOCK = 1 << 22
+
+
+@dataclass
+class Correspondences:
+    """Partners of the source points, one per source point (shapes never change).
+
+    Attributes:
+        points: ``(B, N, 3)`` partner coordinates (undefined where ``valid`` is False).
+        normals: ``(B, N, 3)`` partner unit normals, or None when the target has none.
+        valid: ``(B, N)`` bool, the point is real (not padding) and has a partner.
+        distance: ``(B, N)`` Euclidean distance from the (transformed) source point to its partner.
+    """
+
+    points: Tensor
+    normals: Tensor | None
+    valid: Tensor
+    distance: Tensor
+
+
+def lengths_mask(lengths: Tensor | None, batch: int, size: int, device: torch.device) -> Tensor:
+    """``(B, size)`` bool mask of the first ``lengths[b]`` entries (all True when None)."""
+    if lengths is None:
+        return torch.ones(batch, size, dtype=torch.bool, device=device)
+    return torch.arange(size, device=device)[None, :] < lengths.to(device)[:, None]
+
+
+def _gather(values: Tensor, index: Tensor) -> Tensor:
+    """``values`` ``(B, M, C)`` gathered at ``index`` ``(B, N, ...)`` -> ``(B, N, ..., C)``."""
+    B, C = values.shape[0], values.shape[-1]
+    flat = index.reshape(B, -1)
+    out = torch.gather(values, 1, flat[..., None].expand(-1, -1, C))
+    return out.reshape(*index.shape, C)
+
+
+class NeighborIndex:
+    """k-nearest-neighbour search over a fixed batch of reference clouds.
+
+    Build once per target, query every ICP iteration. The CPU backend stacks the whole batch
+    in one KD-tree by adding a 4th coordinate ``b * offset`` (offset larger than any distance
+    inside a cloud), so one query serves all pairs with no Python loop over the batch.
+
+    Args:
+        reference: ``(B, M, 3)`` reference points (not differentiated through).
+        lengths: ``(B,)`` valid counts of a padded batch, or None.
+        backend: ``"kdtree"`` (scipy, CPU), ``"brute_force"`` (chunked matrix products; any
+            device) or ``"auto"`` (KD-tree on CPU, brute force on accelerators).
+    """
+
+    def __init__(
+        self, reference: Tensor, lengths: Tensor | None = None, backend: SearchBackend = "auto"
+    ) -> None:
+        if backend not in ("auto", "kdtree", "brute_force"):
+            raise ValueError(f"backend must be 'auto', 'kdtree' or 'brute_force', got {backend!r}")
+        if backend == "auto":
+            backend = "kdtree" if reference.device.type == "cpu" else "brute_force"
+        self.backend = backend
+        # scipy's query threads and torch's OpenMP pool fight for cores when both run: measured
+        # 10x slower ICP on 2 busy cores. Query threads pay off only for large queries.
+        self.workers = 1
+        self.reference = reference.detach()
+        B, M, _ = reference.shape
+        self.batch = B
+        self.mask = lengths_mask(lengths, B, M, reference.device)
+        self.counts = self.mask.sum(1)
+        if backend == "kdtree":
+            self._build_tree()
+
+    def _build_tree(self) -> None:
+        ref = self.reference.cpu().double().numpy()
+        mask = self.mask.cpu().numpy()
+        if self.batch == 1:
+            self._offset = 0.0
+            self._global_index = np.nonzero(mask[0])[0]
+            self._tree = cKDTree(ref[0][mask[0]], balanced_tree=False, compact_nodes=False)
+            return
+        b_idx, m_idx = np.nonzero(mask)
+        pts = ref[b_idx, m_idx]
+        extent = float(np.abs(pts).max()) if pts.size else 1.0
+        # Any two points of one cloud are < 2*sqrt(3)*extent apart; stacking clouds further
+        # apart than that along a 4th axis keeps every nearest neighbour inside its own cloud.
+        self._offset = 8.0 * extent + 1.0
+        stacked = np.concatenate([pts, (b_idx * self._offset)[:, None]], axis=1)
+        self._global_index = m_idx
+        self._tree = cKDTree(stacked, balanced_tree=False, compact_nodes=False)
+
+    def query(
+        self,
+        queries: Tensor,
+        k: int = 1,
+        query_mask: Tensor | None = None,
+        max_distance: float | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The ``k`` nearest references of each query, closest first.
+
+        Args:
+            queries: ``(B, N, 3)``.
+            k: neighbours per query (at most the smallest reference count).
+            query_mask: ``(B, N)`` bool; masked-out queries get index 0 and found False.
+            max_distance: only neighbours within this distance count as found (faster search).
+        Returns:
+            ``index`` ``(B, N, k)`` long into the reference clouds (always a valid index) and
+            ``found`` ``(B, N, k)`` bool.
+        """
+        B, N, _ = queries.shape
+        if self.batch != B:
+            raise ValueError(f"queries have batch {B}, the index was built for {self.batch}")
+        if query_mask is None:
+            query_mask = torch.ones(B, N, dtype=torch.bool, device=queries.device)
+        if self.backend == "kdtree":
+            index, found = self._query_tree(queries.detach(), k, max_distance)
+        else:
+            index, found = self._query_brute_force(queries.detach(), k, max_distance)
+        found = found & query_mask[..., None] & (self.counts[:, None, None] > 0)
+        return torch.where(found, index, torch.zeros_like(index)), found
+
+    def _query_tree(
+        self, queries: Tensor, k: int, max_distance: float | None
+    ) -> tuple[Tensor, Tensor]:
+        B, N, _ = queries.shape
+        q = queries.cpu().double().numpy().reshape(B * N, 3)
+        if self.batch > 1:
+            batch_coord = np.repeat(np.arange(B, dtype=np.float64) * self._offset, N)
+            q = np.concatenate([q, batch_coord[:, None]], axis=1)
+        bound = math.inf if max_distance is None else float(max_distance)
+        workers = self.workers if q.shape[0] * k < 50_000 else -1
+        dist, idx = self._tree.query(q, k=k, distance_upper_bound=bound, workers=workers)
+        dist = dist.reshape(B * N, k)
+        idx = idx.reshape(B * N, k)
+        found = np.isfinite(dist)
+        n_tree = self._global_index.shape[0]
+        idx = self._global_index[np.minimum(idx, max(n_tree - 1, 0))] if n_tree else idx * 0
+        index = torch.from_numpy(idx.reshape(B, N, k)).to(queries.device)
+        return index, torch.from_numpy(found.reshape(B, N, k)).to(queries.device)
+
+    def _query_brute_force(
+        self, queries: Tensor, k: int, max_distance: float | None
+    ) -> tuple[Tensor, Tensor]:
+        B, N, _ = queries.shape
+        M = self.reference.shape[1]
+        ref = self.reference.to(queries.dtype)
+        ref_sq = (ref * ref).sum(-1)
+        ref_sq = torch.where(self.mask, ref_sq, torch.full_like(ref_sq, math.inf))
+        chunk = max(1, _BRUTE_FORCE_BLOCK // max(1, B * M))
+        index_parts, dist_parts = [], []
+        for start in range(0, N, chunk):
+            q = queries[:, start : start + chunk]
+            d2 = (q * q).sum(-1, keepdim=True) - 2 * q @ ref.transpose(1, 2) + ref_sq[:, None, :]
+            d2_k, i_k = torch.topk(d2, k, dim=-1, largest=False)
+            index_parts.append(i_k)
+            dist_parts.append(d2_k)
+        index = torch.cat(index_parts, 1)
+        d2 = torch.cat(dist_parts, 1)
+        found = torch.isfinite(d2)
+        if max_distance is not None:
+            exact = (_gather(ref, index) - queries[:, :, None, :]).norm(dim=-1)
+            found = found & (exact <= max_distance)
+        return index, found
+
+
+def knn_indices(
+    query: Tensor,
+    reference: Tensor,
+    k: int,
+    query_lengths: Tensor | None = None,
+    reference_lengths: Tensor | None = None,
+    backend: SearchBackend = "auto",
+) -> Tensor:
+    """``(B, N, k)`` indices of the ``k`` nearest ``reference`` points of each ``query`` point."""
+    index = NeighborIndex(reference, reference_lengths, backend)
+    mask = lengths_mask(query_lengths, query.shape[0], query.shape[1], query.device)
+    return index.query(query, k, query_mask=mask)[0]
+
+
+def _partner_normals(normals: Tensor | None, index: Tensor) -> Tensor | None:
+    return None if normals is None else _gather(normals, index)
+
+
+def nearest_correspondences(
+    source: Tensor,
+    target: Tensor,
+    index: NeighborIndex,
+    source_mask: Tensor,
+    target_normals: Tensor | None = None,
+    max_distance: float | None = None,
+) -> Correspondences:
+    """Hard nearest-neighbour partners.
+
+    Args:
+        source: ``(B, N, 3)`` source points already moved by the current transform.
+        target: ``(B, M, 3)`` target points (gradients flow into the chosen ones).
+        index: :class:`NeighborIndex` built on ``target``.
+        source_mask: ``(B, N)`` bool, real (non-padding) source points.
+        target_normals: ``(B, M, 3)`` or None.
+        max_distance: search radius; points with no target within it get no partner (this is
+            Open3D's hybrid search, and what makes hard rejection cheap).
+    """
+    idx, found = index.query(source, 1, query_mask=source_mask, max_distance=max_distance)
+    idx, found = idx[..., 0], found[..., 0]
+    partner = _gather(target, idx)
+    distance = _safe_norm(source - partner)
+    return Correspondences(partner, _partner_normals(target_normals, idx), found, distance)
+
+
+def _safe_norm(v: Tensor) -> Tensor:
+    """Euclidean norm over the last axis whose gradient is 0 (not NaN) at the zero vector."""
+    sq = (v * v).sum(-1)
+    zero = sq <= 0
+    return torch.where(
+        zero, torch.zeros_like(sq), torch.where(zero, torch.ones_like(sq), sq).sqrt()
+    )
+
+
+def _normalize(v: Tensor) -> Tensor:
+    return v / _safe_norm(v)[..., None].clamp_min(torch.finfo(v.dtype).tiny)
+
+
+def soft_correspondences(
+    source: Tensor,
+    target: Tensor,
+    temperature: Tensor | float,
+    source_mask: Tensor,
+    target_mask: Tensor,
+    target_normals: Tensor | None = None,
+    soft_k: int | None = None,
+    index: NeighborIndex | None = None,
+) -> Correspondences:
+    """Soft partners: the softmax(-|p - q|^2 / temperature)-weighted mean of the targets.
+
+    With ``soft_k`` the softmax runs over the ``soft_k`` nearest targets only (found with
+    ``index``, without gradient), which bounds memory at ``B * N * soft_k``; otherwise over all
+    targets, chunked over the source points (see :mod:`difficp.softmatch` for the
+    memory-bounded dense version). Partner normals are the same weighted mean, re-normalised.
+    As ``temperature -> 0`` both tend to :func:`nearest_correspondences`.
+
+    Args:
+        source: ``(B, N, 3)`` transformed source points.
+        target: ``(B, M, 3)``.
+        temperature: scalar (float or 0-d tensor), squared distance units.
+        source_mask / target_mask: ``(B, N)`` / ``(B, M)`` bool of real points.
+        target_normals: ``(B, M, 3)`` or None.
+        soft_k: number of nearest targets in the softmax, or None for all.
+        index: :class:`NeighborIndex` on ``target`` (needed with ``soft_k``).
+    """
+    if soft_k is not None:
+        if index is None:
+            raise ValueError("soft_correspondences with soft_k needs a NeighborIndex on the target")
+        k = int(min(soft_k, int(target_mask.sum(1).min().clamp_min(1))))
+        idx, found = index.query(source, k, query_mask=source_mask)
+        neighbours = _gather(target, idx)  # (B, N, k, 3)
+        d2 = ((source[:, :, None, :] - neighbours) ** 2).sum(-1)
+        logits = torch.where(found, -d2 / temperature, torch.full_like(d2, -math.inf))
+        any_found = found.any(-1)
+        logits = torch.where(any_found[..., None], logits, torch.zeros_like(logits))
+        w = torch.softmax(logits, dim=-1)
+        partner = (w[..., None] * neighbours).sum(-2)
+        normals = None
+        if target_normals is not None:
+            normals = _normalize((w[..., None] * _gather(target_normals, idx)).sum(-2))
+        valid = source_mask & any_found
+    else:
+        from difficp.softmatch import dense_soft_match
+
+        partner, normals = dense_soft_match(
+            source, target, target_normals, temperature, target_mask
+        )
+        valid = source_mask & target_mask.any(1)[:, None]
+    distance = _safe_norm(source - partner)
+    return Correspondences(partner, normals, valid, distance)
+
+
+@dataclass
+class DepthTarget:
+    """A target given as depth maps, prepared once for projective correspondences.
+
+    Attributes:
+        points: ``(B, H, W, 3)`` back-projected target points in the target (world) frame.
+        normals: ``(B, H, W, 3)`` their unit normals (zero where undefined).
+        valid: ``(B, H, W)`` bool, pixels with positive depth.
+        intrinsics: ``(B, 3, 3)``.
+        world_to_camera: ``(B, 4, 4)``, inverse of the camera pose.
+    """
+
+    points: Tensor
+    normals: Tensor
+    valid: Tensor
+    intrinsics: Tensor
+    world_to_camera: Tensor
+
+
+def projective_correspondences(
+    source: Tensor, target: DepthTarget, source_mask: Tensor
+) -> Correspondences:
+    """Partners by projection: each source point takes the target pixel it falls on.
+
+    The source point (already in the target's world frame) is moved into the target camera,
+    projected with the pinhole model and rounded to the nearest pixel. Points behind the camera,
+    outside the image, or on a pixel with zero depth get no partner. The partner's coordinates
+    are differentiable in the target depth; the choice of pixel is not.
+
+    Args:
+        source: ``(B, N, 3)`` transformed source points.
+        target: the prepared :class:`DepthTarget`.
+        source_mask: ``(B, N)`` bool of real points.
+    """
+    B, H, W, _ = target.points.shape
+    in_camera = transform_points(source, target.world_to_camera)
+    uv, z = points_to_pixels(in_camera, target.intrinsics)
+    col = torch.round(uv[..., 0].detach())
+    row = torch.round(uv[..., 1].detach())
+    inside = (z > 0) & (col >= 0) & (col <= W - 1) & (row >= 0) & (row <= H - 1)
+    flat = torch.where(inside, row * W + col, torch.zeros_like(col)).long()
+    pts = target.points.reshape(B, H * W, 3)
+    partner = _gather(pts, flat)
+    normals = _gather(target.normals.reshape(B, H * W, 3), flat)
+    has_depth = torch.gather(target.valid.reshape(B, H * W), 1, flat)
+    valid = source_mask & inside & has_depth
+    distance = _safe_norm(source - partner)
+    return Correspondences(partner, normals, valid, distance)

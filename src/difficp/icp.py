@@ -1,0 +1,340 @@
+"""The ICP loop: correspond -> weight / reject -> solve -> update -> stop, batched over pairs.
+
+Every pair of the batch runs in lock-step; a pair that has met the stopping criteria (or lost
+every correspondence) keeps its transform, by ``torch.where``, while the others go on.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from difficp.config import ICPConfig
+from difficp.correspondence import (
+    Correspondences,
+    DepthTarget,
+    nearest_correspondences,
+    projective_correspondences,
+    soft_correspondences,
+)
+from difficp.geometry import rotate_vectors, se3_exp, se3_log, transform_points
+from difficp.inputs import Problem, prepare_problem
+from difficp.metrics import Metric, get_metric
+from difficp.solvers import gauss_newton_update, levenberg_marquardt_update, weighted_procrustes
+from difficp.weighting import correspondence_weights, inlier_statistics, robust_weights
+
+# A pair needs this many weighted correspondences for a determined 6-DoF update.
+MIN_CORRESPONDENCES = 3
+
+
+@dataclass
+class ICPResult:
+    """Result of :func:`icp`. Batched inputs give batched fields; a single pair gives unbatched.
+
+    Attributes:
+        transform: ``(B, 4, 4)`` maps source into target: ``target ~ source @ R.T + t``.
+        fitness: ``(B,)`` inlier correspondences (closer than ``max_distance``) / source points.
+        inlier_rmse: ``(B,)`` RMSE of the inlier distances (Open3D's definition).
+        iterations: ``(B,)`` int, ICP iterations each pair ran.
+        converged: ``(B,)`` bool, met the relative fitness / RMSE criteria before
+            ``max_iterations`` (False for a pair that lost all its correspondences).
+        rmse_history: ``(B, K + 1)`` inlier RMSE at the start and after every iteration, when
+            ``config.return_history`` (else None).
+    """
+
+    transform: Tensor
+    fitness: Tensor
+    inlier_rmse: Tensor
+    iterations: Tensor
+    converged: Tensor
+    rmse_history: Tensor | None = None
+
+    def _squeeze(self) -> ICPResult:
+        return ICPResult(
+            self.transform[0],
+            self.fitness[0],
+            self.inlier_rmse[0],
+            self.iterations[0],
+            self.converged[0],
+            None if self.rmse_history is None else self.rmse_history[0],
+        )
+
+
+@dataclass
+class _State:
+    """Per-pair loop state (all leading dimension B)."""
+
+    transform: Tensor
+    corr: Correspondences
+    moved: Tensor
+    moved_normals: Tensor | None
+    fitness: Tensor
+    rmse: Tensor
+
+
+def correspond(
+    problem: Problem, config: ICPConfig, transform: Tensor
+) -> tuple[Correspondences, Tensor, Tensor | None]:
+    """Step 2: move the source by ``transform`` ``(B, 4, 4)`` and find its partners.
+
+    Returns the correspondences and the moved source points / normals ``(B, N, 3)``.
+    """
+    moved = transform_points(problem.source, transform)
+    moved_normals = (
+        None
+        if problem.source_normals is None
+        else rotate_vectors(problem.source_normals, transform)
+    )
+    target = problem.target
+    if isinstance(target, DepthTarget):
+        corr = projective_correspondences(moved, target, problem.source_mask)
+        if config.needs_target_normals:
+            has_normal = corr.normals is not None and corr.normals.detach().abs().sum(-1) > 0
+            corr.valid = corr.valid & has_normal
+    elif config.correspondence == "nearest":
+        radius = None
+        if config.max_distance is not None and config.rejection == "hard":
+            radius = float(torch.as_tensor(config.max_distance).detach())
+        assert target.index is not None
+        corr = nearest_correspondences(
+            moved, target.points, target.index, problem.source_mask, target.normals, radius
+        )
+    else:
+        corr = soft_correspondences(
+            moved,
+            target.points,
+            config.temperature,
+            problem.source_mask,
+            target.mask,
+            target.normals,
+            config.soft_k,
+            target.index,
+        )
+    return corr, moved, moved_normals
+
+
+def weigh(
+    config: ICPConfig,
+    metric: Metric,
+    corr: Correspondences,
+    moved: Tensor,
+    moved_normals: Tensor | None,
+) -> Tensor:
+    """Steps 3-4: ``(B, N)`` weights (rejection x linear weights x robust IRLS weights)."""
+    w = correspondence_weights(corr, moved_normals, config)
+    if config.robust_kernel is not None:
+        residual = metric.residuals(moved, moved_normals, corr).norm(dim=-1)
+        w = w * robust_weights(residual, config.robust_kernel, config.kernel_scale)
+    return w
+
+
+def solve(
+    config: ICPConfig,
+    metric: Metric,
+    corr: Correspondences,
+    moved: Tensor,
+    moved_normals: Tensor | None,
+    weights: Tensor,
+    damping: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Step 5: the ``(B, 4, 4)`` update to left-multiply onto the transform, and new LM damping."""
+    solver = config.resolved_solver
+    if solver == "svd":
+        return weighted_procrustes(moved, corr.points, weights), damping
+    if solver == "linear":
+        return gauss_newton_update(metric, moved, moved_normals, corr, weights)[0], damping
+    update, damping, _ = levenberg_marquardt_update(
+        metric, moved, moved_normals, corr, weights, damping, config.lm_steps
+    )
+    return update, damping
+
+
+def _where(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    return torch.where(mask.reshape(-1, *([1] * (a.dim() - 1))), a, b)
+
+
+def _run_loop(problem: Problem, config: ICPConfig) -> tuple[ICPResult, Tensor]:
+    """The iterations. Returns the batched result and the final LM damping."""
+    metric = get_metric(config.metric)
+    B = problem.source.shape[0]
+    device = problem.source.device
+    T = problem.init
+    corr, moved, moved_n = correspond(problem, config, T)
+    fitness, rmse = inlier_statistics(corr, problem.source_counts, config.max_distance)
+    history = [rmse]
+    active = torch.ones(B, dtype=torch.bool, device=device)
+    converged = torch.zeros(B, dtype=torch.bool, device=device)
+    iterations = torch.zeros(B, dtype=torch.long, device=device)
+    damping = torch.full((B,), config.lm_damping, dtype=T.dtype, device=device)
+    for _ in range(config.max_iterations):
+        w = weigh(config, metric, corr, moved, moved_n)
+        # A pair with too few weighted correspondences stops here with its last good transform.
+        enough = ((w.detach() > 0) & corr.valid).sum(1) >= MIN_CORRESPONDENCES
+        active = active & enough
+        if not bool(active.any()):
+            break
+        update, new_damping = solve(config, metric, corr, moved, moved_n, w, damping)
+        damping = torch.where(active, new_damping, damping)
+        T = _where(active, update @ T, T)
+        corr, moved, moved_n = correspond(problem, config, T)
+        new_fitness, new_rmse = inlier_statistics(corr, problem.source_counts, config.max_distance)
+        iterations = iterations + active.long()
+        done = (
+            active
+            & ((new_fitness - fitness).abs() < config.relative_fitness)
+            & ((new_rmse - rmse).abs() < config.relative_rmse)
+        )
+        fitness = torch.where(active, new_fitness, fitness)
+        rmse = torch.where(active, new_rmse, rmse)
+        converged = converged | done
+        active = active & ~done
+        history.append(rmse)
+        if not bool(active.any()):
+            break
+    result = ICPResult(
+        transform=T,
+        fitness=fitness,
+        inlier_rmse=rmse,
+        iterations=iterations,
+        converged=converged,
+        rmse_history=torch.stack(history, dim=1) if config.return_history else None,
+    )
+    return result, damping
+
+
+def _implicit_transform(
+    problem: Problem, config: ICPConfig, converged_T: Tensor, damping: Tensor
+) -> Tensor:
+    """Re-attach gradients to a converged transform by the implicit function theorem.
+
+    With ``T = exp(xi) T*`` and one ICP step ``f(xi, theta) = log(step(exp(xi) T*) T*^-1)`` (6-D,
+    per pair), the converged transform is a fixed point ``xi* = f(xi*, theta)`` at ``xi* = 0``.
+    Differentiating, ``d xi*/d theta = (I - df/dxi)^-1 df/dtheta``. We build one step's graph,
+    form the ``(B, 6, 6)`` Jacobian ``df/dxi`` with six backward passes, and return
+    ``exp(xi) T*`` with ``xi = (I - df/dxi)^-1 (f - f.detach())``: its value is exactly ``T*``
+    and its gradient is the implicit one. Memory and backward time do not depend on how many
+    iterations the forward took.
+    """
+    metric = get_metric(config.metric)
+    B = converged_T.shape[0]
+    T_star = converged_T.detach()
+    with torch.enable_grad():
+        xi = torch.zeros(B, 6, dtype=T_star.dtype, device=T_star.device, requires_grad=True)
+        T = se3_exp(xi) @ T_star
+        corr, moved, moved_n = correspond(problem, config, T)
+        w = weigh(config, metric, corr, moved, moved_n)
+        update, _ = solve(config, metric, corr, moved, moved_n, w, damping)
+        # T T*^-1 = exp(xi), so one step moves T* by update @ exp(xi).
+        f = se3_log(update @ se3_exp(xi))
+        rows = [
+            torch.autograd.grad(f[:, k].sum(), xi, retain_graph=True, allow_unused=True)[0]
+            for k in range(6)
+        ]
+        jac = torch.stack([torch.zeros_like(xi) if r is None else r for r in rows], dim=1)
+    eye = torch.eye(6, dtype=jac.dtype, device=jac.device)
+    implicit_xi = torch.linalg.solve(eye - jac.detach(), (f - f.detach())[..., None])[..., 0]
+    return se3_exp(implicit_xi) @ T_star
+
+
+def icp(
+    source: Tensor,
+    target: Tensor,
+    init: Tensor | None = None,
+    source_lengths: Tensor | None = None,
+    target_lengths: Tensor | None = None,
+    source_normals: Tensor | None = None,
+    target_normals: Tensor | None = None,
+    config: ICPConfig | None = None,
+    *,
+    intrinsics: Tensor | None = None,
+    target_pose: Tensor | None = None,
+    search_backend: str = "auto",
+    **overrides: Any,
+) -> ICPResult:
+    """Register ``source`` to ``target`` by (differentiable) ICP.
+
+    Args:
+        source: ``(N, 3)`` or ``(B, N, 3)`` points, any float dtype / device.
+        target: ``(M, 3)`` / ``(B, M, 3)`` points; with ``correspondence="projective"`` a depth map
+            ``(H, W)`` / ``(B, H, W)`` (z-depth, 0 = invalid) seen by a pinhole camera.
+        init: ``(4, 4)`` / ``(B, 4, 4)`` initial rigid source->target transform (identity).
+        source_lengths, target_lengths: ``(B,)`` valid counts of padded batches.
+        source_normals, target_normals: unit normals shaped like the points (for a depth-map target
+            ``(B, H, W, 3)`` camera-frame normals; estimated from the depth map when omitted).
+        config: :class:`ICPConfig`; ``**overrides`` replace its fields, e.g.
+            ``icp(s, t, metric="point_to_plane", max_distance=0.05)``.
+        intrinsics: ``(3, 3)`` / ``(B, 3, 3)`` pinhole matrix of the depth-map target.
+        target_pose: ``(4, 4)`` / ``(B, 4, 4)`` camera-to-world pose of the depth-map target
+            (identity: the result maps the source into the target camera frame).
+        search_backend: neighbour search, ``"auto"``, ``"kdtree"`` or ``"brute_force"``.
+
+    Returns:
+        :class:`ICPResult`; a single (unbatched) pair gives unbatched fields.
+
+    Raises:
+        ValueError: bad input (NaN/inf, empty or mismatched shapes, non-rigid init, missing
+            normals or intrinsics), naming the argument and the fix.
+    """
+    config = config or ICPConfig()
+    if overrides:
+        config = config.replace(**overrides)
+    grad_context = torch.no_grad() if config.differentiation == "none" else nullcontext()
+    with grad_context:
+        problem = prepare_problem(
+            source,
+            target,
+            config,
+            init,
+            source_lengths,
+            target_lengths,
+            source_normals,
+            target_normals,
+            intrinsics,
+            target_pose,
+            search_backend,
+        )
+        if config.differentiation == "implicit":
+            with torch.no_grad():
+                result, damping = _run_loop(problem, config)
+            result.transform = _implicit_transform(problem, config, result.transform, damping)
+        else:
+            result, _ = _run_loop(problem, config)
+    return result._squeeze() if problem.unbatched else result
+
+
+class ICP(nn.Module):
+    """:func:`icp` as a module: ``ICP(config)(source, target, init=..., ...)``.
+
+    Tensor-valued options of the config (temperatures, thresholds) given as ``nn.Parameter``
+    are registered, so an optimiser can learn them.
+    """
+
+    def __init__(self, config: ICPConfig | None = None, **overrides: Any) -> None:
+        super().__init__()
+        config = config or ICPConfig()
+        self.config = config.replace(**overrides) if overrides else config
+        for field in (
+            "temperature",
+            "rejection_temperature",
+            "max_distance",
+            "max_normal_angle",
+            "kernel_scale",
+        ):
+            value = getattr(self.config, field)
+            if isinstance(value, nn.Parameter):
+                self.register_parameter(field, value)
+
+    def forward(
+        self, source: Tensor, target: Tensor, init: Tensor | None = None, **kwargs: Any
+    ) -> ICPResult:
+        return icp(source, target, init, config=self.config, **kwargs)
+
+    def extra_repr(self) -> str:
+        return repr(self.config)
+
+
+__all__ = ["ICP", "ICPResult", "correspond", "icp", "solve", "weigh"]

@@ -1,0 +1,255 @@
+"""Validation and batching of ICP inputs: every bad input fails here, with a message that names
+the argument and the fix, before any work is done."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from difficp.config import ICPConfig
+from difficp.correspondence import DepthTarget, NeighborIndex, lengths_mask
+from difficp.geometry import (
+    check_intrinsics,
+    depth_normals,
+    depth_to_points,
+    invert_transform,
+    is_rigid,
+    rotate_vectors,
+    transform_points,
+)
+
+
+@dataclass
+class PointTarget:
+    """A target point cloud, prepared once: ``points``/``normals`` ``(B, M, 3)``, ``mask`` ``(B, M)``,
+    and the neighbour index (None for dense soft correspondences)."""
+
+    points: Tensor
+    normals: Tensor | None
+    mask: Tensor
+    index: NeighborIndex | None
+
+
+@dataclass
+class Problem:
+    """Batched, validated ICP inputs.
+
+    ``source``/``source_normals`` ``(B, N, 3)``, ``source_mask`` ``(B, N)``, ``source_counts`` ``(B,)``,
+    ``init`` ``(B, 4, 4)``, ``target`` prepared for the chosen correspondences, and ``unbatched``
+    when the caller passed a single pair (results are then squeezed).
+    """
+
+    source: Tensor
+    source_normals: Tensor | None
+    source_mask: Tensor
+    source_counts: Tensor
+    target: PointTarget | DepthTarget
+    init: Tensor
+    unbatched: bool
+
+
+def _as_float_tensor(name: str, value: object) -> Tensor:
+    if value is None:
+        raise ValueError(f"{name} is required")
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, Tensor):
+        raise ValueError(
+            f"{name} must be a torch.Tensor or numpy array, got {type(value).__name__}"
+        )
+    if not value.is_floating_point():
+        raise ValueError(
+            f"{name} must be a floating-point tensor, got dtype {value.dtype}; use .float()"
+        )
+    return value
+
+
+def _check_finite(name: str, value: Tensor) -> None:
+    if not torch.isfinite(value.detach()).all():
+        raise ValueError(f"{name} contains NaN or inf values; remove or replace them before ICP")
+
+
+def _batched_points(name: str, value: object) -> tuple[Tensor, bool]:
+    t = _as_float_tensor(name, value)
+    if t.dim() not in (2, 3) or t.shape[-1] != 3:
+        raise ValueError(f"{name} must have shape (N, 3) or (B, N, 3), got {tuple(t.shape)}")
+    if t.shape[-2] == 0 or (t.dim() == 3 and t.shape[0] == 0):
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); ICP needs at least 3 points")
+    _check_finite(name, t)
+    return (t[None], True) if t.dim() == 2 else (t, False)
+
+
+def _lengths(
+    name: str, lengths: object, batch: int, size: int, device: torch.device
+) -> Tensor | None:
+    if lengths is None:
+        return None
+    t = torch.as_tensor(lengths, device=device)
+    if t.shape != (batch,) or t.is_floating_point():
+        raise ValueError(
+            f"{name} must be an int tensor of shape ({batch},), got {tuple(t.shape)} {t.dtype}"
+        )
+    if (t < 1).any() or (t > size).any():
+        raise ValueError(
+            f"{name} must be in [1, {size}] (an empty cloud cannot be registered), got {t.tolist()}"
+        )
+    return t.long()
+
+
+def _normals(name: str, value: object, points: Tensor, unbatched: bool) -> Tensor | None:
+    if value is None:
+        return None
+    n = _as_float_tensor(name, value)
+    n = n[None] if unbatched and n.dim() == points.dim() - 1 else n
+    if n.shape != points.shape:
+        raise ValueError(
+            f"{name} must have the shape of its points {tuple(points.shape)}, got {tuple(n.shape)}"
+        )
+    _check_finite(name, n)
+    return n.to(points.dtype)
+
+
+def _expand_batch(name: str, t: Tensor, batch: int) -> Tensor:
+    if t.shape[0] == batch:
+        return t
+    if t.shape[0] == 1:
+        return t.expand(batch, *t.shape[1:])
+    raise ValueError(
+        f"{name} has batch size {t.shape[0]} but source has {batch}; pass matching batches"
+    )
+
+
+def _init(init: object, batch: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    if init is None:
+        return torch.eye(4, dtype=dtype, device=device).expand(batch, 4, 4).clone()
+    T = _as_float_tensor("init", init).to(device=device, dtype=dtype)
+    if T.shape[-2:] != (4, 4) or T.dim() not in (2, 3):
+        raise ValueError(
+            f"init must be a (4, 4) or (B, 4, 4) transform, got shape {tuple(T.shape)}"
+        )
+    _check_finite("init", T)
+    T = _expand_batch("init", T[None] if T.dim() == 2 else T, batch)
+    tol = 1e-3 if dtype in (torch.float16, torch.bfloat16) else 1e-4
+    if not is_rigid(T, atol=tol).all():
+        raise ValueError(
+            "init must be a rigid transform (orthonormal rotation with det +1, last row 0 0 0 1); "
+            "project it with roma.special_procrustes or build it with difficp.geometry.make_transform"
+        )
+    return T
+
+
+def _missing_normals(name: str) -> ValueError:
+    return ValueError(
+        f"{name} are required by this configuration (metric / normal weighting or rejection); "
+        f"pass {name}=... or estimate them with difficp.estimate_normals(points)"
+    )
+
+
+def prepare_problem(
+    source: object,
+    target: object,
+    config: ICPConfig,
+    init: object = None,
+    source_lengths: object = None,
+    target_lengths: object = None,
+    source_normals: object = None,
+    target_normals: object = None,
+    intrinsics: object = None,
+    target_pose: object = None,
+    search_backend: str = "auto",
+) -> Problem:
+    """Validate and batch every input of :func:`difficp.icp` (see there for shapes)."""
+    src, unbatched = _batched_points("source", source)
+    B, N, _ = src.shape
+    device = src.device
+    src_normals = _normals("source_normals", source_normals, src, unbatched)
+    if config.needs_source_normals and src_normals is None:
+        raise _missing_normals("source_normals")
+    s_lengths = _lengths("source_lengths", source_lengths, B, N, device)
+    source_mask = lengths_mask(s_lengths, B, N, device)
+
+    if config.correspondence == "projective":
+        tgt = _depth_target(target, intrinsics, target_pose, target_normals, B, src)
+        dtype = src.dtype
+    else:
+        if intrinsics is not None:
+            raise ValueError("intrinsics is only used with correspondence='projective'")
+        tgt_points, tgt_unbatched = _batched_points("target", target)
+        if tgt_points.device != device:
+            raise ValueError(f"target is on {tgt_points.device} but source on {device}; move one")
+        dtype = torch.promote_types(src.dtype, tgt_points.dtype)
+        tgt_points = _expand_batch("target", tgt_points.to(dtype), B)
+        M = tgt_points.shape[1]
+        tgt_normals = _normals("target_normals", target_normals, tgt_points, tgt_unbatched)
+        if tgt_normals is not None:
+            tgt_normals = _expand_batch("target_normals", tgt_normals, B)
+        if config.needs_target_normals and tgt_normals is None:
+            raise _missing_normals("target_normals")
+        t_lengths = _lengths("target_lengths", target_lengths, B, M, device)
+        index = None
+        if config.correspondence == "nearest" or config.soft_k is not None:
+            index = NeighborIndex(tgt_points, t_lengths, search_backend)  # type: ignore[arg-type]
+        tgt = PointTarget(tgt_points, tgt_normals, lengths_mask(t_lengths, B, M, device), index)
+    src = src.to(dtype)
+    src_normals = None if src_normals is None else src_normals.to(dtype)
+    return Problem(
+        source=src,
+        source_normals=src_normals,
+        source_mask=source_mask,
+        source_counts=source_mask.sum(1),
+        target=tgt,
+        init=_init(init, B, dtype, device),
+        unbatched=unbatched,
+    )
+
+
+def _depth_target(
+    depth: object,
+    intrinsics: object,
+    target_pose: object,
+    target_normals: object,
+    batch: int,
+    source: Tensor,
+) -> DepthTarget:
+    d = _as_float_tensor("target (depth map)", depth)
+    if d.dim() not in (2, 3) or min(d.shape[-2:]) < 2:
+        raise ValueError(
+            f"with correspondence='projective' target must be a depth map (H, W) or (B, H, W), "
+            f"got shape {tuple(d.shape)}"
+        )
+    _check_finite("target (depth map)", d)
+    if (d < 0).any():
+        raise ValueError("target depth map has negative values; use 0 for invalid pixels")
+    d = _expand_batch("target (depth map)", (d[None] if d.dim() == 2 else d).to(source), batch)
+    if intrinsics is None:
+        raise ValueError("correspondence='projective' needs intrinsics=(3, 3) pinhole matrix")
+    K = check_intrinsics(_as_float_tensor("intrinsics", intrinsics).to(source), batch)
+    K = _expand_batch("intrinsics", K, batch)
+    pose = (
+        _init(target_pose, batch, source.dtype, source.device) if target_pose is not None else None
+    )
+    cam_points = depth_to_points(d, K)
+    valid = d > 0
+    if target_normals is not None:
+        cam_normals = _as_float_tensor("target_normals", target_normals).to(source)
+        if cam_normals.shape[-3:] != cam_points.shape[-3:]:
+            raise ValueError(
+                f"with a depth-map target, target_normals must be (B, H, W, 3) camera-frame normals, "
+                f"got {tuple(cam_normals.shape)}"
+            )
+        cam_normals = _expand_batch(
+            "target_normals", cam_normals.reshape(-1, *cam_points.shape[-3:]), batch
+        )
+    else:
+        cam_normals = depth_normals(cam_points, valid)
+    if pose is None:
+        pose = torch.eye(4, dtype=source.dtype, device=source.device).expand(batch, 4, 4)
+        world_points, world_normals = cam_points, cam_normals
+    else:
+        B, H, W, _ = cam_points.shape
+        world_points = transform_points(cam_points.reshape(B, H * W, 3), pose).reshape(B, H, W, 3)
+        world_normals = rotate_vectors(cam_normals.reshape(B, H * W, 3), pose).reshape(B, H, W, 3)
+    return DepthTarget(world_points, world_normals, valid, K, invert_transform(pose))
