@@ -263,3 +263,24 @@ def test_summary_and_plot(tmp_path) -> None:
         assert sum(b["n"] for b in d["bins"]) == 40
     plot_metrics(json.loads(json.dumps(m)), tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_cli_eval_committed_checkpoint(tmp_path, data_dir) -> None:
+    """`difficp experiment depth eval` on a few fresh samples writes the promised JSON."""
+    pytest.importorskip("difficp.icp")
+    from difficp.cli import main
+    from difficp.commands.experiment import committed_checkpoint
+
+    if not committed_checkpoint().is_file():
+        pytest.skip("no committed results/depth/pose_cnn.pt in this checkout")
+    out = tmp_path / "eval"
+    args = ["experiment", "depth", "eval", "--data-dir", str(data_dir), "--n", "6", "--seed",
+            "7", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"nn", "icp", "nn_icp", "nn_then_icp"}
+    for m in metrics["methods"].values():
+        assert 0.0 <= m["success_3cm"] <= m["success_30cm"] <= 1.0
+        assert sum(b["n"] for b in m["bins"]) == 6
+    assert (out / "success_vs_initial_distance.png").is_file()
+    assert main(["experiment", "depth", "plot", "--out", str(out)]) == 0

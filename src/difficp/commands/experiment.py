@@ -41,9 +41,11 @@ def run_train(args: argparse.Namespace) -> int:
     steps = max(1, args.n // args.batch)
     nn_cfg = StageConfig(epochs=args.epochs, steps=steps, batch=args.batch)
     icp_cfg = StageConfig(epochs=args.icp_epochs, steps=max(1, args.icp_n // args.batch),
-                          batch=args.batch, lr=2e-4, min_lr=1e-5)
+                          batch=args.batch, lr=args.icp_lr, min_lr=1e-5)
     train_depth(data_dir, Path(args.out), seed=args.seed, resume=args.resume, nn_config=nn_cfg,
-                icp_config=icp_cfg, progress=not args.no_progress)
+                icp_config=icp_cfg, progress=not args.no_progress,
+                icp_iterations=(args.train_p2p_iters, args.train_sym_iters),
+                pose_weight=args.pose_weight)
     return 0
 
 
@@ -117,6 +119,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--icp-n", type=int, default=4800,
                        help="training samples per nn_icp epoch (%(default)s)")
     train.add_argument("--icp-epochs", type=int, default=3, help="nn_icp epochs (%(default)s)")
+    train.add_argument("--icp-lr", type=float, default=2e-4,
+                       help="nn_icp fine-tuning learning rate (%(default)s)")
+    train.add_argument("--train-p2p-iters", type=int, default=3,
+                       help="soft point-to-point ICP iterations unrolled in training (%(default)s)")
+    train.add_argument("--train-sym-iters", type=int, default=2,
+                       help="soft symmetric ICP iterations unrolled in training (%(default)s)")
+    train.add_argument("--pose-weight", type=float, default=0.0,
+                       help="weight of the network's own pose loss in nn_icp (%(default)s)")
     train.add_argument("--batch", type=int, default=32, help="batch size (%(default)s)")
     train.add_argument("--resume", action="store_true",
                        help="continue from OUT/checkpoints after an interruption")

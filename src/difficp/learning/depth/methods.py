@@ -74,11 +74,12 @@ def refine_schedule() -> list[difficp.ICPConfig]:
     ]
 
 
-def train_schedule(temperature: float = 0.05 ** 2, soft_k: int = 16) -> list[difficp.ICPConfig]:
-    """The differentiable ICP the network is fine-tuned through (5 unrolled iterations).
+def train_schedule(p2p_iterations: int = 3, sym_iterations: int = 2,
+                   temperature: float = 0.05 ** 2, soft_k: int = 16) -> list[difficp.ICPConfig]:
+    """The differentiable ICP the network is fine-tuned through (a few unrolled iterations).
 
-    The same two stages as :func:`refine_schedule` but short and soft: 3 point-to-point then
-    2 symmetric iterations, soft correspondences (softmax over the ``soft_k`` nearest targets,
+    The same two stages as :func:`refine_schedule` but short and soft: ``p2p_iterations``
+    point-to-point then ``sym_iterations`` symmetric iterations, soft correspondences (softmax over the ``soft_k`` nearest targets,
     temperature in m^2, about the squared pixel spacing at 64x64: 4.5 cm) and soft distance
     rejection. A fixed number of iterations (no early stop) keeps the graph the same size.
     """
@@ -86,8 +87,10 @@ def train_schedule(temperature: float = 0.05 ** 2, soft_k: int = 16) -> list[dif
               "rejection": "soft", "rejection_temperature": 0.05, "relative_fitness": 0.0,
               "relative_rmse": 0.0, "differentiation": "unroll"}
     return [
-        difficp.ICPConfig(metric="point_to_point", max_distance=0.5, max_iterations=3, **common),
-        difficp.ICPConfig(metric="symmetric", max_distance=0.15, max_iterations=2, **common),
+        difficp.ICPConfig(metric="point_to_point", max_distance=0.5,
+                          max_iterations=p2p_iterations, **common),
+        difficp.ICPConfig(metric="symmetric", max_distance=0.15, max_iterations=sym_iterations,
+                          **common),
     ]
 
 

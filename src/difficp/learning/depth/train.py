@@ -163,13 +163,15 @@ def copy_model(model: PoseCNN) -> PoseCNN:
 def train_depth(data_dir: Path, out: Path, seed: int = 0, resume: bool = False,
                 nn_config: StageConfig | None = None, icp_config: StageConfig | None = None,
                 scene: SceneConfig | None = None, width: int = 32, progress: bool = True,
+                icp_iterations: tuple[int, int] = (3, 2), pose_weight: float = 0.0,
                 log: Callable[[str], None] = print) -> dict:
     """The whole recipe; writes ``out/pose_cnn.pt`` and ``out/train_log.json``.
 
     1. ``nn``: train the CNN from scratch with the pose loss (body RMSE of its estimate).
     2. ``nn_icp``: fine-tune a copy end to end through the soft, unrolled ICP of
        :func:`~difficp.learning.depth.methods.train_schedule`, loss = body RMSE of the *final*
-       (post-ICP) estimate.
+       (post-ICP) estimate, plus ``pose_weight`` times the network's own pose loss.
+       ``icp_iterations`` = (point-to-point, symmetric) unrolled soft iterations.
     """
     from difficp.learning.depth.data import open_renderer
     from difficp.learning.depth.methods import nn_icp_forward, train_schedule
@@ -185,15 +187,19 @@ def train_depth(data_dir: Path, out: Path, seed: int = 0, resume: bool = False,
     hist_nn = run_stage(Stage("nn", net, nn_loss, nn_config), renderer, scene, out, seed,
                         resume=resume, progress=progress, log=log)
     fine = copy_model(net)
-    schedule = train_schedule()
+    schedule = train_schedule(*icp_iterations)
 
     def icp_loss(model: PoseCNN, batch: dict[str, Tensor]) -> Tensor:
         T = nn_icp_forward(model, batch, scene, schedule)
-        return rmse_between(batch["body"], T, batch["transform"])
+        loss = rmse_between(batch["body"], T, batch["transform"])
+        if pose_weight:
+            loss = loss + pose_weight * nn_loss(model, batch)
+        return loss
 
     hist_icp = run_stage(Stage("nn_icp", fine, icp_loss, icp_config), renderer, scene, out,
                          seed, resume=resume, progress=progress, log=log)
-    info = {"seed": seed, "nn": hist_nn, "nn_icp": hist_icp,
+    info = {"seed": seed, "icp_iterations": list(icp_iterations), "pose_weight": pose_weight,
+            "nn": hist_nn, "nn_icp": hist_icp,
             "train_seconds": hist_nn["seconds"] + hist_icp["seconds"],
             "wall_seconds_this_run": time.time() - t0,
             "torch_threads": torch.get_num_threads()}
