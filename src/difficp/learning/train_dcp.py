@@ -60,6 +60,11 @@ class TrainConfig:
 def _model_config(model: nn.Module) -> dict:
     dcp = model.dcp if isinstance(model, RefinedDCP) else model
     cfg: dict = {"pointer": "transformer" if dcp.pointer is not None else "identity"}
+    if dcp.pointer is not None:  # the transformer's sizes, so the checkpoint outlives defaults
+        tr = dcp.pointer
+        block = tr.encoder[0]
+        cfg.update(n_blocks=len(tr.encoder), n_heads=block.self_attn.num_heads,
+                   ff_dims=block.ff[0].out_features, model_dims=tr.proj_in.out_features)
     if isinstance(model, RefinedDCP):
         cfg["icp"] = {"iterations": model.iterations, "temperature": model.temperature}
     return cfg
