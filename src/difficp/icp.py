@@ -227,7 +227,11 @@ def _implicit_transform(
         T = se3_exp(xi) @ T_star
         corr, moved, moved_n = correspond(problem, config, T)
         w = weigh(config, metric, corr, moved, moved_n)
-        update, _ = solve(config, metric, corr, moved, moved_n, w, damping)
+        # LM's accept/reject makes its step the identity at a minimum (no step lowers the
+        # cost), which hides the fixed point's sensitivity. Its undamped Gauss-Newton step has
+        # the same fixed point (zero gradient), and the implicit derivative depends only on it.
+        step_config = config.replace(solver="linear") if config.resolved_solver == "lm" else config
+        update, _ = solve(step_config, metric, corr, moved, moved_n, w, damping)
         # T T*^-1 = exp(xi), so one step moves T* by update @ exp(xi).
         f = se3_log(update @ se3_exp(xi))
         rows = [
