@@ -161,11 +161,11 @@ def _bent(points: torch.Tensor, amount: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("solver", ["linear", "lm"])
 def test_graph_fit_recovers_smooth_deformation(solver: str) -> None:
-    src = _blob(800, 6)
-    tgt = _bent(_blob(1500, 7), 1.5)
+    src = _blob(500, 6)
+    tgt = _bent(_blob(1000, 7), 1.5)
     true = _bent(src, 1.5)
-    model = EmbeddedDeformationGraph(src, num_nodes=24, smooth_weight=1.0)
-    res = nonrigid_icp(None, tgt, model, solver=solver, max_iterations=40,
+    model = EmbeddedDeformationGraph(src, num_nodes=20, smooth_weight=1.0)
+    res = nonrigid_icp(None, tgt, model, solver=solver, max_iterations=30,
                        regularizer_schedule=[100, 30, 10, 3, 1])
     dense = _bent(_blob(20000, 8), 1.5)  # the true deformed surface, densely
 

@@ -264,10 +264,18 @@ def run_nonrigid_demo(out_dir: str | Path | None = None, seed: int = 0) -> dict[
     Returns the metrics: ``error_before`` / ``error_after`` (mean distance to the true surface,
     m), ``error_vertex_before`` / ``error_vertex_after``, ``seconds``, ``iterations`` and sizes.
     """
-    scene = make_limb_scene(seed=seed)
-    start = time.perf_counter()
-    _, result = fit_graph(scene)
-    seconds = time.perf_counter() - start
+    # The per-step tensors are small (1500 points, 768 parameters): intra-op threads cost more in
+    # synchronisation than they save, badly so on a loaded machine (measured 7 s vs 40 s on 2
+    # busy cores), so the demo runs single-threaded and restores the setting afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        scene = make_limb_scene(seed=seed)
+        start = time.perf_counter()
+        _, result = fit_graph(scene)
+        seconds = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
     fitted = result.points[0] if result.points.dim() == 3 else result.points
     metrics: dict[str, Any] = {
         "error_before": surface_error(scene.source, scene),
