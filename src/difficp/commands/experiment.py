@@ -125,7 +125,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="soft point-to-point ICP iterations unrolled in training (%(default)s)")
     train.add_argument("--train-sym-iters", type=int, default=2,
                        help="soft symmetric ICP iterations unrolled in training (%(default)s)")
-    train.add_argument("--pose-weight", type=float, default=0.0,
+    train.add_argument("--pose-weight", type=float, default=1.0,
                        help="weight of the network's own pose loss in nn_icp (%(default)s)")
     train.add_argument("--batch", type=int, default=32, help="batch size (%(default)s)")
     train.add_argument("--resume", action="store_true",

@@ -163,7 +163,7 @@ def copy_model(model: PoseCNN) -> PoseCNN:
 def train_depth(data_dir: Path, out: Path, seed: int = 0, resume: bool = False,
                 nn_config: StageConfig | None = None, icp_config: StageConfig | None = None,
                 scene: SceneConfig | None = None, width: int = 32, progress: bool = True,
-                icp_iterations: tuple[int, int] = (3, 2), pose_weight: float = 0.0,
+                icp_iterations: tuple[int, int] = (3, 2), pose_weight: float = 1.0,
                 log: Callable[[str], None] = print) -> dict:
     """The whole recipe; writes ``out/pose_cnn.pt`` and ``out/train_log.json``.
 
