@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from difficp.config import ICPConfig
-from difficp.correspondence import DepthTarget, NeighborIndex, lengths_mask
+from difficp.correspondence import DepthTarget, NeighborIndex, lengths_mask, spatial_order
 from difficp.geometry import (
     check_intrinsics,
     depth_normals,
@@ -20,6 +20,9 @@ from difficp.geometry import (
     rotate_vectors,
     transform_points,
 )
+
+# Single pairs at least this large have their source put in spatial order for the KD-tree.
+SPATIAL_ORDER_MIN_POINTS = 4096
 
 
 @dataclass
@@ -192,6 +195,12 @@ def prepare_problem(
         index = None
         if config.correspondence == "nearest" or config.soft_k is not None:
             index = NeighborIndex(tgt_points, t_lengths, search_backend)  # type: ignore[arg-type]
+            if index.backend == "kdtree" and B == 1 and N >= SPATIAL_ORDER_MIN_POINTS:
+                # The result does not depend on the order of the source points (they are
+                # summed), so reorder them once for faster queries in every iteration.
+                order = spatial_order(src[0])
+                src = src[:, order]
+                src_normals = None if src_normals is None else src_normals[:, order]
         tgt = PointTarget(tgt_points, tgt_normals, lengths_mask(t_lengths, B, M, device), index)
     src = src.to(dtype)
     src_normals = None if src_normals is None else src_normals.to(dtype)
