@@ -138,3 +138,22 @@ def test_lost_pair_gradients_are_finite(clouds) -> None:
     result.transform.sum().backward()
     assert torch.isfinite(src.grad).all()
     assert src.grad[0].abs().sum() > 0 and src.grad[1].abs().sum() == 0
+
+
+@pytest.mark.parametrize("metric", ["point_to_plane", "symmetric", "point_to_point"])
+def test_pair_with_a_few_collinear_correspondences_does_not_crash(clouds, metric) -> None:
+    # Pair 1 keeps only three correspondences, all on a line: its normal equations are singular.
+    s, t = clouds
+    line = torch.zeros(100, 3, dtype=torch.float64)
+    line[:, 0] = torch.linspace(0, 1, 100, dtype=torch.float64)
+    far_line = line + 100.0
+    far_line[:3] = line[:3] + 1e-3
+    normals = torch.zeros(2, 100, 3, dtype=torch.float64)
+    normals[..., 2] = 1.0
+    src = torch.stack([s, line]).float()
+    tgt = torch.stack([t, far_line]).float()
+    result = difficp.icp(
+        src, tgt, source_normals=normals.float(), target_normals=normals.float(), metric=metric,
+        max_distance=0.05,
+    )
+    assert torch.isfinite(result.transform).all()

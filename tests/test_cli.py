@@ -165,7 +165,7 @@ def test_register_bad_input_exits_2_with_one_line(tmp_path, capsys):
 
 def test_demo_parser_defaults():
     args = build_parser("demo").parse_args(["demo"])
-    assert args.kind == "rigid" and args.out == "difficp_demo" and args.metric == "point_to_plane"
+    assert args.kind == "rigid" and args.out is None and args.metric == "point_to_plane"
     args = build_parser("demo").parse_args(["demo", "nonrigid", "--seed", "3"])
     assert args.kind == "nonrigid" and args.seed == 3
     with pytest.raises(SystemExit):

@@ -124,6 +124,14 @@ def gauss_newton_update(
     if damping is not None:
         A = A + damping[:, None, None] * torch.diag_embed(A.diagonal(dim1=-2, dim2=-1))
     A, usable = regularize(A)
+    # A pair with very few correspondences can still be singular to working precision (the
+    # jitter vanishes in rounding); it gets a zero step and is reported unusable.
+    singular = torch.linalg.lu_factor_ex(A.detach())[2] != 0
+    if bool(singular.any()):
+        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+        A = torch.where(singular[:, None, None], eye, A)
+        g = torch.where(singular[:, None], torch.zeros_like(g), g)
+        usable = usable & ~singular
     step = lu_solve(A, -g)
     step = torch.where(usable[:, None], step, torch.zeros_like(step))
     return metric.step_to_transform(step), usable

@@ -42,7 +42,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "kind", nargs="?", choices=KINDS, default="rigid", help="which demo (default: %(default)s)"
     )
-    p.add_argument("--out", default="difficp_demo", help="output directory (default: %(default)s)")
+    p.add_argument(
+        "--out", default=None, help="output directory (default: difficp_demo/<kind>)"
+    )
     p.add_argument(
         "--seed",
         type=int,
@@ -67,6 +69,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``difficp demo``; returns the exit code."""
+    if args.out is None:
+        # Each demo gets its own folder: both write a metrics.json.
+        args.out = f"difficp_demo/{args.kind}"
     if args.kind == "nonrigid":
         try:
             from difficp.nonrigid.demo import run_demo
