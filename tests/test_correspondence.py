@@ -183,3 +183,33 @@ def test_projective_icp_aligns_a_depth_map_to_its_own_points() -> None:
     )
     torch.testing.assert_close(result.transform, motion, atol=2e-3, rtol=0)
     assert float(result.fitness) > 0.9
+
+
+def test_icp_with_forced_brute_force_search_equals_kdtree() -> None:
+    # The GPU path (chunked brute force) forced on the CPU must give the same registration.
+    p = make_pair(5, n=800, angle=10, translation=0.1, noise=0.003, overlap=0.8)
+    runs = [
+        difficp.icp(
+            p["source"],
+            p["target"],
+            target_normals=p["target_normals"],
+            metric="point_to_plane",
+            max_distance=0.1,
+            search_backend=backend,
+        )
+        for backend in ("kdtree", "brute_force")
+    ]
+    torch.testing.assert_close(runs[0].transform, runs[1].transform, atol=1e-10, rtol=0)
+    assert int(runs[0].iterations) == int(runs[1].iterations)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu() -> None:
+    p = make_pair(6, n=2000, angle=10, translation=0.1)
+    cpu = difficp.icp(p["source"], p["target"], max_distance=0.2)
+    gpu = difficp.icp(p["source"].cuda(), p["target"].cuda(), max_distance=0.2)
+    torch.testing.assert_close(gpu.transform.cpu(), cpu.transform, atol=1e-8, rtol=0)
+    soft = difficp.icp(
+        p["source"].cuda(), p["target"].cuda(), correspondence="soft", temperature=1e-4
+    )
+    assert torch.isfinite(soft.transform).all()
