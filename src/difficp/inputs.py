@@ -21,8 +21,13 @@ from difficp.geometry import (
     transform_points,
 )
 
-# Single pairs at least this large have their source put in spatial order for the KD-tree.
-SPATIAL_ORDER_MIN_POINTS = 4096
+# Sources at least this large are put in spatial order for the KD-tree.
+SPATIAL_ORDER_MIN_POINTS = 256
+
+
+def _take(values: Tensor, order: Tensor) -> Tensor:
+    """``values`` ``(B, N, C)`` reordered by ``order`` ``(B, N)`` (differentiable)."""
+    return torch.gather(values, 1, order[..., None].expand(-1, -1, values.shape[-1]))
 
 
 @dataclass
@@ -195,12 +200,12 @@ def prepare_problem(
         index = None
         if config.correspondence == "nearest" or config.soft_k is not None:
             index = NeighborIndex(tgt_points, t_lengths, search_backend)  # type: ignore[arg-type]
-            if index.backend == "kdtree" and B == 1 and N >= SPATIAL_ORDER_MIN_POINTS:
-                # The result does not depend on the order of the source points (they are
-                # summed), so reorder them once for faster queries in every iteration.
-                order = spatial_order(src[0])
-                src = src[:, order]
-                src_normals = None if src_normals is None else src_normals[:, order]
+            if index.backend == "kdtree" and N >= SPATIAL_ORDER_MIN_POINTS:
+                # Results do not depend on the order of the source points (they are summed),
+                # so reorder them once for faster queries in every iteration.
+                order = spatial_order(src, source_mask)
+                src = _take(src, order)
+                src_normals = None if src_normals is None else _take(src_normals, order)
         tgt = PointTarget(tgt_points, tgt_normals, lengths_mask(t_lengths, B, M, device), index)
     src = src.to(dtype)
     src_normals = None if src_normals is None else src_normals.to(dtype)
