@@ -41,6 +41,11 @@ def _o3d():
 
 
 def _peak_rss_mb() -> float:
+    """Peak resident memory of this process (VmHWM: unlike ru_maxrss, reset by exec, so a
+    child does not inherit its parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -303,7 +308,7 @@ def _child_implicit(mode: str, iterations: int, points: int, device: str) -> dic
 
 
 def _in_subprocess(kind: str, *args: object) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, *map(str, args)]
+    cmd = [sys.executable, __file__, "--child", str(torch.get_num_threads()), kind, *map(str, args)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -376,7 +381,8 @@ def _row(r: dict) -> str:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        kind, args = sys.argv[2], sys.argv[3:]
+        torch.set_num_threads(int(sys.argv[2]))
+        kind, args = sys.argv[3], sys.argv[4:]
         if kind == "soft":
             k = None if args[1] == "none" else int(args[1])
             print(json.dumps(_child_soft(int(args[0]), k, args[2])))
