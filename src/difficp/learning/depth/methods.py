@@ -12,7 +12,6 @@ points onto the target ones (see :mod:`difficp.learning.depth.data`).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -110,10 +109,6 @@ def _icp_call(clouds: Clouds, icp_depth: Tensor, scene: SceneConfig, config: dif
     return res.transform
 
 
-def _slice(clouds: Clouds, lo: int, hi: int) -> Clouds:
-    return Clouds(*(getattr(clouds, f.name)[lo:hi] for f in dataclasses.fields(clouds)))
-
-
 def run_icp(clouds: Clouds, icp_depth: Tensor, scene: SceneConfig, config: difficp.ICPConfig,
             init: Tensor | None = None) -> Tensor:
     """ICP on a batch with ``config``; returns the ``(B, 4, 4)`` transforms.
@@ -121,24 +116,8 @@ def run_icp(clouds: Clouds, icp_depth: Tensor, scene: SceneConfig, config: diffi
     Projective correspondences use the target *depth map* (``icp_depth[:, 1]``) and its camera
     (target pose = identity: source points and target map share the camera frame); the others
     use the target cloud with its depth-map normals.
-
-    Guard (a workaround, see the report): if the core raises a ``RuntimeError`` for the batch
-    (at the time of writing, a singular normal-equation system when one pair loses all its
-    correspondences), the batch is split in halves and retried; a single pair that still
-    fails keeps ``init`` (identity when None), i.e. counts as "ICP did not move it".
     """
-    try:
-        return _icp_call(clouds, icp_depth, scene, config, init)
-    except RuntimeError:
-        B = icp_depth.shape[0]
-        if B == 1:
-            if init is not None:
-                return init
-            return torch.eye(4, dtype=clouds.source.dtype).expand(1, 4, 4).clone()
-        h = B // 2
-        parts = [run_icp(_slice(clouds, lo, hi), icp_depth[lo:hi], scene, config,
-                         None if init is None else init[lo:hi]) for lo, hi in ((0, h), (h, B))]
-        return torch.cat(parts)
+    return _icp_call(clouds, icp_depth, scene, config, init)
 
 
 def run_schedule(clouds: Clouds, icp_depth: Tensor, scene: SceneConfig,
