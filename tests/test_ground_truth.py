@@ -23,7 +23,7 @@ COMBOS = [
 
 
 def _errors(result: difficp.ICPResult, truth: torch.Tensor) -> tuple[float, float]:
-    E = invert_transform(truth) @ result.transform
+    E = invert_transform(truth.double()) @ result.transform.double()
     return float(rotation_angle_deg(E[..., :3, :3])), float(E[..., :3, 3].norm())
 
 

@@ -78,9 +78,15 @@ def random_rotation(
 
 
 def rotation_angle_deg(R: Tensor) -> Tensor:
-    """Geodesic angle of rotation matrices ``(..., 3, 3)`` in degrees."""
-    cos = ((R.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1, 1)
-    return torch.rad2deg(torch.arccos(cos))
+    """Geodesic angle of rotation matrices ``(..., 3, 3)`` in degrees.
+
+    ``atan2(sin, cos)`` with ``sin`` from the skew part and ``cos`` from the trace: accurate at
+    small angles, where ``arccos`` of the trace loses all precision (float32: 0.03 deg floor).
+    """
+    skew = R - R.transpose(-1, -2)
+    sin = torch.stack([skew[..., 2, 1], skew[..., 0, 2], skew[..., 1, 0]], -1).norm(dim=-1) / 2
+    cos = (R.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
+    return torch.rad2deg(torch.atan2(sin, cos))
 
 
 def is_rigid(transform: Tensor, atol: float = 1e-4) -> Tensor:
