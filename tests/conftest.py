@@ -15,6 +15,17 @@ from difficp.geometry import make_transform, random_rotation, transform_points
 # avoids oversubscription, which slows small tensor ops tenfold.
 torch.set_num_threads(1)
 
+# Every valid (metric, solver) pair of ICPConfig.
+METRIC_SOLVER_COMBOS = [
+    ("point_to_point", "svd"),
+    ("point_to_point", "linear"),
+    ("point_to_point", "lm"),
+    ("point_to_plane", "linear"),
+    ("point_to_plane", "lm"),
+    ("symmetric", "linear"),
+    ("symmetric", "lm"),
+]
+
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:

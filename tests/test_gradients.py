@@ -10,17 +10,9 @@ import torch
 import difficp
 from difficp.geometry import se3_exp
 
+from conftest import METRIC_SOLVER_COMBOS as COMBOS
 from conftest import make_pair
 
-COMBOS = [
-    ("point_to_point", "svd"),
-    ("point_to_point", "linear"),
-    ("point_to_point", "lm"),
-    ("point_to_plane", "linear"),
-    ("point_to_plane", "lm"),
-    ("symmetric", "linear"),
-    ("symmetric", "lm"),
-]
 REJECTIONS = {
     "soft_distance": {"max_distance": 0.3, "rejection": "soft", "rejection_temperature": 0.05},
     "soft_normal": {"max_normal_angle": 60.0, "rejection": "soft", "rejection_temperature": 0.2},

@@ -9,17 +9,8 @@ import torch
 import difficp
 from difficp.geometry import invert_transform, rotation_angle_deg
 
+from conftest import METRIC_SOLVER_COMBOS as COMBOS
 from conftest import make_pair
-
-COMBOS = [
-    ("point_to_point", "svd"),
-    ("point_to_point", "linear"),
-    ("point_to_point", "lm"),
-    ("point_to_plane", "linear"),
-    ("point_to_plane", "lm"),
-    ("symmetric", "linear"),
-    ("symmetric", "lm"),
-]
 
 
 def _errors(result: difficp.ICPResult, truth: torch.Tensor) -> tuple[float, float]:
