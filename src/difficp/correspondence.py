@@ -96,8 +96,7 @@ class NeighborIndex:
         self.batch = B
         self.mask = lengths_mask(lengths, B, M, reference.device)
         self.counts = self.mask.sum(1)
-        if backend == "kdtree":
-            self._build_tree()
+        self._tree: cKDTree | None = None  # built on the first query (the fast path needs none)
 
     def _build_tree(self) -> None:
         ref = self.reference.cpu().double().numpy()
@@ -155,6 +154,9 @@ class NeighborIndex:
         self, queries: Tensor, k: int, max_distance: float | None
     ) -> tuple[Tensor, Tensor]:
         B, N, _ = queries.shape
+        if self._tree is None:
+            self._build_tree()
+        assert self._tree is not None
         # A copy: the batch shift below must not write into the caller's tensor.
         q = np.array(queries.cpu().double().numpy().reshape(B * N, 3))
         if self.batch > 1:

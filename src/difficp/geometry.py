@@ -47,7 +47,18 @@ def twist_to_transform(twist: Tensor) -> Tensor:
     step the linearised metrics solve for; the Euler form is the one Open3D composes its updates
     with, so iterates match Open3D's step for step.
     """
-    return make_transform(roma.euler_to_rotmat("xyz", twist[..., :3]), twist[..., 3:])
+    # Written out (rather than roma.euler_to_rotmat): this runs once per ICP iteration, where
+    # the quaternion round trip measured ~0.7 ms per call, a third of a small ICP iteration.
+    c, s = torch.cos(twist[..., :3]), torch.sin(twist[..., :3])
+    ca, cb, cg = c.unbind(-1)
+    sa, sb, sg = s.unbind(-1)
+    rows = (
+        (cg * cb, cg * sb * sa - sg * ca, cg * sb * ca + sg * sa),
+        (sg * cb, sg * sb * sa + cg * ca, sg * sb * ca - cg * sa),
+        (-sb, cb * sa, cb * ca),
+    )
+    R = torch.stack([torch.stack(row, -1) for row in rows], -2)
+    return make_transform(R, twist[..., 3:])
 
 
 def se3_exp(twist: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,9 @@ from difficp.inputs import Problem, prepare_problem
 from difficp.metrics import Metric, get_metric
 from difficp.solvers import gauss_newton_update, levenberg_marquardt_update, weighted_procrustes
 from difficp.weighting import correspondence_weights, inlier_statistics, robust_weights
+
+if TYPE_CHECKING:
+    from difficp.fused import FusedSteps
 
 # A pair needs this many weighted correspondences for a determined 6-DoF update.
 MIN_CORRESPONDENCES = 3
@@ -52,6 +55,17 @@ class ICPResult:
     iterations: Tensor
     converged: Tensor
     rmse_history: Tensor | None = None
+
+    def to(self, dtype: torch.dtype) -> ICPResult:
+        """The same result with float fields in ``dtype``."""
+        return ICPResult(
+            self.transform.to(dtype),
+            self.fitness.to(dtype),
+            self.inlier_rmse.to(dtype),
+            self.iterations,
+            self.converged,
+            None if self.rmse_history is None else self.rmse_history.to(dtype),
+        )
 
     def _squeeze(self) -> ICPResult:
         return ICPResult(
@@ -157,31 +171,56 @@ def _where(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return torch.where(mask.reshape(-1, *([1] * (a.dim() - 1))), a, b)
 
 
-def _run_loop(problem: Problem, config: ICPConfig) -> tuple[ICPResult, Tensor]:
-    """The iterations. Returns the batched result and the final LM damping."""
-    metric = get_metric(config.metric)
-    B = problem.source.shape[0]
-    device = problem.source.device
-    T = problem.init
-    corr, moved, moved_n = correspond(problem, config, T)
-    fitness, rmse = inlier_statistics(corr, problem.source_counts, config.max_distance)
-    history = [rmse]
+class ReferenceSteps:
+    """The iterations in PyTorch (differentiable): :func:`correspond`, :func:`weigh`,
+    :func:`solve` on ``(B, N)`` tensors. The compiled twin is :class:`difficp.fused.FusedSteps`."""
+
+    def __init__(self, problem: Problem, config: ICPConfig) -> None:
+        self.problem = problem
+        self.config = config
+        self.metric = get_metric(config.metric)
+        self.dtype = problem.source.dtype
+
+    def evaluate(self, transform: Tensor, active: Tensor) -> tuple[Tensor, Tensor, Any]:
+        """Correspondences at ``transform``: fitness ``(B,)``, RMSE ``(B,)``, state for :meth:`step`."""
+        corr, moved, moved_n = correspond(self.problem, self.config, transform)
+        fitness, rmse = inlier_statistics(
+            corr, self.problem.source_counts, self.config.max_distance
+        )
+        return fitness, rmse, (corr, moved, moved_n)
+
+    def step(self, state: Any, damping: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The ``(B, 4, 4)`` update, new LM damping, and ``(B,)`` bool: enough correspondences."""
+        corr, moved, moved_n = state
+        w = weigh(self.config, self.metric, corr, moved, moved_n)
+        enough = ((w.detach() > 0) & corr.valid).sum(1) >= MIN_CORRESPONDENCES
+        update, damping = solve(self.config, self.metric, corr, moved, moved_n, w, damping)
+        return update, damping, enough
+
+
+def run_loop(
+    steps: ReferenceSteps | FusedSteps, init: Tensor, config: ICPConfig
+) -> tuple[ICPResult, Tensor]:
+    """The iterations, with Open3D's stopping rule per pair. Returns the batched result (in the
+    dtype of ``steps``) and the final LM damping."""
+    B = init.shape[0]
+    device = init.device
+    T = init.to(steps.dtype)
     active = torch.ones(B, dtype=torch.bool, device=device)
+    fitness, rmse, state = steps.evaluate(T, active)
+    history = [rmse]
     converged = torch.zeros(B, dtype=torch.bool, device=device)
     iterations = torch.zeros(B, dtype=torch.long, device=device)
     damping = torch.full((B,), config.lm_damping, dtype=T.dtype, device=device)
     for _ in range(config.max_iterations):
-        w = weigh(config, metric, corr, moved, moved_n)
+        update, new_damping, enough = steps.step(state, damping)
         # A pair with too few weighted correspondences stops here with its last good transform.
-        enough = ((w.detach() > 0) & corr.valid).sum(1) >= MIN_CORRESPONDENCES
         active = active & enough
         if not bool(active.any()):
             break
-        update, new_damping = solve(config, metric, corr, moved, moved_n, w, damping)
         damping = torch.where(active, new_damping, damping)
         T = _where(active, update @ T, T)
-        corr, moved, moved_n = correspond(problem, config, T)
-        new_fitness, new_rmse = inlier_statistics(corr, problem.source_counts, config.max_distance)
+        new_fitness, new_rmse, state = steps.evaluate(T, active)
         iterations = iterations + active.long()
         done = (
             active
@@ -244,6 +283,52 @@ def _implicit_transform(
     return se3_exp(implicit_xi) @ T_star
 
 
+SEARCH_BACKENDS = ("auto", "kdtree", "brute_force", "compiled")
+
+
+def _requires_grad(problem: Problem, config: ICPConfig) -> bool:
+    """Whether anything the loop reads asks for a gradient."""
+    if not torch.is_grad_enabled():
+        return False
+    target = problem.target
+    tensors = [problem.source, problem.source_normals, problem.init]
+    if isinstance(target, DepthTarget):
+        tensors += [target.points, target.normals, target.intrinsics, target.world_to_camera]
+    else:
+        tensors += [target.points, target.normals]
+    tensors += [getattr(config, name) for name in _TENSOR_OPTIONS]
+    return any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+
+
+_TENSOR_OPTIONS = (
+    "temperature",
+    "rejection_temperature",
+    "max_distance",
+    "max_normal_angle",
+    "kernel_scale",
+)
+
+
+def _choose_steps(
+    problem: Problem, config: ICPConfig, search_backend: str, needs_grad: bool
+) -> ReferenceSteps | FusedSteps:
+    """The compiled fast path when it computes the same thing and no gradient is needed (or on
+    request), else the PyTorch reference."""
+    if search_backend in ("kdtree", "brute_force"):
+        return ReferenceSteps(problem, config)
+    from difficp.fused import FusedSteps, fused_supported
+
+    reason = fused_supported(problem, config)
+    if search_backend == "compiled":
+        if needs_grad:
+            reason = "it gives no gradients; use differentiation='implicit' or 'none'"
+        if reason is not None:
+            raise ValueError(f"search_backend='compiled' cannot run this problem: {reason}")
+    if reason is None and not needs_grad:
+        return FusedSteps(problem, config)
+    return ReferenceSteps(problem, config)
+
+
 def icp(
     source: Tensor,
     target: Tensor,
@@ -274,7 +359,11 @@ def icp(
         intrinsics: ``(3, 3)`` / ``(B, 3, 3)`` pinhole matrix of the depth-map target.
         target_pose: ``(4, 4)`` / ``(B, 4, 4)`` camera-to-world pose of the depth-map target
             (identity: the result maps the source into the target camera frame).
-        search_backend: neighbour search, ``"auto"``, ``"kdtree"`` or ``"brute_force"``.
+        search_backend: how partners are found. ``"auto"`` (default): the compiled fast path
+            (:mod:`difficp.fused`) when correspondences are hard nearest neighbours on the CPU
+            and nothing needs a gradient, else a scipy KD-tree on the CPU and a chunked
+            brute-force search on other devices. ``"kdtree"`` / ``"brute_force"`` force those
+            (PyTorch reference path); ``"compiled"`` forces the fast path or raises.
 
     Returns:
         :class:`ICPResult`; a single (unbatched) pair gives unbatched fields.
@@ -286,6 +375,9 @@ def icp(
     config = config or ICPConfig()
     if overrides:
         config = config.replace(**overrides)
+    if search_backend not in SEARCH_BACKENDS:
+        raise ValueError(f"search_backend must be one of {SEARCH_BACKENDS}, got {search_backend!r}")
+    index_backend = "kdtree" if search_backend == "compiled" else search_backend
     grad_context = torch.no_grad() if config.differentiation == "none" else nullcontext()
     with grad_context:
         problem = prepare_problem(
@@ -299,14 +391,22 @@ def icp(
             target_normals,
             intrinsics,
             target_pose,
-            search_backend,
+            index_backend,
         )
+        loop_needs_grad = config.differentiation == "unroll" and _requires_grad(problem, config)
+        steps = _choose_steps(problem, config, search_backend, loop_needs_grad)
         if config.differentiation == "implicit":
             with torch.no_grad():
-                result, damping = _run_loop(problem, config)
-            result.transform = _implicit_transform(problem, config, result.transform, damping)
+                result, damping = run_loop(steps, problem.init, config)
+            result.transform = _implicit_transform(
+                problem,
+                config,
+                result.transform.to(problem.source.dtype),
+                damping.to(problem.source.dtype),
+            )
         else:
-            result, _ = _run_loop(problem, config)
+            result, _ = run_loop(steps, problem.init, config)
+    result = result.to(problem.source.dtype)
     return result._squeeze() if problem.unbatched else result
 
 

@@ -123,6 +123,16 @@ def gauss_newton_update(
     A, g = normal_equations(r, J, weights)
     if damping is not None:
         A = A + damping[:, None, None] * torch.diag_embed(A.diagonal(dim1=-2, dim2=-1))
+    step, usable = solve_normal_equations(A, g)
+    return metric.step_to_transform(step), usable
+
+
+def solve_normal_equations(A: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """The step ``x`` ``(B, 6)`` solving ``A x = -g`` for normal equations ``A`` ``(B, 6, 6)``.
+
+    Regularised (:func:`regularize`); a pair whose system is unusable (no correspondences, or
+    singular to working precision) gets a zero step. Returns the step and ``(B,)`` bool usable.
+    """
     A, usable = regularize(A)
     # A pair with very few correspondences can still be singular to working precision (the
     # jitter vanishes in rounding); it gets a zero step and is reported unusable.
@@ -133,8 +143,7 @@ def gauss_newton_update(
         g = torch.where(singular[:, None], torch.zeros_like(g), g)
         usable = usable & ~singular
     step = lu_solve(A, -g)
-    step = torch.where(usable[:, None], step, torch.zeros_like(step))
-    return metric.step_to_transform(step), usable
+    return torch.where(usable[:, None], step, torch.zeros_like(step)), usable
 
 
 def weighted_cost(

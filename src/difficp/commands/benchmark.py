@@ -17,29 +17,49 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("benchmark", help="run a registration benchmark (modelnet)")
     sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     p = sub.add_parser(
-        "modelnet", help="ModelNet pairs: DCP, PointNetLK, FGR, ICP and difficp refinement",
+        "modelnet",
+        help="ModelNet pairs: DCP, PointNetLK, FGR, ICP and difficp refinement",
         description="Evaluate registration methods on deterministic ModelNet test pairs and "
-                    "write OUT/results.json and OUT/results.md (per-method estimates are cached "
-                    "in OUT/raw/, so methods can be added in later runs).",
+        "write OUT/results.json and OUT/results.md (per-method estimates are cached "
+        "in OUT/raw/, so methods can be added in later runs).",
     )
     p.add_argument("--data-dir", default=None, help="data directory (default: $DIFFICP_DATA)")
-    p.add_argument("--dataset", default="modelnet10",
-                   choices=["modelnet10", "modelnet40", "modelnet40_airplane"])
-    p.add_argument("--protocol", default="clean",
-                   choices=["clean", "unseen", "noise", "noise_independent", "partial"])
-    p.add_argument("--methods", default=None,
-                   help="comma-separated methods (icp, open3d_icp, open3d_fgr, pointnetlk, dcp_v1, "
-                        "dcp_v2, dcp_v2_e2e, each optionally with +icp); default: all")
+    p.add_argument(
+        "--dataset",
+        default="modelnet10",
+        choices=["modelnet10", "modelnet40", "modelnet40_airplane"],
+    )
+    p.add_argument(
+        "--protocol",
+        default="clean",
+        choices=["clean", "unseen", "noise", "noise_independent", "partial"],
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated methods (icp, open3d_icp, open3d_fgr, pointnetlk, dcp_v1, "
+        "dcp_v2, dcp_v2_e2e, each optionally with +icp); default: all",
+    )
     p.add_argument("--limit", type=int, default=None, help="use only the first N test pairs")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0, help="base seed of the test pairs")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dcp-v2", default="results/modelnet/dcp_v2.pt",
-                   help="DCP-v2 checkpoint from `difficp train dcp`")
-    p.add_argument("--dcp-v2-e2e", default="results/modelnet/dcp_v2_e2e.pt",
-                   help="end-to-end fine-tuned DCP-v2 checkpoint")
-    p.add_argument("--refine-max-distance", type=float, default=0.1,
-                   help="rejection distance of the X+icp refinement (<= 0: none)")
+    p.add_argument(
+        "--dcp-v2",
+        default="results/modelnet/dcp_v2.pt",
+        help="DCP-v2 checkpoint from `difficp train dcp`",
+    )
+    p.add_argument(
+        "--dcp-v2-e2e",
+        default="results/modelnet/dcp_v2_e2e.pt",
+        help="end-to-end fine-tuned DCP-v2 checkpoint",
+    )
+    p.add_argument(
+        "--refine-max-distance",
+        type=float,
+        default=0.1,
+        help="rejection distance of the X+icp refinement (<= 0: none)",
+    )
     p.add_argument("--refine-max-iterations", type=int, default=50)
     p.add_argument("--icp-max-iterations", type=int, default=50)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -59,14 +79,19 @@ def run_modelnet(args: argparse.Namespace) -> int:
 
     cfg = BenchmarkConfig(
         data_dir=require_data_dir(args.data_dir, needs="the ModelNet benchmark"),
-        dataset=args.dataset, protocol=args.protocol,
-        methods=parse_methods(args.methods or DEFAULT_METHODS), limit=args.limit,
-        seed=args.seed, batch_size=args.batch_size,
+        dataset=args.dataset,
+        protocol=args.protocol,
+        methods=parse_methods(args.methods or DEFAULT_METHODS),
+        limit=args.limit,
+        seed=args.seed,
+        batch_size=args.batch_size,
         dcp_v2=Path(args.dcp_v2) if args.dcp_v2 else None,
         dcp_v2_e2e=Path(args.dcp_v2_e2e) if args.dcp_v2_e2e else None,
         refine_max_distance=args.refine_max_distance if args.refine_max_distance > 0 else None,
         refine_max_iterations=args.refine_max_iterations,
-        icp_max_iterations=args.icp_max_iterations, threads=args.threads, force=args.force,
+        icp_max_iterations=args.icp_max_iterations,
+        threads=args.threads,
+        force=args.force,
     )
     results = run_benchmark(cfg, Path(args.out))
     print((Path(args.out) / "results.md").read_text())

@@ -42,9 +42,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "kind", nargs="?", choices=KINDS, default="rigid", help="which demo (default: %(default)s)"
     )
-    p.add_argument(
-        "--out", default=None, help="output directory (default: difficp_demo/<kind>)"
-    )
+    p.add_argument("--out", default=None, help="output directory (default: difficp_demo/<kind>)")
     p.add_argument(
         "--seed",
         type=int,

@@ -1,8 +1,8 @@
 """``difficp experiment``: the paper experiments. ``depth``: pose CNN + differentiable ICP.
 
-    difficp experiment depth train --data-dir D --out results/depth [--seed 0] [--resume]
-    difficp experiment depth eval  --data-dir D --out DIR --n 500 --seed 1 [--checkpoint P]
-    difficp experiment depth plot  --out DIR
+difficp experiment depth train --data-dir D --out results/depth [--seed 0] [--resume]
+difficp experiment depth eval  --data-dir D --out DIR --n 500 --seed 1 [--checkpoint P]
+difficp experiment depth plot  --out DIR
 """
 
 from __future__ import annotations
@@ -40,12 +40,24 @@ def run_train(args: argparse.Namespace) -> int:
     data_dir = require_data_dir(args.data_dir, needs="the body mesh")
     steps = max(1, args.n // args.batch)
     nn_cfg = StageConfig(epochs=args.epochs, steps=steps, batch=args.batch)
-    icp_cfg = StageConfig(epochs=args.icp_epochs, steps=max(1, args.icp_n // args.batch),
-                          batch=args.batch, lr=args.icp_lr, min_lr=1e-5)
-    train_depth(data_dir, Path(args.out), seed=args.seed, resume=args.resume, nn_config=nn_cfg,
-                icp_config=icp_cfg, progress=not args.no_progress,
-                icp_iterations=(args.train_p2p_iters, args.train_sym_iters),
-                pose_weight=args.pose_weight)
+    icp_cfg = StageConfig(
+        epochs=args.icp_epochs,
+        steps=max(1, args.icp_n // args.batch),
+        batch=args.batch,
+        lr=args.icp_lr,
+        min_lr=1e-5,
+    )
+    train_depth(
+        data_dir,
+        Path(args.out),
+        seed=args.seed,
+        resume=args.resume,
+        nn_config=nn_cfg,
+        icp_config=icp_cfg,
+        progress=not args.no_progress,
+        icp_iterations=(args.train_p2p_iters, args.train_sym_iters),
+        pose_weight=args.pose_weight,
+    )
     return 0
 
 
@@ -62,8 +74,10 @@ def run_eval(args: argparse.Namespace) -> int:
     data_dir = require_data_dir(args.data_dir, needs="the body mesh")
     ckpt = Path(args.checkpoint) if args.checkpoint else committed_checkpoint()
     if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} not found; train one with "
-                                "`difficp experiment depth train` or pass --checkpoint")
+        raise FileNotFoundError(
+            f"checkpoint {ckpt} not found; train one with "
+            "`difficp experiment depth train` or pass --checkpoint"
+        )
     nets, scene, _ = load_final(ckpt)
     if args.icp_res:
         scene = replace(scene, icp_res=args.icp_res)
@@ -79,8 +93,10 @@ def run_eval(args: argparse.Namespace) -> int:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     plot_metrics(metrics, out / FIGURE_NAME)
     for name, m in metrics["methods"].items():
-        print(f"{name:12s} success@3cm {m['success_3cm']:.3f}  success@30cm "
-              f"{m['success_30cm']:.3f}  median error {m['median_error_m']:.3f} m")
+        print(
+            f"{name:12s} success@3cm {m['success_3cm']:.3f}  success@30cm "
+            f"{m['success_30cm']:.3f}  median error {m['median_error_m']:.3f} m"
+        )
     print(f"wrote {out / 'metrics.json'} and {out / FIGURE_NAME}")
     return 0
 
@@ -99,8 +115,12 @@ def _common(p: argparse.ArgumentParser, seed: int) -> None:
     p.add_argument("--data-dir", default=None, help="data directory (default: $DIFFICP_DATA)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (%(default)s)")
     p.add_argument("--seed", type=int, default=seed, help="random seed (%(default)s)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (%(default)s: the machine is usually shared)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (%(default)s: the machine is usually shared)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -108,37 +128,61 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("experiment", help="run a paper experiment (depth, ...)")
     experiments = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
     depth = experiments.add_parser(
-        "depth", help="pose CNN + differentiable ICP on rendered depth maps of a body")
+        "depth", help="pose CNN + differentiable ICP on rendered depth maps of a body"
+    )
     actions = depth.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     train = actions.add_parser("train", help="train nn, then fine-tune nn_icp through ICP")
     _common(train, seed=0)
-    train.add_argument("--n", type=int, default=19200,
-                       help="fresh training samples per nn epoch (%(default)s)")
+    train.add_argument(
+        "--n", type=int, default=19200, help="fresh training samples per nn epoch (%(default)s)"
+    )
     train.add_argument("--epochs", type=int, default=10, help="nn epochs (%(default)s)")
-    train.add_argument("--icp-n", type=int, default=4800,
-                       help="training samples per nn_icp epoch (%(default)s)")
+    train.add_argument(
+        "--icp-n", type=int, default=4800, help="training samples per nn_icp epoch (%(default)s)"
+    )
     train.add_argument("--icp-epochs", type=int, default=3, help="nn_icp epochs (%(default)s)")
-    train.add_argument("--icp-lr", type=float, default=2e-4,
-                       help="nn_icp fine-tuning learning rate (%(default)s)")
-    train.add_argument("--train-p2p-iters", type=int, default=3,
-                       help="soft point-to-point ICP iterations unrolled in training (%(default)s)")
-    train.add_argument("--train-sym-iters", type=int, default=2,
-                       help="soft symmetric ICP iterations unrolled in training (%(default)s)")
-    train.add_argument("--pose-weight", type=float, default=1.0,
-                       help="weight of the network's own pose loss in nn_icp (%(default)s)")
+    train.add_argument(
+        "--icp-lr", type=float, default=2e-4, help="nn_icp fine-tuning learning rate (%(default)s)"
+    )
+    train.add_argument(
+        "--train-p2p-iters",
+        type=int,
+        default=3,
+        help="soft point-to-point ICP iterations unrolled in training (%(default)s)",
+    )
+    train.add_argument(
+        "--train-sym-iters",
+        type=int,
+        default=2,
+        help="soft symmetric ICP iterations unrolled in training (%(default)s)",
+    )
+    train.add_argument(
+        "--pose-weight",
+        type=float,
+        default=1.0,
+        help="weight of the network's own pose loss in nn_icp (%(default)s)",
+    )
     train.add_argument("--batch", type=int, default=32, help="batch size (%(default)s)")
-    train.add_argument("--resume", action="store_true",
-                       help="continue from OUT/checkpoints after an interruption")
+    train.add_argument(
+        "--resume", action="store_true", help="continue from OUT/checkpoints after an interruption"
+    )
     train.set_defaults(func=run_train)
 
     ev = actions.add_parser("eval", help="evaluate the four methods on fresh test samples")
     _common(ev, seed=1)
     ev.add_argument("--n", type=int, default=500, help="test samples (%(default)s)")
-    ev.add_argument("--checkpoint", default=None,
-                    help="pose_cnn.pt to evaluate (default: the committed results/depth one)")
-    ev.add_argument("--icp-res", type=int, default=None,
-                    help="render the ICP point clouds at this resolution (default: as trained)")
+    ev.add_argument(
+        "--checkpoint",
+        default=None,
+        help="pose_cnn.pt to evaluate (default: the committed results/depth one)",
+    )
+    ev.add_argument(
+        "--icp-res",
+        type=int,
+        default=None,
+        help="render the ICP point clouds at this resolution (default: as trained)",
+    )
     ev.set_defaults(func=run_eval)
 
     plot = actions.add_parser("plot", help="plot OUT/metrics.json to a PNG")

@@ -72,24 +72,34 @@ def parse_methods(spec: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     for name in names:
         base = name.removesuffix("+icp")
         if base not in BASE_METHODS:
-            raise ValueError(f"unknown method {name!r}; base methods are {BASE_METHODS}, "
-                             "each optionally followed by '+icp'")
+            raise ValueError(
+                f"unknown method {name!r}; base methods are {BASE_METHODS}, "
+                "each optionally followed by '+icp'"
+            )
     return tuple(names)
 
 
 def test_pairs(cfg: BenchmarkConfig) -> ModelNetPairs:
     """The test pairs of ``cfg`` (the ``unseen`` protocol keeps the second half of the classes)."""
     points, labels = load_modelnet(cfg.data_dir, cfg.dataset, "test")
-    return ModelNetPairs(points, labels, cfg.protocol, split="test", seed=cfg.seed,
-                         num_classes=NUM_CLASSES[cfg.dataset])
+    return ModelNetPairs(
+        points,
+        labels,
+        cfg.protocol,
+        split="test",
+        seed=cfg.seed,
+        num_classes=NUM_CLASSES[cfg.dataset],
+    )
 
 
 def batches(pairs: ModelNetPairs, n: int, size: int) -> Iterator[dict[str, torch.Tensor]]:
     """Stacked batches of the first ``n`` pairs: ``source (B,N,3)``, ``target (B,M,3)``, ..."""
     for start in range(0, n, size):
         items = [pairs[i] for i in range(start, min(n, start + size))]
-        yield {k: torch.stack([it[k] for it in items]) for k in
-               ("source", "target", "rotation", "translation")}
+        yield {
+            k: torch.stack([it[k] for it in items])
+            for k in ("source", "target", "rotation", "translation")
+        }
 
 
 def _to_transform(R: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -100,9 +110,14 @@ def _to_transform(R: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 def icp_config(max_distance: float | None, max_iterations: int) -> difficp.ICPConfig:
     """Point-to-point, nearest-neighbour, SVD ICP without autograd (test time)."""
-    return difficp.ICPConfig(metric="point_to_point", solver="svd", correspondence="nearest",
-                             max_distance=max_distance, max_iterations=max_iterations,
-                             differentiation="none")
+    return difficp.ICPConfig(
+        metric="point_to_point",
+        solver="svd",
+        correspondence="nearest",
+        max_distance=max_distance,
+        max_iterations=max_iterations,
+        differentiation="none",
+    )
 
 
 class MethodRunner:
@@ -127,13 +142,15 @@ class MethodRunner:
                 self._models[name] = load_dcp_v1(self._weights("dcp_v1.t7"))
             elif name == "pointnetlk":
                 self._models[name] = load_pointnetlk(
-                    self._weights("pointnetlk", "pointnetlk_modelnet40.t7"))
+                    self._weights("pointnetlk", "pointnetlk_modelnet40.t7")
+                )
             else:
                 path = getattr(self.cfg, name)
                 if path is None or not Path(path).is_file():
                     raise FileNotFoundError(
                         f"{name} needs a checkpoint (--{name.replace('_', '-')} PATH); "
-                        f"train one with `difficp train dcp`; got {path}")
+                        f"train one with `difficp train dcp`; got {path}"
+                    )
                 self._models[name] = load_dcp_checkpoint(path)
         return self._models[name]
 
@@ -150,7 +167,8 @@ class MethodRunner:
             if name == "open3d_icp":
                 dist = 2.0 if self.cfg.icp_max_distance is None else self.cfg.icp_max_distance
                 fn: Callable = lambda s, t: open3d_icp(  # noqa: E731
-                    s, t, max_distance=dist, max_iterations=self.cfg.icp_max_iterations)
+                    s, t, max_distance=dist, max_iterations=self.cfg.icp_max_iterations
+                )
             else:
                 fn = open3d_fgr
             T = np.stack([fn(s.numpy(), t.numpy()) for s, t in zip(src, tgt, strict=True)])
@@ -159,8 +177,9 @@ class MethodRunner:
             R, t = self.model(name)(src, tgt)
         return R.double().numpy(), t.double().numpy()
 
-    def refine(self, batch: dict[str, torch.Tensor], R: np.ndarray, t: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray]:
+    def refine(
+        self, batch: dict[str, torch.Tensor], R: np.ndarray, t: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """difficp ICP from ``(R, t)`` on ``batch``."""
         cfg = icp_config(self.cfg.refine_max_distance, self.cfg.refine_max_iterations)
         init = torch.from_numpy(_to_transform(R, t)).to(batch["source"].dtype)
@@ -173,8 +192,9 @@ def _cache_path(out: Path, method: str) -> Path:
     return out / "raw" / f"{method.replace('+', '_plus_')}.npz"
 
 
-def run_method(cfg: BenchmarkConfig, runner: MethodRunner, pairs: ModelNetPairs, n: int,
-               method: str, out: Path) -> dict[str, np.ndarray]:
+def run_method(
+    cfg: BenchmarkConfig, runner: MethodRunner, pairs: ModelNetPairs, n: int, method: str, out: Path
+) -> dict[str, np.ndarray]:
     """Estimates of ``method`` on the first ``n`` pairs, from the cache or computed (and cached)."""
     path = _cache_path(out, method)
     if path.is_file() and not cfg.force:
@@ -185,17 +205,23 @@ def run_method(cfg: BenchmarkConfig, runner: MethodRunner, pairs: ModelNetPairs,
     prior = run_method(cfg, runner, pairs, n, base, out) if method.endswith("+icp") else None
     Rs, ts, secs = [], [], []
     start = 0
-    for batch in tqdm(batches(pairs, n, cfg.batch_size), total=-(-n // cfg.batch_size),
-                      desc=f"{cfg.protocol}:{method}", unit="batch"):
+    for batch in tqdm(
+        batches(pairs, n, cfg.batch_size),
+        total=-(-n // cfg.batch_size),
+        desc=f"{cfg.protocol}:{method}",
+        unit="batch",
+    ):
         b = len(batch["source"])
         tic = time.perf_counter()
         if prior is None:
             R, t = runner.estimate(method, batch)
         else:
-            R, t = runner.refine(batch, prior["R"][start:start + b], prior["t"][start:start + b])
+            R, t = runner.refine(
+                batch, prior["R"][start : start + b], prior["t"][start : start + b]
+            )
         per_pair = (time.perf_counter() - tic) / b
         if prior is not None:  # X+icp costs X's time plus the refinement's
-            per_pair = per_pair + prior["seconds"][start:start + b]
+            per_pair = per_pair + prior["seconds"][start : start + b]
         Rs.append(R)
         ts.append(t)
         secs.append(np.broadcast_to(per_pair, (b,)).astype(np.float64))
@@ -224,12 +250,18 @@ def run_benchmark(cfg: BenchmarkConfig, out: Path) -> dict:
     for method in cfg.methods:
         run_method(cfg, runner, pairs, n, method, out)
     R_gt, t_gt = ground_truth(pairs, n)
-    results: dict = {"dataset": cfg.dataset, "protocol": cfg.protocol, "pairs": n,
-                     "seed": cfg.seed, "methods": {}}
+    results: dict = {
+        "dataset": cfg.dataset,
+        "protocol": cfg.protocol,
+        "pairs": n,
+        "seed": cfg.seed,
+        "methods": {},
+    }
     cached = sorted((out / "raw").glob("*.npz"))
     order = {m: i for i, m in enumerate(DEFAULT_METHODS.split(","))}
-    names = sorted((p.stem.replace("_plus_", "+") for p in cached),
-                   key=lambda m: (order.get(m, len(order)), m))
+    names = sorted(
+        (p.stem.replace("_plus_", "+") for p in cached), key=lambda m: (order.get(m, len(order)), m)
+    )
     for name in names:
         est = dict(np.load(_cache_path(out, name)))
         if len(est["R"]) < n:
@@ -238,9 +270,11 @@ def run_benchmark(cfg: BenchmarkConfig, out: Path) -> dict:
         metrics["seconds_per_pair"] = float(est["seconds"][:n].mean())
         results["methods"][name] = metrics
     results["settings"] = {
-        "icp_max_iterations": cfg.icp_max_iterations, "icp_max_distance": cfg.icp_max_distance,
+        "icp_max_iterations": cfg.icp_max_iterations,
+        "icp_max_distance": cfg.icp_max_distance,
         "refine_max_distance": cfg.refine_max_distance,
-        "refine_max_iterations": cfg.refine_max_iterations, **cfg.extra,
+        "refine_max_iterations": cfg.refine_max_iterations,
+        **cfg.extra,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(results_markdown(results))
@@ -249,18 +283,42 @@ def run_benchmark(cfg: BenchmarkConfig, out: Path) -> dict:
 
 def results_markdown(results: dict) -> str:
     """The results as a markdown table (DCP's six, isotropic errors, success, time)."""
-    head = (f"ModelNet registration: dataset `{results['dataset']}`, protocol "
-            f"`{results['protocol']}`, {results['pairs']} test pairs.\n\n")
-    cols = ["method", "MSE(R)", "RMSE(R)", "MAE(R)", "MSE(t)", "RMSE(t)", "MAE(t)",
-            "rot err (deg)", "trans err", "success", "ms/pair"]
+    head = (
+        f"ModelNet registration: dataset `{results['dataset']}`, protocol "
+        f"`{results['protocol']}`, {results['pairs']} test pairs.\n\n"
+    )
+    cols = [
+        "method",
+        "MSE(R)",
+        "RMSE(R)",
+        "MAE(R)",
+        "MSE(t)",
+        "RMSE(t)",
+        "MAE(t)",
+        "rot err (deg)",
+        "trans err",
+        "success",
+        "ms/pair",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name, m in results["methods"].items():
-        row = [f"`{name}`", f"{m['MSE_R']:.4g}", f"{m['RMSE_R']:.4g}", f"{m['MAE_R']:.4g}",
-               f"{m['MSE_t']:.3g}", f"{m['RMSE_t']:.4g}", f"{m['MAE_t']:.4g}",
-               f"{m['rot_err_deg_mean']:.3g}", f"{m['trans_err_mean']:.3g}",
-               f"{100 * m['success_rate']:.1f}%", f"{1000 * m['seconds_per_pair']:.0f}"]
+        row = [
+            f"`{name}`",
+            f"{m['MSE_R']:.4g}",
+            f"{m['RMSE_R']:.4g}",
+            f"{m['MAE_R']:.4g}",
+            f"{m['MSE_t']:.3g}",
+            f"{m['RMSE_t']:.4g}",
+            f"{m['MAE_t']:.4g}",
+            f"{m['rot_err_deg_mean']:.3g}",
+            f"{m['trans_err_mean']:.3g}",
+            f"{100 * m['success_rate']:.1f}%",
+            f"{1000 * m['seconds_per_pair']:.0f}",
+        ]
         lines.append("| " + " | ".join(row) + " |")
-    foot = ("\nRotation errors in degrees (Euler zyx for MSE/RMSE/MAE, geodesic for 'rot err'), "
-            "translations in unit-sphere units; success = rot err < 1 deg and trans err < 0.01; "
-            "time per pair on one CPU thread.\n")
+    foot = (
+        "\nRotation errors in degrees (Euler zyx for MSE/RMSE/MAE, geodesic for 'rot err'), "
+        "translations in unit-sphere units; success = rot err < 1 deg and trans err < 0.01; "
+        "time per pair on one CPU thread.\n"
+    )
     return head + "\n".join(lines) + "\n" + foot

@@ -108,15 +108,23 @@ class Transformer(nn.Module):
     the DCP-v1 it is built on.
     """
 
-    def __init__(self, emb_dims: int = 512, n_blocks: int = 1, n_heads: int = 4,
-                 ff_dims: int = 256, model_dims: int = 128) -> None:
+    def __init__(
+        self,
+        emb_dims: int = 512,
+        n_blocks: int = 1,
+        n_heads: int = 4,
+        ff_dims: int = 256,
+        model_dims: int = 128,
+    ) -> None:
         super().__init__()
         self.proj_in = nn.Linear(emb_dims, model_dims)
         self.encoder = nn.ModuleList(
-            [_Block(model_dims, n_heads, ff_dims, cross=False) for _ in range(n_blocks)])
+            [_Block(model_dims, n_heads, ff_dims, cross=False) for _ in range(n_blocks)]
+        )
         self.encoder_norm = nn.LayerNorm(model_dims)
         self.decoder = nn.ModuleList(
-            [_Block(model_dims, n_heads, ff_dims, cross=True) for _ in range(n_blocks)])
+            [_Block(model_dims, n_heads, ff_dims, cross=True) for _ in range(n_blocks)]
+        )
         self.decoder_norm = nn.LayerNorm(model_dims)
         self.proj_out = nn.Linear(model_dims, emb_dims)
         nn.init.zeros_(self.proj_out.weight)
@@ -155,8 +163,9 @@ class SVDHead(nn.Module):
         # A frozen parameter (not a buffer) because the official checkpoint stores it that way.
         self.reflect = nn.Parameter(reflect, requires_grad=False)
 
-    def forward(self, src_emb: Tensor, tgt_emb: Tensor, src: Tensor, tgt: Tensor
-                ) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, src_emb: Tensor, tgt_emb: Tensor, src: Tensor, tgt: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """src ``(B, N, 3)``, tgt ``(B, M, 3)`` -> ``R`` ``(B, 3, 3)``, ``t`` ``(B, 3)``."""
         scale = math.sqrt(src_emb.shape[1])
         scores = torch.softmax(src_emb.transpose(1, 2) @ tgt_emb / scale, dim=-1)  # (B, N, M)
@@ -186,15 +195,25 @@ class DCP(nn.Module):
     ``target ~ source @ R.T + t``.
     """
 
-    def __init__(self, emb_dims: int = 512, k: int = 20, pointer: str = "identity",
-                 n_blocks: int = 1, n_heads: int = 4, ff_dims: int = 256,
-                 model_dims: int = 128) -> None:
+    def __init__(
+        self,
+        emb_dims: int = 512,
+        k: int = 20,
+        pointer: str = "identity",
+        n_blocks: int = 1,
+        n_heads: int = 4,
+        ff_dims: int = 256,
+        model_dims: int = 128,
+    ) -> None:
         super().__init__()
         if pointer not in ("identity", "transformer"):
             raise ValueError(f"pointer must be 'identity' or 'transformer', got {pointer!r}")
         self.emb_nn = DGCNN(emb_dims=emb_dims, k=k)
-        self.pointer = (Transformer(emb_dims, n_blocks, n_heads, ff_dims, model_dims)
-                        if pointer == "transformer" else None)
+        self.pointer = (
+            Transformer(emb_dims, n_blocks, n_heads, ff_dims, model_dims)
+            if pointer == "transformer"
+            else None
+        )
         self.head = SVDHead()
 
     def embed(self, source: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -242,9 +261,15 @@ class RefinedDCP(nn.Module):
 
     def icp_config(self) -> difficp.ICPConfig:
         return difficp.ICPConfig(
-            metric="point_to_point", solver="svd", correspondence="soft",
-            temperature=self.temperature, max_iterations=self.iterations,
-            relative_fitness=0.0, relative_rmse=0.0, differentiation="unroll")
+            metric="point_to_point",
+            solver="svd",
+            correspondence="soft",
+            temperature=self.temperature,
+            max_iterations=self.iterations,
+            relative_fitness=0.0,
+            relative_rmse=0.0,
+            differentiation="unroll",
+        )
 
     def forward(self, source: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         R, t = self.dcp(source, target)

@@ -38,8 +38,12 @@ def dcp_metrics(
     dt = np.asarray(t_est, np.float64) - np.asarray(t_gt, np.float64)
     mse_r, mse_t = float(np.mean(dr**2)), float(np.mean(dt**2))
     return {
-        "MSE_R": mse_r, "RMSE_R": float(np.sqrt(mse_r)), "MAE_R": float(np.mean(np.abs(dr))),
-        "MSE_t": mse_t, "RMSE_t": float(np.sqrt(mse_t)), "MAE_t": float(np.mean(np.abs(dt))),
+        "MSE_R": mse_r,
+        "RMSE_R": float(np.sqrt(mse_r)),
+        "MAE_R": float(np.mean(np.abs(dr))),
+        "MSE_t": mse_t,
+        "RMSE_t": float(np.sqrt(mse_t)),
+        "MAE_t": float(np.mean(np.abs(dt))),
     }
 
 
@@ -60,8 +64,10 @@ def isotropic_errors(
 
 
 def success_rate(
-    rot_err_deg: np.ndarray, trans_err: np.ndarray,
-    max_rot_deg: float = SUCCESS_ROT_DEG, max_trans: float = SUCCESS_TRANS,
+    rot_err_deg: np.ndarray,
+    trans_err: np.ndarray,
+    max_rot_deg: float = SUCCESS_ROT_DEG,
+    max_trans: float = SUCCESS_TRANS,
 ) -> float:
     """Share of pairs, rotation error < ``max_rot_deg`` and translation < ``max_trans``."""
     ok = (np.asarray(rot_err_deg) < max_rot_deg) & (np.asarray(trans_err) < max_trans)
@@ -74,9 +80,13 @@ def all_metrics(
     """DCP's six plus the isotropic errors (mean and median) and the success rate."""
     out = dcp_metrics(R_est, t_est, R_gt, t_gt)
     rot, trans = isotropic_errors(R_est, t_est, R_gt, t_gt)
-    out.update({
-        "rot_err_deg_mean": float(rot.mean()), "rot_err_deg_median": float(np.median(rot)),
-        "trans_err_mean": float(trans.mean()), "trans_err_median": float(np.median(trans)),
-        "success_rate": success_rate(rot, trans),
-    })
+    out.update(
+        {
+            "rot_err_deg_mean": float(rot.mean()),
+            "rot_err_deg_median": float(np.median(rot)),
+            "trans_err_mean": float(trans.mean()),
+            "trans_err_median": float(np.median(trans)),
+            "success_rate": success_rate(rot, trans),
+        }
+    )
     return out

@@ -156,7 +156,10 @@ class Pair:
 
 
 def make_pair(
-    shape: np.ndarray, protocol: str, rng: np.random.Generator, label: int = -1,
+    shape: np.ndarray,
+    protocol: str,
+    rng: np.random.Generator,
+    label: int = -1,
     num_points: int = NUM_POINTS,
 ) -> Pair:
     """Build the pair of ``protocol`` from one shape ``(P, 3)`` (the first ``num_points`` are used).
@@ -186,8 +189,11 @@ def make_pair(
     src = src[rng.permutation(len(src))]
     tgt = tgt[rng.permutation(len(tgt))]
     return Pair(
-        source=src.astype(np.float32), target=tgt.astype(np.float32),
-        rotation=R.astype(np.float32), translation=t.astype(np.float32), label=int(label),
+        source=src.astype(np.float32),
+        target=tgt.astype(np.float32),
+        rotation=R.astype(np.float32),
+        translation=t.astype(np.float32),
+        label=int(label),
     )
 
 
@@ -218,8 +224,14 @@ class ModelNetPairs(Dataset):
     """
 
     def __init__(
-        self, points: np.ndarray, labels: np.ndarray, protocol: str = "clean", split: str = "test",
-        seed: int = 0, num_points: int = NUM_POINTS, num_classes: int | None = None,
+        self,
+        points: np.ndarray,
+        labels: np.ndarray,
+        protocol: str = "clean",
+        split: str = "test",
+        seed: int = 0,
+        num_points: int = NUM_POINTS,
+        num_classes: int | None = None,
         shuffle: bool = True,
     ) -> None:
         if protocol not in PROTOCOLS:
@@ -233,8 +245,11 @@ class ModelNetPairs(Dataset):
             train_mask, test_mask = unseen_class_split(labels, n_cls)
             keep = train_mask if split == "train" else test_mask
             points, labels = points[keep], labels[keep]
-        order = (np.random.default_rng(seed).permutation(len(points)) if shuffle
-                 else np.arange(len(points)))
+        order = (
+            np.random.default_rng(seed).permutation(len(points))
+            if shuffle
+            else np.arange(len(points))
+        )
         self.points = points[order]
         self.labels = labels[order]
         self.protocol = protocol
@@ -247,16 +262,19 @@ class ModelNetPairs(Dataset):
     def pair(self, index: int, seed: int | None = None) -> Pair:
         """The :class:`Pair` of ``index`` (with ``seed`` overriding the dataset's)."""
         rng = np.random.default_rng([self.seed if seed is None else seed, index])
-        return make_pair(self.points[index], self.protocol, rng, int(self.labels[index]),
-                         self.num_points)
+        return make_pair(
+            self.points[index], self.protocol, rng, int(self.labels[index]), self.num_points
+        )
 
     def __getitem__(self, index: int) -> dict:
         p = self.pair(index)
         return {
-            "source": torch.from_numpy(p.source), "target": torch.from_numpy(p.target),
+            "source": torch.from_numpy(p.source),
+            "target": torch.from_numpy(p.target),
             "rotation": torch.from_numpy(p.rotation),
             "translation": torch.from_numpy(p.translation),
-            "label": p.label, "index": index,
+            "label": p.label,
+            "index": index,
         }
 
 

@@ -27,11 +27,14 @@ def hat(w: Tensor) -> Tensor:
     """Skew matrices ``(..., 3, 3)`` of vectors ``(..., 3)``: ``hat(w) @ x = w x x``."""
     zero = torch.zeros_like(w[..., 0])
     wx, wy, wz = w.unbind(-1)
-    return torch.stack([
-        torch.stack([zero, -wz, wy], -1),
-        torch.stack([wz, zero, -wx], -1),
-        torch.stack([-wy, wx, zero], -1),
-    ], -2)
+    return torch.stack(
+        [
+            torch.stack([zero, -wz, wy], -1),
+            torch.stack([wz, zero, -wx], -1),
+            torch.stack([-wy, wx, zero], -1),
+        ],
+        -2,
+    )
 
 
 def se3_exp(xi: Tensor) -> Tensor:

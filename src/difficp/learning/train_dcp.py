@@ -63,8 +63,12 @@ def _model_config(model: nn.Module) -> dict:
     if dcp.pointer is not None:  # the transformer's sizes, so the checkpoint outlives defaults
         tr = dcp.pointer
         block = tr.encoder[0]
-        cfg.update(n_blocks=len(tr.encoder), n_heads=block.self_attn.num_heads,
-                   ff_dims=block.ff[0].out_features, model_dims=tr.proj_in.out_features)
+        cfg.update(
+            n_blocks=len(tr.encoder),
+            n_heads=block.self_attn.num_heads,
+            ff_dims=block.ff[0].out_features,
+            model_dims=tr.proj_in.out_features,
+        )
     if isinstance(model, RefinedDCP):
         cfg["icp"] = {"iterations": model.iterations, "temperature": model.temperature}
     return cfg
@@ -103,24 +107,27 @@ def set_train_mode(model: nn.Module, freeze_embedding: bool) -> None:
         dcp.emb_nn.eval()  # frozen BatchNorm statistics
 
 
-def epoch_batches(points: np.ndarray, labels: np.ndarray, cfg: TrainConfig, epoch: int
-                  ) -> list[dict[str, Tensor]]:
+def epoch_batches(
+    points: np.ndarray, labels: np.ndarray, cfg: TrainConfig, epoch: int
+) -> list[dict[str, Tensor]]:
     """The epoch's training pairs in batches; shapes shuffled and subsampled per epoch."""
     rng = np.random.default_rng([cfg.seed, epoch])
     order = rng.permutation(len(points))
     out = []
     for start in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
         items = []
-        for idx in order[start:start + cfg.batch_size]:
+        for idx in order[start : start + cfg.batch_size]:
             pair_rng = np.random.default_rng([cfg.seed, epoch, int(idx)])
-            shape = points[idx][pair_rng.permutation(points.shape[1])[:cfg.num_points]]
+            shape = points[idx][pair_rng.permutation(points.shape[1])[: cfg.num_points]]
             items.append(make_pair(shape, "clean", pair_rng, int(labels[idx]), cfg.num_points))
-        out.append({
-            "source": torch.from_numpy(np.stack([p.source for p in items])),
-            "target": torch.from_numpy(np.stack([p.target for p in items])),
-            "rotation": torch.from_numpy(np.stack([p.rotation for p in items])),
-            "translation": torch.from_numpy(np.stack([p.translation for p in items])),
-        })
+        out.append(
+            {
+                "source": torch.from_numpy(np.stack([p.source for p in items])),
+                "target": torch.from_numpy(np.stack([p.target for p in items])),
+                "rotation": torch.from_numpy(np.stack([p.rotation for p in items])),
+                "translation": torch.from_numpy(np.stack([p.translation for p in items])),
+            }
+        )
     return out
 
 
@@ -129,8 +136,9 @@ def state_path(out: Path) -> Path:
     return out.with_name(out.name + ".state")
 
 
-def save_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    cfg: TrainConfig, progress: dict) -> None:
+def save_checkpoint(
+    out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, progress: dict
+) -> None:
     """Write the model to ``out`` (float16 weights + config: small, loadable by
     :func:`~difficp.learning.dcp.load_dcp_checkpoint`) and, next to it, the resumable state
     (float32 weights, optimiser, progress)."""
@@ -155,7 +163,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         keep, _ = unseen_class_split(labels, NUM_CLASSES[cfg.dataset])
         points, labels = points[keep], labels[keep]
     if cfg.limit_shapes:
-        points, labels = points[:cfg.limit_shapes], labels[:cfg.limit_shapes]
+        points, labels = points[: cfg.limit_shapes], labels[: cfg.limit_shapes]
     model = build_model(cfg)
     params = trainable(model, cfg.freeze_embedding)
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -173,8 +181,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     while progress["epoch"] < cfg.epochs and not stop:
         batches = epoch_batches(points, labels, cfg, progress["epoch"])
         set_train_mode(model, cfg.freeze_embedding)
-        bar = tqdm(batches[progress["step_in_epoch"]:], desc=f"epoch {progress['epoch']}",
-                   unit="batch", initial=progress["step_in_epoch"], total=len(batches))
+        bar = tqdm(
+            batches[progress["step_in_epoch"] :],
+            desc=f"epoch {progress['epoch']}",
+            unit="batch",
+            initial=progress["step_in_epoch"],
+            total=len(batches),
+        )
         running = []
         for batch in bar:
             R, t = model(batch["source"], batch["target"])
@@ -188,9 +201,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             progress["seconds"] = time.perf_counter() - start_time
             bar.set_postfix(loss=f"{np.mean(running[-20:]):.4g}")
             if progress["steps"] % 10 == 0:
-                log.write(json.dumps({"step": progress["steps"], "epoch": progress["epoch"],
-                                      "loss": float(np.mean(running[-10:])),
-                                      "seconds": round(progress["seconds"], 1)}) + "\n")
+                log.write(
+                    json.dumps(
+                        {
+                            "step": progress["steps"],
+                            "epoch": progress["epoch"],
+                            "loss": float(np.mean(running[-10:])),
+                            "seconds": round(progress["seconds"], 1),
+                        }
+                    )
+                    + "\n"
+                )
                 log.flush()
             if progress["steps"] % cfg.save_every == 0:
                 save_checkpoint(out, model, optimizer, cfg, progress)

@@ -30,8 +30,14 @@ from difficp.nonrigid.model import DeformationModel, rotvec_to_rotmat
 
 # Joints whose rotation is fitted (the big limb joints); every other bone keeps its rest pose.
 DEFAULT_JOINTS = (
-    "upperarm01.L", "upperarm01.R", "lowerarm01.L", "lowerarm01.R",
-    "upperleg01.L", "upperleg01.R", "lowerleg01.L", "lowerleg01.R",
+    "upperarm01.L",
+    "upperarm01.R",
+    "lowerarm01.L",
+    "lowerarm01.R",
+    "upperleg01.L",
+    "upperleg01.R",
+    "lowerleg01.L",
+    "lowerleg01.R",
 )
 
 
@@ -62,8 +68,12 @@ class AnnyBodyModel(DeformationModel):
     """
 
     def __init__(
-        self, body: Any, joints: tuple[str, ...] = DEFAULT_JOINTS, batch: int = 1,
-        pose_prior: float = 1e-3, shape_prior: float = 1e-1,
+        self,
+        body: Any,
+        joints: tuple[str, ...] = DEFAULT_JOINTS,
+        batch: int = 1,
+        pose_prior: float = 1e-3,
+        shape_prior: float = 1e-1,
     ) -> None:
         self.body = body
         self.pose_prior, self.shape_prior = pose_prior, shape_prior
@@ -96,8 +106,12 @@ class AnnyBodyModel(DeformationModel):
         """``params`` -> global rotvec ``(B, 3)``, translation ``(B, 3)``, joint rotvecs
         ``(B, J, 3)``, phenotypes ``(B, 6)``."""
         n_j = len(self.joint_index)
-        return (params[:, :3], params[:, 3:6], params[:, 6 : 6 + 3 * n_j].unflatten(-1, (n_j, 3)),
-                params[:, 6 + 3 * n_j :])
+        return (
+            params[:, :3],
+            params[:, 3:6],
+            params[:, 6 : 6 + 3 * n_j].unflatten(-1, (n_j, 3)),
+            params[:, 6 + 3 * n_j :],
+        )
 
     def _pose(self, joint_rotvecs: Tensor) -> Tensor:
         """``(B, J, 3)`` -> ``(B, bones, 4, 4)`` local pose transforms (identity elsewhere)."""
@@ -114,8 +128,9 @@ class AnnyBodyModel(DeformationModel):
 
     def regularizer_residuals(self, params: Tensor) -> Tensor:
         _, _, joints, pheno = self.split(params)
-        return torch.cat([joints.flatten(1) * self.pose_prior**0.5,
-                          (pheno - 0.5) * self.shape_prior**0.5], -1)
+        return torch.cat(
+            [joints.flatten(1) * self.pose_prior**0.5, (pheno - 0.5) * self.shape_prior**0.5], -1
+        )
 
     def deform(self, params: Tensor) -> Tensor:
         rotvec, translation, joints, pheno = self.split(params)
@@ -141,8 +156,13 @@ def vertex_normals(vertices: Tensor, faces: Tensor) -> Tensor:
 
 
 def render_depth(
-    vertices: Tensor, faces: Tensor, K: Tensor, world_to_cam: Tensor, size: tuple[int, int],
-    samples: int = 200_000, generator: torch.Generator | None = None,
+    vertices: Tensor,
+    faces: Tensor,
+    K: Tensor,
+    world_to_cam: Tensor,
+    size: tuple[int, int],
+    samples: int = 200_000,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """A z-buffered depth map ``(H, W)`` of a mesh ``(V, 3)``, by splatting dense surface samples
     (uniform by area) into the nearest pixel and keeping the closest (0 = no surface)."""
@@ -199,8 +219,14 @@ def run_anny_fit(
     target = (cam_points - world_to_cam[:3, 3]) @ R  # back to the world frame
     start = time.perf_counter()
     result = nonrigid_icp(
-        None, target, model, solver="linear", metric="point_to_point", max_distance=0.15,
-        max_iterations=iterations, return_history=True,
+        None,
+        target,
+        model,
+        solver="linear",
+        metric="point_to_point",
+        max_distance=0.15,
+        max_iterations=iterations,
+        return_history=True,
         source_weights=camera_visibility(c[None]),
     )
     seconds = time.perf_counter() - start
@@ -227,8 +253,9 @@ def run_anny_fit(
     return metrics
 
 
-def _plot(rest: Tensor, fitted: Tensor, target: Tensor, true: Tensor, path: Path,
-          metrics: dict[str, Any]) -> None:
+def _plot(
+    rest: Tensor, fitted: Tensor, target: Tensor, true: Tensor, path: Path, metrics: dict[str, Any]
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

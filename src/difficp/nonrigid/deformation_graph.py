@@ -51,8 +51,11 @@ def farthest_point_sampling(points: Tensor, k: int, mask: Tensor | None = None) 
     p = points.detach()
     if mask is None:
         mask = torch.ones(B, N, dtype=torch.bool, device=p.device)
-    dist = torch.where(mask, torch.full((B, N), float("inf"), dtype=p.dtype, device=p.device),
-                       torch.full((B, N), -1.0, dtype=p.dtype, device=p.device))
+    dist = torch.where(
+        mask,
+        torch.full((B, N), float("inf"), dtype=p.dtype, device=p.device),
+        torch.full((B, N), -1.0, dtype=p.dtype, device=p.device),
+    )
     current = torch.zeros(B, dtype=torch.long, device=p.device)
     chosen = []
     ar = torch.arange(B, device=p.device)
@@ -218,8 +221,16 @@ class EmbeddedDeformationGraph(DeformationModel):
         A, _ = self.node_transforms(theta_node)
         c1, c2, c3 = A[..., :, 0], A[..., :, 1], A[..., :, 2]
         res = torch.stack(
-            [(c1 * c2).sum(-1), (c1 * c3).sum(-1), (c2 * c3).sum(-1),
-             (c1 * c1).sum(-1) - 1, (c2 * c2).sum(-1) - 1, (c3 * c3).sum(-1) - 1], -1)
+            [
+                (c1 * c2).sum(-1),
+                (c1 * c3).sum(-1),
+                (c2 * c3).sum(-1),
+                (c1 * c1).sum(-1) - 1,
+                (c2 * c2).sum(-1) - 1,
+                (c3 * c3).sum(-1) - 1,
+            ],
+            -1,
+        )
         return res * self.rot_weight**0.5
 
     def _smooth_residuals(self, theta_edge: Tensor) -> Tensor:
@@ -241,10 +252,12 @@ class EmbeddedDeformationGraph(DeformationModel):
             blocks.append(ResidualBlock(self._rot_residuals(theta), jac, index))
         if self.smooth_weight > 0:
             theta_edge = torch.cat(
-                [_gather_rows(theta, self.edge_from), _gather_rows(theta, self.edge_to)], -1)
+                [_gather_rows(theta, self.edge_from), _gather_rows(theta, self.edge_to)], -1
+            )
             jac = rowwise_jacobian(self._smooth_residuals, theta_edge) if with_jacobian else None
             index = torch.cat(
-                [self._param_index(self.edge_from), self._param_index(self.edge_to)], -1)
+                [self._param_index(self.edge_from), self._param_index(self.edge_to)], -1
+            )
             blocks.append(ResidualBlock(self._smooth_residuals(theta_edge), jac, index))
         return blocks
 

@@ -147,12 +147,23 @@ def make_limb_scene(
     na, nz = 320, int(length / 0.001)
     angle, z = torch.meshgrid(
         torch.linspace(0, 2 * math.pi, na + 1, dtype=torch.float64)[:-1],
-        torch.linspace(-length / 2, length / 2, nz, dtype=torch.float64), indexing="ij")
+        torch.linspace(-length / 2, length / 2, nz, dtype=torch.float64),
+        indexing="ij",
+    )
     rest_s, rest_sn = _limb(angle.reshape(-1), z.reshape(-1), radii, taper, length)
     surface = bend(rest_s, **kw)
     surface_normals = _bend_normals(rest_s, rest_sn, **kw)
-    return LimbScene(source, source_normals, true_source, target, target_normals, surface,
-                     surface_normals, cams.mean(0), cams)
+    return LimbScene(
+        source,
+        source_normals,
+        true_source,
+        target,
+        target_normals,
+        surface,
+        surface_normals,
+        cams.mean(0),
+        cams,
+    )
 
 
 def surface_error(points: Tensor, scene: LimbScene) -> float:
@@ -175,12 +186,25 @@ def vertex_error(points: Tensor, scene: LimbScene) -> float:
 
 
 # Settings used by the demo (and the tests, on a smaller scene).
-DEMO_GRAPH = {"num_nodes": 64, "skin_k": 4, "graph_k": 6, "rotation": "affine",
-              "rot_weight": 1.0, "smooth_weight": 1.0}
+DEMO_GRAPH = {
+    "num_nodes": 64,
+    "skin_k": 4,
+    "graph_k": 6,
+    "rotation": "affine",
+    "rot_weight": 1.0,
+    "smooth_weight": 1.0,
+}
 DEMO_CONFIG = ICPConfig(
-    correspondence="nearest", metric="point_to_plane", solver="lm", lm_steps=2,
-    max_distance=0.1, max_normal_angle=60.0, max_iterations=40, relative_fitness=1e-6,
-    relative_rmse=1e-6, return_history=True,
+    correspondence="nearest",
+    metric="point_to_plane",
+    solver="lm",
+    lm_steps=2,
+    max_distance=0.1,
+    max_normal_angle=60.0,
+    max_iterations=40,
+    relative_fitness=1e-6,
+    relative_rmse=1e-6,
+    return_history=True,
 )
 
 
@@ -206,17 +230,26 @@ def stiffness_schedule(iterations: int, start: float = 100.0, end: float = 1.0) 
 
 
 def fit_graph(
-    scene: LimbScene, graph: dict[str, Any] | None = None, config: ICPConfig = DEMO_CONFIG,
-    schedule: list[float] | None = None, dtype: torch.dtype = torch.float32,
+    scene: LimbScene,
+    graph: dict[str, Any] | None = None,
+    config: ICPConfig = DEMO_CONFIG,
+    schedule: list[float] | None = None,
+    dtype: torch.dtype = torch.float32,
     point_weight: float = 0.1,
     visibility: bool = True,
 ) -> tuple[EmbeddedDeformationGraph, NonrigidICPResult]:
     """Fit an embedded deformation graph of ``scene.source`` to ``scene.target``."""
     model = EmbeddedDeformationGraph(
-        scene.source.to(dtype), source_normals=scene.source_normals.to(dtype),
-        **(graph or DEMO_GRAPH))
+        scene.source.to(dtype),
+        source_normals=scene.source_normals.to(dtype),
+        **(graph or DEMO_GRAPH),
+    )
     result = nonrigid_icp(
-        None, scene.target.to(dtype), model, config, target_normals=scene.target_normals.to(dtype),
+        None,
+        scene.target.to(dtype),
+        model,
+        config,
+        target_normals=scene.target_normals.to(dtype),
         regularizer_schedule=stiffness_schedule(20) if schedule is None else schedule,
         point_weight=point_weight,
         source_weights=camera_visibility(scene.cameras.to(dtype)) if visibility else None,
@@ -236,11 +269,15 @@ def plot_before_after(
     fig = plt.figure(figsize=(11, 5))
     tgt = scene.target.numpy()
     for i, (pts, title) in enumerate(
-        [(scene.source, f"before: mean error {errors[0] * 1000:.1f} mm"),
-         (fitted, f"after: mean error {errors[1] * 1000:.2f} mm")]):
+        [
+            (scene.source, f"before: mean error {errors[0] * 1000:.1f} mm"),
+            (fitted, f"after: mean error {errors[1] * 1000:.2f} mm"),
+        ]
+    ):
         ax = fig.add_subplot(1, 2, i + 1, projection="3d")
-        ax.scatter(tgt[:, 0], tgt[:, 1], tgt[:, 2], s=1, c="0.6", alpha=0.5,
-                   label="target (seen part)")
+        ax.scatter(
+            tgt[:, 0], tgt[:, 1], tgt[:, 2], s=1, c="0.6", alpha=0.5, label="target (seen part)"
+        )
         p = pts.detach().double().numpy()
         ax.scatter(p[:, 0], p[:, 1], p[:, 2], s=2, c="tab:red", label="source")
         ax.set_title(title)
@@ -251,8 +288,10 @@ def plot_before_after(
         ax.set_ylim(lo, hi)
         ax.set_zlim(lo, hi)
         ax.legend(loc="upper left", fontsize=8)
-    fig.suptitle("Non-rigid ICP, embedded deformation graph (64 nodes): bent + twisted limb, "
-                 "partial noisy target")
+    fig.suptitle(
+        "Non-rigid ICP, embedded deformation graph (64 nodes): bent + twisted limb, "
+        "partial noisy target"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -294,8 +333,12 @@ def run_nonrigid_demo(out_dir: str | Path | None = None, seed: int = 0) -> dict[
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        plot_before_after(scene, fitted, out / "nonrigid_before_after.png",
-                          (metrics["error_before"], metrics["error_after"]))
+        plot_before_after(
+            scene,
+            fitted,
+            out / "nonrigid_before_after.png",
+            (metrics["error_before"], metrics["error_after"]),
+        )
     return metrics
 
 
@@ -304,16 +347,32 @@ def run_demo(args: Any) -> int:
     seed = int(getattr(args, "seed", 0) or 0)
     out = getattr(args, "out", None) or "nonrigid_demo"
     m = run_nonrigid_demo(out, seed)
-    print(f"non-rigid ICP (embedded deformation graph, {m['graph_nodes']} nodes), "
-          f"{m['source_points']} source / {m['target_points']} target points")
-    print(f"mean distance to the true surface: before {m['error_before'] * 1000:.2f} mm, "
-          f"after {m['error_after'] * 1000:.3f} mm ({m['improvement']:.0f}x lower)")
-    print(f"mean per-point error: before {m['error_vertex_before'] * 1000:.2f} mm, "
-          f"after {m['error_vertex_after'] * 1000:.3f} mm")
-    print(f"{m['iterations']} iterations in {m['seconds']:.1f} s; wrote {out}/metrics.json and "
-          f"{out}/nonrigid_before_after.png")
+    print(
+        f"non-rigid ICP (embedded deformation graph, {m['graph_nodes']} nodes), "
+        f"{m['source_points']} source / {m['target_points']} target points"
+    )
+    print(
+        f"mean distance to the true surface: before {m['error_before'] * 1000:.2f} mm, "
+        f"after {m['error_after'] * 1000:.3f} mm ({m['improvement']:.0f}x lower)"
+    )
+    print(
+        f"mean per-point error: before {m['error_vertex_before'] * 1000:.2f} mm, "
+        f"after {m['error_vertex_after'] * 1000:.3f} mm"
+    )
+    print(
+        f"{m['iterations']} iterations in {m['seconds']:.1f} s; wrote {out}/metrics.json and "
+        f"{out}/nonrigid_before_after.png"
+    )
     return 0
 
 
-__all__ = ["LimbScene", "bend", "fit_graph", "make_limb_scene", "run_demo", "run_nonrigid_demo",
-           "surface_error", "vertex_error"]
+__all__ = [
+    "LimbScene",
+    "bend",
+    "fit_graph",
+    "make_limb_scene",
+    "run_demo",
+    "run_nonrigid_demo",
+    "surface_error",
+    "vertex_error",
+]

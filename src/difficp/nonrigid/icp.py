@@ -85,8 +85,13 @@ def _schedule_length(schedule: Schedule) -> int:
 
 
 def _data_blocks(
-    model: DeformationModel, metric: Metric, params: Tensor, corr: Correspondences,
-    sqrt_w: Tensor, with_jacobian: bool, point_weight: float = 0.0,
+    model: DeformationModel,
+    metric: Metric,
+    params: Tensor,
+    corr: Correspondences,
+    sqrt_w: Tensor,
+    with_jacobian: bool,
+    point_weight: float = 0.0,
 ) -> list[ResidualBlock]:
     """The weighted data residuals ``(B, N, m)`` at ``params`` against fixed partners ``corr``,
     plus ``point_weight`` times point-to-point residuals when that is positive."""
@@ -110,8 +115,14 @@ def _data_blocks(
 
 
 def _step(
-    model: DeformationModel, metric: Metric, config: ICPConfig, params: Tensor,
-    corr: Correspondences, weights: Tensor, reg_scale: float, damping: Tensor,
+    model: DeformationModel,
+    metric: Metric,
+    config: ICPConfig,
+    params: Tensor,
+    corr: Correspondences,
+    weights: Tensor,
+    reg_scale: float,
+    damping: Tensor,
     point_weight: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One solver update of ``params`` with correspondences fixed. Returns params, damping, cost."""
@@ -131,14 +142,20 @@ def _step(
 def _correspond(problem: Problem, config: ICPConfig, model: DeformationModel, params: Tensor):
     """Deform the source and find partners (the rigid ICP's step 2, at the identity)."""
     moved = dataclasses.replace(
-        problem, source=model.deform(params), source_normals=model.deform_normals(params))
+        problem, source=model.deform(params), source_normals=model.deform_normals(params)
+    )
     eye = torch.eye(4, dtype=params.dtype, device=params.device).expand(params.shape[0], 4, 4)
     return correspond(moved, config, eye)
 
 
 def _run(
-    problem: Problem, config: ICPConfig, model: DeformationModel, params: Tensor,
-    schedule: Schedule, metric: Metric, point_weight: float,
+    problem: Problem,
+    config: ICPConfig,
+    model: DeformationModel,
+    params: Tensor,
+    schedule: Schedule,
+    metric: Metric,
+    point_weight: float,
     source_weights: PointWeightFn | None = None,
 ) -> tuple[NonrigidICPResult, Tensor]:
     B = params.shape[0]
@@ -161,8 +178,16 @@ def _run(
         if not bool(active.any()):
             break
         new_params, new_damping, new_cost = _step(
-            model, metric, config, params, corr, w, _schedule_value(schedule, it), damping,
-            point_weight)
+            model,
+            metric,
+            config,
+            params,
+            corr,
+            w,
+            _schedule_value(schedule, it),
+            damping,
+            point_weight,
+        )
         params = torch.where(active[:, None], new_params, params)
         damping = torch.where(active, new_damping, damping)
         cost = torch.where(active, new_cost, cost)
@@ -185,8 +210,13 @@ def _run(
             break
     transform = model.transform(params) if hasattr(model, "transform") else None
     result = NonrigidICPResult(
-        params=params, points=moved, fitness=fitness, inlier_rmse=rmse, iterations=iterations,
-        converged=converged, cost=cost,
+        params=params,
+        points=moved,
+        fitness=fitness,
+        inlier_rmse=rmse,
+        iterations=iterations,
+        converged=converged,
+        cost=cost,
         rmse_history=torch.stack(history, 1) if config.return_history else None,
         transform=transform,
     )
@@ -194,8 +224,14 @@ def _run(
 
 
 def _implicit_params(
-    problem: Problem, config: ICPConfig, model: DeformationModel, params_star: Tensor,
-    schedule: Schedule, metric: Metric, iterations: int, point_weight: float,
+    problem: Problem,
+    config: ICPConfig,
+    model: DeformationModel,
+    params_star: Tensor,
+    schedule: Schedule,
+    metric: Metric,
+    iterations: int,
+    point_weight: float,
     source_weights: PointWeightFn | None = None,
 ) -> Tensor:
     """Re-attach gradients to converged parameters by the implicit function theorem.
@@ -219,8 +255,11 @@ def _implicit_params(
 
 
 def build_model(
-    kind: str, source: Tensor, source_normals: Tensor | None = None,
-    source_lengths: Tensor | None = None, **options: Any,
+    kind: str,
+    source: Tensor,
+    source_normals: Tensor | None = None,
+    source_lengths: Tensor | None = None,
+    **options: Any,
 ) -> DeformationModel:
     """A built-in model by name: ``"rigid"`` or ``"graph"`` (embedded deformation graph)."""
     if kind == "rigid":
@@ -231,7 +270,8 @@ def build_model(
         from difficp.nonrigid.deformation_graph import EmbeddedDeformationGraph
 
         return EmbeddedDeformationGraph(
-            source, source_normals=source_normals, lengths=source_lengths, **options)
+            source, source_normals=source_normals, lengths=source_lengths, **options
+        )
     raise ValueError(f"unknown model {kind!r}; use 'rigid', 'graph' or a DeformationModel instance")
 
 
@@ -295,38 +335,72 @@ def nonrigid_icp(
     elif source is not None and tuple(source.shape[-2:]) != tuple(model.rest_points.shape[-2:]):
         raise ValueError(
             f"source has shape {tuple(source.shape)} but the model was built on "
-            f"{tuple(model.rest_points.shape)}; pass source=None to use the model's points")
+            f"{tuple(model.rest_points.shape)}; pass source=None to use the model's points"
+        )
     if config.needs_source_normals and model.rest_normals is None:
         raise ValueError(
-            "this configuration needs source normals: build the model with source_normals=")
+            "this configuration needs source normals: build the model with source_normals="
+        )
     metric = get_metric(config.metric)
     grad_context = torch.no_grad() if config.differentiation == "none" else nullcontext()
     with grad_context:
         problem = prepare_problem(
-            model.rest_points, target, config, None, model.lengths, target_lengths,
-            model.rest_normals, target_normals, intrinsics, target_pose, search_backend,
+            model.rest_points,
+            target,
+            config,
+            None,
+            model.lengths,
+            target_lengths,
+            model.rest_normals,
+            target_normals,
+            intrinsics,
+            target_pose,
+            search_backend,
         )
         params = model.initial_params() if init_params is None else init_params
         params = params.to(problem.source.dtype)
         if params.shape != (problem.source.shape[0], model.num_params):
             raise ValueError(
                 f"init_params must have shape {(problem.source.shape[0], model.num_params)}, "
-                f"got {tuple(params.shape)}")
+                f"got {tuple(params.shape)}"
+            )
         if config.differentiation == "implicit":
             with torch.no_grad():
                 result, _ = _run(
-                    problem, config, model, params, regularizer_schedule, metric, point_weight,
-                    source_weights)
+                    problem,
+                    config,
+                    model,
+                    params,
+                    regularizer_schedule,
+                    metric,
+                    point_weight,
+                    source_weights,
+                )
             result.params = _implicit_params(
-                problem, config, model, result.params, regularizer_schedule, metric,
-                int(result.iterations.max()), point_weight, source_weights)
+                problem,
+                config,
+                model,
+                result.params,
+                regularizer_schedule,
+                metric,
+                int(result.iterations.max()),
+                point_weight,
+                source_weights,
+            )
             result.points = model.deform(result.params)
             if result.transform is not None:
                 result.transform = model.transform(result.params)  # type: ignore[attr-defined]
         else:
             result, _ = _run(
-                problem, config, model, params, regularizer_schedule, metric, point_weight,
-                source_weights)
+                problem,
+                config,
+                model,
+                params,
+                regularizer_schedule,
+                metric,
+                point_weight,
+                source_weights,
+            )
     return result._squeeze() if model.unbatched else result
 
 

@@ -21,9 +21,7 @@ from difficp.nonrigid.model import ResidualBlock
 BlockFn = Callable[[Tensor, bool], list[ResidualBlock]]
 
 
-def normal_equations(
-    blocks: list[ResidualBlock], num_params: int
-) -> tuple[Tensor, Tensor, Tensor]:
+def normal_equations(blocks: list[ResidualBlock], num_params: int) -> tuple[Tensor, Tensor, Tensor]:
     """Assemble ``H = J^T J`` ``(B, P, P)``, ``g = J^T r`` ``(B, P)`` and the cost ``(B,)``."""
     ref = blocks[0].residuals
     B, P = ref.shape[0], num_params
@@ -100,11 +98,16 @@ def levenberg_marquardt(
         params = torch.where(accept[:, None], trial, params)
         cost = torch.where(accept, trial_cost, cost)
         damping = torch.where(
-            accept, (damping / 10).clamp_min(1e-12), (damping * 10).clamp_max(1e12))
+            accept, (damping / 10).clamp_min(1e-12), (damping * 10).clamp_max(1e12)
+        )
     assert cost is not None
     return params, damping, cost
 
 
 __all__ = [
-    "damped_solve", "gauss_newton_step", "levenberg_marquardt", "normal_equations", "total_cost",
+    "damped_solve",
+    "gauss_newton_step",
+    "levenberg_marquardt",
+    "normal_equations",
+    "total_cost",
 ]

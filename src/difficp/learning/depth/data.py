@@ -74,8 +74,9 @@ class SceneConfig:
 
 def body_points(vertices: np.ndarray, n: int) -> np.ndarray:
     """A fixed subsample ``(n, 3)`` of the body's vertices, the points the error is measured on."""
-    idx = np.random.default_rng(12345).choice(len(vertices), size=min(n, len(vertices)),
-                                              replace=False)
+    idx = np.random.default_rng(12345).choice(
+        len(vertices), size=min(n, len(vertices)), replace=False
+    )
     return np.asarray(vertices, dtype=np.float64)[np.sort(idx)]
 
 
@@ -99,8 +100,15 @@ class DepthPairs(torch.utils.data.Dataset):
         ``init_rmse`` ``()`` the RMSE of ``body`` under ``M`` vs identity (the initial distance).
     """
 
-    def __init__(self, renderer: DepthRenderer, config: SceneConfig, seed: int, split: int,
-                 n: int, offset: int = 0) -> None:
+    def __init__(
+        self,
+        renderer: DepthRenderer,
+        config: SceneConfig,
+        seed: int,
+        split: int,
+        n: int,
+        offset: int = 0,
+    ) -> None:
         self.renderer = renderer
         self.config = config
         self.seed, self.split, self.n, self.offset = seed, split, n, offset
@@ -118,8 +126,9 @@ class DepthPairs(torch.utils.data.Dataset):
         el = math.radians(rng.uniform(*c.elevation_deg))
         dist = rng.uniform(*c.distance)
         look = BODY_CENTRE + rng.uniform(-c.look_jitter, c.look_jitter, 3)
-        eye = look + dist * np.array([math.cos(el) * math.sin(az), math.sin(el),
-                                      math.cos(el) * math.cos(az)])
+        eye = look + dist * np.array(
+            [math.cos(el) * math.sin(az), math.sin(el), math.cos(el) * math.cos(az)]
+        )
         T_cw = look_at(eye, look)
         s = rng.uniform(0, 1)  # difficulty
         axis = rng.normal(size=3)
@@ -147,8 +156,12 @@ class DepthPairs(torch.utils.data.Dataset):
             T_cw, M = self._draw(rng)
             # Depth of M·body from T_cw == depth of body from M^-1 moved camera: T_cw M^-1.
             T_target = T_cw @ np.linalg.inv(M)
-            depth = np.stack([self.renderer.render(T, self.K_cnn, c.cnn_res, c.cnn_res)
-                              for T in (T_cw, T_target)])
+            depth = np.stack(
+                [
+                    self.renderer.render(T, self.K_cnn, c.cnn_res, c.cnn_res)
+                    for T in (T_cw, T_target)
+                ]
+            )
             if (depth > 0).sum(axis=(1, 2)).min() >= c.min_valid:
                 break
         return T_cw, M, depth
@@ -160,8 +173,12 @@ class DepthPairs(torch.utils.data.Dataset):
         if c.icp_res == c.cnn_res:
             icp_depth = depth
         else:
-            icp_depth = np.stack([self.renderer.render(T, self.K_icp, c.icp_res, c.icp_res)
-                                  for T in (T_cw, T_target)])
+            icp_depth = np.stack(
+                [
+                    self.renderer.render(T, self.K_icp, c.icp_res, c.icp_res)
+                    for T in (T_cw, T_target)
+                ]
+            )
         body = (self.body_world - T_cw[:3, 3]) @ T_cw[:3, :3]  # world -> source camera frame
         moved = body @ M[:3, :3].T + M[:3, 3]
         return {
@@ -194,24 +211,37 @@ def load_or_build(path: Path, dataset: DepthPairs, progress: bool = True) -> dic
     """
     from tqdm import tqdm
 
-    meta = {"seed": dataset.seed, "split": dataset.split, "n": dataset.n,
-            "offset": dataset.offset, "config": dataset.config.to_dict()}
+    meta = {
+        "seed": dataset.seed,
+        "split": dataset.split,
+        "n": dataset.n,
+        "offset": dataset.offset,
+        "config": dataset.config.to_dict(),
+    }
     path = Path(path)
     if path.is_file():
         blob = torch.load(path, weights_only=True)
         if json.loads(blob["meta"]) == json.loads(json.dumps(meta)):
             return blob["data"]
-    items = [dataset[i] for i in tqdm(range(len(dataset)), desc=f"render {path.name}",
-                                      disable=not progress, leave=False)]
+    items = [
+        dataset[i]
+        for i in tqdm(
+            range(len(dataset)), desc=f"render {path.name}", disable=not progress, leave=False
+        )
+    ]
     data = collate(items)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"meta": json.dumps(meta), "data": data}, path)
     return data
 
 
-def depth_to_clouds(depth: Tensor, intrinsics: Tensor, max_jump: float = 0.1,
-                    max_points: int | None = None, generator: torch.Generator | None = None,
-                    ) -> tuple[Tensor, Tensor, Tensor]:
+def depth_to_clouds(
+    depth: Tensor,
+    intrinsics: Tensor,
+    max_jump: float = 0.1,
+    max_points: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Back-project depth maps to padded point clouds with normals.
 
     Args:
@@ -227,17 +257,24 @@ def depth_to_clouds(depth: Tensor, intrinsics: Tensor, max_jump: float = 0.1,
     pts_map = depth_to_points(depth, intrinsics)
     nrm_map = depth_normals(pts_map)
     pad = torch.nn.functional.pad(depth[:, None], (1, 1, 1, 1), mode="replicate")[:, 0]
-    jump = torch.stack([
-        (pad[:, 1:-1, 2:] - depth).abs(), (pad[:, 1:-1, :-2] - depth).abs(),
-        (pad[:, 2:, 1:-1] - depth).abs(), (pad[:, :-2, 1:-1] - depth).abs(),
-    ]).amax(0)
+    jump = torch.stack(
+        [
+            (pad[:, 1:-1, 2:] - depth).abs(),
+            (pad[:, 1:-1, :-2] - depth).abs(),
+            (pad[:, 2:, 1:-1] - depth).abs(),
+            (pad[:, :-2, 1:-1] - depth).abs(),
+        ]
+    ).amax(0)
     keep = (depth > 0) & (nrm_map.abs().sum(-1) > 0) & (jump < max_jump)
     B = depth.shape[0]
     keep = keep.reshape(B, -1)
     # Random keys for valid pixels, +inf for invalid ones: sorting puts the valid pixels first in
     # random order (so truncation to max_points is a uniform subsample) without a Python loop.
-    keys = torch.rand(keep.shape, generator=generator) if max_points is not None else \
-        torch.arange(keep.shape[1], dtype=torch.float32).expand(B, -1)
+    keys = (
+        torch.rand(keep.shape, generator=generator)
+        if max_points is not None
+        else torch.arange(keep.shape[1], dtype=torch.float32).expand(B, -1)
+    )
     keys = torch.where(keep, keys, torch.full_like(keys, math.inf))
     order = keys.argsort(dim=1)
     lengths = keep.sum(1)

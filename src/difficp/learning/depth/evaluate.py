@@ -29,8 +29,13 @@ ICP_VARIANTS = ("projective", "nearest")
 
 
 @torch.no_grad()
-def method_errors(nets: dict[str, PoseCNN], data: dict[str, Tensor], scene: SceneConfig,
-                  chunk: int = 64, progress: bool = True) -> dict[str, Tensor]:
+def method_errors(
+    nets: dict[str, PoseCNN],
+    data: dict[str, Tensor],
+    scene: SceneConfig,
+    chunk: int = 64,
+    progress: bool = True,
+) -> dict[str, Tensor]:
     """``(N,)`` final errors (body RMSE, m) per method (and per ICP variant) on ``data``.
 
     ``data`` is a collated batch of :class:`~difficp.learning.depth.data.DepthPairs` items.
@@ -41,12 +46,13 @@ def method_errors(nets: dict[str, PoseCNN], data: dict[str, Tensor], scene: Scen
     out: dict[str, list[Tensor]] = {}
     refine = refine_schedule()
     for i in tqdm(range(0, n, chunk), desc="evaluate", disable=not progress, leave=False):
-        b = {k: v[i:i + chunk] for k, v in data.items()}
+        b = {k: v[i : i + chunk] for k, v in data.items()}
         clouds = make_clouds(b["icp_depth"], scene)
         est = {"nn": nets["nn"](b["depth"])}
         est["nn_then_icp"] = run_schedule(clouds, b["icp_depth"], scene, refine, est["nn"])
-        est["nn_icp"] = run_schedule(clouds, b["icp_depth"], scene, refine,
-                                     nets["nn_icp"](b["depth"]))
+        est["nn_icp"] = run_schedule(
+            clouds, b["icp_depth"], scene, refine, nets["nn_icp"](b["depth"])
+        )
         for corr in ICP_VARIANTS:
             est[f"icp_{corr}"] = run_icp(clouds, b["icp_depth"], scene, icp_baseline_config(corr))
         # Control: the test-time refinement schedule alone, from the identity. It separates
@@ -87,15 +93,21 @@ def summarize(errors: dict[str, Tensor], init_rmse: Tensor) -> dict:
         return d
 
     variants = {corr: stats(errors[f"icp_{corr}"]) for corr in ICP_VARIANTS}
-    best = max(ICP_VARIANTS,
-               key=lambda c: (variants[c]["success_3cm"], variants[c]["success_30cm"]))
-    methods = {"nn": stats(errors["nn"]), "icp": dict(variants[best], variant=best),
-               "nn_icp": stats(errors["nn_icp"]), "nn_then_icp": stats(errors["nn_then_icp"])}
+    best = max(
+        ICP_VARIANTS, key=lambda c: (variants[c]["success_3cm"], variants[c]["success_30cm"])
+    )
+    methods = {
+        "nn": stats(errors["nn"]),
+        "icp": dict(variants[best], variant=best),
+        "nn_icp": stats(errors["nn_icp"]),
+        "nn_then_icp": stats(errors["nn_then_icp"]),
+    }
     return {
         "methods": methods,
         "icp_variants": variants,
         "controls": {"icp_schedule": stats(errors["icp_schedule"])}
-        if "icp_schedule" in errors else {},
+        if "icp_schedule" in errors
+        else {},
         "n": len(init),
         "initial_distance_median_m": float(np.median(init)),
     }

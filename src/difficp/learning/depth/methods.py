@@ -34,8 +34,12 @@ class Clouds:
     target_lengths: Tensor
 
 
-def make_clouds(icp_depth: Tensor, scene: SceneConfig, max_points: int | None = None,
-                generator: torch.Generator | None = None) -> Clouds:
+def make_clouds(
+    icp_depth: Tensor,
+    scene: SceneConfig,
+    max_points: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Clouds:
     """Back-project ``icp_depth`` ``(B, 2, R, R)`` (source, target) into :class:`Clouds`."""
     K = scene.intrinsics(icp_depth.shape[-1])
     s = depth_to_clouds(icp_depth[:, 0], K, max_points=max_points, generator=generator)
@@ -43,16 +47,21 @@ def make_clouds(icp_depth: Tensor, scene: SceneConfig, max_points: int | None = 
     return Clouds(*s, *t)
 
 
-def icp_baseline_config(correspondence: str, max_distance: float = 0.25,
-                        max_iterations: int = 40) -> difficp.ICPConfig:
+def icp_baseline_config(
+    correspondence: str, max_distance: float = 0.25, max_iterations: int = 40
+) -> difficp.ICPConfig:
     """The ``icp`` baseline: plain point-to-plane ICP from the identity (not differentiated).
 
     ``max_distance`` = 25 cm: on validation samples (not the test split) it was the best or
     tied-best of 0.1 / 0.25 / 0.5 / 1.0 m for both correspondence types.
     """
-    return difficp.ICPConfig(correspondence=correspondence, metric="point_to_plane",
-                             max_distance=max_distance, max_iterations=max_iterations,
-                             differentiation="none")
+    return difficp.ICPConfig(
+        correspondence=correspondence,
+        metric="point_to_plane",
+        max_distance=max_distance,
+        max_iterations=max_iterations,
+        differentiation="none",
+    )
 
 
 def refine_schedule() -> list[difficp.ICPConfig]:
@@ -66,15 +75,26 @@ def refine_schedule() -> list[difficp.ICPConfig]:
     30 cm; this schedule kept almost all of them and tripled the 3 cm successes.
     """
     return [
-        difficp.ICPConfig(correspondence="nearest", metric="point_to_point", max_distance=0.5,
-                          max_iterations=30, differentiation="none"),
-        difficp.ICPConfig(correspondence="nearest", metric="symmetric", max_distance=0.1,
-                          max_iterations=30, differentiation="none"),
+        difficp.ICPConfig(
+            correspondence="nearest",
+            metric="point_to_point",
+            max_distance=0.5,
+            max_iterations=30,
+            differentiation="none",
+        ),
+        difficp.ICPConfig(
+            correspondence="nearest",
+            metric="symmetric",
+            max_distance=0.1,
+            max_iterations=30,
+            differentiation="none",
+        ),
     ]
 
 
-def train_schedule(p2p_iterations: int = 3, sym_iterations: int = 2,
-                   temperature: float = 0.05 ** 2, soft_k: int = 16) -> list[difficp.ICPConfig]:
+def train_schedule(
+    p2p_iterations: int = 3, sym_iterations: int = 2, temperature: float = 0.05**2, soft_k: int = 16
+) -> list[difficp.ICPConfig]:
     """The differentiable ICP the network is fine-tuned through (a few unrolled iterations).
 
     The same two stages as :func:`refine_schedule` but short and soft: ``p2p_iterations``
@@ -82,35 +102,65 @@ def train_schedule(p2p_iterations: int = 3, sym_iterations: int = 2,
     temperature in m^2, about the squared pixel spacing at 64x64: 4.5 cm) and soft distance
     rejection. A fixed number of iterations (no early stop) keeps the graph the same size.
     """
-    common = {"correspondence": "soft", "temperature": temperature, "soft_k": soft_k,
-              "rejection": "soft", "rejection_temperature": 0.05, "relative_fitness": 0.0,
-              "relative_rmse": 0.0, "differentiation": "unroll"}
+    common = {
+        "correspondence": "soft",
+        "temperature": temperature,
+        "soft_k": soft_k,
+        "rejection": "soft",
+        "rejection_temperature": 0.05,
+        "relative_fitness": 0.0,
+        "relative_rmse": 0.0,
+        "differentiation": "unroll",
+    }
     return [
-        difficp.ICPConfig(metric="point_to_point", max_distance=0.5,
-                          max_iterations=p2p_iterations, **common),
-        difficp.ICPConfig(metric="symmetric", max_distance=0.15, max_iterations=sym_iterations,
-                          **common),
+        difficp.ICPConfig(
+            metric="point_to_point", max_distance=0.5, max_iterations=p2p_iterations, **common
+        ),
+        difficp.ICPConfig(
+            metric="symmetric", max_distance=0.15, max_iterations=sym_iterations, **common
+        ),
     ]
 
 
-def _icp_call(clouds: Clouds, icp_depth: Tensor, scene: SceneConfig, config: difficp.ICPConfig,
-              init: Tensor | None) -> Tensor:
+def _icp_call(
+    clouds: Clouds,
+    icp_depth: Tensor,
+    scene: SceneConfig,
+    config: difficp.ICPConfig,
+    init: Tensor | None,
+) -> Tensor:
     if config.correspondence == "projective":
         K = scene.intrinsics(icp_depth.shape[-1])
-        res = difficp.icp(clouds.source, icp_depth[:, 1], init=init,
-                          source_lengths=clouds.source_lengths,
-                          source_normals=clouds.source_normals, config=config, intrinsics=K)
+        res = difficp.icp(
+            clouds.source,
+            icp_depth[:, 1],
+            init=init,
+            source_lengths=clouds.source_lengths,
+            source_normals=clouds.source_normals,
+            config=config,
+            intrinsics=K,
+        )
     else:
-        res = difficp.icp(clouds.source, clouds.target, init=init,
-                          source_lengths=clouds.source_lengths,
-                          target_lengths=clouds.target_lengths,
-                          source_normals=clouds.source_normals,
-                          target_normals=clouds.target_normals, config=config)
+        res = difficp.icp(
+            clouds.source,
+            clouds.target,
+            init=init,
+            source_lengths=clouds.source_lengths,
+            target_lengths=clouds.target_lengths,
+            source_normals=clouds.source_normals,
+            target_normals=clouds.target_normals,
+            config=config,
+        )
     return res.transform
 
 
-def run_icp(clouds: Clouds, icp_depth: Tensor, scene: SceneConfig, config: difficp.ICPConfig,
-            init: Tensor | None = None) -> Tensor:
+def run_icp(
+    clouds: Clouds,
+    icp_depth: Tensor,
+    scene: SceneConfig,
+    config: difficp.ICPConfig,
+    init: Tensor | None = None,
+) -> Tensor:
     """ICP on a batch with ``config``; returns the ``(B, 4, 4)`` transforms.
 
     Projective correspondences use the target *depth map* (``icp_depth[:, 1]``) and its camera
@@ -120,8 +170,13 @@ def run_icp(clouds: Clouds, icp_depth: Tensor, scene: SceneConfig, config: diffi
     return _icp_call(clouds, icp_depth, scene, config, init)
 
 
-def run_schedule(clouds: Clouds, icp_depth: Tensor, scene: SceneConfig,
-                 schedule: list[difficp.ICPConfig], init: Tensor | None = None) -> Tensor:
+def run_schedule(
+    clouds: Clouds,
+    icp_depth: Tensor,
+    scene: SceneConfig,
+    schedule: list[difficp.ICPConfig],
+    init: Tensor | None = None,
+) -> Tensor:
     """Run the ICP stages of ``schedule`` one after the other; returns ``(B, 4, 4)``."""
     T = init
     for config in schedule:
@@ -129,8 +184,13 @@ def run_schedule(clouds: Clouds, icp_depth: Tensor, scene: SceneConfig,
     return T
 
 
-def nn_icp_forward(model: PoseCNN, batch: dict[str, Tensor], scene: SceneConfig,
-                   schedule: list[difficp.ICPConfig], max_points: int | None = 512) -> Tensor:
+def nn_icp_forward(
+    model: PoseCNN,
+    batch: dict[str, Tensor],
+    scene: SceneConfig,
+    schedule: list[difficp.ICPConfig],
+    max_points: int | None = 512,
+) -> Tensor:
     """Training-time ``nn_icp``: network estimate refined by differentiable ICP, ``(B, 4, 4)``.
 
     Gradients flow from the returned transform through every ICP iteration into ``model``.

@@ -39,18 +39,29 @@ class PoseCNN(nn.Module):
         depth_offset: subtracted from valid depths (about the camera distance).
     """
 
-    def __init__(self, intrinsics: Tensor, res: int = 64, width: int = 32,
-                 depth_offset: float = 3.5, hidden: int = 256) -> None:
+    def __init__(
+        self,
+        intrinsics: Tensor,
+        res: int = 64,
+        width: int = 32,
+        depth_offset: float = 3.5,
+        hidden: int = 256,
+    ) -> None:
         super().__init__()
         self.res, self.width, self.depth_offset, self.hidden = res, width, depth_offset, hidden
         self.register_buffer("intrinsics", torch.as_tensor(intrinsics, dtype=torch.float32))
         w = width
         self.features = nn.Sequential(
-            _block(6, w, 5), _block(w, 2 * w, 3), _block(2 * w, 4 * w, 3), _block(4 * w, 4 * w, 3),
+            _block(6, w, 5),
+            _block(w, 2 * w, 3),
+            _block(2 * w, 4 * w, 3),
+            _block(4 * w, 4 * w, 3),
         )
         side = res // 16
         self.head = nn.Sequential(
-            nn.Flatten(), nn.Linear(4 * w * side * side, hidden), nn.ReLU(inplace=True),
+            nn.Flatten(),
+            nn.Linear(4 * w * side * side, hidden),
+            nn.ReLU(inplace=True),
             nn.Linear(hidden, 9),
         )
         # Start at "no rotation, move centroid onto centroid": zero last layer; identity 6-D base.
@@ -62,8 +73,12 @@ class PoseCNN(nn.Module):
 
     def config(self) -> dict:
         """Constructor arguments (besides the intrinsics buffer, saved in the state dict)."""
-        return {"res": self.res, "width": self.width, "depth_offset": self.depth_offset,
-                "hidden": self.hidden}
+        return {
+            "res": self.res,
+            "width": self.width,
+            "depth_offset": self.depth_offset,
+            "hidden": self.hidden,
+        }
 
     def centroids(self, depth: Tensor) -> Tensor:
         """``(B, 2, 3)`` centroids of the back-projected source and target depth maps."""
@@ -78,10 +93,13 @@ class PoseCNN(nn.Module):
         B = depth.shape[0]
         if depth.shape[1:] != (2, self.res, self.res):
             raise ValueError(
-                f"depth must be (B, 2, {self.res}, {self.res}), got {tuple(depth.shape)}")
+                f"depth must be (B, 2, {self.res}, {self.res}), got {tuple(depth.shape)}"
+            )
         mask = (depth > 0).to(depth.dtype)
-        x = torch.cat([(depth - self.depth_offset) * mask, mask,
-                       self.coords.expand(B, -1, -1, -1).to(depth)], dim=1)
+        x = torch.cat(
+            [(depth - self.depth_offset) * mask, mask, self.coords.expand(B, -1, -1, -1).to(depth)],
+            dim=1,
+        )
         out = self.head(self.features(x))
         R = roma.special_gramschmidt(self.base6d + out[:, :6].reshape(B, 3, 2))
         c = self.centroids(depth)

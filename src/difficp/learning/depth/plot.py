@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-COLOURS = {"nn": "tab:blue", "icp": "tab:orange", "nn_icp": "tab:green",
-           "nn_then_icp": "tab:red"}
-LABELS = {"nn": "nn", "icp": "icp", "nn_icp": "nn_icp (end to end)",
-          "nn_then_icp": "nn_then_icp (ICP at test only)"}
+COLOURS = {"nn": "tab:blue", "icp": "tab:orange", "nn_icp": "tab:green", "nn_then_icp": "tab:red"}
+LABELS = {
+    "nn": "nn",
+    "icp": "icp",
+    "nn_icp": "nn_icp (end to end)",
+    "nn_then_icp": "nn_then_icp (ICP at test only)",
+}
 
 
 def plot_metrics(metrics: dict, path: Path, title: str | None = None) -> None:
@@ -31,8 +34,15 @@ def plot_metrics(metrics: dict, path: Path, title: str | None = None) -> None:
                 hi = b["hi"] if b["hi"] is not None else b["lo"] + 0.1
                 xs.append((b["lo"] + hi) / 2)
                 ys.append(b[f"success_{thr}"])
-            ax.plot(xs, ys, style, color=COLOURS.get(name), marker="o", markersize=3,
-                    label=f"{LABELS.get(name, name)} @ {thr}")
+            ax.plot(
+                xs,
+                ys,
+                style,
+                color=COLOURS.get(name),
+                marker="o",
+                markersize=3,
+                label=f"{LABELS.get(name, name)} @ {thr}",
+            )
     ax.set_xlabel("initial distance: body RMSE under the true motion (m)")
     ax.set_ylabel("success rate")
     ax.set_ylim(-0.02, 1.02)

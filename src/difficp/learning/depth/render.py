@@ -26,8 +26,9 @@ def pinhole_intrinsics(width: int, height: int, fov_deg: float) -> np.ndarray:
     The principal point is the image centre in pixel-index coordinates, ``((W-1)/2, (H-1)/2)``.
     """
     f = 0.5 * height / math.tan(math.radians(fov_deg) / 2)
-    return np.array([[f, 0, (width - 1) / 2], [0, f, (height - 1) / 2], [0, 0, 1]],
-                    dtype=np.float64)
+    return np.array(
+        [[f, 0, (width - 1) / 2], [0, f, (height - 1) / 2], [0, 0, 1]], dtype=np.float64
+    )
 
 
 def look_at(eye: np.ndarray, target: np.ndarray, up: np.ndarray | None = None) -> np.ndarray:
@@ -53,8 +54,9 @@ def look_at(eye: np.ndarray, target: np.ndarray, up: np.ndarray | None = None) -
 
 def camera_rays(intrinsics: np.ndarray, width: int, height: int) -> np.ndarray:
     """``(H, W, 3)`` camera-frame ray directions with unit z component (see module docstring)."""
-    v, u = np.meshgrid(np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64),
-                       indexing="ij")
+    v, u = np.meshgrid(
+        np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64), indexing="ij"
+    )
     K = intrinsics
     return np.stack([(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1], np.ones_like(u)], axis=-1)
 
@@ -93,8 +95,9 @@ class DepthRenderer:
             raise ValueError(f"{path}: no triangles read (is it a mesh file?)")
         return cls(np.asarray(mesh.vertices), np.asarray(mesh.triangles), nthreads=nthreads)
 
-    def render(self, cam_to_world: np.ndarray, intrinsics: np.ndarray, width: int,
-               height: int) -> np.ndarray:
+    def render(
+        self, cam_to_world: np.ndarray, intrinsics: np.ndarray, width: int, height: int
+    ) -> np.ndarray:
         """``(H, W)`` float32 z-depth (m) seen from ``cam_to_world``; 0 where nothing is hit."""
         import open3d as o3d
 

@@ -65,9 +65,16 @@ def _checkpoint_path(out: Path, name: str) -> Path:
     return out / "checkpoints" / f"{name}.pt"
 
 
-def run_stage(stage: Stage, renderer, scene: SceneConfig, out: Path, seed: int,
-              resume: bool = False, progress: bool = True, log: Callable[[str], None] = print,
-              ) -> dict:
+def run_stage(
+    stage: Stage,
+    renderer,
+    scene: SceneConfig,
+    out: Path,
+    seed: int,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Train ``stage.model`` in place; returns its history (per-epoch loss, val error, time).
 
     Checkpoints go to ``out/checkpoints/<name>.pt`` after every epoch. With ``resume`` the run
@@ -90,16 +97,27 @@ def run_stage(stage: Stage, renderer, scene: SceneConfig, out: Path, seed: int,
         start_epoch = state["epoch"] + 1
         torch.set_rng_state(state["torch_rng"])
         log(f"[{stage.name}] resumed after epoch {start_epoch} from {ckpt}")
-    val = collate([DepthPairs(renderer, scene, seed, VAL, cfg.val_size)[i]
-                   for i in range(cfg.val_size)])
+    val = collate(
+        [DepthPairs(renderer, scene, seed, VAL, cfg.val_size)[i] for i in range(cfg.val_size)]
+    )
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
-        data = DepthPairs(renderer, scene, seed, TRAIN, cfg.steps * cfg.batch,
-                          offset=STAGE_OFFSET[stage.name] + epoch * cfg.steps * cfg.batch)
+        data = DepthPairs(
+            renderer,
+            scene,
+            seed,
+            TRAIN,
+            cfg.steps * cfg.batch,
+            offset=STAGE_OFFSET[stage.name] + epoch * cfg.steps * cfg.batch,
+        )
         model.train()
         losses = []
-        bar = tqdm(range(cfg.steps), desc=f"{stage.name} epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not progress, dynamic_ncols=True)
+        bar = tqdm(
+            range(cfg.steps),
+            desc=f"{stage.name} epoch {epoch + 1}/{cfg.epochs}",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
         for step in bar:
             batch = collate([data[step * cfg.batch + j] for j in range(cfg.batch)])
             loss = stage.loss_fn(model, batch).mean()
@@ -112,19 +130,35 @@ def run_stage(stage: Stage, renderer, scene: SceneConfig, out: Path, seed: int,
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
         model.eval()
         with torch.no_grad():
-            err = torch.cat([stage.loss_fn(model, {k: v[i:i + 64] for k, v in val.items()})
-                             for i in range(0, cfg.val_size, 64)])
-        row = {"epoch": epoch + 1, "train_loss": sum(losses) / len(losses),
-               "val_rmse_mean": err.mean().item(), "val_rmse_median": err.median().item(),
-               "val_success_3cm": (err < 0.03).float().mean().item(),
-               "val_success_30cm": (err < 0.30).float().mean().item(),
-               "seconds": time.time() - t0}
+            err = torch.cat(
+                [
+                    stage.loss_fn(model, {k: v[i : i + 64] for k, v in val.items()})
+                    for i in range(0, cfg.val_size, 64)
+                ]
+            )
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": sum(losses) / len(losses),
+            "val_rmse_mean": err.mean().item(),
+            "val_rmse_median": err.median().item(),
+            "val_success_3cm": (err < 0.03).float().mean().item(),
+            "val_success_30cm": (err < 0.30).float().mean().item(),
+            "seconds": time.time() - t0,
+        }
         history["epochs"].append(row)
         history["seconds"] += row["seconds"]
         ckpt.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "history": history, "epoch": epoch,
-                    "torch_rng": torch.get_rng_state()}, ckpt)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "history": history,
+                "epoch": epoch,
+                "torch_rng": torch.get_rng_state(),
+            },
+            ckpt,
+        )
         log(f"[{stage.name}] " + json.dumps({k: round(v, 4) for k, v in row.items()}))
     return history
 
@@ -136,12 +170,15 @@ def make_model(scene: SceneConfig, width: int = 32) -> PoseCNN:
 def save_final(path: Path, nets: dict[str, PoseCNN], scene: SceneConfig, extra: dict) -> None:
     """The deliverable checkpoint: every stage's weights + the configs needed to rebuild them."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({
-        "scene": scene.to_dict(),
-        "model_config": next(iter(nets.values())).config(),
-        "nets": {k: v.state_dict() for k, v in nets.items()},
-        "info": extra,
-    }, path)
+    torch.save(
+        {
+            "scene": scene.to_dict(),
+            "model_config": next(iter(nets.values())).config(),
+            "nets": {k: v.state_dict() for k, v in nets.items()},
+            "info": extra,
+        },
+        path,
+    )
 
 
 def load_final(path: Path) -> tuple[dict[str, PoseCNN], SceneConfig, dict]:
@@ -160,11 +197,20 @@ def copy_model(model: PoseCNN) -> PoseCNN:
     return copy.deepcopy(model)
 
 
-def train_depth(data_dir: Path, out: Path, seed: int = 0, resume: bool = False,
-                nn_config: StageConfig | None = None, icp_config: StageConfig | None = None,
-                scene: SceneConfig | None = None, width: int = 32, progress: bool = True,
-                icp_iterations: tuple[int, int] = (3, 2), pose_weight: float = 1.0,
-                log: Callable[[str], None] = print) -> dict:
+def train_depth(
+    data_dir: Path,
+    out: Path,
+    seed: int = 0,
+    resume: bool = False,
+    nn_config: StageConfig | None = None,
+    icp_config: StageConfig | None = None,
+    scene: SceneConfig | None = None,
+    width: int = 32,
+    progress: bool = True,
+    icp_iterations: tuple[int, int] = (3, 2),
+    pose_weight: float = 1.0,
+    log: Callable[[str], None] = print,
+) -> dict:
     """The whole recipe; writes ``out/pose_cnn.pt`` and ``out/train_log.json``.
 
     1. ``nn``: train the CNN from scratch with the pose loss (body RMSE of its estimate).
@@ -184,8 +230,16 @@ def train_depth(data_dir: Path, out: Path, seed: int = 0, resume: bool = False,
     out = Path(out)
     t0 = time.time()
     net = make_model(scene, width)
-    hist_nn = run_stage(Stage("nn", net, nn_loss, nn_config), renderer, scene, out, seed,
-                        resume=resume, progress=progress, log=log)
+    hist_nn = run_stage(
+        Stage("nn", net, nn_loss, nn_config),
+        renderer,
+        scene,
+        out,
+        seed,
+        resume=resume,
+        progress=progress,
+        log=log,
+    )
     fine = copy_model(net)
     schedule = train_schedule(*icp_iterations)
 
@@ -196,15 +250,30 @@ def train_depth(data_dir: Path, out: Path, seed: int = 0, resume: bool = False,
             loss = loss + pose_weight * nn_loss(model, batch)
         return loss
 
-    hist_icp = run_stage(Stage("nn_icp", fine, icp_loss, icp_config), renderer, scene, out,
-                         seed, resume=resume, progress=progress, log=log)
-    info = {"seed": seed, "icp_iterations": list(icp_iterations), "pose_weight": pose_weight,
-            "nn": hist_nn, "nn_icp": hist_icp,
-            "train_seconds": hist_nn["seconds"] + hist_icp["seconds"],
-            "wall_seconds_this_run": time.time() - t0,
-            "torch_threads": torch.get_num_threads()}
+    hist_icp = run_stage(
+        Stage("nn_icp", fine, icp_loss, icp_config),
+        renderer,
+        scene,
+        out,
+        seed,
+        resume=resume,
+        progress=progress,
+        log=log,
+    )
+    info = {
+        "seed": seed,
+        "icp_iterations": list(icp_iterations),
+        "pose_weight": pose_weight,
+        "nn": hist_nn,
+        "nn_icp": hist_icp,
+        "train_seconds": hist_nn["seconds"] + hist_icp["seconds"],
+        "wall_seconds_this_run": time.time() - t0,
+        "torch_threads": torch.get_num_threads(),
+    }
     save_final(out / "pose_cnn.pt", {"nn": net, "nn_icp": fine}, scene, info)
     (out / "train_log.json").write_text(json.dumps(info, indent=1))
-    log(f"training time {info['train_seconds'] / 60:.1f} min (sum of epoch times); "
-        f"wrote {out / 'pose_cnn.pt'}")
+    log(
+        f"training time {info['train_seconds'] / 60:.1f} min (sum of epoch times); "
+        f"wrote {out / 'pose_cnn.pt'}"
+    )
     return info
