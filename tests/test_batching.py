@@ -91,13 +91,21 @@ def test_stopped_pair_stays_fixed_while_others_continue() -> None:
 def test_result_is_equivariant_to_a_rigid_motion_of_both_clouds(
     angle: float, tx: float, ty: float, seed: int
 ) -> None:
-    # Moving source and target by the same G must give G T G^-1: the algorithm has no
-    # preferred frame (a KD-tree, SVD or LU step that did would break this).
+    # Moving source and target by the same G must give G T G^-1 at the converged fixed point
+    # (a KD-tree, SVD or LU step with a preferred frame would break this). The linearised
+    # steps on the way are not equivariant (they rotate about the origin), so iterations and
+    # early stopping can differ: run both to the fixed point.
     p = make_pair(50, n=300, angle=8, translation=0.05, noise=0.002, resample=False)
     g = torch.Generator().manual_seed(seed)
     R = random_rotation(max_angle_deg=angle, generator=g, dtype=torch.float64)
     G = make_transform(R, torch.tensor([tx, ty, 0.3], dtype=torch.float64))
-    kw = {"metric": "point_to_plane", "max_distance": 0.2, "max_iterations": 60}
+    kw = {
+        "metric": "point_to_plane",
+        "max_distance": 0.2,
+        "max_iterations": 100,
+        "relative_fitness": 0.0,
+        "relative_rmse": 0.0,
+    }
     base = difficp.icp(p["source"], p["target"], target_normals=p["target_normals"], **kw)
     moved = difficp.icp(
         transform_points(p["source"], G),

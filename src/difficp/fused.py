@@ -28,9 +28,8 @@ from difficp.kdtree import (
     STACK_DEPTH,
     KDForest,
     build_forest,
-    enclosing_node,
-    nearest_in_tree,
     set_threads,
+    warm_two_nearest,
 )
 from difficp.metrics import get_metric
 
@@ -86,6 +85,8 @@ def fused_iteration(
     translation: np.ndarray,
     center: np.ndarray,
     partner: np.ndarray,
+    anchor: np.ndarray,
+    safe2: np.ndarray,
     target_normals: np.ndarray,
     points: np.ndarray,
     point_offset: np.ndarray,
@@ -95,6 +96,8 @@ def fused_iteration(
     node_child: np.ndarray,
     node_low: np.ndarray,
     node_high: np.ndarray,
+    cell_low: np.ndarray,
+    cell_high: np.ndarray,
     node_parent: np.ndarray,
     point_leaf: np.ndarray,
     active: np.ndarray,
@@ -110,6 +113,8 @@ def fused_iteration(
         rotation, translation: ``(B, 3, 3)``, ``(B, 3)`` the current transform.
         center: ``(B, 3)`` subtracted from both sides of the Procrustes moments (conditioning).
         partner: ``(B, N)`` int64 forest row of each point's last partner (-1: none); updated.
+        anchor, safe2: ``(B, N, 3)``, ``(B, N)`` where each point was at its last search and the
+            squared distance it may move from there with the same nearest neighbour; updated.
         target_normals: ``(P, 3)`` in forest order (any values when unused).
         active: ``(B,)`` bool, pairs to process (others keep their partners, sums stay 0).
         options: float64 ``[search radius^2, max_distance (stats / soft rejection / linear
@@ -156,49 +161,45 @@ def fused_iteration(
             px = R[0, 0] * sx + R[0, 1] * sy + R[0, 2] * sz + t[0]
             py = R[1, 0] * sx + R[1, 1] * sy + R[1, 2] * sz + t[1]
             pz = R[2, 0] * sx + R[2, 1] * sy + R[2, 2] * sz + t[2]
-            best = -1
-            best_d2 = radius2
             last = partner[b, i]
-            if last >= 0:
+            dx = px - anchor[b, i, 0]
+            dy = py - anchor[b, i, 1]
+            dz = pz - anchor[b, i, 2]
+            if last >= 0 and dx * dx + dy * dy + dz * dz < safe2[b, i]:
+                # Moved less than half the gap between the nearest and second-nearest
+                # distances since the last search: the nearest cannot have changed.
+                best = last
                 dx = points[last, 0] - px
                 dy = points[last, 1] - py
                 dz = points[last, 2] - pz
-                d2 = dx * dx + dy * dy + dz * dz
-                if d2 < best_d2:
-                    best_d2 = d2
-                    best = last
-            if not empty:
-                first = -1
-                if last >= 0 and best_d2 < np.inf:
-                    first = enclosing_node(
+                best_d2 = dx * dx + dy * dy + dz * dz
+            else:
+                best, best_d2, second_d2 = -1, radius2, radius2
+                if not empty:
+                    best_d2, best, second_d2 = warm_two_nearest(
                         px,
                         py,
                         pz,
-                        math.sqrt(best_d2),
-                        n_base + point_leaf[last],
+                        last,
+                        radius2,
+                        points,
+                        p_base,
                         n_base,
-                        node_parent,
+                        node_start,
+                        node_end,
+                        node_child,
                         node_low,
                         node_high,
+                        cell_low,
+                        cell_high,
+                        node_parent,
+                        point_leaf,
+                        stack,
+                        stack_d2,
                     )
-                best_d2, best = nearest_in_tree(
-                    px,
-                    py,
-                    pz,
-                    best_d2,
-                    best,
-                    points,
-                    p_base,
-                    n_base,
-                    node_start,
-                    node_end,
-                    node_child,
-                    node_low,
-                    node_high,
-                    stack,
-                    stack_d2,
-                    first,
-                )
+                anchor[b, i, 0], anchor[b, i, 1], anchor[b, i, 2] = px, py, pz
+                gap = 0.5 * (math.sqrt(second_d2) - math.sqrt(best_d2))
+                safe2[b, i] = gap * gap if best >= 0 else 0.0
             partner[b, i] = best
             if best < 0:
                 continue
@@ -341,6 +342,8 @@ class FusedSteps:
             1
         ) / np.maximum(self.source_counts, 1)[:, None]
         self.partner = np.full((B, N), -1, dtype=np.int64)
+        self.anchor = np.zeros((B, N, 3))
+        self.safe2 = np.zeros((B, N))
         self.tasks = (N + CHUNK - 1) // CHUNK
         md = config.max_distance
         hard_radius = md is not None and config.rejection == "hard"
@@ -390,6 +393,8 @@ class FusedSteps:
             t,
             center,
             self.partner,
+            self.anchor,
+            self.safe2,
             self.target_normals,
             f.points,
             f.point_offset,
@@ -399,6 +404,8 @@ class FusedSteps:
             f.node_child,
             f.node_low,
             f.node_high,
+            f.cell_low,
+            f.cell_high,
             f.node_parent,
             f.point_leaf,
             active.numpy(),

@@ -17,6 +17,7 @@ so trees are balanced and leaves hold between ``LEAF_SIZE // 2`` and ``LEAF_SIZE
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numba
@@ -40,6 +41,8 @@ class KDForest:
         node_start, node_end: ``(nodes,)`` int64 point range of a node, local to its tree.
         node_child: ``(nodes,)`` int64 first child, local to its tree (-1 for a leaf).
         node_low, node_high: ``(nodes, 3)`` float64 bounding box.
+        cell_low, cell_high: ``(nodes, 3)`` float64 cell of the median splits (the root's is
+            infinite); it holds the node's box, and no other point lies inside it.
         node_parent: ``(nodes,)`` int64 parent, local to its tree (-1 for a root).
         point_leaf: ``(P,)`` int64 leaf holding each tree point, local to its tree.
     """
@@ -53,6 +56,8 @@ class KDForest:
     node_child: np.ndarray
     node_low: np.ndarray
     node_high: np.ndarray
+    cell_low: np.ndarray
+    cell_high: np.ndarray
     node_parent: np.ndarray
     point_leaf: np.ndarray
 
@@ -104,6 +109,8 @@ def _build_tree(
     child: np.ndarray,
     low: np.ndarray,
     high: np.ndarray,
+    cell_low: np.ndarray,
+    cell_high: np.ndarray,
     parent: np.ndarray,
     leaf_of: np.ndarray,
 ) -> int:
@@ -114,6 +121,9 @@ def _build_tree(
     start[0] = 0
     end[0] = pts.shape[0]
     parent[0] = -1
+    for d in range(3):
+        cell_low[0, d] = -np.inf
+        cell_high[0, d] = np.inf
     n_nodes = 1
     stack[0] = 0
     top = 1
@@ -146,6 +156,12 @@ def _build_tree(
         start[first + 1], end[first + 1] = mid, e
         child[node] = first
         parent[first] = parent[first + 1] = node
+        split = pts[perm[mid], dim]  # left points <= split <= right points
+        for d in range(3):
+            cell_low[first, d] = cell_low[first + 1, d] = cell_low[node, d]
+            cell_high[first, d] = cell_high[first + 1, d] = cell_high[node, d]
+        cell_high[first, dim] = split
+        cell_low[first + 1, dim] = split
         stack[top] = first + 1
         stack[top + 1] = first
         top += 2
@@ -165,6 +181,8 @@ def _build_forest(
     child: np.ndarray,
     low: np.ndarray,
     high: np.ndarray,
+    cell_low: np.ndarray,
+    cell_high: np.ndarray,
     parent: np.ndarray,
     point_leaf: np.ndarray,
 ) -> None:
@@ -184,6 +202,8 @@ def _build_forest(
             child[n0:n1],
             low[n0:n1],
             high[n0:n1],
+            cell_low[n0:n1],
+            cell_high[n0:n1],
             parent[n0:n1],
             point_leaf[p0 : p0 + m],
         )
@@ -218,6 +238,8 @@ def build_forest(clouds: np.ndarray, counts: np.ndarray) -> KDForest:
         node_child=np.full(n_nodes, -1, dtype=np.int64),
         node_low=np.zeros((n_nodes, 3)),
         node_high=np.zeros((n_nodes, 3)),
+        cell_low=np.zeros((n_nodes, 3)),
+        cell_high=np.zeros((n_nodes, 3)),
         node_parent=np.full(n_nodes, -1, dtype=np.int64),
         point_leaf=np.zeros(int(point_offset[-1]), dtype=np.int64),
     )
@@ -233,6 +255,8 @@ def build_forest(clouds: np.ndarray, counts: np.ndarray) -> KDForest:
         forest.node_child,
         forest.node_low,
         forest.node_high,
+        forest.cell_low,
+        forest.cell_high,
         forest.node_parent,
         forest.point_leaf,
     )
@@ -249,13 +273,16 @@ def _box_distance2(
     return dx * dx + dy * dy + dz * dz
 
 
-@njit(cache=True)
-def nearest_in_tree(
+@njit(cache=True, inline="always")
+def search_tree(
     x: float,
     y: float,
     z: float,
-    best_d2: float,
-    best: int,
+    d1: float,
+    i1: int,
+    d2: float,
+    i2: int,
+    second: bool,
     points: np.ndarray,
     point_base: int,
     node_base: int,
@@ -267,37 +294,44 @@ def nearest_in_tree(
     stack: np.ndarray,
     stack_d2: np.ndarray,
     first_node: int = -1,
-) -> tuple[float, int]:
-    """The tree point nearest to ``(x, y, z)`` among those closer than ``sqrt(best_d2)``.
+) -> tuple[float, int, float, int]:
+    """The nearest (and, with ``second``, second-nearest) tree points to ``(x, y, z)``.
 
-    ``best`` / ``best_d2`` are the starting answer (a known candidate and its squared distance,
-    or -1 and the squared search radius); returns the final pair, ``best`` a row of ``points``.
-    ``stack`` / ``stack_d2`` are scratch arrays of length ``STACK_DEPTH``. The search covers
-    the subtree of ``first_node`` (global; -1: the root), which must hold every point closer
-    than ``sqrt(best_d2)`` (see :func:`enclosing_node`).
+    ``(d1, i1)``, ``(d2, i2)`` are the starting answers: squared distances with rows of
+    ``points`` (-1 and the squared search radius when unknown; ``d1 <= d2``). Only points
+    strictly closer than the bound (``d2`` with ``second``, else ``d1``) are searched, from the
+    subtree of ``first_node`` (global; -1: the root), which must hold every such point (see
+    :func:`enclosing_node`). Returns the final ``(d1, i1, d2, i2)``. ``stack`` / ``stack_d2``
+    are scratch arrays of length ``STACK_DEPTH``.
     """
     node = node_base if first_node < 0 else first_node
+    bound = d2 if second else d1
     first_d2 = _box_distance2(x, y, z, low, high, node)
-    if first_d2 >= best_d2:
-        return best_d2, best
+    if first_d2 >= bound:
+        return d1, i1, d2, i2
     stack[0] = node
     stack_d2[0] = first_d2
     top = 1
     while top > 0:
         top -= 1
-        if stack_d2[top] >= best_d2:
+        if stack_d2[top] >= bound:
             continue
         node = stack[top]
         first = child[node]
         if first < 0:
             for i in range(point_base + start[node], point_base + end[node]):
+                if i == i1 or i == i2:  # noqa: SIM109 (a starting answer seen again)
+                    continue
                 dx = points[i, 0] - x
                 dy = points[i, 1] - y
                 dz = points[i, 2] - z
-                d2 = dx * dx + dy * dy + dz * dz
-                if d2 < best_d2:
-                    best_d2 = d2
-                    best = i
+                d = dx * dx + dy * dy + dz * dz
+                if d < d1:
+                    d2, i2 = d1, i1
+                    d1, i1 = d, i
+                elif d < d2:
+                    d2, i2 = d, i
+            bound = d2 if second else d1
             continue
         a = node_base + first
         b = a + 1
@@ -306,18 +340,18 @@ def nearest_in_tree(
         if da > db:  # visit the nearer child first: push it last
             a, b = b, a
             da, db = db, da
-        if db < best_d2:
+        if db < bound:
             stack[top] = b
             stack_d2[top] = db
             top += 1
-        if da < best_d2:
+        if da < bound:
             stack[top] = a
             stack_d2[top] = da
             top += 1
-    return best_d2, best
+    return d1, i1, d2, i2
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def enclosing_node(
     x: float,
     y: float,
@@ -326,32 +360,103 @@ def enclosing_node(
     leaf: int,
     node_base: int,
     parent: np.ndarray,
-    low: np.ndarray,
-    high: np.ndarray,
+    cell_low: np.ndarray,
+    cell_high: np.ndarray,
 ) -> int:
-    """The lowest ancestor of ``leaf`` (global) whose bounding box strictly contains the ball of
+    """The lowest ancestor of ``leaf`` (global) whose cell strictly contains the ball of
     ``radius`` about ``(x, y, z)``, or the root (global indices).
 
-    Every point inside that ball belongs to the returned subtree: a node's box lies inside its
-    cell of the median splits, and no point of another subtree is in a cell's interior. A
-    search warm-started near its last answer thus starts a few levels above a leaf instead of
-    at the root.
+    Every point inside that ball belongs to the returned subtree: a point of another subtree
+    lies on the far side of (or on) one of the splits bounding the cell, never in its interior.
+    A search warm-started near its last answer thus starts at (or a level or two above) a leaf
+    instead of at the root.
     """
     node = leaf
     while True:
         if (
-            low[node, 0] < x - radius
-            and x + radius < high[node, 0]
-            and low[node, 1] < y - radius
-            and y + radius < high[node, 1]
-            and low[node, 2] < z - radius
-            and z + radius < high[node, 2]
+            cell_low[node, 0] < x - radius
+            and x + radius < cell_high[node, 0]
+            and cell_low[node, 1] < y - radius
+            and y + radius < cell_high[node, 1]
+            and cell_low[node, 2] < z - radius
+            and z + radius < cell_high[node, 2]
         ):
             return node
         up = parent[node]
         if up < 0:
             return node
         node = node_base + up
+
+
+@njit(cache=True, inline="always")
+def warm_two_nearest(
+    x: float,
+    y: float,
+    z: float,
+    last: int,
+    radius2: float,
+    points: np.ndarray,
+    point_base: int,
+    node_base: int,
+    start: np.ndarray,
+    end: np.ndarray,
+    child: np.ndarray,
+    low: np.ndarray,
+    high: np.ndarray,
+    cell_low: np.ndarray,
+    cell_high: np.ndarray,
+    parent: np.ndarray,
+    point_leaf: np.ndarray,
+    stack: np.ndarray,
+    stack_d2: np.ndarray,
+) -> tuple[float, int, float]:
+    """Nearest and second-nearest distances (squared) within ``sqrt(radius2)``, starting from
+    ``last`` (a row of ``points`` near the answer, or -1): its leaf's points give first answers
+    whose distances bound the search, which then starts from the lowest node enclosing them.
+
+    Returns ``(d1, i1, d2)``: ``i1`` is -1 when nothing is closer than the radius, and ``d2`` is
+    ``radius2`` when there is no second point within it.
+    """
+    d1, i1, d2, i2 = radius2, -1, radius2, -1
+    first = -1
+    if last >= 0:
+        leaf = node_base + point_leaf[last]
+        for i in range(point_base + start[leaf], point_base + end[leaf]):
+            dx = points[i, 0] - x
+            dy = points[i, 1] - y
+            dz = points[i, 2] - z
+            d = dx * dx + dy * dy + dz * dz
+            if d < d1:
+                d2, i2 = d1, i1
+                d1, i1 = d, i
+            elif d < d2:
+                d2, i2 = d, i
+        if d2 < np.inf:
+            first = enclosing_node(
+                x, y, z, math.sqrt(d2), leaf, node_base, parent, cell_low, cell_high
+            )
+    d1, i1, d2, _ = search_tree(
+        x,
+        y,
+        z,
+        d1,
+        i1,
+        d2,
+        i2,
+        True,
+        points,
+        point_base,
+        node_base,
+        start,
+        end,
+        child,
+        low,
+        high,
+        stack,
+        stack_d2,
+        first,
+    )
+    return d1, i1, d2
 
 
 @njit(parallel=True, cache=True)
@@ -380,12 +485,15 @@ def _nearest_batch(
             out_d2[b, i] = np.inf
             if i >= query_counts[b] or empty:
                 continue
-            d2, best = nearest_in_tree(
+            d2, best, _, _ = search_tree(
                 queries[b, i, 0],
                 queries[b, i, 1],
                 queries[b, i, 2],
                 radius2,
                 -1,
+                radius2,
+                -1,
+                False,
                 points,
                 point_offset[b],
                 node_offset[b],
@@ -458,6 +566,7 @@ __all__ = [
     "build_forest",
     "enclosing_node",
     "nearest",
-    "nearest_in_tree",
+    "search_tree",
     "set_threads",
+    "warm_two_nearest",
 ]
