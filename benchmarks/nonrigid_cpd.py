@@ -43,8 +43,9 @@ def run_cpd(
     src = scene.source.numpy()
     tgt = scene.target.numpy()
     start = time.perf_counter()
-    result = cpd.registration_cpd(src, tgt, tf_type_name="nonrigid", w=w, maxiter=maxiter,
-                                  tol=1e-5, beta=beta, lmd=lmd)
+    result = cpd.registration_cpd(
+        src, tgt, tf_type_name="nonrigid", w=w, maxiter=maxiter, tol=1e-5, beta=beta, lmd=lmd
+    )
     moved = result.transformation.transform(src)
     return np.asarray(moved), time.perf_counter() - start
 
@@ -63,32 +64,57 @@ def main() -> None:
         start = time.perf_counter()
         _, result = fit_graph(scene)
         icp_time = time.perf_counter() - start
-        rows.append({"seed": seed, "method": "nonrigid ICP (ED graph)", "before_mm": before * 1e3,
-                     "surface_mm": surface_error(result.points, scene) * 1e3,
-                     "vertex_mm": vertex_error(result.points, scene) * 1e3, "seconds": icp_time})
+        rows.append(
+            {
+                "seed": seed,
+                "method": "nonrigid ICP (ED graph)",
+                "before_mm": before * 1e3,
+                "surface_mm": surface_error(result.points, scene) * 1e3,
+                "vertex_mm": vertex_error(result.points, scene) * 1e3,
+                "seconds": icp_time,
+            }
+        )
         # The same without the camera-visibility weights (CPD knows nothing of the cameras).
         start = time.perf_counter()
         _, result = fit_graph(scene, visibility=False)
-        rows.append({"seed": seed, "method": "nonrigid ICP, no visibility", "before_mm": before * 1e3,
-                     "surface_mm": surface_error(result.points, scene) * 1e3,
-                     "vertex_mm": vertex_error(result.points, scene) * 1e3,
-                     "seconds": time.perf_counter() - start})
+        rows.append(
+            {
+                "seed": seed,
+                "method": "nonrigid ICP, no visibility",
+                "before_mm": before * 1e3,
+                "surface_mm": surface_error(result.points, scene) * 1e3,
+                "vertex_mm": vertex_error(result.points, scene) * 1e3,
+                "seconds": time.perf_counter() - start,
+            }
+        )
         for beta, lmd, w in CPD_GRID:
             moved, t = run_cpd(scene, beta, lmd, w)
             pts = torch.from_numpy(moved)
-            rows.append({"seed": seed, "method": f"CPD beta={beta} lmd={lmd} w={w}",
-                         "before_mm": before * 1e3, "surface_mm": surface_error(pts, scene) * 1e3,
-                         "vertex_mm": vertex_error(pts, scene) * 1e3, "seconds": t})
-        for r in rows[-2 - len(CPD_GRID):]:
-            print(f"seed {r['seed']}  {r['method']:<32} before {r['before_mm']:6.2f} mm  "
-                  f"after {r['surface_mm']:6.2f} mm  per-point {r['vertex_mm']:6.2f} mm  "
-                  f"{r['seconds']:6.2f} s", flush=True)
+            rows.append(
+                {
+                    "seed": seed,
+                    "method": f"CPD beta={beta} lmd={lmd} w={w}",
+                    "before_mm": before * 1e3,
+                    "surface_mm": surface_error(pts, scene) * 1e3,
+                    "vertex_mm": vertex_error(pts, scene) * 1e3,
+                    "seconds": t,
+                }
+            )
+        for r in rows[-2 - len(CPD_GRID) :]:
+            print(
+                f"seed {r['seed']}  {r['method']:<32} before {r['before_mm']:6.2f} mm  "
+                f"after {r['surface_mm']:6.2f} mm  per-point {r['vertex_mm']:6.2f} mm  "
+                f"{r['seconds']:6.2f} s",
+                flush=True,
+            )
     print("\nmean over seeds:")
     for method in dict.fromkeys(r["method"] for r in rows):
         sel = [r for r in rows if r["method"] == method]
-        print(f"  {method:<32} surface {np.mean([r['surface_mm'] for r in sel]):6.2f} mm  "
-              f"per-point {np.mean([r['vertex_mm'] for r in sel]):6.2f} mm  "
-              f"time {np.mean([r['seconds'] for r in sel]):6.2f} s")
+        print(
+            f"  {method:<32} surface {np.mean([r['surface_mm'] for r in sel]):6.2f} mm  "
+            f"per-point {np.mean([r['vertex_mm'] for r in sel]):6.2f} mm  "
+            f"time {np.mean([r['seconds'] for r in sel]):6.2f} s"
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)

@@ -36,22 +36,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seeds", type=int, default=3, help="number of random initial perturbations")
+    parser.add_argument(
+        "--seeds", type=int, default=3, help="number of random initial perturbations"
+    )
     args = parser.parse_args()
-    folder = require_data_dir(args.data_dir, needs="the 3DMatch pair") / "scans" / "open3d_3dmatch_pair"
+    folder = (
+        require_data_dir(args.data_dir, needs="the 3DMatch pair") / "scans" / "open3d_3dmatch_pair"
+    )
     source = o3d.io.read_point_cloud(str(folder / "feature_cloud_bin_0.pcd"))
     target = o3d.io.read_point_cloud(str(folder / "feature_cloud_bin_1.pcd"))
     src = torch.from_numpy(np.asarray(source.points))
     tgt = torch.from_numpy(np.asarray(target.points))
     tgt_n = torch.from_numpy(np.asarray(target.normals))
     max_distance = 0.05
-    criteria = reg.ICPConvergenceCriteria(relative_fitness=1e-10, relative_rmse=1e-10, max_iteration=100)
+    criteria = reg.ICPConvergenceCriteria(
+        relative_fitness=1e-10, relative_rmse=1e-10, max_iteration=100
+    )
     estimators = {
         "point_to_point": reg.TransformationEstimationPointToPoint(),
         "point_to_plane": reg.TransformationEstimationPointToPlane(),
     }
     print(f"3DMatch pair: {len(src)} -> {len(tgt)} points, max_distance {max_distance}, float64")
-    print("| metric | seed | max abs dT | d fitness | d inlier RMSE | iterations | ours ms | Open3D ms |")
+    print(
+        "| metric | seed | max abs dT | d fitness | d inlier RMSE | iterations | ours ms | Open3D ms |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for metric, estimator in estimators.items():
         for seed in range(args.seeds):
@@ -62,9 +70,16 @@ def main() -> None:
                 ref = reg.registration_icp(source, target, max_distance, init, estimator, criteria)
                 t1 = time.perf_counter()
                 ours = difficp.icp(
-                    src, tgt, init=torch.from_numpy(init), target_normals=tgt_n, metric=metric,
-                    max_distance=max_distance, max_iterations=100, relative_fitness=1e-10,
-                    relative_rmse=1e-10, differentiation="none",
+                    src,
+                    tgt,
+                    init=torch.from_numpy(init),
+                    target_normals=tgt_n,
+                    metric=metric,
+                    max_distance=max_distance,
+                    max_iterations=100,
+                    relative_fitness=1e-10,
+                    relative_rmse=1e-10,
+                    differentiation="none",
                 )
                 t2 = time.perf_counter()
                 t_o3d.append(t1 - t0)

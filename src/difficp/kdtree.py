@@ -18,11 +18,19 @@ so trees are balanced and leaves hold between ``LEAF_SIZE // 2`` and ``LEAF_SIZE
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numba
 import numpy as np
 from numba import njit, prange
+from numba.core.errors import NumbaWarning
+
+# numba tries its TBB layer first and, finding an older TBB (open3d ships one), warns before
+# falling back to OpenMP: harmless, and not something a difficp user can act on.
+warnings.filterwarnings(
+    "ignore", message="The TBB threading layer requires TBB version", category=NumbaWarning
+)
 
 LEAF_SIZE = 8
 # Deep enough for any balanced tree that fits in memory (depth ~ log2(points / LEAF_SIZE)).
