@@ -128,11 +128,6 @@ def test_nearest_in_empty_trees_next_to_full_ones() -> None:
     assert (index[1] >= 0).all() and np.isfinite(distance[1]).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IndexError,
-    reason="kdtree.nearest indexes forest.order (empty) when every tree of the forest is empty",
-)
 def test_nearest_in_only_empty_trees() -> None:
     forest = build_forest(np.zeros((2, 4, 3)), np.array([0, 0]))
     index, distance = nearest(forest, np.zeros((2, 5, 3)))
@@ -300,12 +295,32 @@ def test_nearest_rejects_batch_mismatch_and_missing_axes() -> None:
         nearest(forest, np.zeros((2, 5)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kdtree.nearest does not check that queries are (B, N, 3): a 4th coordinate is "
-    "silently ignored (and (B, N, 2) reads past each row)",
-)
 def test_nearest_rejects_queries_that_are_not_3d() -> None:
     forest = build_forest(np.random.default_rng(0).random((2, 10, 3)), np.array([10, 4]))
     with pytest.raises(ValueError):
         nearest(forest, np.zeros((2, 5, 4)))
+    with pytest.raises(ValueError, match=r"\(B, N, 3\)"):
+        nearest(forest, np.zeros((2, 5, 2)))
+
+
+@pytest.mark.parametrize("counts", [[5, -1], [5, 9]])
+def test_build_forest_rejects_counts_outside_the_cloud(counts: list[int]) -> None:
+    # Unchecked, a negative count corrupted the heap and a count past M read out of bounds.
+    with pytest.raises(ValueError, match="counts must lie in"):
+        build_forest(np.random.default_rng(0).random((2, 5, 3)), np.array(counts))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"query_counts": np.array([5])}, "query_counts"),
+        ({"query_counts": np.array([5, 6])}, "query_counts"),
+        ({"query_counts": np.array([-1, 2])}, "query_counts"),
+        ({"max_distance": -1.0}, "max_distance"),
+        ({"max_distance": 0.0}, "max_distance"),
+    ],
+)
+def test_nearest_rejects_bad_counts_and_radius(kwargs: dict, match: str) -> None:
+    forest = build_forest(np.random.default_rng(0).random((2, 10, 3)), np.array([10, 4]))
+    with pytest.raises(ValueError, match=match):
+        nearest(forest, np.zeros((2, 5, 3)), **kwargs)

@@ -46,7 +46,7 @@ NORMAL_EQ = 3  # linearised: upper triangle of J^T W J (21), J^T W r (6)
 SUM_WIDTH = 32
 
 
-@njit(inline="always")
+@njit(inline="always", error_model="numpy")
 def _robust_weight(code: int, r: float, k: float) -> float:
     if code == 1:
         return 1.0 if r <= k else k / max(r, 1e-300)
@@ -59,12 +59,12 @@ def _robust_weight(code: int, r: float, k: float) -> float:
     return 1.0
 
 
-@njit(inline="always")
+@njit(inline="always", error_model="numpy")
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
-@njit(inline="always")
+@njit(inline="always", error_model="numpy")
 def _add_outer(sums: np.ndarray, row: int, J: np.ndarray, r: float, w: float) -> None:
     k = NORMAL_EQ
     for a in range(6):
@@ -76,7 +76,7 @@ def _add_outer(sums: np.ndarray, row: int, J: np.ndarray, r: float, w: float) ->
         sums[row, NORMAL_EQ + 21 + a] += w * J[a] * r
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def fused_iteration(
     source: np.ndarray,
     source_normals: np.ndarray,
@@ -345,16 +345,16 @@ class FusedSteps:
         self.anchor = np.zeros((B, N, 3))
         self.safe2 = np.zeros((B, N))
         self.tasks = (N + CHUNK - 1) // CHUNK
-        md = config.max_distance
+        md = None if config.max_distance is None else _scalar(config.max_distance)
         hard_radius = md is not None and config.rejection == "hard"
         angle = config.max_normal_angle
         self.options = np.array(
             [
-                float(md) ** 2 if hard_radius else np.inf,
-                np.inf if md is None else float(md),
-                float(config.rejection_temperature),
-                -np.inf if angle is None else math.cos(math.radians(float(angle))),
-                float(config.kernel_scale),
+                md**2 if hard_radius else np.inf,
+                np.inf if md is None else md,
+                _scalar(config.rejection_temperature),
+                -np.inf if angle is None else math.cos(math.radians(_scalar(angle))),
+                _scalar(config.kernel_scale),
             ]
         )
         self.int_options = np.array(
@@ -433,6 +433,11 @@ class FusedSteps:
         return torch.from_numpy(update), damping, enough
 
 
+def _scalar(value: float | Tensor) -> float:
+    """A config option as a float (tensors may require grad: the fast path gives no gradient)."""
+    return float(value.detach()) if isinstance(value, Tensor) else float(value)
+
+
 def _numpy(values: Tensor) -> np.ndarray:
     return np.ascontiguousarray(values.detach().cpu().double().numpy())
 
@@ -445,11 +450,45 @@ _TINY = np.finfo(np.float64).tiny
 _EPS = np.finfo(np.float64).eps
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
+def _lu_solve_in_place(M: np.ndarray, rhs: np.ndarray, x: np.ndarray) -> float:
+    """LU with partial pivoting of ``M`` (overwritten); solves into ``x`` unless ``rhs`` is
+    empty. Returns the smallest absolute pivot (0: singular, ``x`` untouched)."""
+    n = M.shape[0]
+    smallest = np.inf
+    for k in range(n):
+        pivot = k
+        for i in range(k + 1, n):
+            if abs(M[i, k]) > abs(M[pivot, k]):
+                pivot = i
+        if M[pivot, k] == 0.0:
+            return 0.0
+        smallest = min(smallest, abs(M[pivot, k]))
+        if pivot != k:
+            for j in range(n):
+                M[k, j], M[pivot, j] = M[pivot, j], M[k, j]
+            if rhs.size:
+                rhs[k], rhs[pivot] = rhs[pivot], rhs[k]
+        for i in range(k + 1, n):
+            f = M[i, k] / M[k, k]
+            for j in range(k, n):
+                M[i, j] -= f * M[k, j]
+            if rhs.size:
+                rhs[i] -= f * rhs[k]
+    if rhs.size:
+        for k in range(n - 1, -1, -1):
+            acc = rhs[k]
+            for j in range(k + 1, n):
+                acc -= M[k, j] * x[j]
+            x[k] = acc / M[k, k]
+    return smallest
+
+
+@njit(cache=True, error_model="numpy")
 def _solve_regularized(A: np.ndarray, g: np.ndarray, x: np.ndarray) -> bool:
-    """``x`` solving ``(A + eps trace(A)/6 I) x = -g`` like
-    :func:`difficp.solvers.solve_normal_equations` (LU with partial pivoting); False, and a
-    zero ``x``, for an unusable or singular system."""
+    """``x`` solving ``A x = -g`` regularised like :func:`difficp.solvers.regularize` (then
+    :func:`difficp.solvers.solve_normal_equations`); False, and a zero ``x``, for an unusable
+    or singular system."""
     n = A.shape[0]
     trace = 0.0
     for k in range(n):
@@ -457,36 +496,21 @@ def _solve_regularized(A: np.ndarray, g: np.ndarray, x: np.ndarray) -> bool:
     x[:] = 0.0
     if not trace > _TINY:
         return False
+    scaled = np.empty((n, n))
+    for i in range(n):
+        for j in range(n):
+            scaled[i, j] = A[i, j] / (
+                math.sqrt(max(A[i, i], _TINY)) * math.sqrt(max(A[j, j], _TINY))
+            )
+    deficient = _lu_solve_in_place(scaled, np.empty(0), x) < _EPS**0.75
     M = A.copy()
-    jitter = max(_EPS * trace / n, _TINY)
+    jitter = max((math.sqrt(_EPS) if deficient else _EPS) * trace / n, _TINY)
     for k in range(n):
         M[k, k] += jitter
-    rhs = -g.copy()
-    for k in range(n):
-        pivot = k
-        for i in range(k + 1, n):
-            if abs(M[i, k]) > abs(M[pivot, k]):
-                pivot = i
-        if M[pivot, k] == 0.0:
-            return False
-        if pivot != k:
-            for j in range(n):
-                M[k, j], M[pivot, j] = M[pivot, j], M[k, j]
-            rhs[k], rhs[pivot] = rhs[pivot], rhs[k]
-        for i in range(k + 1, n):
-            f = M[i, k] / M[k, k]
-            for j in range(k, n):
-                M[i, j] -= f * M[k, j]
-            rhs[i] -= f * rhs[k]
-    for k in range(n - 1, -1, -1):
-        acc = rhs[k]
-        for j in range(k + 1, n):
-            acc -= M[k, j] * x[j]
-        x[k] = acc / M[k, k]
-    return True
+    return _lu_solve_in_place(M, -g.copy(), x) > 0.0
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _euler_update(step: np.ndarray, out: np.ndarray) -> None:
     """:func:`difficp.geometry.twist_to_transform`: ``R = Rz Ry Rx``, ``t = v``."""
     ca, cb, cg = math.cos(step[0]), math.cos(step[1]), math.cos(step[2])
@@ -497,7 +521,7 @@ def _euler_update(step: np.ndarray, out: np.ndarray) -> None:
     out[0, 3], out[1, 3], out[2, 3] = step[3], step[4], step[5]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _rotvec_to_rotmat(v: np.ndarray) -> np.ndarray:
     """Rodrigues' formula."""
     angle = math.sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2])
@@ -509,7 +533,7 @@ def _rotvec_to_rotmat(v: np.ndarray) -> np.ndarray:
     return R + math.sin(angle) * K + (1.0 - math.cos(angle)) * (K @ K)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _symmetric_update(step: np.ndarray, out: np.ndarray) -> None:
     """:meth:`difficp.metrics.Symmetric.step_to_transform`."""
     a = step[:3]
@@ -522,7 +546,7 @@ def _symmetric_update(step: np.ndarray, out: np.ndarray) -> None:
     out[:3, 3] = translation
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _procrustes_update(moments: np.ndarray, center: np.ndarray, out: np.ndarray) -> None:
     """:func:`difficp.solvers.weighted_procrustes` from the 16 moments about ``center``."""
     w = max(moments[0], _TINY)
@@ -537,7 +561,7 @@ def _procrustes_update(moments: np.ndarray, center: np.ndarray, out: np.ndarray)
     out[:3, 3] = (q + center) - R @ (p + center)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _solve_updates(
     sums: np.ndarray, center: np.ndarray, metric: int, procrustes: int, out: np.ndarray
 ) -> None:

@@ -29,7 +29,7 @@ from numba.core.errors import NumbaWarning
 # numba tries its TBB layer first and, finding an older TBB (open3d ships one), warns before
 # falling back to OpenMP: harmless, and not something a difficp user can act on.
 warnings.filterwarnings(
-    "ignore", message="The TBB threading layer requires TBB version", category=NumbaWarning
+    "ignore", message=".*The TBB threading layer requires TBB version", category=NumbaWarning
 )
 
 LEAF_SIZE = 8
@@ -80,7 +80,7 @@ def _node_capacity(count: int) -> int:
     return 2 * max(1, count // (LEAF_SIZE // 2)) + 1
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _select(perm: np.ndarray, pts: np.ndarray, lo: int, hi: int, k: int, dim: int) -> None:
     """Quickselect: reorder ``perm[lo:hi]`` so that ``perm[k]`` holds the k-th smallest
     ``pts[perm, dim]``, with nothing larger before it and nothing smaller after it."""
@@ -108,7 +108,7 @@ def _select(perm: np.ndarray, pts: np.ndarray, lo: int, hi: int, k: int, dim: in
             return
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _build_tree(
     pts: np.ndarray,
     perm: np.ndarray,
@@ -176,7 +176,7 @@ def _build_tree(
     return n_nodes
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def _build_forest(
     clouds: np.ndarray,
     counts: np.ndarray,
@@ -231,7 +231,11 @@ def build_forest(clouds: np.ndarray, counts: np.ndarray) -> KDForest:
     clouds = np.ascontiguousarray(clouds, dtype=np.float64)
     counts = np.asarray(counts, dtype=np.int64)
     if clouds.ndim != 3 or clouds.shape[2] != 3 or counts.shape != (clouds.shape[0],):
-        raise ValueError(f"clouds must be (B, M, 3) with counts (B,), got {clouds.shape}")
+        raise ValueError(
+            f"clouds must be (B, M, 3) with counts (B,), got {clouds.shape} and {counts.shape}"
+        )
+    if counts.size and (counts.min() < 0 or counts.max() > clouds.shape[1]):
+        raise ValueError(f"counts must lie in [0, {clouds.shape[1]}], got {counts.tolist()}")
     point_offset = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     capacity = np.array([_node_capacity(int(c)) for c in counts], dtype=np.int64)
     capacity_offset = np.concatenate([[0], np.cumsum(capacity)]).astype(np.int64)
@@ -271,7 +275,7 @@ def build_forest(clouds: np.ndarray, counts: np.ndarray) -> KDForest:
     return forest
 
 
-@njit(inline="always")
+@njit(inline="always", error_model="numpy")
 def _box_distance2(
     x: float, y: float, z: float, low: np.ndarray, high: np.ndarray, node: int
 ) -> float:
@@ -281,7 +285,7 @@ def _box_distance2(
     return dx * dx + dy * dy + dz * dz
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def search_tree(
     x: float,
     y: float,
@@ -359,7 +363,7 @@ def search_tree(
     return d1, i1, d2, i2
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def enclosing_node(
     x: float,
     y: float,
@@ -396,7 +400,7 @@ def enclosing_node(
         node = node_base + up
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def warm_two_nearest(
     x: float,
     y: float,
@@ -467,7 +471,7 @@ def warm_two_nearest(
     return d1, i1, d2
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def _nearest_batch(
     queries: np.ndarray,
     query_counts: np.ndarray,
@@ -533,6 +537,8 @@ def nearest(
         (inf: none found).
     """
     queries = np.ascontiguousarray(queries, dtype=np.float64)
+    if queries.ndim != 3 or queries.shape[2] != 3:
+        raise ValueError(f"queries must be (B, N, 3), got {queries.shape}")
     B, N, _ = queries.shape
     if forest.batch != B:
         raise ValueError(f"queries have batch {B}, the forest was built for {forest.batch}")
@@ -541,6 +547,10 @@ def nearest(
         if query_counts is None
         else np.asarray(query_counts, dtype=np.int64)
     )
+    if counts.shape != (B,) or (B and (counts.min() < 0 or counts.max() > N)):
+        raise ValueError(f"query_counts must be (B,) in [0, {N}], got {counts.tolist()}")
+    if max_distance is not None and not float(max_distance) > 0:
+        raise ValueError(f"max_distance must be positive (or None), got {max_distance}")
     radius2 = np.inf if max_distance is None else float(max_distance) ** 2
     row = np.empty((B, N), dtype=np.int64)
     d2 = np.empty((B, N))
@@ -559,6 +569,8 @@ def nearest(
         row,
         d2,
     )
+    if forest.order.size == 0:  # every tree is empty
+        return np.full((B, N), -1, dtype=np.int64), np.full((B, N), np.inf)
     index = np.where(row >= 0, forest.order[np.maximum(row, 0)], -1)
     return index, np.sqrt(d2)
 

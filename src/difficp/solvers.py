@@ -54,16 +54,29 @@ def lu_solve(A: Tensor, b: Tensor) -> Tensor:
 def regularize(A: Tensor) -> tuple[Tensor, Tensor]:
     """Make normal matrices ``(B, 6, 6)`` safely invertible.
 
-    Adds ``eps * trace/6`` to the diagonal (eps = dtype epsilon: invisible for well-posed
-    systems, enough to make a rank-deficient one - a plane under point-to-plane, say - solvable,
-    with a zero step in its null space). Pairs with an all-zero matrix get the identity.
-    Returns the matrix and a ``(B,)`` bool of the pairs that had a usable system.
+    Adds ``eps * trace/6`` to the diagonal (eps = dtype epsilon): invisible for well-posed
+    systems, so steps match Open3D's. A numerically rank-deficient system (a plane under
+    point_to_plane, a line under point_to_point: the LU of the Jacobi-scaled matrix has a pivot
+    below ``eps^(3/4)``) would then step by rounding noise / jitter in its null space, as far as
+    the real step; it gets ``sqrt(eps) * trace/6`` instead, which keeps that component ~1e-8 of
+    the step (close to the minimum-norm step; a diagonal-scaled damping would not be: it trades
+    cheap null-space motion for the expensive coordinates). Pairs with an all-zero matrix get
+    the identity. Returns the matrix and a ``(B,)`` bool of the pairs with a usable system.
     """
     n = A.shape[-1]
+    info = torch.finfo(A.dtype)
     trace = A.diagonal(dim1=-2, dim2=-1).sum(-1)
-    usable = trace > torch.finfo(A.dtype).tiny
+    usable = trace > info.tiny
     eye = torch.eye(n, dtype=A.dtype, device=A.device)
-    jitter = (torch.finfo(A.dtype).eps * trace / n).clamp_min(torch.finfo(A.dtype).tiny)
+    # Rank test on the Jacobi-scaled matrix, so that units (rotation vs translation) and the
+    # distance of the cloud from the origin do not look like rank loss.
+    scale = A.detach().diagonal(dim1=-2, dim2=-1).clamp_min(info.tiny).rsqrt()
+    scaled = A.detach() * scale[:, :, None] * scale[:, None, :]
+    LU, _, failed = torch.linalg.lu_factor_ex(scaled)
+    smallest_pivot = LU.diagonal(dim1=-2, dim2=-1).abs().amin(-1)
+    deficient = (failed != 0) | (smallest_pivot < info.eps**0.75)
+    relative = torch.where(deficient, info.eps**0.5, info.eps).to(A.dtype)
+    jitter = (relative * trace / n).clamp_min(info.tiny)
     A = A + jitter[:, None, None] * eye
     return torch.where(usable[:, None, None], A, eye.expand_as(A)), usable
 
