@@ -561,14 +561,14 @@ def _procrustes_update(moments: np.ndarray, center: np.ndarray, out: np.ndarray)
     out[:3, 3] = (q + center) - R @ (p + center)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(parallel=True, cache=True, error_model="numpy")
 def _solve_updates(
     sums: np.ndarray, center: np.ndarray, metric: int, procrustes: int, out: np.ndarray
 ) -> None:
     """Every pair's ``(4, 4)`` update into ``out`` ``(B, 4, 4)`` from its sums."""
-    A = np.empty((6, 6))
-    x = np.empty(6)
-    for b in range(sums.shape[0]):
+    for b in prange(sums.shape[0]):
+        A = np.empty((6, 6))
+        x = np.empty(6)
         out[b] = np.eye(4)
         if procrustes == 1:
             _procrustes_update(sums[b, MOMENTS : MOMENTS + 16], center[b], out[b])

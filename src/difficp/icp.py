@@ -316,6 +316,8 @@ def _choose_steps(
     request), else the PyTorch reference."""
     if search_backend in ("kdtree", "brute_force"):
         return ReferenceSteps(problem, config)
+    if search_backend == "auto" and (needs_grad or config.correspondence != "nearest"):
+        return ReferenceSteps(problem, config)  # without importing numba (~70 MB)
     from difficp.fused import FusedSteps, fused_supported
 
     reason = fused_supported(problem, config)
