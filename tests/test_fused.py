@@ -750,3 +750,17 @@ def test_implicit_gradient_with_fused_forward_matches_reference(
         scale = float(ref.abs().max())
         torch.testing.assert_close(fast, ref, atol=1e-7 * max(scale, 1.0), rtol=0)
     assert float(grads[backend][0].abs().sum()) > 0
+
+
+def test_fast_path_keeps_the_callers_torch_thread_count() -> None:
+    # Starting numba's OpenMP pool once reset PyTorch's (shared) OpenMP thread count to all
+    # cores, silently undoing torch.set_num_threads(1) on a shared machine.
+    before = torch.get_num_threads()
+    p = _pair(3)
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            difficp.icp(p["source"], p["target"], max_distance=0.1, search_backend="compiled")
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)

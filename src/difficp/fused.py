@@ -316,7 +316,11 @@ class FusedSteps:
         assert isinstance(target, PointTarget)
         self.metric = get_metric(config.metric)
         self.procrustes = config.resolved_solver == "svd"
-        set_threads(torch.get_num_threads())
+        threads = torch.get_num_threads()
+        set_threads(threads)
+        # Starting numba's OpenMP pool resets the process's OpenMP thread count, which PyTorch
+        # shares: keep the caller's torch.set_num_threads.
+        torch.set_num_threads(threads)
         # Padded clouds keep their valid points first (prefix masks), so counts describe them.
         target_counts = target.mask.sum(1).cpu().numpy()
         self.forest: KDForest = build_forest(_numpy(target.points), target_counts)
