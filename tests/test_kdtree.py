@@ -6,7 +6,6 @@ the checks are on distances, with indices compared only where the nearest point 
 
 from __future__ import annotations
 
-import inspect
 from fractions import Fraction
 
 import hypothesis.strategies as st
@@ -181,16 +180,6 @@ def test_forest_layout_is_a_permutation_of_each_cloud() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _region_arrays(forest: kdtree.KDForest) -> tuple[np.ndarray, np.ndarray]:
-    """The two box arrays ``enclosing_node`` takes, by their parameter names (node bounding
-    boxes ``low``/``high`` or split cells ``cell_low``/``cell_high``, whichever it declares)."""
-    names = list(inspect.signature(enclosing_node.py_func).parameters)[-2:]
-    return tuple(  # type: ignore[return-value]
-        getattr(forest, name) if hasattr(forest, name) else getattr(forest, f"node_{name}")
-        for name in names
-    )
-
-
 def _strictly_contains(low: np.ndarray, high: np.ndarray, x: np.ndarray, r: float) -> bool:
     return bool(((low < x - r) & (x + r < high)).all())
 
@@ -244,8 +233,8 @@ def test_enclosing_node_holds_every_point_of_the_ball(case: dict) -> None:
     else:
         r = 0.0 if case["radius_kind"] == "zero" else case["radius"]
     leaf = n0 + f.point_leaf[p0 + j]
-    low, high = _region_arrays(f)
-    node = enclosing_node(x[0], x[1], x[2], r, leaf, n0, f.node_parent, low, high)
+    low, high = f.cell_low, f.cell_high
+    node = enclosing_node(x[0], x[1], x[2], r, leaf, f, b)
 
     # The answer is on the leaf's path to the root ...
     path = [leaf]

@@ -88,18 +88,7 @@ def fused_iteration(
     anchor: np.ndarray,
     safe2: np.ndarray,
     target_normals: np.ndarray,
-    points: np.ndarray,
-    point_offset: np.ndarray,
-    node_offset: np.ndarray,
-    node_start: np.ndarray,
-    node_end: np.ndarray,
-    node_child: np.ndarray,
-    node_low: np.ndarray,
-    node_high: np.ndarray,
-    cell_low: np.ndarray,
-    cell_high: np.ndarray,
-    node_parent: np.ndarray,
-    point_leaf: np.ndarray,
+    forest: KDForest,
     active: np.ndarray,
     options: np.ndarray,
     int_options: np.ndarray,
@@ -116,6 +105,7 @@ def fused_iteration(
         anchor, safe2: ``(B, N, 3)``, ``(B, N)`` where each point was at its last search and the
             squared distance it may move from there with the same nearest neighbour; updated.
         target_normals: ``(P, 3)`` in forest order (any values when unused).
+        forest: the targets' :class:`~difficp.kdtree.KDForest`.
         active: ``(B,)`` bool, pairs to process (others keep their partners, sums stay 0).
         options: float64 ``[search radius^2, max_distance (stats / soft rejection / linear
             weight; inf = none), rejection temperature, cos(max_normal_angle) (-inf = none),
@@ -152,9 +142,8 @@ def fused_iteration(
         R = rotation[b]
         t = translation[b]
         c = center[b]
-        p_base = point_offset[b]
-        n_base = node_offset[b]
-        empty = point_offset[b + 1] == p_base
+        points = forest.points
+        empty = forest.point_offset[b + 1] == forest.point_offset[b]
         stop = min((task % tasks + 1) * CHUNK, source_counts[b])
         for i in range((task % tasks) * CHUNK, stop):
             sx, sy, sz = source[b, i, 0], source[b, i, 1], source[b, i, 2]
@@ -177,25 +166,7 @@ def fused_iteration(
                 best, best_d2, second_d2 = -1, radius2, radius2
                 if not empty:
                     best_d2, best, second_d2 = warm_two_nearest(
-                        px,
-                        py,
-                        pz,
-                        last,
-                        radius2,
-                        points,
-                        p_base,
-                        n_base,
-                        node_start,
-                        node_end,
-                        node_child,
-                        node_low,
-                        node_high,
-                        cell_low,
-                        cell_high,
-                        node_parent,
-                        point_leaf,
-                        stack,
-                        stack_d2,
+                        px, py, pz, last, radius2, forest, b, stack, stack_d2
                     )
                 anchor[b, i, 0], anchor[b, i, 1], anchor[b, i, 2] = px, py, pz
                 gap = 0.5 * (math.sqrt(second_d2) - math.sqrt(best_d2))
@@ -388,7 +359,6 @@ class FusedSteps:
         # accurate for clouds far from the origin.
         center = np.einsum("bij,bj->bi", R, self.source_mean) + t
         sums = np.zeros((B * self.tasks, SUM_WIDTH))
-        f = self.forest
         fused_iteration(
             self.source,
             self.source_normals,
@@ -400,18 +370,7 @@ class FusedSteps:
             self.anchor,
             self.safe2,
             self.target_normals,
-            f.points,
-            f.point_offset,
-            f.node_offset,
-            f.node_start,
-            f.node_end,
-            f.node_child,
-            f.node_low,
-            f.node_high,
-            f.cell_low,
-            f.cell_high,
-            f.node_parent,
-            f.point_leaf,
+            self.forest,
             active.numpy(),
             self.options,
             self.int_options,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -37,9 +37,9 @@ LEAF_SIZE = 8
 STACK_DEPTH = 96
 
 
-@dataclass
-class KDForest:
-    """Flat arrays of one KD-tree per cloud (see the module docstring).
+class KDForest(NamedTuple):
+    """Flat arrays of one KD-tree per cloud (see the module docstring); a named tuple, so the
+    compiled functions take it as one argument.
 
     Attributes:
         points: ``(P, 3)`` float64, every cloud's valid points in tree order.
@@ -178,22 +178,11 @@ def _build_tree(
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def _build_forest(
-    clouds: np.ndarray,
-    counts: np.ndarray,
-    point_offset: np.ndarray,
-    node_capacity_offset: np.ndarray,
-    points: np.ndarray,
-    order: np.ndarray,
-    start: np.ndarray,
-    end: np.ndarray,
-    child: np.ndarray,
-    low: np.ndarray,
-    high: np.ndarray,
-    cell_low: np.ndarray,
-    cell_high: np.ndarray,
-    parent: np.ndarray,
-    point_leaf: np.ndarray,
+    clouds: np.ndarray, counts: np.ndarray, node_capacity_offset: np.ndarray, f: KDForest
 ) -> None:
+    # Arrays bound outside the parallel loop: numba's parfors lost writes made through the
+    # tuple's attributes inside it.
+    points, order = f.points, f.order
     for b in prange(clouds.shape[0]):
         m = counts[b]
         if m == 0:
@@ -201,19 +190,19 @@ def _build_forest(
         perm = np.arange(m)
         n0 = node_capacity_offset[b]
         n1 = node_capacity_offset[b + 1]
-        p0 = point_offset[b]
+        p0 = f.point_offset[b]
         _build_tree(
             clouds[b, :m],
             perm,
-            start[n0:n1],
-            end[n0:n1],
-            child[n0:n1],
-            low[n0:n1],
-            high[n0:n1],
-            cell_low[n0:n1],
-            cell_high[n0:n1],
-            parent[n0:n1],
-            point_leaf[p0 : p0 + m],
+            f.node_start[n0:n1],
+            f.node_end[n0:n1],
+            f.node_child[n0:n1],
+            f.node_low[n0:n1],
+            f.node_high[n0:n1],
+            f.cell_low[n0:n1],
+            f.cell_high[n0:n1],
+            f.node_parent[n0:n1],
+            f.point_leaf[p0 : p0 + m],
         )
         for i in range(m):
             order[p0 + i] = perm[i]
@@ -255,23 +244,7 @@ def build_forest(clouds: np.ndarray, counts: np.ndarray) -> KDForest:
         node_parent=np.full(n_nodes, -1, dtype=np.int64),
         point_leaf=np.zeros(int(point_offset[-1]), dtype=np.int64),
     )
-    _build_forest(
-        clouds,
-        counts,
-        point_offset,
-        capacity_offset,
-        forest.points,
-        forest.order,
-        forest.node_start,
-        forest.node_end,
-        forest.node_child,
-        forest.node_low,
-        forest.node_high,
-        forest.cell_low,
-        forest.cell_high,
-        forest.node_parent,
-        forest.point_leaf,
-    )
+    _build_forest(clouds, counts, capacity_offset, forest)
     return forest
 
 
@@ -295,27 +268,25 @@ def search_tree(
     d2: float,
     i2: int,
     second: bool,
-    points: np.ndarray,
-    point_base: int,
-    node_base: int,
-    start: np.ndarray,
-    end: np.ndarray,
-    child: np.ndarray,
-    low: np.ndarray,
-    high: np.ndarray,
+    f: KDForest,
+    tree: int,
     stack: np.ndarray,
     stack_d2: np.ndarray,
     first_node: int = -1,
 ) -> tuple[float, int, float, int]:
-    """The nearest (and, with ``second``, second-nearest) tree points to ``(x, y, z)``.
+    """The nearest (and, with ``second``, second-nearest) points of tree ``tree`` to
+    ``(x, y, z)``.
 
     ``(d1, i1)``, ``(d2, i2)`` are the starting answers: squared distances with rows of
-    ``points`` (-1 and the squared search radius when unknown; ``d1 <= d2``). Only points
+    ``f.points`` (-1 and the squared search radius when unknown; ``d1 <= d2``). Only points
     strictly closer than the bound (``d2`` with ``second``, else ``d1``) are searched, from the
     subtree of ``first_node`` (global; -1: the root), which must hold every such point (see
     :func:`enclosing_node`). Returns the final ``(d1, i1, d2, i2)``. ``stack`` / ``stack_d2``
     are scratch arrays of length ``STACK_DEPTH``.
     """
+    point_base = f.point_offset[tree]
+    node_base = f.node_offset[tree]
+    low, high = f.node_low, f.node_high
     node = node_base if first_node < 0 else first_node
     bound = d2 if second else d1
     first_d2 = _box_distance2(x, y, z, low, high, node)
@@ -329,14 +300,14 @@ def search_tree(
         if stack_d2[top] >= bound:
             continue
         node = stack[top]
-        first = child[node]
+        first = f.node_child[node]
         if first < 0:
-            for i in range(point_base + start[node], point_base + end[node]):
+            for i in range(point_base + f.node_start[node], point_base + f.node_end[node]):
                 if i == i1 or i == i2:  # noqa: SIM109 (a starting answer seen again)
                     continue
-                dx = points[i, 0] - x
-                dy = points[i, 1] - y
-                dz = points[i, 2] - z
+                dx = f.points[i, 0] - x
+                dy = f.points[i, 1] - y
+                dz = f.points[i, 2] - z
                 d = dx * dx + dy * dy + dz * dz
                 if d < d1:
                     d2, i2 = d1, i1
@@ -365,18 +336,10 @@ def search_tree(
 
 @njit(cache=True, inline="always", error_model="numpy")
 def enclosing_node(
-    x: float,
-    y: float,
-    z: float,
-    radius: float,
-    leaf: int,
-    node_base: int,
-    parent: np.ndarray,
-    cell_low: np.ndarray,
-    cell_high: np.ndarray,
+    x: float, y: float, z: float, radius: float, leaf: int, f: KDForest, tree: int
 ) -> int:
     """The lowest ancestor of ``leaf`` (global) whose cell strictly contains the ball of
-    ``radius`` about ``(x, y, z)``, or the root (global indices).
+    ``radius`` about ``(x, y, z)``, or the root of tree ``tree`` (global indices).
 
     Every point inside that ball belongs to the returned subtree: a point of another subtree
     lies on the far side of (or on) one of the splits bounding the cell, never in its interior.
@@ -386,18 +349,18 @@ def enclosing_node(
     node = leaf
     while True:
         if (
-            cell_low[node, 0] < x - radius
-            and x + radius < cell_high[node, 0]
-            and cell_low[node, 1] < y - radius
-            and y + radius < cell_high[node, 1]
-            and cell_low[node, 2] < z - radius
-            and z + radius < cell_high[node, 2]
+            f.cell_low[node, 0] < x - radius
+            and x + radius < f.cell_high[node, 0]
+            and f.cell_low[node, 1] < y - radius
+            and y + radius < f.cell_high[node, 1]
+            and f.cell_low[node, 2] < z - radius
+            and z + radius < f.cell_high[node, 2]
         ):
             return node
-        up = parent[node]
+        up = f.node_parent[node]
         if up < 0:
             return node
-        node = node_base + up
+        node = f.node_offset[tree] + up
 
 
 @njit(cache=True, inline="always", error_model="numpy")
@@ -407,24 +370,15 @@ def warm_two_nearest(
     z: float,
     last: int,
     radius2: float,
-    points: np.ndarray,
-    point_base: int,
-    node_base: int,
-    start: np.ndarray,
-    end: np.ndarray,
-    child: np.ndarray,
-    low: np.ndarray,
-    high: np.ndarray,
-    cell_low: np.ndarray,
-    cell_high: np.ndarray,
-    parent: np.ndarray,
-    point_leaf: np.ndarray,
+    f: KDForest,
+    tree: int,
     stack: np.ndarray,
     stack_d2: np.ndarray,
 ) -> tuple[float, int, float]:
-    """Nearest and second-nearest distances (squared) within ``sqrt(radius2)``, starting from
-    ``last`` (a row of ``points`` near the answer, or -1): its leaf's points give first answers
-    whose distances bound the search, which then starts from the lowest node enclosing them.
+    """Nearest and second-nearest distances (squared) within ``sqrt(radius2)`` in tree
+    ``tree``, starting from ``last`` (a row of ``f.points`` near the answer, or -1): its leaf's
+    points give first answers whose distances bound the search, which then starts from the
+    lowest node enclosing them.
 
     Returns ``(d1, i1, d2)``: ``i1`` is -1 when nothing is closer than the radius, and ``d2`` is
     ``radius2`` when there is no second point within it.
@@ -432,11 +386,12 @@ def warm_two_nearest(
     d1, i1, d2, i2 = radius2, -1, radius2, -1
     first = -1
     if last >= 0:
-        leaf = node_base + point_leaf[last]
-        for i in range(point_base + start[leaf], point_base + end[leaf]):
-            dx = points[i, 0] - x
-            dy = points[i, 1] - y
-            dz = points[i, 2] - z
+        point_base = f.point_offset[tree]
+        leaf = f.node_offset[tree] + f.point_leaf[last]
+        for i in range(point_base + f.node_start[leaf], point_base + f.node_end[leaf]):
+            dx = f.points[i, 0] - x
+            dy = f.points[i, 1] - y
+            dz = f.points[i, 2] - z
             d = dx * dx + dy * dy + dz * dz
             if d < d1:
                 d2, i2 = d1, i1
@@ -444,30 +399,8 @@ def warm_two_nearest(
             elif d < d2:
                 d2, i2 = d, i
         if d2 < np.inf:
-            first = enclosing_node(
-                x, y, z, math.sqrt(d2), leaf, node_base, parent, cell_low, cell_high
-            )
-    d1, i1, d2, _ = search_tree(
-        x,
-        y,
-        z,
-        d1,
-        i1,
-        d2,
-        i2,
-        True,
-        points,
-        point_base,
-        node_base,
-        start,
-        end,
-        child,
-        low,
-        high,
-        stack,
-        stack_d2,
-        first,
-    )
+            first = enclosing_node(x, y, z, math.sqrt(d2), leaf, f, tree)
+    d1, i1, d2, _ = search_tree(x, y, z, d1, i1, d2, i2, True, f, tree, stack, stack_d2, first)
     return d1, i1, d2
 
 
@@ -476,14 +409,7 @@ def _nearest_batch(
     queries: np.ndarray,
     query_counts: np.ndarray,
     radius2: float,
-    points: np.ndarray,
-    point_offset: np.ndarray,
-    node_offset: np.ndarray,
-    start: np.ndarray,
-    end: np.ndarray,
-    child: np.ndarray,
-    low: np.ndarray,
-    high: np.ndarray,
+    f: KDForest,
     out_index: np.ndarray,
     out_d2: np.ndarray,
 ) -> None:
@@ -491,31 +417,15 @@ def _nearest_batch(
     for b in prange(B):
         stack = np.empty(STACK_DEPTH, dtype=np.int64)
         stack_d2 = np.empty(STACK_DEPTH)
-        empty = point_offset[b + 1] == point_offset[b]
+        empty = f.point_offset[b + 1] == f.point_offset[b]
         for i in range(N):
             out_index[b, i] = -1
             out_d2[b, i] = np.inf
             if i >= query_counts[b] or empty:
                 continue
+            x, y, z = queries[b, i, 0], queries[b, i, 1], queries[b, i, 2]
             d2, best, _, _ = search_tree(
-                queries[b, i, 0],
-                queries[b, i, 1],
-                queries[b, i, 2],
-                radius2,
-                -1,
-                radius2,
-                -1,
-                False,
-                points,
-                point_offset[b],
-                node_offset[b],
-                start,
-                end,
-                child,
-                low,
-                high,
-                stack,
-                stack_d2,
+                x, y, z, radius2, -1, radius2, -1, False, f, b, stack, stack_d2
             )
             out_index[b, i] = best
             out_d2[b, i] = d2 if best >= 0 else np.inf
@@ -554,21 +464,7 @@ def nearest(
     radius2 = np.inf if max_distance is None else float(max_distance) ** 2
     row = np.empty((B, N), dtype=np.int64)
     d2 = np.empty((B, N))
-    _nearest_batch(
-        queries,
-        counts,
-        radius2,
-        forest.points,
-        forest.point_offset,
-        forest.node_offset,
-        forest.node_start,
-        forest.node_end,
-        forest.node_child,
-        forest.node_low,
-        forest.node_high,
-        row,
-        d2,
-    )
+    _nearest_batch(queries, counts, radius2, forest, row, d2)
     if forest.order.size == 0:  # every tree is empty
         return np.full((B, N), -1, dtype=np.int64), np.full((B, N), np.inf)
     index = np.where(row >= 0, forest.order[np.maximum(row, 0)], -1)
