@@ -258,6 +258,35 @@ def _box_distance2(
     return dx * dx + dy * dy + dz * dz
 
 
+@njit(inline="always", error_model="numpy")
+def _scan_leaf(
+    x: float,
+    y: float,
+    z: float,
+    f: KDForest,
+    point_base: int,
+    leaf: int,
+    d1: float,
+    i1: int,
+    d2: float,
+    i2: int,
+) -> tuple[float, int, float, int]:
+    """Update the two best answers ``(d1, i1)``, ``(d2, i2)`` with the points of ``leaf``."""
+    for i in range(point_base + f.node_start[leaf], point_base + f.node_end[leaf]):
+        if i == i1 or i == i2:  # noqa: SIM109 (already an answer: a leaf seen again)
+            continue
+        dx = f.points[i, 0] - x
+        dy = f.points[i, 1] - y
+        dz = f.points[i, 2] - z
+        d = dx * dx + dy * dy + dz * dz
+        if d < d1:
+            d2, i2 = d1, i1
+            d1, i1 = d, i
+        elif d < d2:
+            d2, i2 = d, i
+    return d1, i1, d2, i2
+
+
 @njit(cache=True, inline="always", error_model="numpy")
 def search_tree(
     x: float,
@@ -302,18 +331,7 @@ def search_tree(
         node = stack[top]
         first = f.node_child[node]
         if first < 0:
-            for i in range(point_base + f.node_start[node], point_base + f.node_end[node]):
-                if i == i1 or i == i2:  # noqa: SIM109 (a starting answer seen again)
-                    continue
-                dx = f.points[i, 0] - x
-                dy = f.points[i, 1] - y
-                dz = f.points[i, 2] - z
-                d = dx * dx + dy * dy + dz * dz
-                if d < d1:
-                    d2, i2 = d1, i1
-                    d1, i1 = d, i
-                elif d < d2:
-                    d2, i2 = d, i
+            d1, i1, d2, i2 = _scan_leaf(x, y, z, f, point_base, node, d1, i1, d2, i2)
             bound = d2 if second else d1
             continue
         a = node_base + first
@@ -386,18 +404,8 @@ def warm_two_nearest(
     d1, i1, d2, i2 = radius2, -1, radius2, -1
     first = -1
     if last >= 0:
-        point_base = f.point_offset[tree]
         leaf = f.node_offset[tree] + f.point_leaf[last]
-        for i in range(point_base + f.node_start[leaf], point_base + f.node_end[leaf]):
-            dx = f.points[i, 0] - x
-            dy = f.points[i, 1] - y
-            dz = f.points[i, 2] - z
-            d = dx * dx + dy * dy + dz * dz
-            if d < d1:
-                d2, i2 = d1, i1
-                d1, i1 = d, i
-            elif d < d2:
-                d2, i2 = d, i
+        d1, i1, d2, i2 = _scan_leaf(x, y, z, f, f.point_offset[tree], leaf, d1, i1, d2, i2)
         if d2 < np.inf:
             first = enclosing_node(x, y, z, math.sqrt(d2), leaf, f, tree)
     d1, i1, d2, _ = search_tree(x, y, z, d1, i1, d2, i2, True, f, tree, stack, stack_d2, first)
