@@ -764,3 +764,43 @@ def test_fast_path_keeps_the_callers_torch_thread_count() -> None:
             assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
+
+
+_FORKED_WORKERS = """
+import torch, difficp
+from torch.utils.data import DataLoader, Dataset
+
+class Pairs(Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        source = torch.rand(2000, 3, generator=g)
+        return difficp.icp(source, source + 0.01, max_distance=0.1).transform[:3, 3]
+
+source = torch.rand(2000, 3)
+difficp.icp(source, source + 0.01, max_distance=0.1, search_backend="compiled")
+loader = DataLoader(Pairs(), batch_size=1, num_workers=2, multiprocessing_context="fork")
+print(torch.cat(list(loader)).tolist())
+"""
+
+
+def test_forked_workers_fall_back_to_the_pytorch_path() -> None:
+    # numba's GNU OpenMP pool, once started in a parent, kills a forked child that runs
+    # parallel code: DataLoader workers died. They must take the PyTorch path instead.
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _FORKED_WORKERS],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    translations = torch.tensor(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert translations.shape == (4, 3)
+    torch.testing.assert_close(translations, torch.full((4, 3), 0.01), atol=1e-5, rtol=0)

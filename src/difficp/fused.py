@@ -28,6 +28,7 @@ from difficp.kdtree import (
     STACK_DEPTH,
     KDForest,
     build_forest,
+    parallel_unsafe_after_fork,
     set_threads,
     warm_two_nearest,
 )
@@ -267,6 +268,8 @@ def fused_supported(problem: Problem, config: ICPConfig) -> str | None:
         return "the Levenberg-Marquardt solver is not compiled"
     if config.weight_distance and config.max_distance is None:
         return "weight_distance without max_distance needs each pair's largest distance"
+    if parallel_unsafe_after_fork():
+        return "this is a forked process and its parent's OpenMP pool cannot run in it"
     return None
 
 

@@ -18,6 +18,7 @@ so trees are balanced and leaves hold between ``LEAF_SIZE // 2`` and ``LEAF_SIZE
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from typing import NamedTuple
 
@@ -479,9 +480,30 @@ def nearest(
     return index, np.sqrt(d2)
 
 
+# The process that started numba's thread pool (None: not started by us).
+_POOL_PID: int | None = None
+
+
 def set_threads(threads: int) -> None:
     """Run the compiled kernels on ``threads`` threads (capped at numba's pool size)."""
+    global _POOL_PID
     numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
+    if _POOL_PID is None:
+        _POOL_PID = os.getpid()
+
+
+def parallel_unsafe_after_fork() -> bool:
+    """Whether this process is a fork of one whose OpenMP pool the compiled kernels started.
+
+    GNU OpenMP (numba's thread pool here) cannot run in such a child: numba terminates it. So
+    forked workers (PyTorch DataLoader, multiprocessing pools) must use the PyTorch path.
+    """
+    if _POOL_PID is None or os.getpid() == _POOL_PID:
+        return False
+    try:
+        return numba.threading_layer() == "omp"
+    except ValueError:  # no pool in this process
+        return False
 
 
 __all__ = [
@@ -490,6 +512,7 @@ __all__ = [
     "build_forest",
     "enclosing_node",
     "nearest",
+    "parallel_unsafe_after_fork",
     "search_tree",
     "set_threads",
     "warm_two_nearest",
