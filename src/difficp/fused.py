@@ -6,8 +6,8 @@ point, find its nearest target point (warm-started from last iteration's partner
 :mod:`difficp.kdtree`), weigh it, and add its terms to per-pair sums - the normal equations
 ``sum w J^T J``, ``sum w J^T r`` (linearised metrics) or the weighted moments of Procrustes - plus
 the inlier count and squared distances of Open3D's fitness / RMSE. No ``(B, N)`` intermediate is
-ever formed, which is what makes ICP memory-bound in PyTorch. The tiny per-pair solve then reuses
-the reference solvers (:mod:`difficp.solvers`), in float64.
+ever formed, which is what makes ICP memory-bound in PyTorch. The tiny per-pair solves are
+compiled too: the same mathematics as :mod:`difficp.solvers` and :mod:`difficp.metrics`.
 
 It computes exactly what the reference path computes (same correspondences, weights, metric and
 solver), in float64 throughout; tests check the two agree.
@@ -23,6 +23,7 @@ from numba import njit, prange
 from torch import Tensor
 
 from difficp.config import ICPConfig
+from difficp.icp import MIN_CORRESPONDENCES
 from difficp.inputs import PointTarget, Problem
 from difficp.kdtree import (
     STACK_DEPTH,
@@ -32,7 +33,6 @@ from difficp.kdtree import (
     set_threads,
     warm_two_nearest,
 )
-from difficp.metrics import get_metric
 
 # Source points per parallel task: enough work to amortise scheduling, small enough to balance.
 CHUNK = 1024
@@ -288,7 +288,6 @@ class FusedSteps:
             raise ValueError(f"the compiled ICP path cannot run this problem: {reason}")
         target = problem.target
         assert isinstance(target, PointTarget)
-        self.metric = get_metric(config.metric)
         self.procrustes = config.resolved_solver == "svd"
         threads = torch.get_num_threads()
         set_threads(threads)
@@ -390,8 +389,6 @@ class FusedSteps:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The ``(B, 4, 4)`` update, the (unchanged) damping and ``(B,)`` bool: the pair had
         enough weighted correspondences."""
-        from difficp.icp import MIN_CORRESPONDENCES
-
         sums, center = state
         enough = torch.from_numpy(sums[:, WEIGHTED] >= MIN_CORRESPONDENCES)
         update = np.empty((sums.shape[0], 4, 4))

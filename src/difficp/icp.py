@@ -285,6 +285,15 @@ def _implicit_transform(
 
 SEARCH_BACKENDS = ("auto", "kdtree", "brute_force", "compiled")
 
+# Config options that may be tensors (and so carry gradients or be learnt).
+_TENSOR_OPTIONS = (
+    "temperature",
+    "rejection_temperature",
+    "max_distance",
+    "max_normal_angle",
+    "kernel_scale",
+)
+
 
 def _requires_grad(problem: Problem, config: ICPConfig) -> bool:
     """Whether anything the loop reads asks for a gradient."""
@@ -298,15 +307,6 @@ def _requires_grad(problem: Problem, config: ICPConfig) -> bool:
         tensors += [target.points, target.normals]
     tensors += [getattr(config, name) for name in _TENSOR_OPTIONS]
     return any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
-
-
-_TENSOR_OPTIONS = (
-    "temperature",
-    "rejection_temperature",
-    "max_distance",
-    "max_normal_angle",
-    "kernel_scale",
-)
 
 
 def _choose_steps(
@@ -423,13 +423,7 @@ class ICP(nn.Module):
         super().__init__()
         config = config or ICPConfig()
         self.config = config.replace(**overrides) if overrides else config
-        for field in (
-            "temperature",
-            "rejection_temperature",
-            "max_distance",
-            "max_normal_angle",
-            "kernel_scale",
-        ):
+        for field in _TENSOR_OPTIONS:
             value = getattr(self.config, field)
             if isinstance(value, nn.Parameter):
                 self.register_parameter(field, value)
