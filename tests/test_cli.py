@@ -260,3 +260,27 @@ def test_register_matches_open3d_on_3dmatch(scan_pair, tmp_path, capsys, metric,
     np.testing.assert_allclose(T, ref.transformation, atol=1e-6)
     assert abs(float(_printed(captured.out, "fitness")) - ref.fitness) < 1e-4
     assert abs(float(_printed(captured.out, "inlier_rmse")) - ref.inlier_rmse) < 1e-5
+
+
+def test_version_flag_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    import difficp
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"difficp {difficp.__version__}"
+
+
+def test_misspelt_option_suggests_the_right_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["register", "a.ply", "b.ply", "--maxdistance", "0.1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "difficp register" in err  # the sub-command's usage, not the top-level one
+    assert "--maxdistance (did you mean --max-distance?)" in err
+
+
+def test_misspelt_command_suggests_the_right_one(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["regster", "a.ply", "b.ply"])
+    assert "did you mean register?" in capsys.readouterr().err
