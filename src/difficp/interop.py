@@ -1,0 +1,161 @@
+"""Point clouds in and out of the containers users already hold, without importing them.
+
+Accepted inputs (:func:`as_points`): a ``torch.Tensor`` or ``numpy`` array ``(N, 3)`` /
+``(B, N, 3)``, an Open3D ``geometry.PointCloud`` (legacy) or ``t.geometry.PointCloud`` (tensor),
+a ``trimesh.PointCloud`` or ``trimesh.Trimesh`` (its vertices), a :class:`difficp.io.PointCloudData`,
+and PyTorch3D-style ``Pointclouds`` (anything with ``points_padded()`` and
+``num_points_per_cloud()``), which give a padded ``(B, N, 3)`` batch plus its ``(B,)`` lengths —
+the same convention as :func:`difficp.icp`'s ``source_lengths`` / ``target_lengths``.
+
+Open3D and trimesh are recognised by their type's module name, so this module imports neither;
+:func:`to_open3d` and :func:`to_trimesh` import them only when called.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Cloud:
+    """Points with optional per-point normals and colours, as torch tensors.
+
+    Attributes:
+        points: ``(N, 3)`` or padded ``(B, N, 3)``.
+        normals: same shape as ``points``, or None.
+        colors: same shape as ``points``, RGB in ``[0, 1]``, or None.
+        lengths: ``(B,)`` valid counts of a padded batch, or None.
+    """
+
+    points: Tensor
+    normals: Tensor | None = None
+    colors: Tensor | None = None
+    lengths: Tensor | None = None
+
+
+def _library(obj: Any) -> str:
+    return type(obj).__module__.split(".")[0]
+
+
+def _tensor(value: Any, dtype: torch.dtype | None, device: Any) -> Tensor:
+    t = value if isinstance(value, Tensor) else torch.as_tensor(np.asarray(value))
+    if dtype is None and not t.is_floating_point():
+        dtype = torch.get_default_dtype()
+    return t.to(dtype=dtype, device=device)
+
+
+def _optional(value: Any, dtype: torch.dtype | None, device: Any) -> Tensor | None:
+    return None if value is None else _tensor(value, dtype, device)
+
+
+def as_points(obj: Any, dtype: torch.dtype | None = None, device: Any = None) -> Cloud:
+    """A :class:`Cloud` from any supported container (see the module docstring).
+
+    ``dtype`` / ``device`` default to the input's (float64 for Open3D legacy and trimesh, whose
+    arrays are float64). Raises ``TypeError`` for an unsupported type, naming what is accepted.
+    """
+    if isinstance(obj, Tensor | np.ndarray):
+        return Cloud(_tensor(obj, dtype, device))
+    if hasattr(obj, "points_padded") and hasattr(obj, "num_points_per_cloud"):  # PyTorch3D
+        normals = obj.normals_padded() if hasattr(obj, "normals_padded") else None
+        return Cloud(
+            _tensor(obj.points_padded(), dtype, device),
+            _optional(normals, dtype, device),
+            lengths=_tensor(obj.num_points_per_cloud(), torch.long, device),
+        )
+    library = _library(obj)
+    name = type(obj).__name__
+    if library == "open3d" and name == "PointCloud" and hasattr(obj, "point"):  # tensor API
+        attrs = obj.point
+        get = lambda key: attrs[key].numpy() if key in attrs else None  # noqa: E731
+        return Cloud(
+            _tensor(get("positions"), dtype, device),
+            _optional(get("normals"), dtype, device),
+            _optional(get("colors"), dtype, device),
+        )
+    if library == "open3d" and name == "PointCloud":  # legacy API
+        return Cloud(
+            _tensor(np.asarray(obj.points), dtype, device),
+            _optional(np.asarray(obj.normals) if obj.has_normals() else None, dtype, device),
+            _optional(np.asarray(obj.colors) if obj.has_colors() else None, dtype, device),
+        )
+    if library == "trimesh" and name == "Trimesh":
+        return Cloud(
+            _tensor(np.asarray(obj.vertices), dtype, device),
+            _optional(np.asarray(obj.vertex_normals), dtype, device),
+        )
+    if library == "trimesh" and name == "PointCloud":
+        colors = getattr(obj, "colors", None)
+        has_colors = colors is not None and len(colors) == len(obj.vertices)
+        return Cloud(
+            _tensor(np.asarray(obj.vertices), dtype, device),
+            colors=_optional(
+                np.asarray(colors)[:, :3] / 255.0 if has_colors else None, dtype, device
+            ),
+        )
+    if name == "PointCloudData" and hasattr(obj, "points"):  # difficp.io
+        return Cloud(
+            _tensor(obj.points, dtype, device),
+            _optional(obj.normals, dtype, device),
+            _optional(obj.colors, dtype, device),
+        )
+    raise TypeError(
+        f"cannot read points from a {type(obj).__module__}.{name}: pass a torch tensor or numpy "
+        "array (N, 3) / (B, N, 3), an Open3D PointCloud (legacy or tensor), a trimesh PointCloud "
+        "or Trimesh, a difficp.io.PointCloudData, or PyTorch3D-style Pointclouds"
+    )
+
+
+def _numpy(value: Tensor | np.ndarray | None) -> np.ndarray | None:
+    if value is None:
+        return None
+    if isinstance(value, Tensor):
+        value = value.detach().cpu().numpy()
+    array = np.asarray(value, dtype=np.float64)
+    if array.ndim != 2 or array.shape[1] != 3:
+        raise ValueError(f"expected one cloud of shape (N, 3), got {tuple(array.shape)}")
+    return array
+
+
+def to_open3d(
+    points: Tensor | np.ndarray,
+    normals: Tensor | np.ndarray | None = None,
+    colors: Tensor | np.ndarray | None = None,
+    *,
+    tensor_api: bool = False,
+) -> Any:
+    """An Open3D point cloud (legacy ``geometry.PointCloud``, or ``t.geometry.PointCloud`` with
+    ``tensor_api=True``) from ``(N, 3)`` points and optional normals / colours (detached)."""
+    import open3d as o3d
+
+    pts, nrm, col = _numpy(points), _numpy(normals), _numpy(colors)
+    if tensor_api:
+        cloud = o3d.t.geometry.PointCloud(o3d.core.Tensor(pts))
+        if nrm is not None:
+            cloud.point.normals = o3d.core.Tensor(nrm)
+        if col is not None:
+            cloud.point.colors = o3d.core.Tensor(col)
+        return cloud
+    cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(pts))
+    if nrm is not None:
+        cloud.normals = o3d.utility.Vector3dVector(nrm)
+    if col is not None:
+        cloud.colors = o3d.utility.Vector3dVector(col)
+    return cloud
+
+
+def to_trimesh(points: Tensor | np.ndarray, colors: Tensor | np.ndarray | None = None) -> Any:
+    """A ``trimesh.PointCloud`` from ``(N, 3)`` points and optional RGB colours in ``[0, 1]``."""
+    import trimesh
+
+    pts, col = _numpy(points), _numpy(colors)
+    rgba = None if col is None else np.concatenate([col, np.ones((len(col), 1))], 1) * 255
+    return trimesh.PointCloud(pts, colors=None if rgba is None else rgba.astype(np.uint8))
+
+
+__all__ = ["Cloud", "as_points", "to_open3d", "to_trimesh"]
