@@ -38,7 +38,7 @@ MIN_CORRESPONDENCES = 3
 # perturbation along that direction one ICP step leaves: below 1e-4 the loop would need more
 # than 1e4 iterations to undo it, so the forward pass never resolved that direction (a symmetry
 # of the shape, or one the solvers' regularisation pins at ~1e-8 of the trace), and the exact
-# inverse would amplify rounding noise by up to 1e16 (measured 4e9 on a sphere). Well-posed
+# inverse would amplify rounding noise by up to 1e16 (measured 6e9-8e10 on a sphere). Well-posed
 # systems have sigma of order 0.1-1: their gradients are unchanged.
 IMPLICIT_SINGULAR_TOL = 1e-4
 
