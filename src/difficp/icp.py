@@ -33,6 +33,15 @@ if TYPE_CHECKING:
 # A pair needs this many weighted correspondences for a determined 6-DoF update.
 MIN_CORRESPONDENCES = 3
 
+# Singular values of the implicit system ``I - df/dxi`` (see :func:`_implicit_transform`) below
+# this (absolute, and relative to the largest) are dropped. ``1 - sigma`` is how much of a
+# perturbation along that direction one ICP step leaves: below 1e-4 the loop would need more
+# than 1e4 iterations to undo it, so the forward pass never resolved that direction (a symmetry
+# of the shape, or one the solvers' regularisation pins at ~1e-8 of the trace), and the exact
+# inverse would amplify rounding noise by up to 1e16 (measured 6e9-8e10 on a sphere). Well-posed
+# systems have sigma of order 0.1-1: their gradients are unchanged.
+IMPLICIT_SINGULAR_TOL = 1e-4
+
 
 @dataclass
 class ICPResult:
@@ -216,10 +225,12 @@ def run_loop(
         update, new_damping, enough = steps.step(state, damping)
         # A pair with too few weighted correspondences stops here with its last good transform.
         active = active & enough
+        # Applied before the exit test: when every pair has just been lost, T stays an output of
+        # this step's graph (with zero gradient through it), so backward() still works.
+        T = _where(active, update @ T, T)
         if not bool(active.any()):
             break
         damping = torch.where(active, new_damping, damping)
-        T = _where(active, update @ T, T)
         new_fitness, new_rmse, state = steps.evaluate(T, active)
         iterations = iterations + active.long()
         done = (
@@ -254,9 +265,15 @@ def _implicit_transform(
     per pair), the converged transform is a fixed point ``xi* = f(xi*, theta)`` at ``xi* = 0``.
     Differentiating, ``d xi*/d theta = (I - df/dxi)^-1 df/dtheta``. We build one step's graph,
     form the ``(B, 6, 6)`` Jacobian ``df/dxi`` with six backward passes, and return
-    ``exp(xi) T*`` with ``xi = (I - df/dxi)^-1 (f - f.detach())``: its value is exactly ``T*``
+    ``exp(xi) T*`` with ``xi = (I - df/dxi)^+ (f - f.detach())``: its value is exactly ``T*``
     and its gradient is the implicit one. Memory and backward time do not depend on how many
     iterations the forward took.
+
+    ``(I - df/dxi)^+`` is a pseudo-inverse that drops singular values below
+    :data:`IMPLICIT_SINGULAR_TOL` (see there): a shape with a symmetry (sphere, plane, line)
+    has a continuum of fixed points, and the minimum-norm derivative does not slide along it.
+    A pair without enough correspondences at ``T*`` (lost) has no fixed point: it gets a zero
+    gradient, and the rest of the batch exactly the gradient it would get alone.
     """
     metric = get_metric(config.metric)
     B = converged_T.shape[0]
@@ -266,6 +283,8 @@ def _implicit_transform(
         T = se3_exp(xi) @ T_star
         corr, moved, moved_n = correspond(problem, config, T)
         w = weigh(config, metric, corr, moved, moved_n)
+        # The loop's own test (ReferenceSteps.step): a pair below it took no step from T*.
+        enough = ((w.detach() > 0) & corr.valid).sum(1) >= MIN_CORRESPONDENCES
         # LM's accept/reject makes its step the identity at a minimum (no step lowers the
         # cost), which hides the fixed point's sensitivity. Its undamped Gauss-Newton step has
         # the same fixed point (zero gradient), and the implicit derivative depends only on it.
@@ -278,8 +297,16 @@ def _implicit_transform(
             for k in range(6)
         ]
         jac = torch.stack([torch.zeros_like(xi) if r is None else r for r in rows], dim=1)
+    jac = jac.detach()
+    ok = enough & torch.isfinite(jac).flatten(1).all(1)
     eye = torch.eye(6, dtype=jac.dtype, device=jac.device)
-    implicit_xi = torch.linalg.solve(eye - jac.detach(), (f - f.detach())[..., None])[..., 0]
+    # A lost pair's system is replaced by 0 (pseudo-inverse 0) before the SVD, so nothing it
+    # holds (a singular or non-finite Jacobian) can reach the others' solves.
+    system = torch.where(ok[:, None, None], eye - jac, torch.zeros_like(jac))
+    inverse = torch.linalg.pinv(system, atol=IMPLICIT_SINGULAR_TOL, rtol=IMPLICIT_SINGULAR_TOL)
+    # The where (not just the zero inverse) keeps a non-finite f of a lost pair out of the value.
+    delta = torch.where(ok[:, None], f - f.detach(), torch.zeros_like(f))
+    implicit_xi = (inverse @ delta[..., None])[..., 0]
     return se3_exp(implicit_xi) @ T_star
 
 

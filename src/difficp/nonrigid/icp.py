@@ -84,6 +84,25 @@ def _schedule_length(schedule: Schedule) -> int:
     return len(schedule)
 
 
+def _sqrt_weights(weights: Tensor) -> Tensor:
+    """``(B, N)`` square roots of the correspondence weights, with a zero (not NaN) gradient
+    where a weight is 0.
+
+    ``sqrt``'s derivative is infinite at 0, and a rejected or lost point (weight exactly 0, whose
+    own derivative is 0) would send ``0 * inf = NaN`` into the whole backward pass. The normal
+    equations use ``sqrt(w)^2 = w``, whose derivative at ``w = 0`` multiplies ``dw = 0``: dropping
+    it changes nothing else.
+    """
+    positive = weights > 0
+    safe = torch.where(positive, weights, torch.ones_like(weights))
+    return torch.where(positive, safe.sqrt(), torch.zeros_like(weights))
+
+
+def _enough(corr: Correspondences, weights: Tensor) -> Tensor:
+    """``(B,)`` bool: the pair has at least :data:`MIN_CORRESPONDENCES` weighted partners."""
+    return ((weights.detach() > 0) & corr.valid).sum(1) >= MIN_CORRESPONDENCES
+
+
 def _data_blocks(
     model: DeformationModel,
     metric: Metric,
@@ -126,7 +145,7 @@ def _step(
     point_weight: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One solver update of ``params`` with correspondences fixed. Returns params, damping, cost."""
-    sqrt_w = weights.clamp_min(0).sqrt()
+    sqrt_w = _sqrt_weights(weights)
 
     def blocks(p: Tensor, with_jacobian: bool) -> list[ResidualBlock]:
         regs = [b.scaled(reg_scale) for b in model.regularizers(p, with_jacobian)]
@@ -173,10 +192,7 @@ def _run(
         w = weigh(config, metric, corr, moved, moved_n)
         if source_weights is not None:
             w = w * source_weights(moved, moved_n)
-        enough = ((w.detach() > 0) & corr.valid).sum(1) >= MIN_CORRESPONDENCES
-        active = active & enough
-        if not bool(active.any()):
-            break
+        active = active & _enough(corr, w)
         new_params, new_damping, new_cost = _step(
             model,
             metric,
@@ -188,7 +204,11 @@ def _run(
             damping,
             point_weight,
         )
+        # Applied before the exit test: when every pair has just been lost, params stay an output
+        # of this step's graph (with zero gradient through it), so backward() still works.
         params = torch.where(active[:, None], new_params, params)
+        if not bool(active.any()):
+            break
         damping = torch.where(active, new_damping, damping)
         cost = torch.where(active, new_cost, cost)
         corr, moved, moved_n = _correspond(problem, config, model, params)
@@ -240,18 +260,22 @@ def _implicit_params(
     ``dp*/dinputs = -(dg/dp)^-1 dg/dinputs``. With the Gauss-Newton approximation ``dg/dp ~ H``
     this is the gradient of one step ``p* - H^-1 g(p*, inputs)`` with ``H`` held constant: its
     value is ``p*`` (up to the remaining gradient) and memory does not grow with the iterations.
+    A pair without enough correspondences at ``p*`` (lost) has no fixed point: it keeps ``p*``
+    with a zero gradient, and the rest of the batch gets exactly the gradient it would get alone.
     """
     p = params_star.detach()
     corr, moved, moved_n = _correspond(problem, config, model, p)
     w = weigh(config, metric, corr, moved, moved_n)
     if source_weights is not None:
         w = w * source_weights(moved, moved_n)
-    sqrt_w = w.clamp_min(0).sqrt()
+    sqrt_w = _sqrt_weights(w)
     scale = _schedule_value(schedule, max(iterations - 1, 0))
     regs = [b.scaled(scale) for b in model.regularizers(p, True)]
     data = _data_blocks(model, metric, p, corr, sqrt_w, True, point_weight)
     H, g, _ = normal_equations([*data, *regs], p.shape[-1])
-    return p + damped_solve(H.detach(), g, 0.0)
+    # A lost pair's H may be all zero: its solve divides by the tiny diagonal guard, and even a
+    # zero gradient through it would overflow, so it takes no step and gets none through it.
+    return torch.where(_enough(corr, w)[:, None], p + damped_solve(H.detach(), g, 0.0), p)
 
 
 def build_model(

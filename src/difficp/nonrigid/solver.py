@@ -57,11 +57,19 @@ def damped_solve(H: Tensor, g: Tensor, damping: Tensor | float) -> Tensor:
     Marquardt's scaling by ``diag(H)`` keeps the step invariant to parameter units; the small
     ``eps`` (relative to the mean diagonal) makes parameters no residual constrains (e.g. the
     unobserved side of a graph with no regulariser) stay put instead of making ``H`` singular.
+    A pair with an all-zero ``H`` (no residual at all: it lost every correspondence and has no
+    regulariser) solves with the identity instead, so its step (0, as ``g = 0``) and the
+    gradients through it stay finite.
     """
     diag = H.diagonal(dim1=-2, dim2=-1)
-    eps = 1e-9 * diag.mean(-1, keepdim=True).clamp_min(torch.finfo(H.dtype).tiny)
+    mean = diag.mean(-1, keepdim=True)
+    # The guard must stay a normal number: 1e-9 * tiny would be subnormal, its inverse inf.
+    usable = mean.detach() > torch.finfo(H.dtype).tiny * 1e9
+    eps = 1e-9 * torch.where(usable, mean, torch.ones_like(mean))
     lam = torch.as_tensor(damping, dtype=H.dtype, device=H.device).reshape(-1, 1)
     A = H + torch.diag_embed(lam * diag + eps)
+    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+    A = torch.where(usable[..., None], A, eye)
     return -torch.linalg.solve(A, g[..., None])[..., 0]
 
 
