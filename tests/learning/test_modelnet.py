@@ -234,10 +234,67 @@ def test_benchmark_harness_writes_results_and_caches(tiny_root, capsys):
     assert res["methods"]["icp"]["MAE_R"] == pytest.approx(res["methods"]["open3d_icp"]["MAE_R"],
                                                            rel=0.05, abs=1e-3)
     assert "| `icp` |" in (out / "results.md").read_text()
-    cached = np.load(out / "raw" / "icp.npz")
+    (chunk,) = (out / "raw" / "icp").glob("*/000000.npz")
+    cached = np.load(chunk)
     assert cached["R"].shape == (4, 3, 3)
     # the refinement's time includes its base method's
-    refined = np.load(out / "raw" / "icp_plus_icp.npz")
+    (chunk,) = (out / "raw" / "icp_plus_icp").glob("*/000000.npz")
+    refined = np.load(chunk)
     assert np.all(refined["seconds"] >= cached["seconds"])
     with pytest.raises(ValueError, match="unknown method"):
         main([*args[:-2], "--methods", "dcp_v3", "--out", str(out)])
+
+
+def _bench(root, out, *extra: str) -> dict:
+    from difficp.cli import main
+
+    args = ["benchmark", "modelnet", "--data-dir", str(root), "--dataset", "modelnet40",
+            "--methods", "icp", "--limit", "4", "--batch-size", "2", "--out", str(out), *extra]
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    for m in res["methods"].values():
+        m.pop("seconds_per_pair")  # timings differ between runs
+    return res
+
+
+@pytest.mark.parametrize("change", [["--seed", "1"], ["--protocol", "noise"],
+                                    ["--icp-max-iterations", "2"]])
+def test_benchmark_cache_is_keyed_by_what_changes_the_numbers(tiny_root, change, capsys):
+    shared = tiny_root / "shared"
+    first = _bench(tiny_root, shared)
+    again = _bench(tiny_root, shared, *change)  # into the folder that holds the first run
+    fresh = _bench(tiny_root, tiny_root / "fresh", *change)
+    assert again["methods"] == fresh["methods"]
+    assert again["methods"]["icp"]["MAE_R"] != first["methods"]["icp"]["MAE_R"]
+    assert again["seed"] == fresh["seed"] and again["protocol"] == fresh["protocol"]
+
+
+def test_benchmark_cache_resumes_by_chunk_and_recomputes_a_truncated_file(
+    tiny_root, monkeypatch, capsys
+):
+    from difficp.learning import benchmark
+
+    monkeypatch.setattr(benchmark, "CACHE_CHUNK", 2)
+    computed = []
+    estimate = benchmark.MethodRunner.estimate
+
+    def counting(self, name, batch):
+        computed.append(len(batch["source"]))
+        return estimate(self, name, batch)
+
+    monkeypatch.setattr(benchmark.MethodRunner, "estimate", counting)
+    out = tiny_root / "out"
+    first = _bench(tiny_root, out)
+    assert sum(computed) == 4
+    chunks = sorted((out / "raw" / "icp").glob("*/*.npz"))
+    assert [c.name for c in chunks] == ["000000.npz", "000002.npz"]
+    assert not list(out.rglob("*.tmp"))
+    chunks[1].write_bytes(chunks[1].read_bytes()[:50])  # a file cut short
+    computed.clear()
+    with pytest.warns(UserWarning, match="unreadable"):
+        again = _bench(tiny_root, out)
+    assert sum(computed) == 2  # only the damaged chunk's pairs
+    assert again["methods"] == first["methods"]
+    computed.clear()
+    assert _bench(tiny_root, out, "--limit", "6")["pairs"] == 6
+    assert sum(computed) == 2  # pairs 4 and 5 only
