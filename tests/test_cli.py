@@ -159,8 +159,10 @@ def test_register_bad_input_exits_2_with_one_line(tmp_path, capsys):
 
 
 def _lzf_pcd(body: bytes, points: int = 2) -> bytes:
-    header = ("VERSION 0.7\nFIELDS x y z\nSIZE 4 4 4\nTYPE F F F\nCOUNT 1 1 1\n"
-              f"WIDTH {points}\nHEIGHT 1\nPOINTS {points}\nDATA binary_compressed\n")
+    header = (
+        "VERSION 0.7\nFIELDS x y z\nSIZE 4 4 4\nTYPE F F F\nCOUNT 1 1 1\n"
+        f"WIDTH {points}\nHEIGHT 1\nPOINTS {points}\nDATA binary_compressed\n"
+    )
     sizes = np.array([len(body), 12 * points], dtype="<u4").tobytes()
     return header.encode() + sizes + body
 
@@ -174,10 +176,13 @@ def _broken_files(tmp_path):
     np.save(f / "huge.npy", np.random.default_rng(0).normal(size=(50, 3)) * 1e200)
     (f / "short.ply").write_text(
         "ply\nformat ascii 1.0\nelement vertex 4\nproperty float x\nproperty float y\n"
-        "property float z\nend_header\n0 0 0\n1 1\n2 2 2 2\n3 1 2\n")
+        "property float z\nend_header\n0 0 0\n1 1\n2 2 2 2\n3 1 2\n"
+    )
     (f / "neg.pcd").write_bytes(
         b"VERSION 0.7\nFIELDS x y z\nSIZE 4 4 4\nTYPE F F F\nCOUNT 1 1 1\nWIDTH 4\nHEIGHT 1\n"
-        b"POINTS -1\nDATA binary\n" + np.random.default_rng(1).random((4, 3)).astype("<f4").tobytes())
+        b"POINTS -1\nDATA binary\n"
+        + np.random.default_rng(1).random((4, 3)).astype("<f4").tobytes()
+    )
     np.save(f / "complex.npy", np.random.default_rng(2).normal(size=(50, 3)) * (1 + 1j))
     (f / "folder.ply").mkdir()
     return [
@@ -199,16 +204,20 @@ def test_register_broken_files_exit_2_with_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert code == 2, (name, err)
         assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-        assert err.startswith(f"difficp register: error: cannot read target {tmp_path / name}")\
-            or err.startswith(f"difficp register: error: target {tmp_path / name}"), err
+        assert err.startswith(
+            f"difficp register: error: cannot read target {tmp_path / name}"
+        ) or err.startswith(f"difficp register: error: target {tmp_path / name}"), err
         assert message in err, (name, err)
 
 
 def test_register_names_the_flag_and_prints_floats_as_given(tmp_path, capsys):
     good = tmp_path / "good.xyz"
     write_point_cloud(good, np.random.default_rng(0).normal(size=(50, 3)))
-    for flag, value in [("--max-distance", "-0.1"), ("--temperature", "1e-300"),
-                        ("--kernel-scale", "nan")]:
+    for flag, value in [
+        ("--max-distance", "-0.1"),
+        ("--temperature", "1e-300"),
+        ("--kernel-scale", "nan"),
+    ]:
         assert main(["register", str(good), str(good), flag, value]) == 2
         err = capsys.readouterr().err
         assert f"{flag} must be" in err and f"got {value}" in err, err
@@ -220,8 +229,20 @@ def test_register_warns_about_dropped_non_finite_points(pair, tmp_path, capsys):
     points = read_point_cloud(src).points
     points[[3, 10, 20]] = np.nan
     write_point_cloud(tmp_path / "nan.ply", points)
-    assert main(["register", str(tmp_path / "nan.ply"), str(tgt), "--max-distance", "0.2",
-                 "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "register",
+                str(tmp_path / "nan.ply"),
+                str(tgt),
+                "--max-distance",
+                "0.2",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert f"warning: dropped 3 of {len(points)} points of source" in captured.err
     assert f"source: {len(points) - 3} points" in captured.out
@@ -248,8 +269,9 @@ def test_register_checks_output_paths_before_running_icp(pair, tmp_path, capsys,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source.ply", "taken", "target.pcd"]
 
 
-def test_register_failed_write_prints_result_and_writes_nothing(pair, tmp_path, capsys,
-                                                                monkeypatch):
+def test_register_failed_write_prints_result_and_writes_nothing(
+    pair, tmp_path, capsys, monkeypatch
+):
     import difficp.io
 
     src, tgt, _ = pair
@@ -260,8 +282,21 @@ def test_register_failed_write_prints_result_and_writes_nothing(pair, tmp_path, 
         raise OSError("No space left on device")
 
     monkeypatch.setattr(difficp.io, "_write_ply", disk_full)
-    code = main(["register", str(src), str(tgt), "--max-distance", "0.2", "--threads", "1",
-                 "--out", str(tmp_path / "T.txt"), "--aligned", str(tmp_path / "aligned.ply")])
+    code = main(
+        [
+            "register",
+            str(src),
+            str(tgt),
+            "--max-distance",
+            "0.2",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path / "T.txt"),
+            "--aligned",
+            str(tmp_path / "aligned.ply"),
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 2
     assert "transform (source -> target):" in captured.out  # the result is not lost

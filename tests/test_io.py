@@ -302,10 +302,14 @@ def test_missing_file_and_bad_write(tmp_path):
         write_point_cloud(tmp_path / "a.ply", np.zeros((2, 3)), normals=np.zeros((3, 3)))
 
 
-_PLY_XYZ = "ply\nformat ascii 1.0\nelement vertex 3\nproperty float x\nproperty float y\n" \
+_PLY_XYZ = (
+    "ply\nformat ascii 1.0\nelement vertex 3\nproperty float x\nproperty float y\n"
     "property float z\nend_header\n"
-_PCD_XYZ = "VERSION 0.7\nFIELDS x y z\nSIZE 4 4 4\nTYPE F F F\nCOUNT 1 1 1\nWIDTH 2\n" \
+)
+_PCD_XYZ = (
+    "VERSION 0.7\nFIELDS x y z\nSIZE 4 4 4\nTYPE F F F\nCOUNT 1 1 1\nWIDTH 2\n"
     "HEIGHT 1\nPOINTS {n}\nDATA {kind}\n"
+)
 
 
 def test_ascii_ply_row_with_a_missing_value(tmp_path):
