@@ -153,7 +153,156 @@ def test_pair_with_a_few_collinear_correspondences_does_not_crash(clouds, metric
     src = torch.stack([s, line]).float()
     tgt = torch.stack([t, far_line]).float()
     result = difficp.icp(
-        src, tgt, source_normals=normals.float(), target_normals=normals.float(), metric=metric,
+        src,
+        tgt,
+        source_normals=normals.float(),
+        target_normals=normals.float(),
+        metric=metric,
         max_distance=0.05,
     )
     assert torch.isfinite(result.transform).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Types and values of options, dtypes, normals, init
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("search_backend", ["auto", "kdtree", "brute_force"])
+def test_half_precision_is_computed_in_float32_and_returned_as_given(dtype, search_backend):
+    p = make_pair(2, n=300, angle=5.0, translation=0.05, resample=False)
+    s, t = p["source"].to(dtype), p["target"].to(dtype)
+    result = difficp.icp(s, t, search_backend=search_backend)
+    assert result.transform.dtype == dtype and result.fitness.dtype == dtype
+    reference = difficp.icp(s.float(), t.float(), search_backend=search_backend)
+    torch.testing.assert_close(result.transform, reference.transform.to(dtype))
+    assert torch.equal(result.iterations, reference.iterations)
+
+
+def test_half_precision_gradient_reaches_the_input():
+    p = make_pair(3, n=100, angle=3.0, resample=False)
+    s = p["source"].half().requires_grad_(True)
+    difficp.icp(s, p["target"].half(), correspondence="soft").transform.sum().backward()
+    assert s.grad is not None and s.grad.dtype == torch.float16
+    assert torch.isfinite(s.grad).all()
+
+
+def test_config_must_be_an_icp_config(clouds) -> None:
+    with pytest.raises(TypeError, match=r"config must be a difficp.ICPConfig, got dict.*\*\*"):
+        difficp.icp(*clouds, config={"max_distance": 0.1})
+    with pytest.raises(TypeError, match=r"config must be a difficp\.ICPConfig"):
+        difficp.ICP({"max_distance": 0.1})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error", "match"),
+    [
+        ("max_distance", "0.1", TypeError, r"max_distance must be a number.*float\('0.1'\)"),
+        ("max_distance", True, TypeError, "max_distance must be a number, got the bool"),
+        ("max_normal_angle", torch.tensor([10.0, 20.0]), ValueError,
+         r"max_normal_angle must be a scalar.*shape \(2,\)"),
+        ("max_iterations", True, TypeError, "max_iterations must be an int, got the bool True"),
+        ("max_iterations", 2.0, TypeError, "max_iterations must be an int, got float 2.0"),
+        ("soft_k", True, TypeError, "soft_k must be an int, got the bool True"),
+        ("lm_steps", False, TypeError, "lm_steps must be an int"),
+        ("temperature", 1e-300, ValueError, "temperature must be .*got 1e-300$"),
+        ("temperature", torch.tensor(0.0), ValueError, "temperature must be .*got 0$"),
+        ("kernel_scale", -0.1, ValueError, "kernel_scale must be a finite positive .*got -0.1$"),
+        ("max_distance", torch.tensor(-0.1), ValueError, "max_distance must be .*got -0.1$"),
+        ("lm_damping", float("inf"), ValueError, "lm_damping must be a finite positive.*inf"),
+        ("lm_damping", 0.0, ValueError, "lm_damping must be a finite positive"),
+        ("relative_rmse", "0", TypeError, "relative_rmse must be a number"),
+    ],
+)  # fmt: skip
+def test_bad_option_types_and_values_name_the_option(field, value, error, match) -> None:
+    with pytest.raises(error, match=f"ICPConfig.{match}"):
+        difficp.ICPConfig(**{field: value})
+
+
+def test_numpy_and_tensor_integers_are_accepted_as_ints() -> None:
+    np = pytest.importorskip("numpy")
+    config = difficp.ICPConfig(max_iterations=np.int64(7), soft_k=np.int32(4),
+                               lm_steps=torch.tensor(2))  # fmt: skip
+    assert (config.max_iterations, config.soft_k, config.lm_steps) == (7, 4, 2)
+    assert all(type(v) is int for v in (config.max_iterations, config.soft_k, config.lm_steps))
+
+
+def test_bool_lengths_refused(clouds) -> None:
+    s, t = clouds
+    with pytest.raises(ValueError, match=r"source_lengths must be an int tensor.*bool"):
+        difficp.icp(s[None], t[None], source_lengths=torch.tensor([True]))
+
+
+@pytest.mark.parametrize(
+    ("metric", "which"), [("point_to_plane", "target_normals"), ("symmetric", "source_normals")]
+)
+def test_zero_normals_refused(clouds, metric, which) -> None:
+    s, t = clouds
+    normals = {"source_normals": torch.nn.functional.normalize(s, dim=1),
+               "target_normals": torch.nn.functional.normalize(t, dim=1)}  # fmt: skip
+    normals[which] = normals[which].clone()
+    normals[which][[4, 9]] = 0.0
+    with pytest.raises(ValueError, match=f"{which} has 2 zero normals.*estimate_normals"):
+        difficp.icp(s, t, metric=metric, **normals)
+
+
+def test_zero_normals_of_padding_are_fine(clouds) -> None:
+    s, t = clouds
+    n = torch.nn.functional.normalize(t, dim=1).clone()
+    n[90:] = 0.0  # padding, beyond target_lengths
+    result = difficp.icp(s[None], t[None], target_normals=n[None], metric="point_to_plane",
+                         target_lengths=torch.tensor([90]))  # fmt: skip
+    assert torch.isfinite(result.transform).all()
+
+
+@pytest.mark.parametrize("search_backend", ["auto", "kdtree"])
+@pytest.mark.parametrize("metric", ["point_to_point", "point_to_plane", "symmetric"])
+def test_soft_normal_rejection_of_every_pair_loses_the_pair(clouds, metric, search_backend):
+    # Opposite normals, every correspondence rejected by a wide margin: the sigmoid weights are
+    # ~1e-81, not 0, and used to pass as a full set (a step, then converged=True).
+    s, t = clouds
+    up = torch.zeros_like(s)
+    up[:, 2] = 1.0
+    result = difficp.icp(
+        s,
+        t + 0.01,
+        metric=metric,
+        source_normals=up,
+        target_normals=-up,
+        max_normal_angle=30.0,
+        rejection="soft",
+        search_backend=search_backend,
+    )
+    assert not bool(result.converged) and int(result.iterations) == 0
+    assert torch.equal(result.transform, torch.eye(4, dtype=torch.float64))
+
+
+def test_slightly_sheared_init_is_projected_with_a_warning(clouds) -> None:
+    s, t = clouds
+    init = torch.eye(4, dtype=torch.float64)
+    init[0, 1] = 9e-5
+    with pytest.warns(UserWarning, match=r"init is not exactly rigid: .*9e-05 from orthonormal"):
+        result = difficp.icp(s, t, init=init)
+    R = result.transform[:3, :3]
+    torch.testing.assert_close(R.T @ R, torch.eye(3, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_far_from_rigid_init_names_both_numbers(clouds) -> None:
+    init = torch.eye(4, dtype=torch.float64)
+    init[0, 1] = 0.05
+    with pytest.raises(ValueError, match=r"init must be a rigid.*0.05 from orthonormal.*"
+                                         r"tolerance 0.01"):  # fmt: skip
+        difficp.icp(*clouds, init=init)
+
+
+def test_float32_rounding_of_init_passes_silently(clouds) -> None:
+    import warnings
+
+    from difficp.geometry import make_transform, random_rotation
+
+    R = random_rotation(max_angle_deg=30.0, generator=torch.Generator().manual_seed(0))
+    init = make_transform(R, torch.zeros(3)).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        difficp.icp(clouds[0].float(), clouds[1].float(), init=init)

@@ -139,7 +139,7 @@ def _bad_inputs(tmp_path):
         (["register", g, str(tmp_path / "cloud.obj")], "unknown point-cloud extension"),
         (["register", g, str(tmp_path / "two.xyz")], "at least 3"),
         (["register", g, g, "--init", str(tmp_path / "init.txt")], "4 lines of 4"),
-        (["register", g, g, "--max-distance", "-1"], "max_distance"),
+        (["register", g, g, "--max-distance", "-1"], "--max-distance"),
         (["register", g, g, "--max-iterations", "0"], "max-iterations"),
         (["register", g, g, "--metric", "point_to_plane", "--solver", "svd"], "svd"),
         (["register", g, g, "--out", str(tmp_path / "no" / "such" / "dir" / "T.txt")], "write"),
@@ -156,6 +156,156 @@ def test_register_bad_input_exits_2_with_one_line(tmp_path, capsys):
         assert len(err.splitlines()) == 1, err
         assert err.startswith("difficp register: error:")
         assert message in err, (argv, err)
+
+
+def _lzf_pcd(body: bytes, points: int = 2) -> bytes:
+    header = (
+        "VERSION 0.7\nFIELDS x y z\nSIZE 4 4 4\nTYPE F F F\nCOUNT 1 1 1\n"
+        f"WIDTH {points}\nHEIGHT 1\nPOINTS {points}\nDATA binary_compressed\n"
+    )
+    sizes = np.array([len(body), 12 * points], dtype="<u4").tobytes()
+    return header.encode() + sizes + body
+
+
+def _broken_files(tmp_path):
+    """(file, expected message): files that used to crash or pass silently."""
+    f = tmp_path
+    (f / "empty.npy").write_bytes(b"")
+    # A literal run of 2 bytes, then a back reference whose offset byte is missing.
+    (f / "lzf.pcd").write_bytes(_lzf_pcd(b"\x01ab\xe0"))
+    np.save(f / "huge.npy", np.random.default_rng(0).normal(size=(50, 3)) * 1e200)
+    (f / "short.ply").write_text(
+        "ply\nformat ascii 1.0\nelement vertex 4\nproperty float x\nproperty float y\n"
+        "property float z\nend_header\n0 0 0\n1 1\n2 2 2 2\n3 1 2\n"
+    )
+    (f / "neg.pcd").write_bytes(
+        b"VERSION 0.7\nFIELDS x y z\nSIZE 4 4 4\nTYPE F F F\nCOUNT 1 1 1\nWIDTH 4\nHEIGHT 1\n"
+        b"POINTS -1\nDATA binary\n"
+        + np.random.default_rng(1).random((4, 3)).astype("<f4").tobytes()
+    )
+    np.save(f / "complex.npy", np.random.default_rng(2).normal(size=(50, 3)) * (1 + 1j))
+    (f / "folder.ply").mkdir()
+    return [
+        ("empty.npy", "not a readable .npy array"),
+        ("lzf.pcd", "corrupt LZF data"),
+        ("huge.npy", "too large for float64 arithmetic"),
+        ("short.ply", "vertex 1 has 2 values"),
+        ("neg.pcd", "POINTS -1 is negative"),
+        ("complex.npy", "real numbers"),
+        ("folder.ply", "is a directory"),
+    ]
+
+
+def test_register_broken_files_exit_2_with_one_line(tmp_path, capsys):
+    good = tmp_path / "good.xyz"
+    write_point_cloud(good, np.random.default_rng(0).normal(size=(50, 3)))
+    for name, message in _broken_files(tmp_path):
+        code = main(["register", str(good), str(tmp_path / name), "--threads", "1"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2, (name, err)
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert err.startswith(
+            f"difficp register: error: cannot read target {tmp_path / name}"
+        ) or err.startswith(f"difficp register: error: target {tmp_path / name}"), err
+        assert message in err, (name, err)
+
+
+def test_register_names_the_flag_and_prints_floats_as_given(tmp_path, capsys):
+    good = tmp_path / "good.xyz"
+    write_point_cloud(good, np.random.default_rng(0).normal(size=(50, 3)))
+    for flag, value in [
+        ("--max-distance", "-0.1"),
+        ("--temperature", "1e-300"),
+        ("--kernel-scale", "nan"),
+    ]:
+        assert main(["register", str(good), str(good), flag, value]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} must be" in err and f"got {value}" in err, err
+        assert "ICPConfig" not in err
+
+
+def test_register_warns_about_dropped_non_finite_points(pair, tmp_path, capsys):
+    src, tgt, _ = pair
+    points = read_point_cloud(src).points
+    points[[3, 10, 20]] = np.nan
+    write_point_cloud(tmp_path / "nan.ply", points)
+    assert (
+        main(
+            [
+                "register",
+                str(tmp_path / "nan.ply"),
+                str(tgt),
+                "--max-distance",
+                "0.2",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
+    captured = capsys.readouterr()
+    assert f"warning: dropped 3 of {len(points)} points of source" in captured.err
+    assert f"source: {len(points) - 3} points" in captured.out
+
+
+def test_register_checks_output_paths_before_running_icp(pair, tmp_path, capsys, monkeypatch):
+    import difficp
+
+    def no_icp(*args, **kwargs):
+        raise AssertionError("ICP ran although an output cannot be written")
+
+    monkeypatch.setattr(difficp, "icp", no_icp)
+    src, tgt, _ = pair
+    (tmp_path / "taken").mkdir()
+    cases = [
+        (["--aligned", str(tmp_path / "missing" / "a.ply")], "does not exist"),
+        (["--out", str(tmp_path / "taken")], "is a directory"),
+        (["--aligned", str(tmp_path / "a.obj")], "unknown point-cloud extension"),
+    ]
+    for extra, message in cases:
+        code = main(["register", str(src), str(tgt), "--out", str(tmp_path / "T.txt"), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source.ply", "taken", "target.pcd"]
+
+
+def test_register_failed_write_prints_result_and_writes_nothing(
+    pair, tmp_path, capsys, monkeypatch
+):
+    import difficp.io
+
+    src, tgt, _ = pair
+    (tmp_path / "T.txt").write_text("old\n")
+
+    def disk_full(f, *args, **kwargs):
+        f.write(b"ply\npartial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(difficp.io, "_write_ply", disk_full)
+    code = main(
+        [
+            "register",
+            str(src),
+            str(tgt),
+            "--max-distance",
+            "0.2",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path / "T.txt"),
+            "--aligned",
+            str(tmp_path / "aligned.ply"),
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "transform (source -> target):" in captured.out  # the result is not lost
+    assert captured.err.strip().splitlines() == [
+        "difficp register: error: cannot write outputs (none written): No space left on device"
+    ]
+    # All or nothing: the transform file keeps its old content, and no partial file is left.
+    assert (tmp_path / "T.txt").read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["T.txt", "source.ply", "target.pcd"]
 
 
 # --------------------------------------------------------------------------------------------

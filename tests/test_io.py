@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from difficp.io import (
     PointCloudData,
@@ -298,6 +300,117 @@ def test_missing_file_and_bad_write(tmp_path):
         write_point_cloud(tmp_path / "a.ply", np.zeros((2, 2)))
     with pytest.raises(ValueError, match="rows but points has"):
         write_point_cloud(tmp_path / "a.ply", np.zeros((2, 3)), normals=np.zeros((3, 3)))
+
+
+_PLY_XYZ = (
+    "ply\nformat ascii 1.0\nelement vertex 3\nproperty float x\nproperty float y\n"
+    "property float z\nend_header\n"
+)
+_PCD_XYZ = (
+    "VERSION 0.7\nFIELDS x y z\nSIZE 4 4 4\nTYPE F F F\nCOUNT 1 1 1\nWIDTH 2\n"
+    "HEIGHT 1\nPOINTS {n}\nDATA {kind}\n"
+)
+
+
+def test_ascii_ply_row_with_a_missing_value(tmp_path):
+    # A short row next to a long one has the right total count of values.
+    path = tmp_path / "a.ply"
+    path.write_text(_PLY_XYZ + "0 0 0\n1 1\n2 2 2 2\n")
+    with pytest.raises(ValueError, match="vertex 1 has 2 values"):
+        read_point_cloud(path)
+
+
+@pytest.mark.parametrize("kind", ["ascii", "binary"])
+def test_pcd_negative_point_count(tmp_path, kind):
+    path = tmp_path / "a.pcd"
+    body = b"1 2 3\n4 5 6\n" if kind == "ascii" else np.arange(6, dtype="<f4").tobytes()
+    path.write_bytes(_PCD_XYZ.format(n=-1, kind=kind).encode() + body)
+    with pytest.raises(ValueError, match="POINTS -1 is negative"):
+        read_point_cloud(path)
+
+
+def test_npy_empty_complex_or_bool_file(tmp_path):
+    (tmp_path / "empty.npy").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.npy: not a readable \.npy array"):
+        read_point_cloud(tmp_path / "empty.npy")
+    np.save(tmp_path / "c.npy", np.ones((4, 3)) * (1 + 2j))
+    with pytest.raises(ValueError, match=r"real numbers.*complex128"):
+        read_point_cloud(tmp_path / "c.npy")
+    np.save(tmp_path / "b.npy", np.ones((4, 3), dtype=bool))
+    with pytest.raises(ValueError, match=r"real numbers.*bool"):
+        read_point_cloud(tmp_path / "b.npy")
+
+
+def test_directory_is_not_reported_as_missing(tmp_path):
+    (tmp_path / "scan.ply").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        read_point_cloud(tmp_path / "scan.ply")
+    (tmp_path / "T.txt").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        read_transform(tmp_path / "T.txt")
+
+
+@pytest.fixture(scope="module")
+def compressed_pcd(tmp_path_factory) -> bytes:
+    o3d = pytest.importorskip("open3d")
+    rng = np.random.default_rng(1)
+    cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(rng.random((60, 3))))
+    path = tmp_path_factory.mktemp("lzf") / "c.pcd"
+    o3d.io.write_point_cloud(str(path), cloud, compressed=True)
+    return path.read_bytes()
+
+
+@settings(max_examples=40, deadline=None)
+@given(cut=st.floats(0.0, 1.0, exclude_max=True))
+def test_truncated_compressed_pcd_raises_value_error(tmp_path_factory, compressed_pcd, cut):
+    """A binary_compressed PCD cut anywhere after its header: a ValueError, never a crash."""
+    body = compressed_pcd.index(b"DATA binary_compressed\n") + len("DATA binary_compressed\n")
+    end = body + int(cut * (len(compressed_pcd) - body))
+    path = tmp_path_factory.mktemp("cut") / "t.pcd"
+    path.write_bytes(compressed_pcd[:end])
+    with pytest.raises(ValueError, match=r"t\.pcd"):
+        read_point_cloud(path)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=64), size=st.integers(0, 200))
+def test_lzf_decoder_on_arbitrary_bytes(data, size):
+    """Any byte string either decodes to exactly ``size`` bytes or raises a ValueError."""
+    from difficp.io import _lzf_decompress
+
+    try:
+        out = _lzf_decompress(data, size)
+    except ValueError as err:
+        assert "corrupt LZF" in str(err)
+    else:
+        assert len(out) == size
+
+
+@pytest.mark.parametrize("name", ["a.ply", "a.pcd", "a.xyz", "a.npy"])
+def test_failed_write_leaves_the_old_file_and_no_partial_one(tmp_path, cloud, monkeypatch, name):
+    import difficp.io as io
+
+    path = tmp_path / name
+    write_point_cloud(path, cloud[0])
+    good = path.read_bytes()
+
+    def disk_full(*args, **kwargs):  # writes a little, then fails (old or new signature)
+        target = args[0]
+        f = open(target, "wb") if isinstance(target, (str, Path)) else target  # noqa: SIM115
+        f.write(b"partial")
+        raise OSError("No space left on device")
+
+    for attr in ("_write_ply", "_write_pcd"):
+        monkeypatch.setattr(io, attr, disk_full)
+    monkeypatch.setattr(io.np, "save", disk_full)
+    monkeypatch.setattr(io.np, "savetxt", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        write_point_cloud(path, cloud[0] + 1.0)
+    with pytest.raises(OSError, match="No space"):
+        write_transform(tmp_path / "T.txt", np.eye(4))
+    monkeypatch.undo()
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
 # --------------------------------------------------------------------------------------------

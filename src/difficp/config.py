@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import operator
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 Scalar = float | torch.Tensor
@@ -23,24 +26,104 @@ ROBUST_KERNELS = (None, "huber", "cauchy", "geman_mcclure", "tukey")
 DIFFERENTIATIONS = ("unroll", "implicit", "none")
 
 
-def _positive(name: str, value: Scalar | None, allow_none: bool = True) -> None:
+# Temperatures and kernel scales divide distances: below this they underflow to 0 in float32.
+_SMALLEST_DIVISOR = float(torch.finfo(torch.float32).tiny)
+
+
+def _show(value: object) -> str:
+    """``value`` as the user wrote it: ``1e-300`` stays ``1e-300`` (not a float32 ``0.0``) and
+    ``0.1`` stays ``0.1`` (not ``0.10000000149011612``)."""
+    if isinstance(value, torch.Tensor):
+        v = value.detach()
+        if v.numel() != 1:
+            return f"a tensor of shape {tuple(v.shape)}"
+        if v.is_floating_point() and torch.finfo(v.dtype).bits < 64:
+            return format(float(v), ".8g")  # the digits its precision holds
+        return str(v.item())
+    if isinstance(value, (numbers.Real, np.generic)) and not isinstance(value, bool):
+        return str(value)
+    return repr(value)
+
+
+def _number(name: str, value: object) -> float:
+    """A real scalar option (Python/numpy number or one-element tensor) as a float, or raise
+    a TypeError / ValueError that names ``ICPConfig.<name>`` and the fix."""
+    if isinstance(value, (bool, np.bool_)) or (
+        isinstance(value, torch.Tensor) and value.dtype == torch.bool
+    ):
+        raise TypeError(f"ICPConfig.{name} must be a number, got the bool {value!r}")
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dim() > 1:
+            raise ValueError(
+                f"ICPConfig.{name} must be a scalar (a number or a 0-d tensor), got a tensor of "
+                f"shape {tuple(value.shape)}"
+            )
+        if value.is_complex():
+            raise TypeError(f"ICPConfig.{name} must be a real number, got dtype {value.dtype}")
+        return float(value.detach())
+    if isinstance(value, numbers.Real):
+        return float(value)
+    fix = f"; convert it first, e.g. float({value!r})" if isinstance(value, str) else ""
+    raise TypeError(
+        f"ICPConfig.{name} must be a number or a 0-d tensor, got {type(value).__name__} "
+        f"{value!r}{fix}"
+    )
+
+
+def _positive(
+    name: str, value: Scalar | None, allow_none: bool = True, divisor: bool = False
+) -> None:
     if value is None:
         if not allow_none:
             raise ValueError(f"ICPConfig.{name} must be given (a positive number)")
         return
-    v = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
-    if v.numel() != 1:
-        raise ValueError(
-            f"ICPConfig.{name} must be a scalar, got a tensor of shape {tuple(v.shape)}"
-        )
-    f = float(v)
+    f = _number(name, value)
     if not math.isfinite(f) or f <= 0:
-        raise ValueError(f"ICPConfig.{name} must be a finite positive number, got {f}")
+        raise ValueError(f"ICPConfig.{name} must be a finite positive number, got {_show(value)}")
+    if divisor and f < _SMALLEST_DIVISOR:
+        raise ValueError(
+            f"ICPConfig.{name} must be a finite positive number of at least "
+            f"{_SMALLEST_DIVISOR:.3g} (it divides distances, and smaller values are 0 in "
+            f"float32), got {_show(value)}"
+        )
+
+
+def _integer(name: str, value: object, minimum: int) -> int:
+    """An int option (Python, numpy or 0-d tensor integer; not a bool) as an ``int``."""
+    if isinstance(value, (bool, np.bool_)) or (
+        isinstance(value, torch.Tensor) and value.dtype == torch.bool
+    ):
+        raise TypeError(f"ICPConfig.{name} must be an int, got the bool {value!r}")
+    try:
+        number = operator.index(value)  # int, numpy ints, 0-d integer tensors; not floats
+    except TypeError:
+        raise TypeError(
+            f"ICPConfig.{name} must be an int, got {type(value).__name__} {_show(value)}"
+        ) from None
+    if number < minimum:
+        raise ValueError(f"ICPConfig.{name} must be an int >= {minimum}, got {number}")
+    return number
 
 
 def _choice(name: str, value: object, choices: tuple) -> None:
-    if value not in choices:
+    if not isinstance(value, (str, type(None))) or value not in choices:
         raise ValueError(f"ICPConfig.{name}={value!r} is not one of {choices}")
+
+
+def resolve_config(config: object, overrides: dict) -> ICPConfig:
+    """``config`` (None = defaults) with keyword ``overrides`` applied; a clear TypeError for
+    anything that is not an :class:`ICPConfig` (e.g. a dict of options)."""
+    if config is None:
+        config = ICPConfig()
+    elif not isinstance(config, ICPConfig):
+        fix = (
+            "build one with difficp.ICPConfig(**options) or pass the options as keywords, "
+            "e.g. difficp.icp(source, target, max_distance=0.05)"
+        )
+        raise TypeError(f"config must be a difficp.ICPConfig, got {type(config).__name__}; {fix}")
+    return config.replace(**overrides) if overrides else config
 
 
 @dataclass(frozen=True)
@@ -114,31 +197,31 @@ class ICPConfig:
         _choice("rejection", self.rejection, REJECTIONS)
         _choice("robust_kernel", self.robust_kernel, ROBUST_KERNELS)
         _choice("differentiation", self.differentiation, DIFFERENTIATIONS)
-        _positive("temperature", self.temperature, allow_none=False)
-        _positive("rejection_temperature", self.rejection_temperature, allow_none=False)
-        _positive("kernel_scale", self.kernel_scale, allow_none=False)
+        _positive("temperature", self.temperature, allow_none=False, divisor=True)
+        _positive("rejection_temperature", self.rejection_temperature, False, divisor=True)
+        _positive("kernel_scale", self.kernel_scale, allow_none=False, divisor=True)
         _positive("max_distance", self.max_distance)
         if self.max_normal_angle is not None:
-            angle = float(torch.as_tensor(self.max_normal_angle).detach())
+            angle = _number("max_normal_angle", self.max_normal_angle)
             if not 0 < angle <= 180:
                 raise ValueError(
-                    f"ICPConfig.max_normal_angle must be in (0, 180] degrees, got {angle}"
+                    "ICPConfig.max_normal_angle must be in (0, 180] degrees, got "
+                    f"{_show(self.max_normal_angle)}"
                 )
-        if self.soft_k is not None and (not isinstance(self.soft_k, int) or self.soft_k < 1):
-            raise ValueError(
-                f"ICPConfig.soft_k must be a positive int or None, got {self.soft_k!r}"
-            )
-        if not isinstance(self.max_iterations, int) or self.max_iterations < 1:
-            raise ValueError(
-                f"ICPConfig.max_iterations must be a positive int, got {self.max_iterations!r}"
-            )
-        if not isinstance(self.lm_steps, int) or self.lm_steps < 1:
-            raise ValueError(f"ICPConfig.lm_steps must be a positive int, got {self.lm_steps!r}")
-        if not self.lm_damping > 0:
-            raise ValueError(f"ICPConfig.lm_damping must be positive, got {self.lm_damping}")
+        # Integers: numpy / 0-d tensor ints are stored as int; bools are refused (True is not 1
+        # iteration by intent).
+        if self.soft_k is not None:
+            object.__setattr__(self, "soft_k", _integer("soft_k", self.soft_k, 1))
+        object.__setattr__(
+            self, "max_iterations", _integer("max_iterations", self.max_iterations, 1)
+        )
+        object.__setattr__(self, "lm_steps", _integer("lm_steps", self.lm_steps, 1))
+        # lm_damping = inf would make every LM step zero: the pair "converges" without moving.
+        _positive("lm_damping", self.lm_damping, allow_none=False)
         for name in ("relative_fitness", "relative_rmse"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"ICPConfig.{name} must be >= 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not _number(name, value) >= 0:
+                raise ValueError(f"ICPConfig.{name} must be >= 0, got {_show(value)}")
 
     @property
     def resolved_solver(self) -> str:

@@ -33,6 +33,7 @@ from difficp.kdtree import (
     set_threads,
     warm_two_nearest,
 )
+from difficp.weighting import NEGLIGIBLE_WEIGHT
 
 # Source points per parallel task: enough work to amortise scheduling, small enough to balance.
 CHUNK = 1024
@@ -62,7 +63,9 @@ def _robust_weight(code: int, r: float, k: float) -> float:
 
 @njit(inline="always", error_model="numpy")
 def _sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+    """Soft-rejection keep-weight; as :func:`difficp.weighting.soft_keep`, 0 when negligible."""
+    s = 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+    return s if s > NEGLIGIBLE_WEIGHT else 0.0
 
 
 @njit(inline="always", error_model="numpy")

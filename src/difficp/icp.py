@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from difficp.config import ICPConfig
+from difficp.config import ICPConfig, resolve_config
 from difficp.correspondence import (
     Correspondences,
     DepthTarget,
@@ -401,9 +401,7 @@ def icp(
         ValueError: bad input (NaN/inf, empty or mismatched shapes, non-rigid init, missing
             normals or intrinsics), naming the argument and the fix.
     """
-    config = config or ICPConfig()
-    if overrides:
-        config = config.replace(**overrides)
+    config = resolve_config(config, overrides)
     if search_backend not in SEARCH_BACKENDS:
         raise ValueError(f"search_backend must be one of {SEARCH_BACKENDS}, got {search_backend!r}")
     index_backend = "kdtree" if search_backend == "compiled" else search_backend
@@ -435,7 +433,7 @@ def icp(
             )
         else:
             result, _ = run_loop(steps, problem.init, config)
-    result = result.to(problem.source.dtype)
+    result = result.to(problem.result_dtype or problem.source.dtype)
     return result._squeeze() if problem.unbatched else result
 
 
@@ -448,8 +446,7 @@ class ICP(nn.Module):
 
     def __init__(self, config: ICPConfig | None = None, **overrides: Any) -> None:
         super().__init__()
-        config = config or ICPConfig()
-        self.config = config.replace(**overrides) if overrides else config
+        self.config = resolve_config(config, overrides)
         for field in _TENSOR_OPTIONS:
             value = getattr(self.config, field)
             if isinstance(value, nn.Parameter):

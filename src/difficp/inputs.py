@@ -3,9 +3,11 @@ the argument and the fix, before any work is done."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import roma
 import torch
 from torch import Tensor
 
@@ -16,13 +18,24 @@ from difficp.geometry import (
     depth_normals,
     depth_to_points,
     invert_transform,
-    is_rigid,
     rotate_vectors,
     transform_points,
 )
 
 # Sources at least this large are put in spatial order for the KD-tree.
 SPATIAL_ORDER_MIN_POINTS = 256
+
+# Half-precision inputs are computed in float32 (CPU linear algebra has no float16 kernels, and
+# float16 squared distances overflow at 256) and the result is returned in the input dtype.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+# A normal shorter than this is "zero": it has no direction to weigh or reject by.
+ZERO_NORMAL = 1e-6
+
+# A rigid init / target_pose whose rotation block is off orthonormal (max |R^T R - I|) by more
+# than the rounding of its dtype is projected onto SO(3) with a warning, up to this tolerance;
+# beyond it, it is refused (it is not a rotation with a little noise).
+ROTATION_TOLERANCE = 1e-2
 
 
 def _take(values: Tensor, order: Tensor) -> Tensor:
@@ -57,6 +70,7 @@ class Problem:
     target: PointTarget | DepthTarget
     init: Tensor
     unbatched: bool
+    result_dtype: torch.dtype | None = None  # the inputs' dtype, when computed in another one
 
 
 def _as_float_tensor(name: str, value: object) -> Tensor:
@@ -72,7 +86,7 @@ def _as_float_tensor(name: str, value: object) -> Tensor:
         raise ValueError(
             f"{name} must be a floating-point tensor, got dtype {value.dtype}; use .float()"
         )
-    return value
+    return value.float() if value.dtype in HALF_DTYPES else value
 
 
 def _check_finite(name: str, value: Tensor) -> None:
@@ -96,7 +110,7 @@ def _lengths(
     if lengths is None:
         return None
     t = torch.as_tensor(lengths, device=device)
-    if t.shape != (batch,) or t.is_floating_point():
+    if t.shape != (batch,) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise ValueError(
             f"{name} must be an int tensor of shape ({batch},), got {tuple(t.shape)} {t.dtype}"
         )
@@ -120,6 +134,17 @@ def _normals(name: str, value: object, points: Tensor, unbatched: bool) -> Tenso
     return n.to(points.dtype)
 
 
+def _check_normal_lengths(name: str, normals: Tensor, mask: Tensor) -> None:
+    """Refuse zero normals among the valid points (they would give no residual / weight)."""
+    zero = (normals.detach().norm(dim=-1) < ZERO_NORMAL) & mask
+    if bool(zero.any()):
+        raise ValueError(
+            f"{name} has {int(zero.sum())} zero normals (length < {ZERO_NORMAL:g}) among its valid "
+            "points; every point needs a unit normal: estimate them with "
+            "difficp.estimate_normals(points) or drop those points"
+        )
+
+
 def _expand_batch(name: str, t: Tensor, batch: int) -> Tensor:
     if t.shape[0] == batch:
         return t
@@ -130,22 +155,47 @@ def _expand_batch(name: str, t: Tensor, batch: int) -> Tensor:
     )
 
 
-def _init(init: object, batch: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+def _init(
+    init: object, batch: int, dtype: torch.dtype, device: torch.device, name: str = "init"
+) -> Tensor:
+    """``(B, 4, 4)`` rigid transform in ``dtype``: identity when None; a rotation block a little
+    off SO(3) is projected onto it (with a warning), a far-off one refused."""
     if init is None:
         return torch.eye(4, dtype=dtype, device=device).expand(batch, 4, 4).clone()
-    T = _as_float_tensor("init", init).to(device=device, dtype=dtype)
+    given = _as_float_tensor(name, init)
+    # Rounding in the caller's own dtype is not worth a warning (float32: 1.2e-6).
+    quiet = max(1e-6, 10 * torch.finfo(_float_dtype(init) or given.dtype).eps)
+    tolerance = max(ROTATION_TOLERANCE, 2 * quiet)
+    T = given.to(device=device, dtype=dtype)
     if T.shape[-2:] != (4, 4) or T.dim() not in (2, 3):
         raise ValueError(
-            f"init must be a (4, 4) or (B, 4, 4) transform, got shape {tuple(T.shape)}"
+            f"{name} must be a (4, 4) or (B, 4, 4) transform, got shape {tuple(T.shape)}"
         )
-    _check_finite("init", T)
-    T = _expand_batch("init", T[None] if T.dim() == 2 else T, batch)
-    tol = 1e-3 if dtype in (torch.float16, torch.bfloat16) else 1e-4
-    if not is_rigid(T, atol=tol).all():
+    _check_finite(name, T)
+    T = _expand_batch(name, T[None] if T.dim() == 2 else T, batch)
+    R = T[:, :3, :3].detach().double()
+    eye = torch.eye(3, dtype=R.dtype, device=R.device)
+    off = float((R.transpose(-1, -2) @ R - eye).abs().amax())
+    det = float(torch.linalg.det(R).amin())
+    last_row = torch.tensor([0, 0, 0, 1], dtype=R.dtype, device=R.device)
+    bottom = float((T[:, 3].detach().double() - last_row).abs().amax())
+    if off > tolerance or det <= 0 or bottom > tolerance:
         raise ValueError(
-            "init must be a rigid transform (orthonormal rotation with det +1, last row 0 0 0 1); "
-            "project it with roma.special_procrustes or build it with difficp.geometry.make_transform"
+            f"{name} must be a rigid transform (orthonormal rotation with det +1, last row "
+            f"0 0 0 1); its rotation block is {off:.3g} from orthonormal (max |R^T R - I|, "
+            f"tolerance {tolerance:g}), its determinant {det:.6g}, its last row "
+            f"{bottom:.3g} from 0 0 0 1; project it with roma.special_procrustes or build it "
+            "with difficp.geometry.make_transform"
         )
+    if off > quiet or bottom > quiet:
+        warnings.warn(
+            f"{name} is not exactly rigid: its rotation block is {off:.3g} from orthonormal "
+            f"(max |R^T R - I|, tolerance {tolerance:g}); using the nearest rotation instead "
+            "(otherwise the result would not be a rigid transform either)",
+            stacklevel=4,
+        )
+        top = torch.cat([roma.special_procrustes(T[:, :3, :3]), T[:, :3, 3:]], dim=-1)
+        T = torch.cat([top, last_row.to(T).expand(batch, 1, 4)], dim=-2)
     return T
 
 
@@ -170,6 +220,7 @@ def prepare_problem(
     search_backend: str = "auto",
 ) -> Problem:
     """Validate and batch every input of :func:`difficp.icp` (see there for shapes)."""
+    result_dtype = _input_dtype(source, target, config)
     src, unbatched = _batched_points("source", source)
     B, N, _ = src.shape
     device = src.device
@@ -178,6 +229,9 @@ def prepare_problem(
         raise _missing_normals("source_normals")
     s_lengths = _lengths("source_lengths", source_lengths, B, N, device)
     source_mask = lengths_mask(s_lengths, B, N, device)
+    if config.needs_source_normals:
+        assert src_normals is not None
+        _check_normal_lengths("source_normals", src_normals, source_mask)
 
     if config.correspondence == "projective":
         tgt = _depth_target(target, intrinsics, target_pose, target_normals, B, src)
@@ -197,6 +251,11 @@ def prepare_problem(
         if config.needs_target_normals and tgt_normals is None:
             raise _missing_normals("target_normals")
         t_lengths = _lengths("target_lengths", target_lengths, B, M, device)
+        if config.needs_target_normals:
+            assert tgt_normals is not None
+            _check_normal_lengths(
+                "target_normals", tgt_normals, lengths_mask(t_lengths, B, M, device)
+            )
         index = None
         if config.correspondence == "nearest" or config.soft_k is not None:
             index = NeighborIndex(tgt_points, t_lengths, search_backend)  # type: ignore[arg-type]
@@ -217,7 +276,30 @@ def prepare_problem(
         target=tgt,
         init=_init(init, B, dtype, device),
         unbatched=unbatched,
+        result_dtype=result_dtype,
     )
+
+
+def _float_dtype(value: object) -> torch.dtype | None:
+    """The torch dtype of a float tensor or numpy array (None for anything else)."""
+    if isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.floating):
+        return torch.from_numpy(np.empty(0, value.dtype)).dtype
+    if isinstance(value, Tensor) and value.is_floating_point():
+        return value.dtype
+    return None
+
+
+def _input_dtype(source: object, target: object, config: ICPConfig) -> torch.dtype | None:
+    """The dtype results are returned in: the promoted float dtype of the inputs (None when
+    they are not float tensors / arrays; validation reports that)."""
+    inputs = (source, target) if config.correspondence != "projective" else (source,)
+    dtypes = [d for d in map(_float_dtype, inputs) if d is not None]
+    if not dtypes:
+        return None
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
 
 
 def _depth_target(
@@ -243,7 +325,9 @@ def _depth_target(
     K = check_intrinsics(_as_float_tensor("intrinsics", intrinsics).to(source), batch)
     K = _expand_batch("intrinsics", K, batch)
     pose = (
-        _init(target_pose, batch, source.dtype, source.device) if target_pose is not None else None
+        _init(target_pose, batch, source.dtype, source.device, "target_pose")
+        if target_pose is not None
+        else None
     )
     cam_points = depth_to_points(d, K)
     valid = d > 0

@@ -16,17 +16,21 @@ Transforms are 4x4 homogeneous matrices stored as 4 lines of 4 whitespace-separa
 (:func:`read_transform` / :func:`write_transform`), mapping source points into the target frame.
 
 Every problem with a file (unknown extension, malformed header, wrong column count, truncated
-data) raises a ``ValueError`` whose message names the file and the problem.
+data) raises a ``ValueError`` whose message names the file and the problem. Files are written
+atomically (a temporary file, synced, then renamed): a failed write leaves no partial file.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
+
+from difficp._atomic import atomic_open
 
 __all__ = [
     "POINT_CLOUD_EXTENSIONS",
@@ -85,6 +89,15 @@ class PointCloudData:
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
+
+
+def _check_readable(path: Path) -> None:
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory, not a file")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if not path.is_file():
+        raise ValueError(f"{path}: not a regular file")
 
 
 def _extension(path: Path) -> str:
@@ -245,29 +258,39 @@ def _ply_read_ascii(path: Path, elements: list[_PlyElement], body: bytes) -> dic
                 f"{path}: truncated PLY: {el.count} vertices declared, {len(rows)} lines found"
             )
         if not el.has_lists:
+            width = len(el.properties)
+            # Row by row: a short row next to a long one must not pass as the right total.
+            bad = next((k for k, row in enumerate(rows) if len(row.split()) != width), None)
+            if bad is not None:
+                raise ValueError(
+                    f"{path}: PLY vertex {bad} has {len(rows[bad].split())} values; every vertex "
+                    f"line must have {width} ({' '.join(p.name for p in el.properties)})"
+                )
             try:
                 table = np.array(" ".join(rows).split(), dtype=np.float64)
             except ValueError as err:
                 raise ValueError(f"{path}: bad number in PLY vertex data ({err})") from None
-            width = len(el.properties)
-            if table.size != width * el.count:
-                raise ValueError(
-                    f"{path}: PLY vertex lines must have {width} values each "
-                    f"({' '.join(p.name for p in el.properties)})"
-                )
             table = table.reshape(el.count, width)
             return {p.name: table[:, i] for i, p in enumerate(el.properties)}
         # Slow path: a list property in the vertex element makes the line length vary.
         cols: dict[str, list[float]] = {p.name: [] for p in el.properties}
-        for row in rows:
+        for k, row in enumerate(rows):
             tokens = row.split()
             pos = 0
-            for p in el.properties:
-                if p.count_dtype is None:
-                    cols[p.name].append(float(tokens[pos]))
-                    pos += 1
-                else:
-                    pos += 1 + int(tokens[pos])
+            try:
+                for p in el.properties:
+                    if p.count_dtype is None:
+                        cols[p.name].append(float(tokens[pos]))
+                        pos += 1
+                    else:
+                        pos += 1 + int(tokens[pos])
+            except (ValueError, IndexError):
+                raise ValueError(f"{path}: PLY vertex {k} is malformed: {row.strip()!r}") from None
+            if pos != len(tokens):
+                raise ValueError(
+                    f"{path}: PLY vertex {k} has {len(tokens)} values where its properties "
+                    f"take {pos}: {row.strip()!r}"
+                )
         return {k: np.asarray(v) for k, v in cols.items()}
     raise ValueError(f"{path}: PLY file has no 'vertex' element")
 
@@ -344,7 +367,7 @@ def _read_ply(path: Path) -> PointCloudData:
 
 
 def _write_ply(
-    path: Path, points: np.ndarray, normals: np.ndarray | None, colors: np.ndarray | None,
+    f: IO[bytes], points: np.ndarray, normals: np.ndarray | None, colors: np.ndarray | None,
     ascii: bool, ftype: str,
 ) -> None:  # fmt: skip
     fields = [(c, ftype) for c in ("x", "y", "z")]
@@ -372,14 +395,13 @@ def _write_ply(
     ]
     header += [f"property {types[t]} {name}" for name, t in fields]
     header.append("end_header")
-    with open(path, "wb") as f:
-        f.write(("\n".join(header) + "\n").encode("ascii"))
-        if ascii:
-            cols = [table[name].astype(np.float64) for name, _ in fields]
-            fmts = [_text_format(t) for _, t in fields]
-            np.savetxt(f, np.stack(cols, axis=1), fmt=fmts, delimiter=" ")
-        else:
-            f.write(table.tobytes())
+    f.write(("\n".join(header) + "\n").encode("ascii"))
+    if ascii:
+        cols = [table[name].astype(np.float64) for name, _ in fields]
+        fmts = [_text_format(t) for _, t in fields]
+        np.savetxt(f, np.stack(cols, axis=1), fmt=fmts, delimiter=" ")
+    else:
+        f.write(table.tobytes())
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,6 +462,8 @@ def _parse_pcd_header(path: Path, data: bytes) -> tuple[list[_PcdField], int, st
         n = int(keys["POINTS"][0])
     except (ValueError, IndexError):
         raise ValueError(f"{path}: malformed PCD header: bad POINTS line") from None
+    if n < 0:
+        raise ValueError(f"{path}: malformed PCD header: POINTS {n} is negative")
     kind = keys["DATA"][0].lower() if keys["DATA"] else ""
     if kind not in ("ascii", "binary", "binary_compressed"):
         raise ValueError(
@@ -465,6 +489,8 @@ def _lzf_decompress(src: bytes, out_size: int) -> bytes:
             o += run
         else:  # back reference: length in the top 3 bits (7 = extended), 13-bit offset
             length = ctrl >> 5
+            if i + (length == 7) >= n:
+                raise ValueError("corrupt LZF data (truncated back reference)")
             if length == 7:
                 length += src[i]
                 i += 1
@@ -565,7 +591,7 @@ def _read_pcd(path: Path) -> PointCloudData:
 
 
 def _write_pcd(
-    path: Path, points: np.ndarray, normals: np.ndarray | None, colors: np.ndarray | None,
+    f: IO[bytes], points: np.ndarray, normals: np.ndarray | None, colors: np.ndarray | None,
     ascii: bool, ftype: str,
 ) -> None:  # fmt: skip
     fields = [(c, ftype) for c in ("x", "y", "z")]
@@ -595,14 +621,13 @@ def _write_pcd(
         f"POINTS {n}",
         f"DATA {'ascii' if ascii else 'binary'}",
     ]
-    with open(path, "wb") as f:
-        f.write(("\n".join(header) + "\n").encode("ascii"))
-        if ascii:
-            cols = [table[name].astype(np.float64) for name, _ in fields]
-            fmts = [_text_format(t) for _, t in fields]
-            np.savetxt(f, np.stack(cols, axis=1), fmt=fmts, delimiter=" ")
-        else:
-            f.write(table.tobytes())
+    f.write(("\n".join(header) + "\n").encode("ascii"))
+    if ascii:
+        cols = [table[name].astype(np.float64) for name, _ in fields]
+        fmts = [_text_format(t) for _, t in fields]
+        np.savetxt(f, np.stack(cols, axis=1), fmt=fmts, delimiter=" ")
+    else:
+        f.write(table.tobytes())
 
 
 # --------------------------------------------------------------------------------------------
@@ -642,10 +667,15 @@ def _read_text(path: Path) -> PointCloudData:
 def _read_npy(path: Path) -> PointCloudData:
     try:
         table = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as err:
-        raise ValueError(f"{path}: not a readable .npy array ({err})") from None
-    if not np.issubdtype(table.dtype, np.number):
-        raise ValueError(f"{path}: .npy array must be numeric, got dtype {table.dtype}")
+    except (ValueError, OSError, EOFError) as err:  # EOFError: an empty or cut-short file
+        raise ValueError(f"{path}: not a readable .npy array ({err or 'empty file'})") from None
+    if not isinstance(table, np.ndarray):
+        raise ValueError(f"{path}: expected a .npy array, got an .npz archive")
+    # Real numbers only: complex values would lose their imaginary part without a word.
+    if not (np.issubdtype(table.dtype, np.floating) or np.issubdtype(table.dtype, np.integer)):
+        raise ValueError(
+            f"{path}: .npy array must hold real numbers (float or int), got dtype {table.dtype}"
+        )
     return _split_columns(path, table, "an array")
 
 
@@ -670,8 +700,7 @@ def read_point_cloud(path: PathLike, *, remove_non_finite: bool = False) -> Poin
     """
     path = Path(path)
     ext = _extension(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+    _check_readable(path)
     if ext == ".ply":
         cloud = _read_ply(path)
     elif ext == ".pcd":
@@ -706,20 +735,41 @@ def write_point_cloud(
             ``.xyz``/``.txt``/``.npy`` always keep float64.
     """
     path = Path(path)
-    ext = _extension(path)
+    write = point_cloud_writer(path, points, normals, colors, ascii=ascii, double=double)
+    with atomic_open(path) as f:
+        write(f)
+
+
+def point_cloud_writer(
+    path: PathLike,
+    points: Any,
+    normals: Any = None,
+    colors: Any = None,
+    *,
+    ascii: bool = False,
+    double: bool | None = None,
+) -> Callable[[IO[bytes]], None]:
+    """Check the arguments of :func:`write_point_cloud` and return the function that writes
+    them, in ``path``'s format, to a binary file object (for writing several files at once with
+    :class:`difficp._atomic.AtomicFiles`)."""
+    ext = _extension(Path(path))
     pts = _as_array("points", points)
     nrm = None if normals is None else _as_array("normals", normals, pts.shape[0])
     col = None if colors is None else _as_array("colors", colors, pts.shape[0])
-    if ext == ".ply":
-        _write_ply(path, pts, nrm, col, ascii, "<f4" if double is False else "<f8")
-    elif ext == ".pcd":
-        _write_pcd(path, pts, nrm, col, ascii, "<f8" if double else "<f4")
-    else:
-        table = pts if nrm is None else np.concatenate([pts, nrm], axis=1)
-        if ext == ".npy":
-            np.save(path, table)
+
+    def write(f: IO[bytes]) -> None:
+        if ext == ".ply":
+            _write_ply(f, pts, nrm, col, ascii, "<f4" if double is False else "<f8")
+        elif ext == ".pcd":
+            _write_pcd(f, pts, nrm, col, ascii, "<f8" if double else "<f4")
         else:
-            np.savetxt(path, table, fmt="%.17g", delimiter=" ")
+            table = pts if nrm is None else np.concatenate([pts, nrm], axis=1)
+            if ext == ".npy":
+                np.save(f, table)
+            else:
+                np.savetxt(f, table, fmt="%.17g", delimiter=" ")
+
+    return write
 
 
 def read_transform(path: PathLike) -> np.ndarray:
@@ -730,8 +780,7 @@ def read_transform(path: PathLike) -> np.ndarray:
         ``[0, 0, 0, 1]`` and an orthonormal rotation block of determinant +1 (to 1e-4).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+    _check_readable(path)
     try:
         T = np.loadtxt(path, dtype=np.float64, comments="#", ndmin=2)
     except ValueError as err:
@@ -754,6 +803,14 @@ def _check_rigid(name: str, T: np.ndarray) -> None:
 
 def write_transform(path: PathLike, transform: Any) -> None:
     """Write a ``(4, 4)`` transform (numpy or torch; a leading batch of 1 is dropped) as text."""
+    write = transform_writer(transform)
+    with atomic_open(path) as f:
+        write(f)
+
+
+def transform_writer(transform: Any) -> Callable[[IO[bytes]], None]:
+    """Check ``transform`` and return the function that writes it, as :func:`write_transform`
+    does, to a binary file object."""
     if hasattr(transform, "detach"):
         transform = transform.detach().cpu().numpy()
     T = np.asarray(transform, dtype=np.float64)
@@ -761,4 +818,4 @@ def write_transform(path: PathLike, transform: Any) -> None:
         T = T[0]
     if T.shape != (4, 4):
         raise ValueError(f"transform must have shape (4, 4), got {T.shape}")
-    np.savetxt(path, T, fmt="%.17g", delimiter=" ")
+    return lambda f: np.savetxt(f, T, fmt="%.17g", delimiter=" ")

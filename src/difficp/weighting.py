@@ -13,6 +13,18 @@ from torch import Tensor
 from difficp.config import ICPConfig
 from difficp.correspondence import Correspondences
 
+# A soft-rejection keep-weight below this counts as rejected (exactly 0). The sigmoid is never 0,
+# and the solvers are invariant to a common scale of the weights, so a pair whose every
+# correspondence is rejected by a wide margin (weights ~1e-80) would otherwise take full steps
+# on them and report converged=True instead of being lost.
+NEGLIGIBLE_WEIGHT = 1e-12
+
+
+def soft_keep(margin: Tensor, temperature: float | Tensor) -> Tensor:
+    """``sigmoid(margin / temperature)``, with values below :data:`NEGLIGIBLE_WEIGHT` set to 0."""
+    s = torch.sigmoid(margin / temperature)
+    return torch.where(s > NEGLIGIBLE_WEIGHT, s, torch.zeros_like(s))
+
 
 def _as_tensor(value: float | Tensor, like: Tensor) -> Tensor:
     return torch.as_tensor(value, dtype=like.dtype, device=like.device)
@@ -30,7 +42,7 @@ def distance_rejection(distance: Tensor, config: ICPConfig) -> Tensor:
     threshold = _as_tensor(config.max_distance, distance)
     if config.rejection == "hard":
         return (distance <= threshold).to(distance.dtype)
-    return torch.sigmoid((threshold - distance) / config.rejection_temperature)
+    return soft_keep(threshold - distance, config.rejection_temperature)
 
 
 def normal_rejection(cosine: Tensor, config: ICPConfig) -> Tensor:
@@ -41,7 +53,7 @@ def normal_rejection(cosine: Tensor, config: ICPConfig) -> Tensor:
     threshold = torch.cos(torch.deg2rad(_as_tensor(config.max_normal_angle, cosine)))
     if config.rejection == "hard":
         return (cosine >= threshold).to(cosine.dtype)
-    return torch.sigmoid((cosine - threshold) / config.rejection_temperature)
+    return soft_keep(cosine - threshold, config.rejection_temperature)
 
 
 def linear_distance_weight(distance: Tensor, valid: Tensor, config: ICPConfig) -> Tensor:
@@ -127,4 +139,5 @@ __all__ = [
     "normal_agreement",
     "normal_rejection",
     "robust_weights",
+    "soft_keep",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,8 +152,12 @@ def test_samples_reproducible_and_consistent(box_renderer: DepthRenderer) -> Non
     batch = collate([a[i] for i in range(6)])
     # init_rmse is the body RMSE between identity and the motion.
     eye = torch.eye(4).expand(6, 4, 4)
-    torch.testing.assert_close(rmse_between(batch["body"], eye, batch["transform"]),
-                               batch["init_rmse"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        rmse_between(batch["body"], eye, batch["transform"]),
+        batch["init_rmse"],
+        atol=1e-4,
+        rtol=1e-4,
+    )
 
 
 def test_test_set_cache(tmp_path, box_renderer: DepthRenderer) -> None:
@@ -219,8 +224,15 @@ def test_resume_matches_uninterrupted(tmp_path, box_renderer: DepthRenderer) -> 
 
     torch.manual_seed(0)
     model = make_model(scene, width=8)
-    run_stage(Stage("nn", model, nn_loss, cfg), box_renderer, scene, tmp_path / "a", 0,
-              progress=False, log=lambda s: None)
+    run_stage(
+        Stage("nn", model, nn_loss, cfg),
+        box_renderer,
+        scene,
+        tmp_path / "a",
+        0,
+        progress=False,
+        log=lambda s: None,
+    )
     full = params(model)
 
     class InterruptError(Exception):
@@ -232,12 +244,27 @@ def test_resume_matches_uninterrupted(tmp_path, box_renderer: DepthRenderer) -> 
     torch.manual_seed(0)
     model = make_model(scene, width=8)
     with pytest.raises(InterruptError):
-        run_stage(Stage("nn", model, nn_loss, cfg), box_renderer, scene, tmp_path / "b", 0,
-                  progress=False, log=crash)
+        run_stage(
+            Stage("nn", model, nn_loss, cfg),
+            box_renderer,
+            scene,
+            tmp_path / "b",
+            0,
+            progress=False,
+            log=crash,
+        )
     torch.manual_seed(99)  # a fresh process would start from other weights: resume must fix it
     model = make_model(scene, width=8)
-    history = run_stage(Stage("nn", model, nn_loss, cfg), box_renderer, scene, tmp_path / "b",
-                        0, resume=True, progress=False, log=lambda s: None)
+    history = run_stage(
+        Stage("nn", model, nn_loss, cfg),
+        box_renderer,
+        scene,
+        tmp_path / "b",
+        0,
+        resume=True,
+        progress=False,
+        log=lambda s: None,
+    )
     assert [r["epoch"] for r in history["epochs"]] == [1, 2]
     torch.testing.assert_close(params(model), full)
     assert not torch.equal(full, params(make_model(scene, width=8)))
@@ -249,8 +276,10 @@ def test_summary_and_plot(tmp_path) -> None:
 
     g = torch.Generator().manual_seed(0)
     init = torch.rand(40, generator=g) * 1.4
-    errors = {k: torch.rand(40, generator=g) * 0.5 for k in
-              ("nn", "nn_icp", "nn_then_icp", "icp_projective", "icp_nearest")}
+    errors = {
+        k: torch.rand(40, generator=g) * 0.5
+        for k in ("nn", "nn_icp", "nn_then_icp", "icp_projective", "icp_nearest")
+    }
     errors["icp_nearest"][:20] = 0.0  # clearly the better variant
     m = summarize(errors, init)
     assert set(m["methods"]) == set(METHODS)
@@ -274,8 +303,20 @@ def test_cli_eval_committed_checkpoint(tmp_path, data_dir) -> None:
     if not committed_checkpoint().is_file():
         pytest.skip("no committed results/depth/pose_cnn.pt in this checkout")
     out = tmp_path / "eval"
-    args = ["experiment", "depth", "eval", "--data-dir", str(data_dir), "--n", "6", "--seed",
-            "7", "--out", str(out), "--no-progress"]
+    args = [
+        "experiment",
+        "depth",
+        "eval",
+        "--data-dir",
+        str(data_dir),
+        "--n",
+        "6",
+        "--seed",
+        "7",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["methods"]) == {"nn", "icp", "nn_icp", "nn_then_icp"}
@@ -284,3 +325,113 @@ def test_cli_eval_committed_checkpoint(tmp_path, data_dir) -> None:
         assert sum(b["n"] for b in m["bins"]) == 6
     assert (out / "success_vs_initial_distance.png").is_file()
     assert main(["experiment", "depth", "plot", "--out", str(out)]) == 0
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a crafted checkpoint could do."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_refuses_a_checkpoint_that_runs_code(tmp_path, box_renderer) -> None:
+    from difficp._atomic import CheckpointError
+    from difficp.learning.depth.train import Stage, StageConfig, make_model, nn_loss, run_stage
+
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "run" / "checkpoints" / "nn.pt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"model": _RunsCode(marker), "epoch": 0}, ckpt)
+    scene = SceneConfig(cnn_res=16, icp_res=16, n_body_points=16)
+    stage = Stage(
+        "nn",
+        make_model(scene, width=8),
+        nn_loss,
+        StageConfig(epochs=1, steps=1, batch=2, val_size=2),
+    )
+    with pytest.raises(CheckpointError, match=r"nn\.pt.*Weights only load failed"):
+        run_stage(
+            stage,
+            box_renderer,
+            scene,
+            tmp_path / "run",
+            0,
+            resume=True,
+            progress=False,
+            log=lambda s: None,
+        )
+    assert not marker.exists()
+
+
+def test_resume_falls_back_to_previous_checkpoint_when_latest_is_truncated(
+    tmp_path, box_renderer
+) -> None:
+    from difficp.learning.depth.train import Stage, StageConfig, make_model, nn_loss, run_stage
+
+    scene = SceneConfig(cnn_res=16, icp_res=16, n_body_points=16)
+    cfg = StageConfig(epochs=2, steps=2, batch=4, val_size=4)
+
+    def params(model: torch.nn.Module) -> torch.Tensor:
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    torch.manual_seed(0)
+    model = make_model(scene, width=8)
+    run_stage(
+        Stage("nn", model, nn_loss, cfg),
+        box_renderer,
+        scene,
+        tmp_path,
+        0,
+        progress=False,
+        log=lambda s: None,
+    )
+    full = params(model)
+    ckpt = tmp_path / "checkpoints" / "nn.pt"
+    assert (tmp_path / "checkpoints" / "nn.pt.prev").is_file()  # epoch 1's, kept
+    assert not list(ckpt.parent.glob("*.tmp"))
+    ckpt.write_bytes(ckpt.read_bytes()[:100])  # the latest (epoch 2) is cut short
+    torch.manual_seed(99)
+    model = make_model(scene, width=8)
+    with pytest.warns(RuntimeWarning, match="previous checkpoint"):
+        history = run_stage(
+            Stage("nn", model, nn_loss, cfg),
+            box_renderer,
+            scene,
+            tmp_path,
+            0,
+            resume=True,
+            progress=False,
+            log=lambda s: None,
+        )
+    # Resumed after epoch 1 and re-ran epoch 2: the same weights as the uninterrupted run.
+    assert [r["epoch"] for r in history["epochs"]] == [1, 2]
+    torch.testing.assert_close(params(model), full)
+
+
+def test_final_checkpoint_written_atomically_and_loaded_safely(tmp_path, monkeypatch) -> None:
+    from difficp.learning.depth.train import load_final, make_model, save_final
+
+    scene = SceneConfig(cnn_res=16, icp_res=16, n_body_points=16)
+    path = tmp_path / "pose_cnn.pt"
+    save_final(path, {"nn": make_model(scene, width=8)}, scene, {"seed": 1})
+    good = path.read_bytes()
+
+    def disk_full(obj, f, *args, **kwargs):  # writes part of the file, then the disk is full
+        if isinstance(f, (str, Path)):
+            f = open(f, "wb")  # noqa: SIM115
+        f.write(b"PK\x03\x04 half a checkpoint")
+        f.flush()
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_final(path, {"nn": make_model(scene, width=8)}, scene, {"seed": 2})
+    monkeypatch.undo()
+    assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    nets, _, info = load_final(path)
+    assert info == {"seed": 1} and set(nets) == {"nn"}

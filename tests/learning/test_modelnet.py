@@ -76,8 +76,9 @@ def test_modelnet10_is_centred_and_scaled_into_unit_sphere(tiny_root):
 
 def _pairs(protocol: str, seed: int = 0, **kw) -> ModelNetPairs:
     rng = np.random.default_rng(1)
-    return ModelNetPairs(_blobs(6, 1024, rng), np.array([0, 1, 2, 3, 4, 5]), protocol,
-                         seed=seed, num_classes=6, **kw)
+    return ModelNetPairs(
+        _blobs(6, 1024, rng), np.array([0, 1, 2, 3, 4, 5]), protocol, seed=seed, num_classes=6, **kw
+    )
 
 
 @pytest.mark.parametrize("protocol", ["clean", "noise", "noise_independent", "partial"])
@@ -100,8 +101,9 @@ def test_clean_pair_is_an_exact_permuted_rigid_copy_within_dcp_ranges():
         z, y, x = M.euler_zyx_deg(p.rotation[None])[0]  # R = Rx Ry Rz
         assert all(-1e-4 <= a <= 45 + 1e-4 for a in (x, y, z))
         assert np.all(np.abs(p.translation) <= 0.5)
-        np.testing.assert_allclose(p.rotation, euler_xyz_to_matrix(np.radians([x, y, z])),
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            p.rotation, euler_xyz_to_matrix(np.radians([x, y, z])), atol=1e-5
+        )
 
 
 def test_noise_protocols():
@@ -188,8 +190,9 @@ def test_dcp_forward_shapes_and_v2_starts_as_v1():
         R1, t1 = v1(src, tgt)
         R2, t2 = v2(src, tgt)
     assert R1.shape == (2, 3, 3) and t1.shape == (2, 3)
-    torch.testing.assert_close(R1 @ R1.transpose(1, 2), torch.eye(3).expand(2, 3, 3),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        R1 @ R1.transpose(1, 2), torch.eye(3).expand(2, 3, 3), atol=1e-5, rtol=0
+    )
     assert torch.allclose(torch.linalg.det(R1), torch.ones(2), atol=1e-5)
     # zero-initialised transformer output: DCP-v2 == DCP-v1 before training
     torch.testing.assert_close(R2, R1)
@@ -219,25 +222,115 @@ def test_benchmark_harness_writes_results_and_caches(tiny_root, capsys):
     from difficp.cli import main
 
     out = tiny_root / "out"
-    args = ["benchmark", "modelnet", "--data-dir", str(tiny_root), "--dataset", "modelnet40",
-            "--protocol", "clean", "--methods", "icp,open3d_icp,icp+icp", "--limit", "4",
-            "--batch-size", "2", "--out", str(out)]
+    args = [
+        "benchmark",
+        "modelnet",
+        "--data-dir",
+        str(tiny_root),
+        "--dataset",
+        "modelnet40",
+        "--protocol",
+        "clean",
+        "--methods",
+        "icp,open3d_icp,icp+icp",
+        "--limit",
+        "4",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["dataset"] == "modelnet40" and res["protocol"] == "clean" and res["pairs"] == 4
     assert list(res["methods"]) == ["icp", "open3d_icp", "icp+icp"]
     for m in res["methods"].values():
-        assert set(M.dcp_metrics(np.eye(3)[None], np.zeros((1, 3)), np.eye(3)[None],
-                                 np.zeros((1, 3)))) <= set(m)
+        assert set(
+            M.dcp_metrics(np.eye(3)[None], np.zeros((1, 3)), np.eye(3)[None], np.zeros((1, 3)))
+        ) <= set(m)
         assert all(np.isfinite(v) for v in m.values())
     # difficp ICP and Open3D's agree on these clean pairs
-    assert res["methods"]["icp"]["MAE_R"] == pytest.approx(res["methods"]["open3d_icp"]["MAE_R"],
-                                                           rel=0.05, abs=1e-3)
+    assert res["methods"]["icp"]["MAE_R"] == pytest.approx(
+        res["methods"]["open3d_icp"]["MAE_R"], rel=0.05, abs=1e-3
+    )
     assert "| `icp` |" in (out / "results.md").read_text()
-    cached = np.load(out / "raw" / "icp.npz")
+    (chunk,) = (out / "raw" / "icp").glob("*/000000.npz")
+    cached = np.load(chunk)
     assert cached["R"].shape == (4, 3, 3)
     # the refinement's time includes its base method's
-    refined = np.load(out / "raw" / "icp_plus_icp.npz")
+    (chunk,) = (out / "raw" / "icp_plus_icp").glob("*/000000.npz")
+    refined = np.load(chunk)
     assert np.all(refined["seconds"] >= cached["seconds"])
     with pytest.raises(ValueError, match="unknown method"):
         main([*args[:-2], "--methods", "dcp_v3", "--out", str(out)])
+
+
+def _bench(root, out, *extra: str) -> dict:
+    from difficp.cli import main
+
+    args = [
+        "benchmark",
+        "modelnet",
+        "--data-dir",
+        str(root),
+        "--dataset",
+        "modelnet40",
+        "--methods",
+        "icp",
+        "--limit",
+        "4",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+        *extra,
+    ]
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    for m in res["methods"].values():
+        m.pop("seconds_per_pair")  # timings differ between runs
+    return res
+
+
+@pytest.mark.parametrize(
+    "change", [["--seed", "1"], ["--protocol", "noise"], ["--icp-max-iterations", "2"]]
+)
+def test_benchmark_cache_is_keyed_by_what_changes_the_numbers(tiny_root, change, capsys):
+    shared = tiny_root / "shared"
+    first = _bench(tiny_root, shared)
+    again = _bench(tiny_root, shared, *change)  # into the folder that holds the first run
+    fresh = _bench(tiny_root, tiny_root / "fresh", *change)
+    assert again["methods"] == fresh["methods"]
+    assert again["methods"]["icp"]["MAE_R"] != first["methods"]["icp"]["MAE_R"]
+    assert again["seed"] == fresh["seed"] and again["protocol"] == fresh["protocol"]
+
+
+def test_benchmark_cache_resumes_by_chunk_and_recomputes_a_truncated_file(
+    tiny_root, monkeypatch, capsys
+):
+    from difficp.learning import benchmark
+
+    monkeypatch.setattr(benchmark, "CACHE_CHUNK", 2)
+    computed = []
+    estimate = benchmark.MethodRunner.estimate
+
+    def counting(self, name, batch):
+        computed.append(len(batch["source"]))
+        return estimate(self, name, batch)
+
+    monkeypatch.setattr(benchmark.MethodRunner, "estimate", counting)
+    out = tiny_root / "out"
+    first = _bench(tiny_root, out)
+    assert sum(computed) == 4
+    chunks = sorted((out / "raw" / "icp").glob("*/*.npz"))
+    assert [c.name for c in chunks] == ["000000.npz", "000002.npz"]
+    assert not list(out.rglob("*.tmp"))
+    chunks[1].write_bytes(chunks[1].read_bytes()[:50])  # a file cut short
+    computed.clear()
+    with pytest.warns(UserWarning, match="unreadable"):
+        again = _bench(tiny_root, out)
+    assert sum(computed) == 2  # only the damaged chunk's pairs
+    assert again["methods"] == first["methods"]
+    computed.clear()
+    assert _bench(tiny_root, out, "--limit", "6")["pairs"] == 6
+    assert sum(computed) == 2  # pairs 4 and 5 only

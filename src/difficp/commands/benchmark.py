@@ -21,7 +21,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="ModelNet pairs: DCP, PointNetLK, FGR, ICP and difficp refinement",
         description="Evaluate registration methods on deterministic ModelNet test pairs and "
         "write OUT/results.json and OUT/results.md (per-method estimates are cached "
-        "in OUT/raw/, so methods can be added in later runs).",
+        "in OUT/raw/, keyed by dataset, protocol, seed, method options and code version, so "
+        "methods can be added in later runs and an interrupted run resumes).",
     )
     p.add_argument("--data-dir", default=None, help="data directory (default: $DIFFICP_DATA)")
     p.add_argument(

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from difficp._atomic import atomic_write_text
+
 KINDS = ("rigid", "nonrigid")
 
 
@@ -361,7 +363,7 @@ def _rigid_demo(
     if plot:
         _plot(out_dir / "demo.png", source, target, T_est, metrics)
     metrics["total_seconds"] = time.perf_counter() - start
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     if verbose:
         print(_report(metrics, out_dir, plot))
     return metrics

@@ -11,6 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
+from difficp._atomic import atomic_write_text
+
 DEFAULT_OUT = Path("results") / "depth"
 CHECKPOINT_NAME = "pose_cnn.pt"
 FIGURE_NAME = "success_vs_initial_distance.png"
@@ -90,7 +92,7 @@ def run_eval(args: argparse.Namespace) -> int:
     metrics = summarize(errors, batch["init_rmse"])
     metrics.update(seed=args.seed, checkpoint=str(ckpt), icp_res=scene.icp_res)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     plot_metrics(metrics, out / FIGURE_NAME)
     for name, m in metrics["methods"].items():
         print(

@@ -5,13 +5,20 @@ them and the file has none, runs :func:`difficp.icp` and prints the 4x4 source->
 with fitness, inlier RMSE, iterations and convergence. ``--out`` writes the transform as text,
 ``--aligned`` the source moved into the target frame (format from its extension).
 
-Problems with the input (missing or malformed files, bad options) are reported as one line on
-stderr with exit code 2, never as a traceback.
+Problems with the input (missing or malformed files, bad options, unwritable output paths) are
+reported as one line on stderr with exit code 2, never as a traceback, before any work is done.
+Outputs are written after the result is printed, together and atomically: if one cannot be
+written, none is (and no partial file is left), the result is still printed, and the command
+exits with code 2 and one line on stderr. Points with NaN/inf coordinates or normals are dropped
+with a warning on stderr that gives their number.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import re
 import sys
 from typing import Any
 
@@ -125,16 +132,70 @@ def _device(name: str) -> Any:
     return device
 
 
+def _warn(message: str) -> None:
+    print(f"difficp register: warning: {message}", file=sys.stderr)
+
+
 def _load(path: str, role: str) -> Any:
     from difficp.io import read_point_cloud
 
     try:
-        cloud = read_point_cloud(path, remove_non_finite=True)
+        raw = read_point_cloud(path)
     except (OSError, ValueError) as err:
         raise InputError(f"cannot read {role} {path}: {err}") from None
+    cloud = raw.finite()
+    dropped = len(raw) - len(cloud)
+    if dropped:
+        _warn(
+            f"dropped {dropped} of {len(raw)} points of {role} {path} with NaN or inf "
+            "coordinates or normals"
+        )
     if len(cloud) < 3:
         raise InputError(f"{role} {path} has {len(cloud)} valid points; ICP needs at least 3")
     return cloud
+
+
+def _check_scale(cloud: Any, role: str, path: str, dtype: Any) -> None:
+    """Refuse coordinates whose squared distances overflow the computation dtype."""
+    import torch
+
+    largest = float(abs(cloud.points).max())
+    # ICP squares distances (and sums three squares, and differences of two points): keep a
+    # margin of 1e3 under the square root of the largest finite number.
+    limit = math.sqrt(torch.finfo(dtype).max) / 1e3
+    if largest > limit:
+        hint = " or use --dtype float64" if dtype == torch.float32 and largest < 1e150 else ""
+        raise InputError(
+            f"{role} {path} has coordinates up to {largest:.3g}, too large for "
+            f"{str(dtype).removeprefix('torch.')} arithmetic (squared distances overflow beyond "
+            f"{limit:.3g}); rescale the cloud (e.g. to metres){hint}"
+        )
+
+
+def _flag_names(message: str) -> str:
+    """``ICPConfig.max_distance`` -> ``--max-distance``: name the option as the user wrote it."""
+    return re.sub(r"ICPConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), message)
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every output path is checked before ICP runs, so that no result is computed in vain."""
+    from difficp._atomic import check_writable
+    from difficp.io import POINT_CLOUD_EXTENSIONS
+
+    outputs = [(flag, path) for flag, path in (("--out", args.out), ("--aligned", args.aligned))]
+    outputs = [(flag, path) for flag, path in outputs if path]
+    for flag, path in outputs:
+        try:
+            check_writable(path, f"cannot write {flag}")
+        except OSError as err:
+            raise InputError(str(err)) from None
+    if args.aligned and not args.aligned.lower().endswith(POINT_CLOUD_EXTENSIONS):
+        raise InputError(
+            f"--aligned {args.aligned}: unknown point-cloud extension; use one of "
+            f"{', '.join(POINT_CLOUD_EXTENSIONS)}"
+        )
+    if args.out and args.aligned and os.path.abspath(args.out) == os.path.abspath(args.aligned):
+        raise InputError(f"--out and --aligned are the same file {args.out}")
 
 
 def _scalar(value: Any) -> Any:
@@ -154,7 +215,7 @@ def register_files(args: argparse.Namespace) -> dict[str, Any]:
     import difficp
     from difficp.config import ICPConfig
     from difficp.geometry import estimate_normals, rotate_vectors, transform_points
-    from difficp.io import read_transform, write_point_cloud, write_transform
+    from difficp.io import point_cloud_writer, read_transform, transform_writer
 
     device = _device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -162,6 +223,7 @@ def register_files(args: argparse.Namespace) -> dict[str, Any]:
         raise InputError(f"--max-iterations must be at least 1, got {args.max_iterations}")
     if args.normals_k < 3:
         raise InputError(f"--normals-k must be at least 3, got {args.normals_k}")
+    _check_outputs(args)
     try:
         config = ICPConfig(
             correspondence=args.correspondence,
@@ -176,7 +238,7 @@ def register_files(args: argparse.Namespace) -> dict[str, Any]:
             differentiation="none",
         )
     except ValueError as err:
-        raise InputError(str(err)) from None
+        raise InputError(_flag_names(str(err))) from None
 
     init = None
     if args.init:
@@ -187,15 +249,20 @@ def register_files(args: argparse.Namespace) -> dict[str, Any]:
 
     source = _load(args.source, "source")
     target = _load(args.target, "target")
+    _check_scale(source, "source", args.source, dtype)
+    _check_scale(target, "target", args.target, dtype)
     src_pts, src_nrm = source.to_torch(dtype, device)
     tgt_pts, tgt_nrm = target.to_torch(dtype, device)
     estimated = []
-    if config.needs_source_normals and src_nrm is None:
-        src_nrm = estimate_normals(src_pts, k=args.normals_k)
-        estimated.append("source")
-    if config.needs_target_normals and tgt_nrm is None:
-        tgt_nrm = estimate_normals(tgt_pts, k=args.normals_k)
-        estimated.append("target")
+    try:
+        if config.needs_source_normals and src_nrm is None:
+            src_nrm = estimate_normals(src_pts, k=args.normals_k)
+            estimated.append("source")
+        if config.needs_target_normals and tgt_nrm is None:
+            tgt_nrm = estimate_normals(tgt_pts, k=args.normals_k)
+            estimated.append("target")
+    except (ValueError, torch.linalg.LinAlgError) as err:
+        raise InputError(f"cannot estimate normals: {err}") from None
 
     try:
         res = difficp.icp(
@@ -206,8 +273,8 @@ def register_files(args: argparse.Namespace) -> dict[str, Any]:
             target_normals=tgt_nrm if config.needs_target_normals else None,
             config=config,
         )
-    except ValueError as err:
-        raise InputError(str(err)) from None
+    except (ValueError, torch.linalg.LinAlgError) as err:
+        raise InputError(_flag_names(str(err))) from None
 
     T = res.transform.detach().reshape(-1, 4, 4)[0]
     out = {
@@ -219,18 +286,27 @@ def register_files(args: argparse.Namespace) -> dict[str, Any]:
         "source_points": len(source),
         "target_points": len(target),
         "estimated_normals": estimated,
+        "outputs": [],
     }
-    try:
-        if args.out:
-            write_transform(args.out, out["transform"])
-        if args.aligned:
-            moved = transform_points(src_pts, T.to(dtype))
-            nrm = None if src_nrm is None else rotate_vectors(src_nrm, T.to(dtype))
-            # Each format's own precision (float32 for PCD, which Open3D's binary reader needs).
-            write_point_cloud(args.aligned, moved, nrm, source.colors)
-    except (OSError, ValueError) as err:
-        raise InputError(f"cannot write output: {err}") from None
+    if args.out:
+        out["outputs"].append((args.out, transform_writer(out["transform"])))
+    if args.aligned:
+        moved = transform_points(src_pts, T.to(dtype))
+        nrm = None if src_nrm is None else rotate_vectors(src_nrm, T.to(dtype))
+        # Each format's own precision (float32 for PCD, which Open3D's binary reader needs).
+        out["outputs"].append(
+            (args.aligned, point_cloud_writer(args.aligned, moved, nrm, source.colors))
+        )
     return out
+
+
+def write_outputs(result: dict[str, Any]) -> None:
+    """Write ``result["outputs"]`` (``[(path, writer)]``) all-or-nothing, each atomically."""
+    from difficp._atomic import AtomicFiles
+
+    with AtomicFiles() as files:
+        for path, write in result["outputs"]:
+            write(files.open(path))
 
 
 def format_report(result: dict[str, Any]) -> str:
@@ -271,5 +347,14 @@ def run(args: argparse.Namespace) -> int:
         # Restore, so that calling main() in-process (tests, notebooks) leaves no trace.
         torch.set_num_threads(threads)
     with np.printoptions(suppress=True):
-        print(format_report(result))
+        print(format_report(result), flush=True)
+    # The result is printed first: it is not lost when an output cannot be written.
+    try:
+        write_outputs(result)
+    except (OSError, ValueError) as err:
+        print(
+            f"difficp register: error: cannot write outputs (none written): {err}",
+            file=sys.stderr,
+        )
+        return 2
     return 0

@@ -10,15 +10,20 @@ Methods (comma-separated names):
     ``dcp_v2_e2e``   DCP-v2 fine-tuned end to end through difficp's soft ICP;
     ``X+icp``        method X's estimate refined by difficp ICP (nearest, SVD) at test time.
 
-Each method's per-pair estimates and timings are cached in ``OUT/raw/<method>.npz``; a later run
-with other methods adds to the cache, and ``results.json`` / ``results.md`` always tabulate every
-cached method (``--force`` recomputes). ``X+icp`` reuses X's cached estimate and adds its time.
+Each method's per-pair estimates and timings are cached in ``OUT/raw/<method>/<key>/``, keyed by
+everything that changes them (dataset, protocol, seed, method options, weights, code version:
+:func:`method_key`), in atomically written files of :data:`CACHE_CHUNK` pairs, so an interrupted
+run resumes where it stopped and a file cut short is recomputed. A later run with other methods
+adds to the cache, and ``results.json`` / ``results.md`` tabulate every method cached under the
+current settings (``--force`` recomputes). ``X+icp`` reuses X's cached estimate and adds its time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 import difficp
+from difficp._atomic import AtomicFiles, atomic_open, atomic_write_text
 from difficp.learning.metrics import all_metrics
 from difficp.learning.modelnet import NUM_CLASSES, ModelNetPairs, load_modelnet
 
@@ -92,9 +98,11 @@ def test_pairs(cfg: BenchmarkConfig) -> ModelNetPairs:
     )
 
 
-def batches(pairs: ModelNetPairs, n: int, size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Stacked batches of the first ``n`` pairs: ``source (B,N,3)``, ``target (B,M,3)``, ..."""
-    for start in range(0, n, size):
+def batches(
+    pairs: ModelNetPairs, n: int, size: int, first: int = 0
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Stacked batches of pairs ``first .. n-1``: ``source (B,N,3)``, ``target (B,M,3)``, ..."""
+    for start in range(first, n, size):
         items = [pairs[i] for i in range(start, min(n, start + size))]
         yield {
             k: torch.stack([it[k] for it in items])
@@ -188,48 +196,182 @@ class MethodRunner:
         return T[:, :3, :3], T[:, :3, 3]
 
 
-def _cache_path(out: Path, method: str) -> Path:
-    return out / "raw" / f"{method.replace('+', '_plus_')}.npz"
+# Pairs per cache file: a run that stops (or a file that is lost) costs at most this many pairs.
+CACHE_CHUNK = 32
+# Bump when the cache layout or the meaning of a cached number changes.
+CACHE_FORMAT = 2
 
 
-def run_method(
-    cfg: BenchmarkConfig, runner: MethodRunner, pairs: ModelNetPairs, n: int, method: str, out: Path
-) -> dict[str, np.ndarray]:
-    """Estimates of ``method`` on the first ``n`` pairs, from the cache or computed (and cached)."""
-    path = _cache_path(out, method)
-    if path.is_file() and not cfg.force:
-        cached = dict(np.load(path))
-        if len(cached["R"]) >= n:
-            return {k: v[:n] for k, v in cached.items()}
+def _file_digest(path: Path | None) -> str | None:
+    """sha256 of a weights file (None when there is none: the method then fails to run)."""
+    if path is None or not Path(path).is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def method_key(cfg: BenchmarkConfig, method: str, test_shapes: int) -> dict:
+    """Everything that changes ``method``'s estimates: the cache is keyed by it.
+
+    Dataset, protocol, seed and size of the test set (the pairs), the method and its options
+    (ICP settings, the digest of learned weights), ``X+icp``'s refinement settings on top of X's
+    key, and the code version. The number of pairs (``--limit``) is not in the key: pair ``i``
+    does not depend on it, and the cache holds pairs by index.
+    """
     base = method.removesuffix("+icp")
-    prior = run_method(cfg, runner, pairs, n, base, out) if method.endswith("+icp") else None
+    key: dict = {
+        "format": CACHE_FORMAT,
+        "difficp": difficp.__version__,
+        "dataset": cfg.dataset,
+        "protocol": cfg.protocol,
+        "seed": cfg.seed,
+        "test_shapes": test_shapes,
+        "method": base,
+    }
+    if base == "icp":
+        key["icp_max_distance"] = cfg.icp_max_distance
+        key["icp_max_iterations"] = cfg.icp_max_iterations
+    elif base == "open3d_icp":
+        key["icp_max_distance"] = 2.0 if cfg.icp_max_distance is None else cfg.icp_max_distance
+        key["icp_max_iterations"] = cfg.icp_max_iterations
+    elif base == "dcp_v1":
+        key["weights"] = _file_digest(Path(cfg.data_dir, "weights", "dcp_v1.t7"))
+    elif base == "pointnetlk":
+        key["weights"] = _file_digest(
+            Path(cfg.data_dir, "weights", "pointnetlk", "pointnetlk_modelnet40.t7")
+        )
+    elif base in ("dcp_v2", "dcp_v2_e2e"):
+        key["weights"] = _file_digest(getattr(cfg, base))
+    if method.endswith("+icp"):
+        key = {
+            "base": key,
+            "refine_max_distance": cfg.refine_max_distance,
+            "refine_max_iterations": cfg.refine_max_iterations,
+        }
+    return key
+
+
+def _cache_dir(out: Path, method: str, key: dict) -> Path:
+    text = json.dumps(key, sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return out / "raw" / method.replace("+", "_plus_") / digest
+
+
+def _chunks(n: int) -> list[tuple[int, int]]:
+    return [(a, min(a + CACHE_CHUNK, n)) for a in range(0, n, CACHE_CHUNK)]
+
+
+def _read_chunk(path: Path, key: dict, start: int, stop: int) -> dict[str, np.ndarray] | None:
+    """The cached estimates of pairs ``[start, stop)``, or None when the file is missing, cut
+    short, corrupt, made under another key, or holds fewer pairs."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            blob = {k: z[k] for k in z.files}  # reading every member checks its CRC
+        ok = (
+            json.loads(str(blob["key"])) == json.loads(json.dumps(key))
+            and int(blob["start"]) == start
+            and len(blob["R"]) == len(blob["t"]) == len(blob["seconds"]) >= stop - start
+        )
+    except Exception as err:  # truncated / corrupt file: recompute it
+        warnings.warn(f"benchmark cache {path} is unreadable ({err}); recomputing it", stacklevel=2)
+        return None
+    if not ok:
+        return None
+    return {k: blob[k][: stop - start] for k in ("R", "t", "seconds")}
+
+
+def _write_chunk(path: Path, key: dict, start: int, result: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not (path.parent / "key.json").is_file():  # for people reading the folder
+        atomic_write_text(path.parent / "key.json", json.dumps(key, indent=1, sort_keys=True))
+    with atomic_open(path) as f:
+        np.savez(f, key=np.array(json.dumps(key)), start=np.array(start), **result)
+
+
+def cached_estimates(out: Path, method: str, key: dict, n: int) -> dict[str, np.ndarray] | None:
+    """``method``'s cached estimates of the first ``n`` pairs under ``key``, or None unless every
+    pair is cached."""
+    folder = _cache_dir(out, method, key)
+    parts = [_read_chunk(folder / f"{a:06d}.npz", key, a, b) for a, b in _chunks(n)]
+    if not parts or any(p is None for p in parts):
+        return None
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("R", "t", "seconds")}  # type: ignore[index]
+
+
+def _estimate_chunk(
+    cfg: BenchmarkConfig,
+    runner: MethodRunner,
+    pairs: ModelNetPairs,
+    method: str,
+    start: int,
+    stop: int,
+    prior: dict[str, np.ndarray] | None,
+) -> dict[str, np.ndarray]:
+    """Estimates of pairs ``[start, stop)``; ``prior``: the base method's (for ``X+icp``)."""
     Rs, ts, secs = [], [], []
-    start = 0
-    for batch in tqdm(
-        batches(pairs, n, cfg.batch_size),
-        total=-(-n // cfg.batch_size),
-        desc=f"{cfg.protocol}:{method}",
-        unit="batch",
-    ):
+    at = 0
+    for batch in batches(pairs, stop, cfg.batch_size, start):
         b = len(batch["source"])
         tic = time.perf_counter()
         if prior is None:
             R, t = runner.estimate(method, batch)
         else:
-            R, t = runner.refine(
-                batch, prior["R"][start : start + b], prior["t"][start : start + b]
-            )
+            R, t = runner.refine(batch, prior["R"][at : at + b], prior["t"][at : at + b])
         per_pair = (time.perf_counter() - tic) / b
         if prior is not None:  # X+icp costs X's time plus the refinement's
-            per_pair = per_pair + prior["seconds"][start : start + b]
+            per_pair = per_pair + prior["seconds"][at : at + b]
         Rs.append(R)
         ts.append(t)
         secs.append(np.broadcast_to(per_pair, (b,)).astype(np.float64))
-        start += b
-    result = {"R": np.concatenate(Rs), "t": np.concatenate(ts), "seconds": np.concatenate(secs)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **result)
-    return result
+        at += b
+    return {"R": np.concatenate(Rs), "t": np.concatenate(ts), "seconds": np.concatenate(secs)}
+
+
+def _method_chunk(
+    cfg: BenchmarkConfig,
+    runner: MethodRunner,
+    pairs: ModelNetPairs,
+    method: str,
+    start: int,
+    stop: int,
+    out: Path,
+) -> dict[str, np.ndarray]:
+    """``method``'s estimates of pairs ``[start, stop)`` (one chunk), cached or computed."""
+    key = method_key(cfg, method, len(pairs))
+    path = _cache_dir(out, method, key) / f"{start:06d}.npz"
+    part = None if cfg.force else _read_chunk(path, key, start, stop)
+    if part is None:
+        prior = None
+        if method.endswith("+icp"):
+            base = method.removesuffix("+icp")
+            prior = _method_chunk(cfg, runner, pairs, base, start, stop, out)
+        part = _estimate_chunk(cfg, runner, pairs, method, start, stop, prior)
+        _write_chunk(path, key, start, part)
+    return part
+
+
+def run_method(
+    cfg: BenchmarkConfig, runner: MethodRunner, pairs: ModelNetPairs, n: int, method: str, out: Path
+) -> dict[str, np.ndarray]:
+    """Estimates of ``method`` on the first ``n`` pairs, from the cache or computed (and cached).
+
+    The cache (``out/raw/<method>/<key digest>/<first pair>.npz``) is keyed by
+    :func:`method_key` and holds :data:`CACHE_CHUNK` pairs per file, each written atomically,
+    so an interrupted run resumes at the first missing chunk and a file cut short is recomputed.
+    """
+    chunks = _chunks(n)
+    parts = [
+        _method_chunk(cfg, runner, pairs, method, a, b, out)
+        for a, b in tqdm(
+            chunks, desc=f"{cfg.protocol}:{method}", unit="chunk", disable=len(chunks) < 2
+        )
+    ]
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("R", "t", "seconds")}
 
 
 def ground_truth(pairs: ModelNetPairs, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -257,17 +399,18 @@ def run_benchmark(cfg: BenchmarkConfig, out: Path) -> dict:
         "seed": cfg.seed,
         "methods": {},
     }
-    cached = sorted((out / "raw").glob("*.npz"))
+    # This run's methods, and those of earlier runs into the same folder whose estimates are
+    # cached under this run's key (same pairs, options and code) for all n pairs.
     order = {m: i for i, m in enumerate(DEFAULT_METHODS.split(","))}
-    names = sorted(
-        (p.stem.replace("_plus_", "+") for p in cached), key=lambda m: (order.get(m, len(order)), m)
-    )
+    found = {p.name.replace("_plus_", "+") for p in (out / "raw").glob("*") if p.is_dir()}
+    known = {m for m in found if m.removesuffix("+icp") in BASE_METHODS}
+    names = sorted(set(cfg.methods) | known, key=lambda m: (order.get(m, len(order)), m))
     for name in names:
-        est = dict(np.load(_cache_path(out, name)))
-        if len(est["R"]) < n:
-            continue  # cached on fewer pairs than this run: not comparable, leave it out
-        metrics = all_metrics(est["R"][:n], est["t"][:n], R_gt, t_gt)
-        metrics["seconds_per_pair"] = float(est["seconds"][:n].mean())
+        est = cached_estimates(out, name, method_key(cfg, name, len(pairs)), n)
+        if est is None:
+            continue  # not run under this key (other seed, protocol, options, ...)
+        metrics = all_metrics(est["R"], est["t"], R_gt, t_gt)
+        metrics["seconds_per_pair"] = float(est["seconds"].mean())
         results["methods"][name] = metrics
     results["settings"] = {
         "icp_max_iterations": cfg.icp_max_iterations,
@@ -276,8 +419,9 @@ def run_benchmark(cfg: BenchmarkConfig, out: Path) -> dict:
         "refine_max_iterations": cfg.refine_max_iterations,
         **cfg.extra,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(results_markdown(results))
+    with AtomicFiles() as files:
+        files.open(out / "results.json").write((json.dumps(results, indent=2) + "\n").encode())
+        files.open(out / "results.md").write(results_markdown(results).encode())
     return results
 
 

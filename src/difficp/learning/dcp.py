@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import difficp
+from difficp._atomic import load_checkpoint
 from difficp.geometry import make_transform
 
 
@@ -280,7 +281,7 @@ class RefinedDCP(nn.Module):
 def load_dcp_checkpoint(path: str | os.PathLike) -> nn.Module:
     """A model saved by :mod:`difficp.learning.train_dcp`: a :class:`DCP`, or a
     :class:`RefinedDCP` when the checkpoint's config has an ``"icp"`` entry (end-to-end model)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(path, fallback=False)
     config = dict(ckpt["config"])
     icp = config.pop("icp", None)
     model = DCP(**config)

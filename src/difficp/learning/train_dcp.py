@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from difficp import _atomic
 from difficp.learning.dcp import DCP, RefinedDCP, dcp_loss, load_dcp_checkpoint, load_dcp_v1
 from difficp.learning.modelnet import NUM_CLASSES, load_modelnet, make_pair, unseen_class_split
 
@@ -146,10 +147,9 @@ def save_checkpoint(
     meta = {"config": _model_config(model), "train": asdict(cfg), "progress": dict(progress)}
     half = {k: (v.half() if v.is_floating_point() else v) for k, v in dcp.state_dict().items()}
     full = {"model": dcp.state_dict(), "optimizer": optimizer.state_dict(), **meta}
-    for path, payload in ((out, {"model": half, **meta}), (state_path(out), full)):
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(payload, tmp)
-        tmp.replace(path)
+    # Atomic writes; the previous state is kept so that a corrupt latest one can be resumed from.
+    _atomic.save_checkpoint({"model": half, **meta}, out, keep_previous=False)
+    _atomic.save_checkpoint(full, state_path(out))
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
@@ -168,8 +168,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     params = trainable(model, cfg.freeze_embedding)
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     progress = {"epoch": 0, "step_in_epoch": 0, "steps": 0, "seconds": 0.0}
-    if resume and state_path(out).is_file():
-        ckpt = torch.load(state_path(out), map_location="cpu", weights_only=True)
+    state = state_path(out)
+    if resume and (state.is_file() or _atomic.previous_checkpoint(state).is_file()):
+        ckpt = _atomic.load_checkpoint(state_path(out))
         dcp = model.dcp if isinstance(model, RefinedDCP) else model
         dcp.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from difficp._atomic import atomic_write_text
 from difficp.geometry import depth_to_points, points_to_pixels
 from difficp.nonrigid.demo import camera_visibility
 from difficp.nonrigid.icp import nonrigid_icp
@@ -248,7 +249,7 @@ def run_anny_fit(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
         _plot(rest, fitted, target, true_vertices, out / "anny_fit.png", metrics)
     return metrics
 

@@ -30,6 +30,7 @@ import torch
 from scipy.spatial import cKDTree
 from torch import Tensor
 
+from difficp._atomic import atomic_write_text
 from difficp.config import ICPConfig
 from difficp.geometry import estimate_normals
 from difficp.nonrigid.deformation_graph import EmbeddedDeformationGraph
@@ -332,7 +333,7 @@ def run_nonrigid_demo(out_dir: str | Path | None = None, seed: int = 0) -> dict[
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
         plot_before_after(
             scene,
             fitted,

@@ -30,6 +30,7 @@ import torch
 from scipy.spatial.transform import Rotation
 from torch import Tensor
 
+from difficp._atomic import load_checkpoint, save_checkpoint
 from difficp.geometry import depth_normals, depth_to_points
 from difficp.learning.depth.render import BODY_MESH, DepthRenderer, look_at, pinhole_intrinsics
 
@@ -220,7 +221,10 @@ def load_or_build(path: Path, dataset: DepthPairs, progress: bool = True) -> dic
     }
     path = Path(path)
     if path.is_file():
-        blob = torch.load(path, weights_only=True)
+        try:
+            blob = load_checkpoint(path, fallback=False)
+        except Exception:  # a truncated or foreign cache file: render it again
+            blob = {"meta": "null"}
         if json.loads(blob["meta"]) == json.loads(json.dumps(meta)):
             return blob["data"]
     items = [
@@ -230,8 +234,7 @@ def load_or_build(path: Path, dataset: DepthPairs, progress: bool = True) -> dic
         )
     ]
     data = collate(items)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"meta": json.dumps(meta), "data": data}, path)
+    save_checkpoint({"meta": json.dumps(meta), "data": data}, path, keep_previous=False)
     return data
 
 

@@ -20,6 +20,12 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from difficp._atomic import (
+    atomic_write_text,
+    load_checkpoint,
+    previous_checkpoint,
+    save_checkpoint,
+)
 from difficp.learning.depth.data import (
     TRAIN,
     VAL,
@@ -77,8 +83,10 @@ def run_stage(
 ) -> dict:
     """Train ``stage.model`` in place; returns its history (per-epoch loss, val error, time).
 
-    Checkpoints go to ``out/checkpoints/<name>.pt`` after every epoch. With ``resume`` the run
-    continues from that file if it exists (a finished stage is not re-run).
+    Checkpoints go to ``out/checkpoints/<name>.pt`` after every epoch, atomically, with the
+    previous epoch's kept as ``<name>.pt.prev``. With ``resume`` the run continues from that
+    file if it exists (a finished stage is not re-run); a corrupt latest checkpoint falls back
+    to the previous one with a warning. Checkpoints are loaded with ``weights_only=True``.
     """
     cfg = stage.config
     model = stage.model
@@ -88,8 +96,10 @@ def run_stage(
     history: dict = {"epochs": [], "seconds": 0.0, "config": asdict(cfg)}
     start_epoch = 0
     ckpt = _checkpoint_path(out, stage.name)
-    if resume and ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
+    if resume and (ckpt.is_file() or previous_checkpoint(ckpt).is_file()):
+        # weights_only: a checkpoint is data and must never run code; a corrupt latest file
+        # falls back to the previous epoch's.
+        state = load_checkpoint(ckpt)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -147,8 +157,8 @@ def run_stage(
         }
         history["epochs"].append(row)
         history["seconds"] += row["seconds"]
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(
+        # Atomic (tmp + fsync + rename), keeping the previous epoch's file as a fallback.
+        save_checkpoint(
             {
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
@@ -169,8 +179,7 @@ def make_model(scene: SceneConfig, width: int = 32) -> PoseCNN:
 
 def save_final(path: Path, nets: dict[str, PoseCNN], scene: SceneConfig, extra: dict) -> None:
     """The deliverable checkpoint: every stage's weights + the configs needed to rebuild them."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
+    save_checkpoint(
         {
             "scene": scene.to_dict(),
             "model_config": next(iter(nets.values())).config(),
@@ -183,7 +192,7 @@ def save_final(path: Path, nets: dict[str, PoseCNN], scene: SceneConfig, extra: 
 
 def load_final(path: Path) -> tuple[dict[str, PoseCNN], SceneConfig, dict]:
     """Inverse of :func:`save_final`: ``({stage: PoseCNN in eval mode}, scene, info)``."""
-    blob = torch.load(path, weights_only=True, map_location="cpu")
+    blob = load_checkpoint(path)
     scene = SceneConfig.from_dict(blob["scene"])
     nets = {}
     for name, state in blob["nets"].items():
@@ -271,7 +280,7 @@ def train_depth(
         "torch_threads": torch.get_num_threads(),
     }
     save_final(out / "pose_cnn.pt", {"nn": net, "nn_icp": fine}, scene, info)
-    (out / "train_log.json").write_text(json.dumps(info, indent=1))
+    atomic_write_text(out / "train_log.json", json.dumps(info, indent=1))
     log(
         f"training time {info['train_seconds'] / 60:.1f} min (sum of epoch times); "
         f"wrote {out / 'pose_cnn.pt'}"
