@@ -151,8 +151,11 @@ def voxel_downsample(
         # Voxel assignment (not differentiable): Open3D's grid, per cloud.
         p = pts.detach()
         inf = torch.tensor(float("inf"), dtype=p.dtype, device=device)
-        lower = torch.where(valid[..., None], p, inf).amin(dim=1)  # (B, 3)
-        upper = torch.where(valid[..., None], p, -inf).amax(dim=1)
+        if N == 0:  # amin/amax refuse an empty axis; an empty cloud has no grid anyway
+            lower = upper = p.new_zeros(B, 3)
+        else:
+            lower = torch.where(valid[..., None], p, inf).amin(dim=1)  # (B, 3)
+            upper = torch.where(valid[..., None], p, -inf).amax(dim=1)
         extent = torch.where(lengths[:, None] > 0, upper - lower, torch.zeros_like(lower))
         if B and float(extent.max()) / size >= _MAX_VOXELS_PER_AXIS:
             raise ValueError(
