@@ -187,6 +187,7 @@ def test_gradcheck_points_normals_colours_for_a_fixed_assignment() -> None:
         ({"voxel_size": float("inf")}, "voxel_size"),
         ({"voxel_size": torch.ones(2)}, "voxel_size"),
         ({"voxel_size": 1e-300}, "voxel_size"),
+        ({"voxel_size": "abc"}, "voxel_size"),
         ({"points": torch.rand(10, 2)}, "points"),
         ({"points": torch.arange(30).reshape(10, 3)}, "points"),
         ({"points": torch.full((10, 3), float("nan"))}, "points"),
@@ -400,3 +401,22 @@ def test_multiscale_estimates_the_normals_the_metric_needs_per_stage() -> None:
     src, tgt, _, truth = _synthetic()
     result = multiscale_icp(src, tgt, SYNTHETIC_STAGES, metric="symmetric", normals_k=10)
     assert (result.transform - truth).abs().max() < 0.02
+
+
+def test_huge_grids_fall_back_to_row_unique() -> None:
+    # 1e9 voxels per axis (Open3D allows < 2**31): a packed int64 key would overflow (1e27),
+    # so rows are compared instead.
+    g = torch.Generator().manual_seed(0)
+    points = torch.rand(2, 50, 3, generator=g, dtype=torch.float64) * 1e6
+    points[:, 25:] = points[:, :25] + 1e-4  # each a twin in the same 1e-3 voxel (mostly)
+    grid = voxel_downsample(points, 1e-3, lengths=torch.tensor([50, 30]))
+    for b, n in enumerate((50, 30)):
+        alone = voxel_downsample(points[b, :n], 1e-3)
+        ref, *_ = _open3d_downsample(
+            points[b, :n].numpy(), np.zeros((n, 3)), np.zeros((n, 3)), 1e-3
+        )
+        assert int(grid.lengths[b]) == int(alone.lengths) == len(ref)
+        m = len(ref)
+        np.testing.assert_allclose(
+            _sorted_rows(grid.points[b, :m].numpy()), _sorted_rows(ref), rtol=0, atol=1e-9
+        )

@@ -43,10 +43,19 @@ class VoxelGrid(NamedTuple):
 
 
 def _check_voxel_size(voxel_size: float | Tensor, name: str = "voxel_size") -> float:
-    v = voxel_size.detach() if isinstance(voxel_size, Tensor) else torch.as_tensor(voxel_size)
-    if v.numel() != 1:
-        raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(v.shape)}")
-    size = float(v)
+    if isinstance(voxel_size, Tensor):
+        if voxel_size.numel() != 1:
+            raise ValueError(
+                f"{name} must be a scalar, got a tensor of shape {tuple(voxel_size.shape)}"
+            )
+        size = float(voxel_size.detach())
+    else:
+        # float() directly: torch.as_tensor would round a Python float to float32 first, which
+        # moves voxel boundaries by ~1e-7 of the coordinates (enough to split Open3D's voxels).
+        try:
+            size = float(voxel_size)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number, got {voxel_size!r}") from None
     if not math.isfinite(size) or size <= 0:
         raise ValueError(f"{name} must be a finite positive number, got {size}")
     return size
@@ -81,6 +90,27 @@ def _check_lengths(lengths: Tensor | None, B: int, N: int, device: torch.device)
     if B and (int(lengths.min()) < 0 or int(lengths.max()) > N):
         raise ValueError(f"lengths must lie in [0, {N}] (the padded size), got {lengths.tolist()}")
     return lengths.long()
+
+
+def _unique_rows(keys: Tensor) -> tuple[Tensor, Tensor]:
+    """Distinct rows of ``keys`` ``(V, 4)`` (cloud, ix, iy, iz), all >= 0, in lexicographic order.
+
+    Returns the cloud of each distinct row ``(U,)`` and, for each input row, the index of its
+    distinct row ``(V,)``. Rows are packed into one int64 (mixed radix) when that cannot
+    overflow: a 1-D ``torch.unique`` is a sort, about 20 times faster than ``unique(dim=0)``.
+    """
+    if keys.shape[0] == 0:
+        return keys[:, 0], keys[:, 0]
+    radix = [int(r) + 1 for r in keys.amax(dim=0).tolist()]
+    if math.prod(radix) < 2**63:
+        packed = keys[:, 0]
+        for axis in range(1, 4):
+            packed = packed * radix[axis] + keys[:, axis]
+        unique, inverse = torch.unique(packed, sorted=True, return_inverse=True)
+        stride = radix[1] * radix[2] * radix[3]
+        return torch.div(unique, stride, rounding_mode="floor"), inverse
+    unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    return unique[:, 0], inverse
 
 
 def voxel_downsample(
@@ -144,7 +174,7 @@ def voxel_downsample(
 
     valid = torch.arange(N, device=device)[None] < lengths[:, None]  # (B, N)
     for name, value in (("points", pts), ("normals", nrm), ("colors", col)):
-        if value is not None and not bool(torch.isfinite(value.detach())[valid].all()):
+        if value is not None and not bool((torch.isfinite(value.detach()).all(-1) | ~valid).all()):
             raise ValueError(f"{name} contains NaN or inf (in a valid row); remove those points")
 
     with torch.no_grad():
@@ -166,28 +196,35 @@ def voxel_downsample(
         # Same operations as Open3D ((p - origin) / size, then floor) so float64 ties agree.
         cell = torch.floor((p - origin[:, None]) / size).long()  # (B, N, 3)
         batch = torch.arange(B, device=device)[:, None].expand(B, N)
-        keys = torch.cat([batch[..., None], cell], dim=-1)[valid]  # (V, 4)
-        # Sorted unique rows: clouds stay contiguous and in batch order.
-        unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
-        counts_per_cloud = torch.bincount(unique[:, 0], minlength=B)  # (B,)
-        M = int(counts_per_cloud.max()) if B and unique.shape[0] else 0
+        keys = torch.cat([batch[..., None], cell], dim=-1).reshape(B * N, 4)  # cells >= 0
+        # Rows of the valid points (boolean indexing is slow on the CPU: select once, by index).
+        rows = None if bool((lengths == N).all()) else valid.reshape(-1).nonzero()[:, 0]
+        if rows is not None:
+            keys = keys.index_select(0, rows)  # (V, 4)
+        voxel_cloud, inverse = _unique_rows(keys)
+        counts_per_cloud = torch.bincount(voxel_cloud, minlength=B)  # (B,)
+        M = int(counts_per_cloud.max()) if B and voxel_cloud.shape[0] else 0
         first = torch.cumsum(counts_per_cloud, 0) - counts_per_cloud  # first voxel of each cloud
-        voxel_cloud = unique[:, 0]
-        # Flat slot of every voxel in the padded (B * M) output, and of every valid point.
+        # Flat slot of every voxel in the padded (B * M) output, and of every input row; padding
+        # rows go to an extra slot B * M that is dropped (so their values, even NaN, never mix).
         slot_of_voxel = voxel_cloud * M + (
-            torch.arange(unique.shape[0], device=device) - first[voxel_cloud]
+            torch.arange(voxel_cloud.shape[0], device=device) - first[voxel_cloud]
         )
         slot = slot_of_voxel[inverse]  # (V,)
-        count = torch.zeros(B * M, dtype=pts.dtype, device=device)
+        if rows is not None:
+            slot = torch.full((B * N,), B * M, dtype=torch.long, device=device).index_copy_(
+                0, rows, slot
+            )
+        count = torch.zeros(B * M + 1, dtype=pts.dtype, device=device)
         count.index_add_(0, slot, torch.ones_like(slot, dtype=pts.dtype))
         # Empty padding slots divide by 1 and stay zero.
-        denominator = count.clamp(min=1)[:, None]
+        denominator = count[: B * M].clamp(min=1)[:, None]
 
     def mean(values: Tensor) -> Tensor:
         """``(B, N, C)`` -> ``(B, M, C)`` per-voxel means (differentiable in ``values``)."""
         C = values.shape[-1]
-        total = values.new_zeros(B * M, C).index_add(0, slot, values[valid])
-        return (total / denominator.to(values.dtype)).reshape(B, M, C)
+        total = values.new_zeros(B * M + 1, C).index_add(0, slot, values.reshape(B * N, C))
+        return (total[: B * M] / denominator.to(values.dtype)).reshape(B, M, C)
 
     out_points = mean(pts)
     out_normals = None
