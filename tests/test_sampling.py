@@ -420,3 +420,28 @@ def test_huge_grids_fall_back_to_row_unique() -> None:
         np.testing.assert_allclose(
             _sorted_rows(grid.points[b, :m].numpy()), _sorted_rows(ref), rtol=0, atol=1e-9
         )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu() -> None:
+    g = torch.Generator().manual_seed(1)
+    points = torch.rand(2, 500, 3, generator=g, dtype=torch.float64)
+    colors = torch.rand(2, 500, 3, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([500, 321])
+    cpu = voxel_downsample(points, 0.1, lengths, colors=colors)
+    gpu = voxel_downsample(points.cuda(), 0.1, lengths.cuda(), colors=colors.cuda())
+    assert torch.equal(gpu.lengths.cpu(), cpu.lengths)
+    torch.testing.assert_close(gpu.points.cpu(), cpu.points, rtol=0, atol=1e-12)
+    torch.testing.assert_close(gpu.colors.cpu(), cpu.colors, rtol=0, atol=1e-12)
+    src, tgt, tgt_n, _ = _synthetic()
+    on_cpu = multiscale_icp(
+        src, tgt, SYNTHETIC_STAGES, target_normals=tgt_n, metric="point_to_plane"
+    )
+    on_gpu = multiscale_icp(
+        src.cuda(),
+        tgt.cuda(),
+        SYNTHETIC_STAGES,
+        target_normals=tgt_n.cuda(),
+        metric="point_to_plane",
+    )
+    torch.testing.assert_close(on_gpu.transform.cpu(), on_cpu.transform, rtol=0, atol=1e-8)
