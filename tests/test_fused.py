@@ -21,8 +21,13 @@ from hypothesis import HealthCheck, given, settings
 import difficp
 from difficp import fused
 from difficp.geometry import make_transform, random_rotation, twist_to_transform
-from difficp.metrics import Symmetric
-from difficp.solvers import regularize, solve_normal_equations, weighted_procrustes
+from difficp.metrics import Symmetric, get_metric
+from difficp.solvers import (
+    _step_to_transform,
+    regularize,
+    solve_normal_equations,
+    weighted_procrustes,
+)
 
 from conftest import METRIC_SOLVER_COMBOS, make_pair
 
@@ -564,15 +569,25 @@ def test_solve_updates_from_sums_matches_reference(seed: int, metric: str) -> No
         sums[b, fused.NORMAL_EQ : fused.NORMAL_EQ + 21] = A[np.triu_indices(6)]
         sums[b, fused.NORMAL_EQ + 21 : fused.NORMAL_EQ + 27] = g
     center = rng.normal(size=(B, 3))
+    # The sums are centred on `center`; pair 0 rotates about the world origin (Open3D's step),
+    # pair 1 (no system) and 2 about the center.
+    far = np.array([False, True, True])
     out = np.full((B, 4, 4), np.nan)
-    fused._solve_updates(sums, center, fused.METRIC_CODES[metric], 0, out)
+    fused._solve_updates(sums, center, far, fused.METRIC_CODES[metric], 0, out)
     A = torch.from_numpy(np.stack([s[0] for s in systems]))
     g = torch.from_numpy(np.stack([s[1] for s in systems]))
     step, usable = solve_normal_equations(A, g)
     assert usable[:2].tolist() == [True, False]
-    to_transform = Symmetric().step_to_transform if metric == "symmetric" else twist_to_transform
-    expected = to_transform(step).numpy()
+    expected = _step_to_transform(
+        get_metric(metric), step, torch.from_numpy(center), torch.from_numpy(far)
+    ).numpy()
     np.testing.assert_allclose(out[:2], expected[:2], rtol=0, atol=1e-10)
+    # Pair 0 in world coordinates: the step of the uncentred system (same least squares).
+    to_transform = Symmetric().step_to_transform if metric == "symmetric" else twist_to_transform
+    k = 2.0 if metric == "symmetric" else 1.0
+    world = step[0].clone()
+    world[3:] -= k * torch.linalg.cross(world[:3], torch.from_numpy(center[0]))
+    np.testing.assert_allclose(out[0], to_transform(world[None])[0].numpy(), rtol=0, atol=1e-10)
     np.testing.assert_array_equal(out[1], np.eye(4))
     # Pair 2 is rank-deficient: its step is rounding noise in the null space (see above).
     np.testing.assert_array_equal(out[2, 3], [0, 0, 0, 1])
@@ -584,7 +599,7 @@ def test_solve_updates_from_sums_matches_reference(seed: int, metric: str) -> No
     qs = ps @ roma.rotvec_to_rotmat(torch.from_numpy(rng.normal(size=3))).numpy().T + 0.1 * qs
     for b in range(B):
         sums[b, fused.MOMENTS : fused.MOMENTS + 16] = _moments(ps[b], qs[b], ws[b], center[b])
-    fused._solve_updates(sums, center, 0, 1, out)
+    fused._solve_updates(sums, center, far, 0, 1, out)
     expected = weighted_procrustes(*(torch.from_numpy(v) for v in (ps, qs, ws))).numpy()
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-10)
 

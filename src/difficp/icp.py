@@ -21,10 +21,21 @@ from difficp.correspondence import (
     projective_correspondences,
     soft_correspondences,
 )
-from difficp.geometry import rotate_vectors, se3_exp, se3_log, transform_points
+from difficp.geometry import (
+    make_transform,
+    rotate_vectors,
+    se3_exp,
+    se3_log,
+    transform_points,
+)
 from difficp.inputs import Problem, prepare_problem
 from difficp.metrics import Metric, get_metric
-from difficp.solvers import gauss_newton_update, levenberg_marquardt_update, weighted_procrustes
+from difficp.solvers import (
+    gauss_newton_update,
+    levenberg_marquardt_update,
+    linearization_pivot,
+    weighted_procrustes,
+)
 from difficp.weighting import correspondence_weights, inlier_statistics, robust_weights
 
 if TYPE_CHECKING:
@@ -154,17 +165,41 @@ def solve(
     moved_normals: Tensor | None,
     weights: Tensor,
     damping: Tensor,
+    center: Tensor | None = None,
+    far: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Step 5: the ``(B, 4, 4)`` update to left-multiply onto the transform, and new LM damping."""
+    """Step 5: the ``(B, 4, 4)`` update to left-multiply onto the transform, and new LM damping.
+
+    ``center`` ``(B, 3)`` / ``far`` ``(B,)``: where the linearised solvers centre their normal
+    equations and which pairs rotate about it (:func:`difficp.solvers.gauss_newton_update`).
+    """
     solver = config.resolved_solver
     if solver == "svd":
         return weighted_procrustes(moved, corr.points, weights), damping
     if solver == "linear":
-        return gauss_newton_update(metric, moved, moved_normals, corr, weights)[0], damping
+        update = gauss_newton_update(
+            metric, moved, moved_normals, corr, weights, center=center, far=far
+        )[0]
+        return update, damping
     update, damping, _ = levenberg_marquardt_update(
-        metric, moved, moved_normals, corr, weights, damping, config.lm_steps
+        metric, moved, moved_normals, corr, weights, damping, config.lm_steps, center, far
     )
     return update, damping
+
+
+def orthonormalize(transform: Tensor) -> Tensor:
+    """``transform`` ``(B, 4, 4)`` with its rotation block pulled back onto SO(3).
+
+    Composing thousands of updates lets rounding drift the rotation off SO(3) (float32:
+    orthonormality error 1e-4 after 1000 iterations). One Newton-Schulz step of the polar
+    decomposition, ``R <- R (3 I - R^T R) / 2``, squares the error each iteration, so it never
+    builds up; it is differentiable, costs two 3x3 products, and moves an orthonormal float64
+    rotation only by rounding (Open3D parity is unchanged).
+    """
+    R = transform[..., :3, :3]
+    eye = torch.eye(3, dtype=R.dtype, device=R.device)
+    R = 0.5 * R @ (3 * eye - R.transpose(-1, -2) @ R)
+    return make_transform(R, transform[..., :3, 3])
 
 
 def _where(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -180,6 +215,10 @@ class ReferenceSteps:
         self.config = config
         self.metric = get_metric(config.metric)
         self.dtype = problem.source.dtype
+        self.mask = problem.source_mask[..., None].to(self.dtype)
+        self.count = problem.source_counts.clamp_min(1)[:, None].to(self.dtype)
+        with torch.no_grad():
+            self.radius = source_radius(problem)
 
     def evaluate(self, transform: Tensor, active: Tensor) -> tuple[Tensor, Tensor, Any]:
         """Correspondences at ``transform``: fitness ``(B,)``, RMSE ``(B,)``, state for :meth:`step`."""
@@ -194,8 +233,22 @@ class ReferenceSteps:
         corr, moved, moved_n = state
         w = weigh(self.config, self.metric, corr, moved, moved_n)
         enough = ((w.detach() > 0) & corr.valid).sum(1) >= MIN_CORRESPONDENCES
-        update, damping = solve(self.config, self.metric, corr, moved, moved_n, w, damping)
+        center = (moved * self.mask).sum(1) / self.count
+        far = linearization_pivot(center, self.radius)
+        update, damping = solve(
+            self.config, self.metric, corr, moved, moved_n, w, damping, center, far
+        )
         return update, damping, enough
+
+
+def source_radius(problem: Problem) -> Tensor:
+    """``(B,)`` RMS distance of each source cloud's real points from their centroid (a rigid
+    motion leaves it unchanged)."""
+    mask = problem.source_mask[..., None].to(problem.source.dtype)
+    count = problem.source_counts.clamp_min(1)[:, None].to(problem.source.dtype)
+    source = problem.source.detach()
+    mean = (source * mask).sum(1) / count
+    return ((((source - mean[:, None]) ** 2) * mask).sum((1, 2)) / count[:, 0]).sqrt()
 
 
 def run_loop(
@@ -219,7 +272,7 @@ def run_loop(
         if not bool(active.any()):
             break
         damping = torch.where(active, new_damping, damping)
-        T = _where(active, update @ T, T)
+        T = _where(active, orthonormalize(update @ T), T)
         new_fitness, new_rmse, state = steps.evaluate(T, active)
         iterations = iterations + active.long()
         done = (
