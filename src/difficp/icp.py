@@ -6,6 +6,7 @@ every correspondence) keeps its transform, by ``torch.where``, while the others 
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -252,10 +253,15 @@ def source_radius(problem: Problem) -> Tensor:
 
 
 def run_loop(
-    steps: ReferenceSteps | FusedSteps, init: Tensor, config: ICPConfig
+    steps: ReferenceSteps | FusedSteps,
+    init: Tensor,
+    config: ICPConfig,
+    rmse_tolerance: Tensor | None = None,
 ) -> tuple[ICPResult, Tensor]:
     """The iterations, with Open3D's stopping rule per pair. Returns the batched result (in the
-    dtype of ``steps``) and the final LM damping."""
+    dtype of ``steps``) and the final LM damping. ``rmse_tolerance`` ``(B,)``: the RMSE change
+    below which a pair may stop (default ``config.relative_rmse``; see :func:`rmse_tolerance`).
+    """
     B = init.shape[0]
     device = init.device
     T = init.to(steps.dtype)
@@ -265,6 +271,9 @@ def run_loop(
     converged = torch.zeros(B, dtype=torch.bool, device=device)
     iterations = torch.zeros(B, dtype=torch.long, device=device)
     damping = torch.full((B,), config.lm_damping, dtype=T.dtype, device=device)
+    tolerance = torch.full((B,), config.relative_rmse, dtype=rmse.dtype, device=device)
+    if rmse_tolerance is not None:
+        tolerance = rmse_tolerance.to(dtype=rmse.dtype, device=device)
     for _ in range(config.max_iterations):
         update, new_damping, enough = steps.step(state, damping)
         # A pair with too few weighted correspondences stops here with its last good transform.
@@ -278,7 +287,7 @@ def run_loop(
         done = (
             active
             & ((new_fitness - fitness).abs() < config.relative_fitness)
-            & ((new_rmse - rmse).abs() < config.relative_rmse)
+            & ((new_rmse - rmse).abs() < tolerance)
         )
         fitness = torch.where(active, new_fitness, fitness)
         rmse = torch.where(active, new_rmse, rmse)
@@ -296,6 +305,34 @@ def run_loop(
         rmse_history=torch.stack(history, dim=1) if config.return_history else None,
     )
     return result, damping
+
+
+# Absolute RMSE criteria above this fraction of a cloud's RMS radius are coarse (warned).
+COARSE_CRITERIA = 1e-2
+
+
+def rmse_tolerance(problem: Problem, config: ICPConfig) -> Tensor:
+    """``(B,)`` the inlier-RMSE change below which each pair may stop.
+
+    ``criteria_scale="absolute"``: ``relative_rmse`` (Open3D's), with a warning when that is
+    coarser than ``COARSE_CRITERIA`` of a source cloud's RMS radius (tiny clouds would stop
+    after a step or two, reporting convergence). ``"relative"``: ``relative_rmse`` times the
+    radius.
+    """
+    with torch.no_grad():
+        radius = source_radius(problem)
+    if config.criteria_scale == "relative":
+        return config.relative_rmse * radius
+    if config.relative_rmse > 0 and bool((config.relative_rmse > COARSE_CRITERIA * radius).any()):
+        smallest = float(radius.min())
+        warnings.warn(
+            f"ICPConfig.relative_rmse={config.relative_rmse:g} is coarse for a source cloud of "
+            f"RMS radius {smallest:.3g} (the criteria are absolute, as in Open3D), so ICP may "
+            "stop after a step or two; pass criteria_scale='relative' (the RMSE change is then "
+            "divided by the cloud's radius) or a smaller relative_rmse",
+            stacklevel=3,
+        )
+    return torch.full_like(radius, config.relative_rmse)
 
 
 def _implicit_transform(
@@ -450,9 +487,10 @@ def icp(
         )
         loop_needs_grad = config.differentiation == "unroll" and _requires_grad(problem, config)
         steps = _choose_steps(problem, config, search_backend, loop_needs_grad)
+        tolerance = rmse_tolerance(problem, config)
         if config.differentiation == "implicit":
             with torch.no_grad():
-                result, damping = run_loop(steps, problem.init, config)
+                result, damping = run_loop(steps, problem.init, config, tolerance)
             result.transform = _implicit_transform(
                 problem,
                 config,
@@ -460,7 +498,7 @@ def icp(
                 damping.to(problem.source.dtype),
             )
         else:
-            result, _ = run_loop(steps, problem.init, config)
+            result, _ = run_loop(steps, problem.init, config, tolerance)
     result = result.to(problem.source.dtype)
     return result._squeeze() if problem.unbatched else result
 
