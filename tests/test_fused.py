@@ -53,9 +53,9 @@ def steps_used(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     original = module.run_loop
     used: list[str] = []
 
-    def spy(steps, init, config):
+    def spy(steps, init, config, *args, **kwargs):
         used.append(type(steps).__name__)
-        return original(steps, init, config)
+        return original(steps, init, config, *args, **kwargs)
 
     monkeypatch.setattr(module, "run_loop", spy)
     return used
@@ -506,7 +506,8 @@ def test_procrustes_update_matches_weighted_procrustes(
         w[0] = 1.0
     c = p.mean(0) + rng.normal(size=3)  # the kernel's centre: near, not at, the centroid
     out = np.eye(4)
-    fused._procrustes_update(_moments(p, q, w, c), c, out)
+    radius = float(np.sqrt(((p - p.mean(0)) ** 2).sum(1).mean()))
+    fused._procrustes_update(_moments(p, q, w, c), c, radius, out)
     ref = weighted_procrustes(
         torch.from_numpy(p)[None], torch.from_numpy(q)[None], torch.from_numpy(w)[None]
     )[0].numpy()
@@ -546,7 +547,7 @@ def test_procrustes_update_on_raw_matrices_matches_special_procrustes(
         M[:, 0] = -M[:, 0]
     c = rng.normal(size=3) * 3
     out = np.eye(4)
-    fused._procrustes_update(np.concatenate([[1.0], np.zeros(6), M.reshape(9)]), c, out)
+    fused._procrustes_update(np.concatenate([[1.0], np.zeros(6), M.reshape(9)]), c, 1.0, out)
     R = roma.special_procrustes(torch.from_numpy(M)[None], method="svd")[0].numpy()
     _assert_rotation(out[:3, :3])
     np.testing.assert_allclose(out[:3, 3], c - out[:3, :3] @ c, rtol=0, atol=1e-12)
@@ -573,7 +574,8 @@ def test_solve_updates_from_sums_matches_reference(seed: int, metric: str) -> No
     # pair 1 (no system) and 2 about the center.
     far = np.array([False, True, True])
     out = np.full((B, 4, 4), np.nan)
-    fused._solve_updates(sums, center, far, fused.METRIC_CODES[metric], 0, out)
+    radius = np.ones(B)
+    fused._solve_updates(sums, center, radius, far, fused.METRIC_CODES[metric], 0, out)
     A = torch.from_numpy(np.stack([s[0] for s in systems]))
     g = torch.from_numpy(np.stack([s[1] for s in systems]))
     step, usable = solve_normal_equations(A, g)
@@ -599,7 +601,7 @@ def test_solve_updates_from_sums_matches_reference(seed: int, metric: str) -> No
     qs = ps @ roma.rotvec_to_rotmat(torch.from_numpy(rng.normal(size=3))).numpy().T + 0.1 * qs
     for b in range(B):
         sums[b, fused.MOMENTS : fused.MOMENTS + 16] = _moments(ps[b], qs[b], ws[b], center[b])
-    fused._solve_updates(sums, center, far, 0, 1, out)
+    fused._solve_updates(sums, center, radius, far, 0, 1, out)
     expected = weighted_procrustes(*(torch.from_numpy(v) for v in (ps, qs, ws))).numpy()
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-10)
 

@@ -35,6 +35,9 @@ from difficp.kdtree import (
 )
 from difficp.solvers import PROCRUSTES_NOISE, linearization_pivot
 
+# Weights below the smallest normal float64 are rejected (as difficp.icp.weigh does).
+_TINY_WEIGHT = np.finfo(np.float64).tiny
+
 # Source points per parallel task: enough work to amortise scheduling, small enough to balance.
 CHUNK = 1024
 
@@ -221,7 +224,7 @@ def fused_iteration(
             r = d if metric == 0 else rx * nx + ry * ny + rz * nz
             if kernel != 0:
                 w *= _robust_weight(kernel, abs(r), kernel_scale)
-            if w <= 0.0:
+            if w < _TINY_WEIGHT:  # subnormal weights count as 0 (difficp.icp.weigh)
                 continue
             sums[task, WEIGHTED] += 1.0
 
@@ -397,8 +400,10 @@ class FusedSteps:
         sums, center = state
         enough = torch.from_numpy(sums[:, WEIGHTED] >= MIN_CORRESPONDENCES)
         update = np.empty((sums.shape[0], 4, 4))
-        far = linearization_pivot(torch.from_numpy(center), self.source_radius).numpy()
-        _solve_updates(sums, center, far, self.int_options[0], self.int_options[1], update)
+        radius = self.source_radius
+        far = linearization_pivot(torch.from_numpy(center), radius).numpy()
+        metric, procrustes = self.int_options[0], self.int_options[1]
+        _solve_updates(sums, center, radius.numpy(), far, metric, procrustes, update)
         return torch.from_numpy(update), damping, enough
 
 
@@ -547,19 +552,20 @@ def _symmetric_update(step: np.ndarray, out: np.ndarray) -> None:
 
 
 @njit(cache=True, error_model="numpy")
-def _procrustes_update(moments: np.ndarray, center: np.ndarray, out: np.ndarray) -> None:
-    """:func:`difficp.solvers.weighted_procrustes` from the 16 moments about ``center``."""
+def _procrustes_update(
+    moments: np.ndarray, center: np.ndarray, radius: float, out: np.ndarray
+) -> None:
+    """:func:`difficp.solvers.weighted_procrustes` from the 16 moments about ``center`` of a
+    source cloud of RMS radius ``radius``."""
     w = max(moments[0], _TINY)
     p = moments[1:4] / w
     q = moments[4:7] / w
-    second = moments[7:16].reshape(3, 3) / w
-    H = second - np.outer(q, p)
+    H = moments[7:16].reshape(3, 3) / w - np.outer(q, p)
     U, s, Vt = np.linalg.svd(H)
-    # Rounding error of H (moments about center, of coordinates ~|center| large): below it, a
-    # singular value is noise, as in difficp.solvers.weighted_procrustes.
-    spread = math.sqrt(math.sqrt((second * second).sum()) + _norm3(p) * _norm3(q))
-    size = _norm3(center) + max(_norm3(p), _norm3(q)) + spread
-    noise = _PROCRUSTES_NOISE * _EPS * 2.0 * size * spread
+    # Below the rounding error of H a singular value is noise: the same bound as
+    # difficp.solvers.weighted_procrustes, with the source's radius for the spreads.
+    offset = _norm3(q - p)
+    noise = _PROCRUSTES_NOISE * _EPS * (_norm3(center + p) + offset + radius) * (offset + radius)
     if s[0] <= noise:  # coincident points: every rotation fits; the identity moves least
         R = np.eye(3)
     elif s[1] <= noise:  # collinear points: the smallest rotation taking v to u
@@ -604,19 +610,21 @@ def _rotation_between(v: np.ndarray, u: np.ndarray) -> np.ndarray:
 def _solve_updates(
     sums: np.ndarray,
     center: np.ndarray,
+    radius: np.ndarray,
     far: np.ndarray,
     metric: int,
     procrustes: int,
     out: np.ndarray,
 ) -> None:
     """Every pair's ``(4, 4)`` update into ``out`` ``(B, 4, 4)`` from its sums (accumulated about
-    ``center`` ``(B, 3)``; ``far`` ``(B,)``: see :func:`difficp.solvers.linearization_pivot`)."""
+    ``center`` ``(B, 3)``; ``radius`` ``(B,)`` the source clouds' RMS radii; ``far`` ``(B,)``:
+    see :func:`difficp.solvers.linearization_pivot`)."""
     for b in prange(sums.shape[0]):
         A = np.empty((6, 6))
         x = np.empty(6)
         out[b] = np.eye(4)
         if procrustes == 1:
-            _procrustes_update(sums[b, MOMENTS : MOMENTS + 16], center[b], out[b])
+            _procrustes_update(sums[b, MOMENTS : MOMENTS + 16], center[b], radius[b], out[b])
             continue
         k = NORMAL_EQ
         for i in range(6):

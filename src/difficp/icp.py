@@ -155,7 +155,10 @@ def weigh(
     if config.robust_kernel is not None:
         residual = metric.residuals(moved, moved_normals, corr).norm(dim=-1)
         w = w * robust_weights(residual, config.robust_kernel, config.kernel_scale)
-    return w
+    # Weights that underflowed to subnormals (a sigmoid far past its threshold) count as 0:
+    # whether they do otherwise depends on how the exponential rounds (the compiled path's
+    # does not underflow where torch.sigmoid does), and 3 of them would make a step.
+    return torch.where(w >= torch.finfo(w.dtype).tiny, w, torch.zeros_like(w))
 
 
 def solve(

@@ -123,14 +123,13 @@ def weighted_procrustes(
     H = ((w * (target - q_mean)).transpose(1, 2) @ (source - p_mean)) / total
     R = roma.special_procrustes(H, gradient_eps=gradient_eps, method="svd")
     with torch.no_grad():
-        # Rounding error of H: the centred coordinates carry ~eps of the raw ones.
-        spread_p = ((w * (source - p_mean) ** 2).sum((1, 2)) / total[:, 0, 0]).sqrt()
-        spread_q = ((w * (target - q_mean) ** 2).sum((1, 2)) / total[:, 0, 0]).sqrt()
-        size_p = p_mean[:, 0].norm(dim=-1) + spread_p
-        size_q = q_mean[:, 0].norm(dim=-1) + spread_q
-        noise = (
-            PROCRUSTES_NOISE * torch.finfo(H.dtype).eps * (size_p * spread_q + size_q * spread_p)
-        )
+        # Rounding error of H: its terms carry ~eps of coordinates as large as the means and
+        # of differences as large as the offset between them plus the spread.
+        spread = ((w * (source - p_mean) ** 2).sum((1, 2)) / total[:, 0, 0]).sqrt()
+        spread = spread + ((w * (target - q_mean) ** 2).sum((1, 2)) / total[:, 0, 0]).sqrt()
+        offset = (q_mean - p_mean)[:, 0].norm(dim=-1)
+        size = p_mean[:, 0].norm(dim=-1) + offset + spread
+        noise = PROCRUSTES_NOISE * torch.finfo(H.dtype).eps * size * (offset + spread)
     R = minimal_motion_rotation(H, R, noise)
     t = q_mean[:, 0] - (R @ p_mean[:, 0, :, None])[..., 0]
     return make_transform(R, t)
