@@ -471,15 +471,15 @@ def _solve_regularized(A: np.ndarray, g: np.ndarray, x: np.ndarray) -> bool:
     x[:] = 0.0
     if not trace > _TINY:
         return False
+    root = np.empty(n)
+    for i in range(n):
+        root[i] = math.sqrt(max(A[i, i], _TINY))
     scaled = np.empty((n, n))
     for i in range(n):
         for j in range(n):
-            scaled[i, j] = A[i, j] / (
-                math.sqrt(max(A[i, i], _TINY)) * math.sqrt(max(A[j, j], _TINY))
-            )
-    deficient = _lu_solve_in_place(scaled, np.empty(0), x) < _EPS**0.75
+            scaled[i, j] = A[i, j] / (root[i] * root[j])
+    deficient = _lu_solve_in_place(scaled.copy(), np.empty(0), x) < _EPS**0.75
     M = A.copy()
-    relative = math.sqrt(_EPS) if deficient else _EPS
     half = n // 2
     rotation = 0.0
     for k in range(half):
@@ -487,7 +487,15 @@ def _solve_regularized(A: np.ndarray, g: np.ndarray, x: np.ndarray) -> bool:
     # eps x the mean diagonal of each block (rotation, translation): they differ in units
     for k in range(n):
         block = rotation / half if k < half else (trace - rotation) / (n - half)
-        M[k, k] += max(relative * block, _TINY)
+        M[k, k] += max(_EPS * block, _TINY)
+    if deficient:
+        # unit eigenvalue for the null space of the Jacobi-scaled matrix: a zero step there
+        values, vectors = np.linalg.eigh(scaled)
+        for e in range(n):
+            if values[e] <= math.sqrt(_EPS):
+                for i in range(n):
+                    for j in range(n):
+                        M[i, j] += root[i] * vectors[i, e] * vectors[j, e] * root[j]
     return _lu_solve_in_place(M, -g.copy(), x) > 0.0
 
 
@@ -603,7 +611,8 @@ def _rotation_between(v: np.ndarray, u: np.ndarray) -> np.ndarray:
         axis = np.cross(v, other)
     axis = axis / _norm3(axis)
     half_turn = 2.0 * np.outer(axis, axis) - np.eye(3)
-    return _small_rotation(-v, u) @ half_turn
+    # half_turn v is -v up to the rounding of the axis; the small rotation takes it to u
+    return _small_rotation(half_turn @ v, u) @ half_turn
 
 
 @njit(parallel=True, cache=True, error_model="numpy")

@@ -58,14 +58,17 @@ def regularize(A: Tensor) -> tuple[Tensor, Tensor]:
     entry (eps = dtype epsilon): invisible for well-posed systems, so steps match Open3D's. Per
     block, because the two have different units: at 1e-5 units the rotation block is 1e-10 of
     the translation block, and a jitter from the whole trace would swamp it (float32 steps
-    then lost the rotation). A numerically rank-deficient system (a plane under
-    point_to_plane, a line under point_to_point: the LU of the Jacobi-scaled matrix has a pivot
-    below ``eps^(3/4)``) would then step by rounding noise / jitter in its null space, as far as
-    the real step; it gets ``sqrt(eps)`` times the block means instead, which keeps that
-    component ~1e-8 of the step (close to the minimum-norm step in units of the cloud's size; a
-    per-coordinate diagonal damping would not be: it trades cheap null-space motion for the
-    expensive coordinates). Pairs with an all-zero matrix get the identity. Returns the matrix
-    and a ``(B,)`` bool of the pairs with a usable system.
+    then lost the rotation).
+
+    A numerically rank-deficient system (a plane under point_to_plane, a line under
+    point_to_point, every point matched to one target point: the LU of the Jacobi-scaled
+    matrix has a pivot below ``eps^(3/4)``) would step by rounding noise in its null space, as
+    far as the real step, and differently for every summation order. Its null space (the
+    eigenvectors of the Jacobi-scaled matrix below ``sqrt(eps)``) gets a unit eigenvalue
+    instead: the step there is 0 to rounding (the minimum-norm step in units of the cloud's
+    size), while the determined components are untouched. The eigenvectors are not
+    differentiated (the projector is held fixed); pairs with an all-zero matrix get the
+    identity. Returns the matrix and a ``(B,)`` bool of the pairs with a usable system.
     """
     n = A.shape[-1]
     info = torch.finfo(A.dtype)
@@ -75,12 +78,11 @@ def regularize(A: Tensor) -> tuple[Tensor, Tensor]:
     eye = torch.eye(n, dtype=A.dtype, device=A.device)
     # Rank test on the Jacobi-scaled matrix, so that units (rotation vs translation) and the
     # distance of the cloud from the origin do not look like rank loss.
-    scale = A.detach().diagonal(dim1=-2, dim2=-1).clamp_min(info.tiny).rsqrt()
-    scaled = A.detach() * scale[:, :, None] * scale[:, None, :]
+    root = A.detach().diagonal(dim1=-2, dim2=-1).clamp_min(info.tiny).sqrt()
+    scaled = A.detach() / (root[:, :, None] * root[:, None, :])
     LU, _, failed = torch.linalg.lu_factor_ex(scaled)
     smallest_pivot = LU.diagonal(dim1=-2, dim2=-1).abs().amin(-1)
     deficient = (failed != 0) | (smallest_pivot < info.eps**0.75)
-    relative = torch.where(deficient, info.eps**0.5, info.eps).to(A.dtype)
     half = n // 2
     block_mean = torch.cat(
         [
@@ -89,8 +91,12 @@ def regularize(A: Tensor) -> tuple[Tensor, Tensor]:
         ],
         dim=-1,
     )
-    jitter = (relative[:, None] * block_mean).clamp_min(info.tiny)
-    A = A + torch.diag_embed(jitter)
+    A = A + torch.diag_embed((info.eps * block_mean).clamp_min(info.tiny))
+    if bool((deficient & usable).any()):
+        values, vectors = torch.linalg.eigh(scaled)
+        null = ((values <= info.eps**0.5) & deficient[:, None]).to(A.dtype)
+        projector = (vectors * null[:, None, :]) @ vectors.transpose(-1, -2)
+        A = A + root[:, :, None] * projector * root[:, None, :]
     return torch.where(usable[:, None, None], A, eye.expand_as(A)), usable
 
 
@@ -185,7 +191,7 @@ def rotation_between(v: Tensor, u: Tensor) -> Tensor:
 
     ``I + K + K^2 / (1 + v.u)`` with ``K = [v x u]x``; for ``v.u < 0`` (where that loses
     precision) the half-turn about ``v x u`` taking ``v`` to ``-v``, then the small rotation from
-    ``-v`` to ``u``: the same rotation, well conditioned. Opposite vectors turn about an axis
+    there to ``u``: the same rotation, well conditioned. Opposite vectors turn about an axis
     perpendicular to ``v``.
     """
     eye = torch.eye(3, dtype=v.dtype, device=v.device).expand(v.shape[0], 3, 3)
@@ -204,7 +210,9 @@ def rotation_between(v: Tensor, u: Tensor) -> Tensor:
     axis = _unit(torch.where(tiny, fallback, axis))
     half_turn = 2 * axis[:, :, None] * axis[:, None, :] - eye
     opposite = (v * u).sum(-1) < 0
-    return torch.where(opposite[:, None, None], small(-v, u) @ half_turn, small(v, u))
+    # half_turn v is -v up to the rounding of the axis; the small rotation takes it to u
+    turned = (half_turn @ v[..., None])[..., 0]
+    return torch.where(opposite[:, None, None], small(turned, u) @ half_turn, small(v, u))
 
 
 def normal_equations(residuals: Tensor, jacobian: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
