@@ -21,8 +21,13 @@ from hypothesis import HealthCheck, given, settings
 import difficp
 from difficp import fused
 from difficp.geometry import make_transform, random_rotation, twist_to_transform
-from difficp.metrics import Symmetric
-from difficp.solvers import regularize, solve_normal_equations, weighted_procrustes
+from difficp.metrics import Symmetric, get_metric
+from difficp.solvers import (
+    _step_to_transform,
+    regularize,
+    solve_normal_equations,
+    weighted_procrustes,
+)
 
 from conftest import METRIC_SOLVER_COMBOS, make_pair
 
@@ -48,9 +53,9 @@ def steps_used(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     original = module.run_loop
     used: list[str] = []
 
-    def spy(steps, init, config):
+    def spy(steps, init, config, *args, **kwargs):
         used.append(type(steps).__name__)
-        return original(steps, init, config)
+        return original(steps, init, config, *args, **kwargs)
 
     monkeypatch.setattr(module, "run_loop", spy)
     return used
@@ -501,7 +506,8 @@ def test_procrustes_update_matches_weighted_procrustes(
         w[0] = 1.0
     c = p.mean(0) + rng.normal(size=3)  # the kernel's centre: near, not at, the centroid
     out = np.eye(4)
-    fused._procrustes_update(_moments(p, q, w, c), c, out)
+    radius = float(np.sqrt(((p - p.mean(0)) ** 2).sum(1).mean()))
+    fused._procrustes_update(_moments(p, q, w, c), c, radius, out)
     ref = weighted_procrustes(
         torch.from_numpy(p)[None], torch.from_numpy(q)[None], torch.from_numpy(w)[None]
     )[0].numpy()
@@ -541,7 +547,7 @@ def test_procrustes_update_on_raw_matrices_matches_special_procrustes(
         M[:, 0] = -M[:, 0]
     c = rng.normal(size=3) * 3
     out = np.eye(4)
-    fused._procrustes_update(np.concatenate([[1.0], np.zeros(6), M.reshape(9)]), c, out)
+    fused._procrustes_update(np.concatenate([[1.0], np.zeros(6), M.reshape(9)]), c, 1.0, out)
     R = roma.special_procrustes(torch.from_numpy(M)[None], method="svd")[0].numpy()
     _assert_rotation(out[:3, :3])
     np.testing.assert_allclose(out[:3, 3], c - out[:3, :3] @ c, rtol=0, atol=1e-12)
@@ -564,15 +570,26 @@ def test_solve_updates_from_sums_matches_reference(seed: int, metric: str) -> No
         sums[b, fused.NORMAL_EQ : fused.NORMAL_EQ + 21] = A[np.triu_indices(6)]
         sums[b, fused.NORMAL_EQ + 21 : fused.NORMAL_EQ + 27] = g
     center = rng.normal(size=(B, 3))
+    # The sums are centred on `center`; pair 0 rotates about the world origin (Open3D's step),
+    # pair 1 (no system) and 2 about the center.
+    far = np.array([False, True, True])
     out = np.full((B, 4, 4), np.nan)
-    fused._solve_updates(sums, center, fused.METRIC_CODES[metric], 0, out)
+    radius = np.ones(B)
+    fused._solve_updates(sums, center, radius, far, fused.METRIC_CODES[metric], 0, out)
     A = torch.from_numpy(np.stack([s[0] for s in systems]))
     g = torch.from_numpy(np.stack([s[1] for s in systems]))
     step, usable = solve_normal_equations(A, g)
     assert usable[:2].tolist() == [True, False]
-    to_transform = Symmetric().step_to_transform if metric == "symmetric" else twist_to_transform
-    expected = to_transform(step).numpy()
+    expected = _step_to_transform(
+        get_metric(metric), step, torch.from_numpy(center), torch.from_numpy(far)
+    ).numpy()
     np.testing.assert_allclose(out[:2], expected[:2], rtol=0, atol=1e-10)
+    # Pair 0 in world coordinates: the step of the uncentred system (same least squares).
+    to_transform = Symmetric().step_to_transform if metric == "symmetric" else twist_to_transform
+    k = 2.0 if metric == "symmetric" else 1.0
+    world = step[0].clone()
+    world[3:] -= k * torch.linalg.cross(world[:3], torch.from_numpy(center[0]))
+    np.testing.assert_allclose(out[0], to_transform(world[None])[0].numpy(), rtol=0, atol=1e-10)
     np.testing.assert_array_equal(out[1], np.eye(4))
     # Pair 2 is rank-deficient: its step is rounding noise in the null space (see above).
     np.testing.assert_array_equal(out[2, 3], [0, 0, 0, 1])
@@ -584,7 +601,7 @@ def test_solve_updates_from_sums_matches_reference(seed: int, metric: str) -> No
     qs = ps @ roma.rotvec_to_rotmat(torch.from_numpy(rng.normal(size=3))).numpy().T + 0.1 * qs
     for b in range(B):
         sums[b, fused.MOMENTS : fused.MOMENTS + 16] = _moments(ps[b], qs[b], ws[b], center[b])
-    fused._solve_updates(sums, center, 0, 1, out)
+    fused._solve_updates(sums, center, radius, far, 0, 1, out)
     expected = weighted_procrustes(*(torch.from_numpy(v) for v in (ps, qs, ws))).numpy()
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-10)
 

@@ -24,6 +24,7 @@ SOLVERS = ("svd", "linear", "lm")
 REJECTIONS = ("hard", "soft")
 ROBUST_KERNELS = (None, "huber", "cauchy", "geman_mcclure", "tukey")
 DIFFERENTIATIONS = ("unroll", "implicit", "none")
+CRITERIA_SCALES = ("absolute", "relative")
 
 
 # Temperatures and kernel scales divide distances: below this they underflow to 0 in float32.
@@ -159,6 +160,10 @@ class ICPConfig:
             point_to_point and ``"linear"`` otherwise.
     Stopping (Open3D's criteria): stop a pair when both |change of fitness| < relative_fitness and
         |change of inlier RMSE| < relative_rmse, or after max_iterations.
+        criteria_scale: ``"absolute"`` (Open3D's: relative_rmse in distance units; warns when
+            that is coarse for the cloud's size, e.g. clouds of 1e-6 units would stop after one
+            step) or ``"relative"`` (the RMSE change is divided by the source cloud's RMS radius,
+            so the same criteria work at any scale).
     differentiation: ``"unroll"`` (backpropagate through the iterations), ``"implicit"``
         (gradient of the converged transform by the implicit function theorem) or ``"none"``
         (no autograd graph at all; fastest).
@@ -182,6 +187,7 @@ class ICPConfig:
     max_iterations: int = 30
     relative_fitness: float = 1e-6
     relative_rmse: float = 1e-6
+    criteria_scale: Literal["absolute", "relative"] = "absolute"
     differentiation: Literal["unroll", "implicit", "none"] = "unroll"
     return_history: bool = False
 
@@ -197,6 +203,7 @@ class ICPConfig:
         _choice("rejection", self.rejection, REJECTIONS)
         _choice("robust_kernel", self.robust_kernel, ROBUST_KERNELS)
         _choice("differentiation", self.differentiation, DIFFERENTIATIONS)
+        _choice("criteria_scale", self.criteria_scale, CRITERIA_SCALES)
         _positive("temperature", self.temperature, allow_none=False, divisor=True)
         _positive("rejection_temperature", self.rejection_temperature, False, divisor=True)
         _positive("kernel_scale", self.kernel_scale, allow_none=False, divisor=True)

@@ -23,7 +23,7 @@ from numba import njit, prange
 from torch import Tensor
 
 from difficp.config import ICPConfig
-from difficp.icp import MIN_CORRESPONDENCES
+from difficp.icp import MIN_CORRESPONDENCES, source_radius
 from difficp.inputs import PointTarget, Problem
 from difficp.kdtree import (
     STACK_DEPTH,
@@ -33,7 +33,11 @@ from difficp.kdtree import (
     set_threads,
     warm_two_nearest,
 )
+from difficp.solvers import PROCRUSTES_NOISE, linearization_pivot
 from difficp.weighting import NEGLIGIBLE_WEIGHT
+
+# Weights below the smallest normal float64 are rejected (as difficp.icp.weigh does).
+_TINY_WEIGHT = np.finfo(np.float64).tiny
 
 # Source points per parallel task: enough work to amortise scheduling, small enough to balance.
 CHUNK = 1024
@@ -104,7 +108,8 @@ def fused_iteration(
         source: ``(B, N, 3)``; pair ``b`` uses its first ``source_counts[b]`` points.
         source_normals: ``(B, N, 3)`` (any values when the config does not use them).
         rotation, translation: ``(B, 3, 3)``, ``(B, 3)`` the current transform.
-        center: ``(B, 3)`` subtracted from both sides of the Procrustes moments (conditioning).
+        center: ``(B, 3)`` subtracted from both sides before the Procrustes moments or the
+            normal equations are accumulated (conditioning, as in the reference solvers).
         partner: ``(B, N)`` int64 forest row of each point's last partner (-1: none); updated.
         anchor, safe2: ``(B, N, 3)``, ``(B, N)`` where each point was at its last search and the
             squared distance it may move from there with the same nearest neighbour; updated.
@@ -222,7 +227,7 @@ def fused_iteration(
             r = d if metric == 0 else rx * nx + ry * ny + rz * nz
             if kernel != 0:
                 w *= _robust_weight(kernel, abs(r), kernel_scale)
-            if w <= 0.0:
+            if w < _TINY_WEIGHT:  # subnormal weights count as 0 (difficp.icp.weigh)
                 continue
             sums[task, WEIGHTED] += 1.0
 
@@ -242,18 +247,20 @@ def fused_iteration(
                         sums[task, k] += w * qv * pv
                         k += 1
             elif metric == 0:
-                # residual p - q, Jacobian rows [-[p]x | I]
-                J[0], J[1], J[2], J[3], J[4], J[5] = 0.0, pz, -py, 1.0, 0.0, 0.0
+                # residual p - q, Jacobian rows [-[p - c]x | I] (centred coordinates)
+                ax, ay, az = px - c[0], py - c[1], pz - c[2]
+                J[0], J[1], J[2], J[3], J[4], J[5] = 0.0, az, -ay, 1.0, 0.0, 0.0
                 _add_outer(sums, task, J, rx, w)
-                J[0], J[1], J[2], J[3], J[4], J[5] = -pz, 0.0, px, 0.0, 1.0, 0.0
+                J[0], J[1], J[2], J[3], J[4], J[5] = -az, 0.0, ax, 0.0, 1.0, 0.0
                 _add_outer(sums, task, J, ry, w)
-                J[0], J[1], J[2], J[3], J[4], J[5] = py, -px, 0.0, 0.0, 0.0, 1.0
+                J[0], J[1], J[2], J[3], J[4], J[5] = ay, -ax, 0.0, 0.0, 0.0, 1.0
                 _add_outer(sums, task, J, rz, w)
             else:
-                # point_to_plane: [p x n, n]; symmetric: [(p + q) x n, n] with n = n_p + n_q
-                ex, ey, ez = px, py, pz
+                # point_to_plane: [p x n, n]; symmetric: [(p + q) x n, n] with n = n_p + n_q,
+                # p and q centred on c
+                ex, ey, ez = px - c[0], py - c[1], pz - c[2]
                 if metric == 2:
-                    ex, ey, ez = px + qx, py + qy, pz + qz
+                    ex, ey, ez = ex + qx - c[0], ey + qy - c[1], ez + qz - c[2]
                 J[0] = ey * nz - ez * ny
                 J[1] = ez * nx - ex * nz
                 J[2] = ex * ny - ey * nx
@@ -321,6 +328,7 @@ class FusedSteps:
         self.source_mean = (self.source * (problem.source_mask.cpu().numpy()[..., None])).sum(
             1
         ) / np.maximum(self.source_counts, 1)[:, None]
+        self.source_radius = source_radius(problem).double()
         self.partner = np.full((B, N), -1, dtype=np.int64)
         self.anchor = np.zeros((B, N, 3))
         self.safe2 = np.zeros((B, N))
@@ -360,7 +368,7 @@ class FusedSteps:
         B = T.shape[0]
         R = np.ascontiguousarray(T[:, :3, :3])
         t = np.ascontiguousarray(T[:, :3, 3])
-        # Procrustes moments about the moved source centroid keep the cross-covariance
+        # Procrustes moments and normal equations about the moved source centroid stay
         # accurate for clouds far from the origin.
         center = np.einsum("bij,bj->bi", R, self.source_mean) + t
         sums = np.zeros((B * self.tasks, SUM_WIDTH))
@@ -395,7 +403,10 @@ class FusedSteps:
         sums, center = state
         enough = torch.from_numpy(sums[:, WEIGHTED] >= MIN_CORRESPONDENCES)
         update = np.empty((sums.shape[0], 4, 4))
-        _solve_updates(sums, center, self.int_options[0], self.int_options[1], update)
+        radius = self.source_radius
+        far = linearization_pivot(torch.from_numpy(center), radius).numpy()
+        metric, procrustes = self.int_options[0], self.int_options[1]
+        _solve_updates(sums, center, radius.numpy(), far, metric, procrustes, update)
         return torch.from_numpy(update), damping, enough
 
 
@@ -414,6 +425,7 @@ def _numpy(values: Tensor) -> np.ndarray:
 
 _TINY = np.finfo(np.float64).tiny
 _EPS = np.finfo(np.float64).eps
+_PROCRUSTES_NOISE = PROCRUSTES_NOISE
 
 
 @njit(cache=True, error_model="numpy")
@@ -462,17 +474,31 @@ def _solve_regularized(A: np.ndarray, g: np.ndarray, x: np.ndarray) -> bool:
     x[:] = 0.0
     if not trace > _TINY:
         return False
+    root = np.empty(n)
+    for i in range(n):
+        root[i] = math.sqrt(max(A[i, i], _TINY))
     scaled = np.empty((n, n))
     for i in range(n):
         for j in range(n):
-            scaled[i, j] = A[i, j] / (
-                math.sqrt(max(A[i, i], _TINY)) * math.sqrt(max(A[j, j], _TINY))
-            )
-    deficient = _lu_solve_in_place(scaled, np.empty(0), x) < _EPS**0.75
+            scaled[i, j] = A[i, j] / (root[i] * root[j])
+    deficient = _lu_solve_in_place(scaled.copy(), np.empty(0), x) < _EPS**0.75
     M = A.copy()
-    jitter = max((math.sqrt(_EPS) if deficient else _EPS) * trace / n, _TINY)
+    half = n // 2
+    rotation = 0.0
+    for k in range(half):
+        rotation += A[k, k]
+    # eps x the mean diagonal of each block (rotation, translation): they differ in units
     for k in range(n):
-        M[k, k] += jitter
+        block = rotation / half if k < half else (trace - rotation) / (n - half)
+        M[k, k] += max(_EPS * block, _TINY)
+    if deficient:
+        # unit eigenvalue for the null space of the Jacobi-scaled matrix: a zero step there
+        values, vectors = np.linalg.eigh(scaled)
+        for e in range(n):
+            if values[e] <= math.sqrt(_EPS):
+                for i in range(n):
+                    for j in range(n):
+                        M[i, j] += root[i] * vectors[i, e] * vectors[j, e] * root[j]
     return _lu_solve_in_place(M, -g.copy(), x) > 0.0
 
 
@@ -500,6 +526,30 @@ def _rotvec_to_rotmat(v: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True, error_model="numpy")
+def _centred_step_update(
+    step: np.ndarray, center: np.ndarray, far: bool, metric: int, out: np.ndarray
+) -> None:
+    """:func:`difficp.solvers._step_to_transform`: the update of a step solved in coordinates
+    centred on ``center``, about the world origin, or about ``center`` when ``far``."""
+    if not far:
+        # the same step in world coordinates: translation v - k (omega x c)
+        k = 2.0 if metric == 2 else 1.0
+        o = step[:3]
+        step[3] -= k * (o[1] * center[2] - o[2] * center[1])
+        step[4] -= k * (o[2] * center[0] - o[0] * center[2])
+        step[5] -= k * (o[0] * center[1] - o[1] * center[0])
+    if metric == 2:
+        _symmetric_update(step, out)
+    else:
+        _euler_update(step, out)
+    if far:
+        for i in range(3):
+            out[i, 3] += center[i] - (
+                out[i, 0] * center[0] + out[i, 1] * center[1] + out[i, 2] * center[2]
+            )
+
+
+@njit(cache=True, error_model="numpy")
 def _symmetric_update(step: np.ndarray, out: np.ndarray) -> None:
     """:meth:`difficp.metrics.Symmetric.step_to_transform`."""
     a = step[:3]
@@ -513,31 +563,80 @@ def _symmetric_update(step: np.ndarray, out: np.ndarray) -> None:
 
 
 @njit(cache=True, error_model="numpy")
-def _procrustes_update(moments: np.ndarray, center: np.ndarray, out: np.ndarray) -> None:
-    """:func:`difficp.solvers.weighted_procrustes` from the 16 moments about ``center``."""
+def _procrustes_update(
+    moments: np.ndarray, center: np.ndarray, radius: float, out: np.ndarray
+) -> None:
+    """:func:`difficp.solvers.weighted_procrustes` from the 16 moments about ``center`` of a
+    source cloud of RMS radius ``radius``."""
     w = max(moments[0], _TINY)
     p = moments[1:4] / w
     q = moments[4:7] / w
     H = moments[7:16].reshape(3, 3) / w - np.outer(q, p)
-    U, _, Vt = np.linalg.svd(H)
-    if np.linalg.det(U @ Vt) < 0:  # a reflection: flip the least significant direction
-        U[:, 2] = -U[:, 2]
-    R = U @ Vt
+    U, s, Vt = np.linalg.svd(H)
+    # Below the rounding error of H a singular value is noise: the same bound as
+    # difficp.solvers.weighted_procrustes, with the source's radius for the spreads.
+    offset = _norm3(q - p)
+    noise = _PROCRUSTES_NOISE * _EPS * (_norm3(center + p) + offset + radius) * (offset + radius)
+    if s[0] <= noise:  # coincident points: every rotation fits; the identity moves least
+        R = np.eye(3)
+    elif s[1] <= noise:  # collinear points: the smallest rotation taking v to u
+        R = _rotation_between(Vt[0].copy(), U[:, 0].copy())
+    else:
+        if np.linalg.det(U @ Vt) < 0:  # a reflection: flip the least significant direction
+            U[:, 2] = -U[:, 2]
+        R = U @ Vt
     out[:3, :3] = R
     out[:3, 3] = (q + center) - R @ (p + center)
 
 
+@njit(cache=True, error_model="numpy")
+def _norm3(v: np.ndarray) -> float:
+    return math.sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2])
+
+
+@njit(cache=True, error_model="numpy")
+def _small_rotation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    k = np.cross(a, b)
+    K = np.array([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
+    c = max(a[0] * b[0] + a[1] * b[1] + a[2] * b[2], 0.0)
+    return np.eye(3) + K + (K @ K) / (1.0 + c)
+
+
+@njit(cache=True, error_model="numpy")
+def _rotation_between(v: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """:func:`difficp.solvers.rotation_between` for unit vectors ``v``, ``u`` ``(3,)``."""
+    if v[0] * u[0] + v[1] * u[1] + v[2] * u[2] >= 0:
+        return _small_rotation(v, u)
+    axis = np.cross(v, u)
+    if _norm3(axis) <= _EPS:
+        other = np.zeros(3)
+        other[np.argmin(np.abs(v))] = 1.0
+        axis = np.cross(v, other)
+    axis = axis / _norm3(axis)
+    half_turn = 2.0 * np.outer(axis, axis) - np.eye(3)
+    # half_turn v is -v up to the rounding of the axis; the small rotation takes it to u
+    return _small_rotation(half_turn @ v, u) @ half_turn
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
 def _solve_updates(
-    sums: np.ndarray, center: np.ndarray, metric: int, procrustes: int, out: np.ndarray
+    sums: np.ndarray,
+    center: np.ndarray,
+    radius: np.ndarray,
+    far: np.ndarray,
+    metric: int,
+    procrustes: int,
+    out: np.ndarray,
 ) -> None:
-    """Every pair's ``(4, 4)`` update into ``out`` ``(B, 4, 4)`` from its sums."""
+    """Every pair's ``(4, 4)`` update into ``out`` ``(B, 4, 4)`` from its sums (accumulated about
+    ``center`` ``(B, 3)``; ``radius`` ``(B,)`` the source clouds' RMS radii; ``far`` ``(B,)``:
+    see :func:`difficp.solvers.linearization_pivot`)."""
     for b in prange(sums.shape[0]):
         A = np.empty((6, 6))
         x = np.empty(6)
         out[b] = np.eye(4)
         if procrustes == 1:
-            _procrustes_update(sums[b, MOMENTS : MOMENTS + 16], center[b], out[b])
+            _procrustes_update(sums[b, MOMENTS : MOMENTS + 16], center[b], radius[b], out[b])
             continue
         k = NORMAL_EQ
         for i in range(6):
@@ -545,7 +644,4 @@ def _solve_updates(
                 A[i, j] = A[j, i] = sums[b, k]
                 k += 1
         _solve_regularized(A, sums[b, NORMAL_EQ + 21 : NORMAL_EQ + 27], x)
-        if metric == 2:
-            _symmetric_update(x, out[b])
-        else:
-            _euler_update(x, out[b])
+        _centred_step_update(x, center[b], far[b], metric, out[b])

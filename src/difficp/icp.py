@@ -6,6 +6,7 @@ every correspondence) keeps its transform, by ``torch.where``, while the others 
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -21,10 +22,21 @@ from difficp.correspondence import (
     projective_correspondences,
     soft_correspondences,
 )
-from difficp.geometry import rotate_vectors, se3_exp, se3_log, transform_points
+from difficp.geometry import (
+    make_transform,
+    rotate_vectors,
+    se3_exp,
+    se3_log,
+    transform_points,
+)
 from difficp.inputs import Problem, prepare_problem
 from difficp.metrics import Metric, get_metric
-from difficp.solvers import gauss_newton_update, levenberg_marquardt_update, weighted_procrustes
+from difficp.solvers import (
+    gauss_newton_update,
+    levenberg_marquardt_update,
+    linearization_pivot,
+    weighted_procrustes,
+)
 from difficp.weighting import correspondence_weights, inlier_statistics, robust_weights
 
 if TYPE_CHECKING:
@@ -152,7 +164,10 @@ def weigh(
     if config.robust_kernel is not None:
         residual = metric.residuals(moved, moved_normals, corr).norm(dim=-1)
         w = w * robust_weights(residual, config.robust_kernel, config.kernel_scale)
-    return w
+    # Weights that underflowed to subnormals (a sigmoid far past its threshold) count as 0:
+    # whether they do otherwise depends on how the exponential rounds (the compiled path's
+    # does not underflow where torch.sigmoid does), and 3 of them would make a step.
+    return torch.where(w >= torch.finfo(w.dtype).tiny, w, torch.zeros_like(w))
 
 
 def solve(
@@ -163,17 +178,41 @@ def solve(
     moved_normals: Tensor | None,
     weights: Tensor,
     damping: Tensor,
+    center: Tensor | None = None,
+    far: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Step 5: the ``(B, 4, 4)`` update to left-multiply onto the transform, and new LM damping."""
+    """Step 5: the ``(B, 4, 4)`` update to left-multiply onto the transform, and new LM damping.
+
+    ``center`` ``(B, 3)`` / ``far`` ``(B,)``: where the linearised solvers centre their normal
+    equations and which pairs rotate about it (:func:`difficp.solvers.gauss_newton_update`).
+    """
     solver = config.resolved_solver
     if solver == "svd":
         return weighted_procrustes(moved, corr.points, weights), damping
     if solver == "linear":
-        return gauss_newton_update(metric, moved, moved_normals, corr, weights)[0], damping
+        update = gauss_newton_update(
+            metric, moved, moved_normals, corr, weights, center=center, far=far
+        )[0]
+        return update, damping
     update, damping, _ = levenberg_marquardt_update(
-        metric, moved, moved_normals, corr, weights, damping, config.lm_steps
+        metric, moved, moved_normals, corr, weights, damping, config.lm_steps, center, far
     )
     return update, damping
+
+
+def orthonormalize(transform: Tensor) -> Tensor:
+    """``transform`` ``(B, 4, 4)`` with its rotation block pulled back onto SO(3).
+
+    Composing thousands of updates lets rounding drift the rotation off SO(3) (float32:
+    orthonormality error 1e-4 after 1000 iterations). One Newton-Schulz step of the polar
+    decomposition, ``R <- R (3 I - R^T R) / 2``, squares the error each iteration, so it never
+    builds up; it is differentiable, costs two 3x3 products, and moves an orthonormal float64
+    rotation only by rounding (Open3D parity is unchanged).
+    """
+    R = transform[..., :3, :3]
+    eye = torch.eye(3, dtype=R.dtype, device=R.device)
+    R = 0.5 * R @ (3 * eye - R.transpose(-1, -2) @ R)
+    return make_transform(R, transform[..., :3, 3])
 
 
 def _where(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -189,6 +228,10 @@ class ReferenceSteps:
         self.config = config
         self.metric = get_metric(config.metric)
         self.dtype = problem.source.dtype
+        self.mask = problem.source_mask[..., None].to(self.dtype)
+        self.count = problem.source_counts.clamp_min(1)[:, None].to(self.dtype)
+        with torch.no_grad():
+            self.radius = source_radius(problem)
 
     def evaluate(self, transform: Tensor, active: Tensor) -> tuple[Tensor, Tensor, Any]:
         """Correspondences at ``transform``: fitness ``(B,)``, RMSE ``(B,)``, state for :meth:`step`."""
@@ -203,15 +246,34 @@ class ReferenceSteps:
         corr, moved, moved_n = state
         w = weigh(self.config, self.metric, corr, moved, moved_n)
         enough = ((w.detach() > 0) & corr.valid).sum(1) >= MIN_CORRESPONDENCES
-        update, damping = solve(self.config, self.metric, corr, moved, moved_n, w, damping)
+        center = (moved * self.mask).sum(1) / self.count
+        far = linearization_pivot(center, self.radius)
+        update, damping = solve(
+            self.config, self.metric, corr, moved, moved_n, w, damping, center, far
+        )
         return update, damping, enough
 
 
+def source_radius(problem: Problem) -> Tensor:
+    """``(B,)`` RMS distance of each source cloud's real points from their centroid (a rigid
+    motion leaves it unchanged)."""
+    mask = problem.source_mask[..., None].to(problem.source.dtype)
+    count = problem.source_counts.clamp_min(1)[:, None].to(problem.source.dtype)
+    source = problem.source.detach()
+    mean = (source * mask).sum(1) / count
+    return ((((source - mean[:, None]) ** 2) * mask).sum((1, 2)) / count[:, 0]).sqrt()
+
+
 def run_loop(
-    steps: ReferenceSteps | FusedSteps, init: Tensor, config: ICPConfig
+    steps: ReferenceSteps | FusedSteps,
+    init: Tensor,
+    config: ICPConfig,
+    rmse_tolerance: Tensor | None = None,
 ) -> tuple[ICPResult, Tensor]:
     """The iterations, with Open3D's stopping rule per pair. Returns the batched result (in the
-    dtype of ``steps``) and the final LM damping."""
+    dtype of ``steps``) and the final LM damping. ``rmse_tolerance`` ``(B,)``: the RMSE change
+    below which a pair may stop (default ``config.relative_rmse``; see :func:`rmse_tolerance`).
+    """
     B = init.shape[0]
     device = init.device
     T = init.to(steps.dtype)
@@ -221,13 +283,16 @@ def run_loop(
     converged = torch.zeros(B, dtype=torch.bool, device=device)
     iterations = torch.zeros(B, dtype=torch.long, device=device)
     damping = torch.full((B,), config.lm_damping, dtype=T.dtype, device=device)
+    tolerance = torch.full((B,), config.relative_rmse, dtype=rmse.dtype, device=device)
+    if rmse_tolerance is not None:
+        tolerance = rmse_tolerance.to(dtype=rmse.dtype, device=device)
     for _ in range(config.max_iterations):
         update, new_damping, enough = steps.step(state, damping)
         # A pair with too few weighted correspondences stops here with its last good transform.
         active = active & enough
         # Applied before the exit test: when every pair has just been lost, T stays an output of
         # this step's graph (with zero gradient through it), so backward() still works.
-        T = _where(active, update @ T, T)
+        T = _where(active, orthonormalize(update @ T), T)
         if not bool(active.any()):
             break
         damping = torch.where(active, new_damping, damping)
@@ -236,7 +301,7 @@ def run_loop(
         done = (
             active
             & ((new_fitness - fitness).abs() < config.relative_fitness)
-            & ((new_rmse - rmse).abs() < config.relative_rmse)
+            & ((new_rmse - rmse).abs() < tolerance)
         )
         fitness = torch.where(active, new_fitness, fitness)
         rmse = torch.where(active, new_rmse, rmse)
@@ -254,6 +319,34 @@ def run_loop(
         rmse_history=torch.stack(history, dim=1) if config.return_history else None,
     )
     return result, damping
+
+
+# Absolute RMSE criteria above this fraction of a cloud's RMS radius are coarse (warned).
+COARSE_CRITERIA = 1e-2
+
+
+def rmse_tolerance(problem: Problem, config: ICPConfig) -> Tensor:
+    """``(B,)`` the inlier-RMSE change below which each pair may stop.
+
+    ``criteria_scale="absolute"``: ``relative_rmse`` (Open3D's), with a warning when that is
+    coarser than ``COARSE_CRITERIA`` of a source cloud's RMS radius (tiny clouds would stop
+    after a step or two, reporting convergence). ``"relative"``: ``relative_rmse`` times the
+    radius.
+    """
+    with torch.no_grad():
+        radius = source_radius(problem)
+    if config.criteria_scale == "relative":
+        return config.relative_rmse * radius
+    if config.relative_rmse > 0 and bool((config.relative_rmse > COARSE_CRITERIA * radius).any()):
+        smallest = float(radius.min())
+        warnings.warn(
+            f"ICPConfig.relative_rmse={config.relative_rmse:g} is coarse for a source cloud of "
+            f"RMS radius {smallest:.3g} (the criteria are absolute, as in Open3D), so ICP may "
+            "stop after a step or two; pass criteria_scale='relative' (the RMSE change is then "
+            "divided by the cloud's radius) or a smaller relative_rmse",
+            stacklevel=3,
+        )
+    return torch.full_like(radius, config.relative_rmse)
 
 
 def _implicit_transform(
@@ -422,9 +515,10 @@ def icp(
         )
         loop_needs_grad = config.differentiation == "unroll" and _requires_grad(problem, config)
         steps = _choose_steps(problem, config, search_backend, loop_needs_grad)
+        tolerance = rmse_tolerance(problem, config)
         if config.differentiation == "implicit":
             with torch.no_grad():
-                result, damping = run_loop(steps, problem.init, config)
+                result, damping = run_loop(steps, problem.init, config, tolerance)
             result.transform = _implicit_transform(
                 problem,
                 config,
@@ -432,7 +526,7 @@ def icp(
                 damping.to(problem.source.dtype),
             )
         else:
-            result, _ = run_loop(steps, problem.init, config)
+            result, _ = run_loop(steps, problem.init, config, tolerance)
     result = result.to(problem.result_dtype or problem.source.dtype)
     return result._squeeze() if problem.unbatched else result
 

@@ -94,6 +94,25 @@ def _check_finite(name: str, value: Tensor) -> None:
         raise ValueError(f"{name} contains NaN or inf values; remove or replace them before ICP")
 
 
+# Squared distances and the normal equations (sums of squares over many points) must not
+# overflow: coordinates are refused above sqrt(largest float) / this margin.
+OVERFLOW_MARGIN = 1e4
+
+
+def _check_magnitude(name: str, value: Tensor) -> None:
+    if value.dtype not in (torch.float32, torch.float64) or value.numel() == 0:
+        return
+    limit = torch.finfo(value.dtype).max ** 0.5 / OVERFLOW_MARGIN
+    largest = float(value.detach().abs().amax())
+    if largest > limit:
+        hint = " or use float64" if value.dtype == torch.float32 else ""
+        raise ValueError(
+            f"{name} has coordinates up to {largest:.3g}, which overflow {value.dtype} when "
+            f"squared (limit {limit:.3g}); rescale the clouds (divide source and target by a "
+            f"common factor, then multiply the result's translation by it){hint}"
+        )
+
+
 def _batched_points(name: str, value: object) -> tuple[Tensor, bool]:
     t = _as_float_tensor(name, value)
     if t.dim() not in (2, 3) or t.shape[-1] != 3:
@@ -101,6 +120,7 @@ def _batched_points(name: str, value: object) -> tuple[Tensor, bool]:
     if t.shape[-2] == 0 or (t.dim() == 3 and t.shape[0] == 0):
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); ICP needs at least 3 points")
     _check_finite(name, t)
+    _check_magnitude(name, t)
     return (t[None], True) if t.dim() == 2 else (t, False)
 
 

@@ -54,30 +54,49 @@ def lu_solve(A: Tensor, b: Tensor) -> Tensor:
 def regularize(A: Tensor) -> tuple[Tensor, Tensor]:
     """Make normal matrices ``(B, 6, 6)`` safely invertible.
 
-    Adds ``eps * trace/6`` to the diagonal (eps = dtype epsilon): invisible for well-posed
-    systems, so steps match Open3D's. A numerically rank-deficient system (a plane under
-    point_to_plane, a line under point_to_point: the LU of the Jacobi-scaled matrix has a pivot
-    below ``eps^(3/4)``) would then step by rounding noise / jitter in its null space, as far as
-    the real step; it gets ``sqrt(eps) * trace/6`` instead, which keeps that component ~1e-8 of
-    the step (close to the minimum-norm step; a diagonal-scaled damping would not be: it trades
-    cheap null-space motion for the expensive coordinates). Pairs with an all-zero matrix get
-    the identity. Returns the matrix and a ``(B,)`` bool of the pairs with a usable system.
+    Adds ``eps`` times the mean diagonal of its block (rotation, translation) to each diagonal
+    entry (eps = dtype epsilon): invisible for well-posed systems, so steps match Open3D's. Per
+    block, because the two have different units: at 1e-5 units the rotation block is 1e-10 of
+    the translation block, and a jitter from the whole trace would swamp it (float32 steps
+    then lost the rotation).
+
+    A numerically rank-deficient system (a plane under point_to_plane, a line under
+    point_to_point, every point matched to one target point: the LU of the Jacobi-scaled
+    matrix has a pivot below ``eps^(3/4)``) would step by rounding noise in its null space, as
+    far as the real step, and differently for every summation order. Its null space (the
+    eigenvectors of the Jacobi-scaled matrix below ``sqrt(eps)``) gets a unit eigenvalue
+    instead: the step there is 0 to rounding (the minimum-norm step in units of the cloud's
+    size), while the determined components are untouched. The eigenvectors are not
+    differentiated (the projector is held fixed); pairs with an all-zero matrix get the
+    identity. Returns the matrix and a ``(B,)`` bool of the pairs with a usable system.
     """
     n = A.shape[-1]
     info = torch.finfo(A.dtype)
-    trace = A.diagonal(dim1=-2, dim2=-1).sum(-1)
+    diagonal = A.diagonal(dim1=-2, dim2=-1)
+    trace = diagonal.sum(-1)
     usable = trace > info.tiny
     eye = torch.eye(n, dtype=A.dtype, device=A.device)
     # Rank test on the Jacobi-scaled matrix, so that units (rotation vs translation) and the
     # distance of the cloud from the origin do not look like rank loss.
-    scale = A.detach().diagonal(dim1=-2, dim2=-1).clamp_min(info.tiny).rsqrt()
-    scaled = A.detach() * scale[:, :, None] * scale[:, None, :]
+    root = A.detach().diagonal(dim1=-2, dim2=-1).clamp_min(info.tiny).sqrt()
+    scaled = A.detach() / (root[:, :, None] * root[:, None, :])
     LU, _, failed = torch.linalg.lu_factor_ex(scaled)
     smallest_pivot = LU.diagonal(dim1=-2, dim2=-1).abs().amin(-1)
     deficient = (failed != 0) | (smallest_pivot < info.eps**0.75)
-    relative = torch.where(deficient, info.eps**0.5, info.eps).to(A.dtype)
-    jitter = (relative * trace / n).clamp_min(info.tiny)
-    A = A + jitter[:, None, None] * eye
+    half = n // 2
+    block_mean = torch.cat(
+        [
+            diagonal[:, :half].mean(-1, keepdim=True).expand(-1, half),
+            diagonal[:, half:].mean(-1, keepdim=True).expand(-1, n - half),
+        ],
+        dim=-1,
+    )
+    A = A + torch.diag_embed((info.eps * block_mean).clamp_min(info.tiny))
+    if bool((deficient & usable).any()):
+        values, vectors = torch.linalg.eigh(scaled)
+        null = ((values <= info.eps**0.5) & deficient[:, None]).to(A.dtype)
+        projector = (vectors * null[:, None, :]) @ vectors.transpose(-1, -2)
+        A = A + root[:, :, None] * projector * root[:, None, :]
     return torch.where(usable[:, None, None], A, eye.expand_as(A)), usable
 
 
@@ -97,6 +116,11 @@ def weighted_procrustes(
     makes the exact derivative blow up through ``1 / (s_i + s_j)`` terms; roma replaces each by
     the damped pseudo-inverse ``t / (t^2 + eps^2)``, bounded by ``1 / (2 eps)``, so gradients stay
     finite. The rotation itself is exact (undamped) in the forward pass.
+
+    Where every rotation about a line fits equally well (collinear points: ``H`` of rank one)
+    or every rotation does (all points identical: ``H = 0``, to rounding), the SVD would pick
+    one at random; we return the one closest to the identity (minimal motion): the smallest
+    rotation taking the source line onto the target line, or the identity.
     """
     w = weights[..., None]
     total = w.sum(1, keepdim=True).clamp_min(torch.finfo(source.dtype).tiny)
@@ -104,8 +128,91 @@ def weighted_procrustes(
     q_mean = (w * target).sum(1, keepdim=True) / total
     H = ((w * (target - q_mean)).transpose(1, 2) @ (source - p_mean)) / total
     R = roma.special_procrustes(H, gradient_eps=gradient_eps, method="svd")
+    with torch.no_grad():
+        # Rounding error of H: its terms carry ~eps of coordinates as large as the means and
+        # of differences as large as the offset between them plus the spread.
+        spread = ((w * (source - p_mean) ** 2).sum((1, 2)) / total[:, 0, 0]).sqrt()
+        spread = spread + ((w * (target - q_mean) ** 2).sum((1, 2)) / total[:, 0, 0]).sqrt()
+        offset = (q_mean - p_mean)[:, 0].norm(dim=-1)
+        size = p_mean[:, 0].norm(dim=-1) + offset + spread
+        noise = PROCRUSTES_NOISE * torch.finfo(H.dtype).eps * size * (offset + spread)
+    R = minimal_motion_rotation(H, R, noise)
     t = q_mean[:, 0] - (R @ p_mean[:, 0, :, None])[..., 0]
     return make_transform(R, t)
+
+
+# Singular values of a cross-covariance below this many epsilons of its coordinates' size are
+# rounding noise (numerically collinear / coincident points).
+PROCRUSTES_NOISE = 100.0
+
+
+def minimal_motion_rotation(H: Tensor, R: Tensor, noise: Tensor) -> Tensor:
+    """``R`` ``(B, 3, 3)``, except where the cross-covariance ``H`` ``(B, 3, 3)`` leaves the
+    Procrustes rotation undetermined: singular values at or below ``noise`` ``(B,)``.
+
+    Rank one (``H ~ s u v^T``: collinear points), every rotation with ``R v = u`` maximises
+    ``trace(R^T H)``; we take the smallest one, about ``v x u``. Rank zero (coincident points):
+    the identity. Differentiable (finite gradients) in ``H``.
+    """
+    with torch.no_grad():
+        s = torch.linalg.svdvals(H)
+        zero = s[:, 0] <= noise
+        line = (s[:, 1] <= noise) & ~zero
+    if not bool((zero | line).any()):
+        return R
+    eye = torch.eye(3, dtype=R.dtype, device=R.device).expand_as(R)
+    if bool(line.any()):
+        # The column of H with the largest norm is s u v_j; H^T u then gives v (same sign).
+        column = H.detach().norm(dim=1).argmax(-1)
+        u = _unit(torch.gather(H, 2, column[:, None, None].expand(-1, 3, 1))[..., 0])
+        v = _unit((H.transpose(1, 2) @ u[..., None])[..., 0])
+        R = torch.where(line[:, None, None], rotation_between(v, u), R)
+    return torch.where(zero[:, None, None], eye, R)
+
+
+def _unit(v: Tensor) -> Tensor:
+    """``v`` ``(B, 3)`` normalised; a zero vector gives ``(1, 0, 0)`` (finite gradients)."""
+    n = v.norm(dim=-1, keepdim=True)
+    safe = torch.where(n > 0, n, torch.ones_like(n))
+    e = torch.zeros_like(v)
+    e[:, 0] = 1
+    return torch.where(n > 0, v / safe, e)
+
+
+def _skew3(k: Tensor) -> Tensor:
+    z = torch.zeros_like(k[:, 0])
+    x, y, w = k.unbind(-1)
+    rows = [torch.stack([z, -w, y], -1), torch.stack([w, z, -x], -1), torch.stack([-y, x, z], -1)]
+    return torch.stack(rows, -2)
+
+
+def rotation_between(v: Tensor, u: Tensor) -> Tensor:
+    """``(B, 3, 3)`` smallest rotation taking unit vectors ``v`` to ``u`` ``(B, 3)``.
+
+    ``I + K + K^2 / (1 + v.u)`` with ``K = [v x u]x``; for ``v.u < 0`` (where that loses
+    precision) the half-turn about ``v x u`` taking ``v`` to ``-v``, then the small rotation from
+    there to ``u``: the same rotation, well conditioned. Opposite vectors turn about an axis
+    perpendicular to ``v``.
+    """
+    eye = torch.eye(3, dtype=v.dtype, device=v.device).expand(v.shape[0], 3, 3)
+
+    def small(a: Tensor, b: Tensor) -> Tensor:
+        K = _skew3(torch.cross(a, b, dim=-1))
+        c = (a * b).sum(-1).clamp_min(0)
+        return eye + K + (K @ K) / (1 + c)[:, None, None]
+
+    # A half-turn axis: perpendicular to v, along v x u where that is defined.
+    least = v.detach().abs().argmin(-1)
+    other = torch.nn.functional.one_hot(least, 3).to(v.dtype)
+    axis = torch.cross(v, u, dim=-1)
+    fallback = torch.cross(v, other, dim=-1)
+    tiny = axis.detach().norm(dim=-1, keepdim=True) <= torch.finfo(v.dtype).eps
+    axis = _unit(torch.where(tiny, fallback, axis))
+    half_turn = 2 * axis[:, :, None] * axis[:, None, :] - eye
+    opposite = (v * u).sum(-1) < 0
+    # half_turn v is -v up to the rounding of the axis; the small rotation takes it to u
+    turned = (half_turn @ v[..., None])[..., 0]
+    return torch.where(opposite[:, None, None], small(turned, u) @ half_turn, small(v, u))
 
 
 def normal_equations(residuals: Tensor, jacobian: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
@@ -125,19 +232,81 @@ def gauss_newton_update(
     corr: Correspondences,
     weights: Tensor,
     damping: Tensor | None = None,
+    center: Tensor | None = None,
+    far: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One linearised step: solve ``(A + damping * diag(A)) x = -g`` and return the update.
 
-    Returns the ``(B, 4, 4)`` update (identity for pairs without a usable system) and a ``(B,)``
-    bool of the pairs whose system was usable.
+    The normal equations are formed in coordinates centred on ``center``: far from the origin
+    the uncentred ones lose every digit of the rotation (their rotation block grows like
+    ``|p|^2``). That is an exact change of variables of the same least-squares problem, so the
+    step is the same (Open3D's, which rotates about the world origin) up to rounding; only the
+    ``damping`` (LM) term acts on the centred diagonal. Pairs flagged ``far`` instead rotate
+    about ``center`` (see :func:`linearization_pivot`).
+
+    Args:
+        center: ``(B, 3)``; default: the centroid of the source points with positive weight.
+        far: ``(B,)`` bool; default: all False (rotate about the world origin).
+    Returns:
+        The ``(B, 4, 4)`` update (identity for pairs without a usable system) and a ``(B,)``
+        bool of the pairs whose system was usable.
     """
-    r = metric.residuals(source, source_normals, corr)
-    J = metric.jacobian(source, source_normals, corr)
+    if center is None:
+        center = positive_weight_centroid(source, weights)
+    c = center[:, None, :]
+    centred = Correspondences(corr.points - c, corr.normals, corr.valid, corr.distance)
+    r = metric.residuals(source - c, source_normals, centred)
+    J = metric.jacobian(source - c, source_normals, centred)
     A, g = normal_equations(r, J, weights)
     if damping is not None:
         A = A + damping[:, None, None] * torch.diag_embed(A.diagonal(dim1=-2, dim2=-1))
     step, usable = solve_normal_equations(A, g)
-    return metric.step_to_transform(step), usable
+    return _step_to_transform(metric, step, center, far), usable
+
+
+# A pair whose moved source centroid lies farther than this many RMS radii from the origin
+# rotates its linearised steps about that centroid (see linearization_pivot).
+FAR_FROM_ORIGIN = 10.0
+
+
+def linearization_pivot(centroid: Tensor, radius: Tensor) -> Tensor:
+    """``(B,)`` bool: the pair's linearised step rotates about its source centroid.
+
+    Open3D composes a linearised step ``(omega, v)`` as ``p -> R(omega) p + v``: a rotation
+    about the world origin, whose second-order error ``|omega|^2 |c| / 2`` grows with the
+    cloud's distance ``|c|`` from the origin (at 1e3 units a 3 degree step throws a unit cloud
+    off by 2.4 units, and Open3D ends 100 degrees off). We keep Open3D's step, and so its
+    iterates, for clouds within ``FAR_FROM_ORIGIN`` RMS radii of the origin, and rotate about
+    the centroid beyond: the same fixed points, and the same first-order step.
+
+    Args:
+        centroid: ``(B, 3)`` centroid of the moved source; radius: ``(B,)`` its RMS radius.
+    """
+    return centroid.detach().norm(dim=-1) > FAR_FROM_ORIGIN * radius.detach()
+
+
+def positive_weight_centroid(points: Tensor, weights: Tensor) -> Tensor:
+    """``(B, 3)`` mean of the points ``(B, N, 3)`` whose weight ``(B, N)`` is positive (0 if none)."""
+    mask = (weights.detach() > 0).to(points.dtype)
+    return (mask[..., None] * points).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+
+
+def _step_to_transform(metric: Metric, step: Tensor, center: Tensor, far: Tensor | None) -> Tensor:
+    """The ``(B, 4, 4)`` update of a ``(B, 6)`` step solved in coordinates centred on
+    ``center`` ``(B, 3)``: about the world origin, or about ``center`` where ``far``."""
+    # The same linearised residual in world coordinates has translation v - k (omega x c):
+    # (p - c) x n . omega = p x n . omega - n . (omega x c); the symmetric metric linearises
+    # about p + q, which moves by 2c (k = 2).
+    k = 2.0 if metric.name == "symmetric" else 1.0
+    omega = step[:, :3]
+    world = torch.cat([omega, step[:, 3:] - k * torch.cross(omega, center, dim=-1)], dim=-1)
+    update = metric.step_to_transform(world)
+    if far is None or not bool(far.any()):
+        return update
+    local = metric.step_to_transform(step)
+    R = local[:, :3, :3]
+    about_center = make_transform(R, local[:, :3, 3] + center - (R @ center[..., None])[..., 0])
+    return torch.where(far[:, None, None], about_center, update)
 
 
 def solve_normal_equations(A: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
@@ -179,6 +348,8 @@ def levenberg_marquardt_update(
     weights: Tensor,
     damping: Tensor,
     steps: int,
+    center: Tensor | None = None,
+    far: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``steps`` Levenberg-Marquardt steps with the correspondences and weights held fixed.
 
@@ -188,6 +359,7 @@ def levenberg_marquardt_update(
 
     Args:
         damping: ``(B,)`` current damping per pair (carried across ICP iterations).
+        center, far: as :func:`gauss_newton_update` (``center`` follows the accepted steps).
     Returns:
         The accumulated ``(B, 4, 4)`` update, the new damping ``(B,)``, and usable ``(B,)``.
     """
@@ -196,8 +368,10 @@ def levenberg_marquardt_update(
     p, n = source, source_normals
     cost = weighted_cost(metric, p, n, corr, weights)
     usable = torch.ones(B, dtype=torch.bool, device=source.device)
+    if center is None:
+        center = positive_weight_centroid(source, weights)
     for _ in range(steps):
-        delta, ok = gauss_newton_update(metric, p, n, corr, weights, damping)
+        delta, ok = gauss_newton_update(metric, p, n, corr, weights, damping, center, far)
         usable = usable & ok
         p_new = transform_points(p, delta)
         n_new = None if n is None else rotate_vectors(n, delta)
@@ -205,6 +379,9 @@ def levenberg_marquardt_update(
         accept = (new_cost.detach() < cost.detach()) & ok
         update = torch.where(accept[:, None, None], delta @ update, update)
         p = torch.where(accept[:, None, None], p_new, p)
+        center = torch.where(
+            accept[:, None], transform_points(center[:, None], delta)[:, 0], center
+        )
         if n is not None and n_new is not None:
             n = torch.where(accept[:, None, None], n_new, n)
         cost = torch.where(accept, new_cost, cost)
