@@ -180,10 +180,10 @@ def test_procrustes_recovers_rigid_motion():
     torch.testing.assert_close(t_est, t)
 
 
-def test_dcp_forward_shapes_and_v2_starts_as_v1():
+def test_dcp_forward_shapes_and_compact_v2_starts_as_v1():
     torch.manual_seed(0)
     v1 = DCP(pointer="identity").eval()
-    v2 = DCP(pointer="transformer").eval()
+    v2 = DCP(pointer="compact_transformer", ff_dims=256).eval()
     v2.load_state_dict(v1.state_dict(), strict=False)
     src, tgt = torch.randn(2, 40, 3), torch.randn(2, 48, 3)
     with torch.no_grad():
@@ -194,11 +194,114 @@ def test_dcp_forward_shapes_and_v2_starts_as_v1():
         R1 @ R1.transpose(1, 2), torch.eye(3).expand(2, 3, 3), atol=1e-5, rtol=0
     )
     assert torch.allclose(torch.linalg.det(R1), torch.ones(2), atol=1e-5)
-    # zero-initialised transformer output: DCP-v2 == DCP-v1 before training
+    # the legacy compact transformer's zero-initialised output: it starts as DCP-v1
     torch.testing.assert_close(R2, R1)
     torch.testing.assert_close(t2, t1)
     keys = set(v1.state_dict())
     assert {"emb_nn.conv1.weight", "emb_nn.bn5.running_var", "head.reflect"} <= keys
+
+
+def test_dcp_v2_transformer_has_the_papers_sizes_and_official_names():
+    model = DCP(pointer="transformer")
+    pointer = {k: v.shape for k, v in model.state_dict().items() if k.startswith("pointer.")}
+    # width 512, 4 heads, feed-forward 1024, one encoder and one decoder layer:
+    # 3 attentions (4 linears 512x512 + bias), 2 feed-forwards, 7 layer norms
+    attn, ff, norm = 4 * (512 * 512 + 512), 512 * 1024 + 1024 + 1024 * 512 + 512, 2 * 512
+    assert sum(s.numel() for s in pointer.values()) == 3 * attn + 2 * ff + 7 * norm == 5_259_264
+    enc, dec = "pointer.model.encoder.", "pointer.model.decoder."
+    assert pointer[enc + "layers.0.self_attn.linears.3.weight"] == (512, 512)
+    assert pointer[enc + "layers.0.feed_forward.w_1.weight"] == (1024, 512)
+    assert enc + "layers.0.sublayer.1.norm.a_2" in pointer and enc + "norm.b_2" in pointer
+    assert dec + "layers.0.src_attn.linears.0.bias" in pointer
+    assert dec + "layers.0.sublayer.2.norm.b_2" in pointer and dec + "norm.a_2" in pointer
+    assert not any("sublayer.3" in k or "layers.1" in k or "dropout" in k for k in pointer)
+
+
+def _reference_pointer(sd: dict, x: torch.Tensor, y: torch.Tensor, heads: int) -> torch.Tensor:
+    """DCP's encoder-decoder written out from the paper/official layout: encode ``x``, decode
+    ``y``; pre-norm residuals, layer norm ``a (v - mean) / (unbiased std + 1e-6) + b``."""
+
+    def ln(v, p):
+        return (
+            sd[p + "a_2"] * (v - v.mean(-1, keepdim=True)) / (v.std(-1, keepdim=True) + 1e-6)
+            + sd[p + "b_2"]
+        )
+
+    def lin(v, p):
+        return v @ sd[p + "weight"].T + sd[p + "bias"]
+
+    def attn(q, kv, p):
+        B, L, C = q.shape
+        d = C // heads
+        Q = lin(q, p + "linears.0.").view(B, L, heads, d).transpose(1, 2)
+        K = lin(kv, p + "linears.1.").view(B, -1, heads, d).transpose(1, 2)
+        V = lin(kv, p + "linears.2.").view(B, -1, heads, d).transpose(1, 2)
+        w = torch.softmax(Q @ K.transpose(-1, -2) / math.sqrt(d), dim=-1)
+        return lin((w @ V).transpose(1, 2).reshape(B, L, C), p + "linears.3.")
+
+    def ff(v, p):
+        return lin(torch.relu(lin(v, p + "w_1.")), p + "w_2.")
+
+    e, dd = "model.encoder.layers.0.", "model.decoder.layers.0."
+    h = ln(x, e + "sublayer.0.norm.")
+    m = x + attn(h, h, e + "self_attn.")
+    m = m + ff(ln(m, e + "sublayer.1.norm."), e + "feed_forward.")
+    m = ln(m, "model.encoder.norm.")
+    h = ln(y, dd + "sublayer.0.norm.")
+    z = y + attn(h, h, dd + "self_attn.")
+    z = z + attn(ln(z, dd + "sublayer.1.norm."), m, dd + "src_attn.")
+    z = z + ff(ln(z, dd + "sublayer.2.norm."), dd + "feed_forward.")
+    return ln(z, "model.decoder.norm.")
+
+
+def test_dcp_v2_transformer_matches_the_written_out_layout():
+    from difficp.learning.dcp import Transformer
+
+    torch.manual_seed(0)
+    tr = Transformer(emb_dims=16, n_blocks=1, n_heads=4, ff_dims=24).double()
+    with torch.no_grad():  # non-trivial norms, so that gain/bias placement matters
+        for name, p in tr.named_parameters():
+            if name.endswith(("a_2", "b_2")):
+                p.add_(0.3 * torch.randn_like(p))
+    sd = {k: v for k, v in tr.state_dict().items()}
+    src, tgt = (
+        torch.randn(2, 16, 7, dtype=torch.float64),
+        torch.randn(2, 16, 9, dtype=torch.float64),
+    )
+    src_p, tgt_p = tr(src, tgt)
+    ref_tgt = _reference_pointer(sd, src.transpose(1, 2), tgt.transpose(1, 2), 4)
+    ref_src = _reference_pointer(sd, tgt.transpose(1, 2), src.transpose(1, 2), 4)
+    torch.testing.assert_close(tgt_p, ref_tgt.transpose(1, 2))
+    torch.testing.assert_close(src_p, ref_src.transpose(1, 2))
+
+
+def test_dcp_loss_is_the_official_mean_squared_error_and_cycle_term():
+    from difficp.learning.dcp import cycle_loss, dcp_loss
+
+    R_gt = torch.from_numpy(euler_xyz_to_matrix(np.array([0.3, -0.2, 0.5])))[None]
+    R = torch.from_numpy(euler_xyz_to_matrix(np.array([0.25, -0.1, 0.55])))[None]
+    t, t_gt = torch.tensor([[0.1, 0.2, 0.3]]), torch.tensor([[0.0, 0.25, 0.1]])
+    by_hand = ((R[0].T @ R_gt[0] - torch.eye(3, dtype=R.dtype)) ** 2).sum() / 9 + (
+        (t - t_gt) ** 2
+    ).sum() / 3
+    torch.testing.assert_close(dcp_loss(R, t.double(), R_gt, t_gt.double()), by_hand.double())
+    # the cycle term vanishes for R_ba = R_ab^T with the official translation term
+    R_ba = R.transpose(1, 2)
+    t_ba = -(R @ t.double()[..., None])[..., 0]
+    assert float(cycle_loss(R, t.double(), R_ba, t_ba)) < 1e-24
+    assert float(cycle_loss(R, t.double(), R_ba, -t_ba)) > 0.01
+
+
+def test_legacy_compact_checkpoint_still_loads():
+    from pathlib import Path
+
+    from difficp.learning.dcp import CompactTransformer, load_dcp_checkpoint
+
+    path = Path(__file__).resolve().parents[2] / "results" / "modelnet" / "dcp_v2.pt"
+    if not path.is_file():
+        pytest.skip("no committed legacy checkpoint")
+    model = load_dcp_checkpoint(path)
+    assert isinstance(model.pointer, CompactTransformer)
 
 
 def test_se3_exp_matches_matrix_exponential():

@@ -28,14 +28,19 @@ def clean_batch(data_dir):
     assert pts.shape == (908, 1024, 3)
     ds = ModelNetPairs(pts, labels, "clean")
     items = [ds[i] for i in range(6)]
-    return {k: torch.stack([it[k] for it in items])
-            for k in ("source", "target", "rotation", "translation")}
+    return {
+        k: torch.stack([it[k] for it in items])
+        for k in ("source", "target", "rotation", "translation")
+    }
 
 
 def _errors(R, t, batch):
-    return isotropic_errors(R.double().numpy(), t.double().numpy(),
-                            batch["rotation"].double().numpy(),
-                            batch["translation"].double().numpy())
+    return isotropic_errors(
+        R.double().numpy(),
+        t.double().numpy(),
+        batch["rotation"].double().numpy(),
+        batch["translation"].double().numpy(),
+    )
 
 
 def test_dcp_v1_official_weights_load_strictly_and_register(data_dir, clean_batch):
@@ -61,20 +66,35 @@ def test_pointnetlk_weights_load_strictly_and_register(data_dir, clean_batch):
     assert np.median(rot) < 5.0
 
 
-def test_dcp_v2_training_step_checkpoint_and_resume(data_dir, tmp_path):
-    from difficp.learning.dcp import DCP, load_dcp_checkpoint
-    from difficp.learning.train_dcp import TrainConfig, state_path, train
+def test_dcp_v2_training_from_v1_weights_checkpoint_and_resume(data_dir, tmp_path):
+    from difficp.learning.dcp import DCP, Transformer, load_dcp_checkpoint, load_dcp_v1
+    from difficp.learning.train_dcp import TrainConfig, best_path, state_path, train
 
     out = tmp_path / "v2.pt"
-    cfg = TrainConfig(data_dir=str(data_dir), out=str(out), epochs=1, batch_size=2,
-                      num_points=64, limit_shapes=4, save_every=1)
-    train(cfg)
+    # 6 shapes: 1 for validation, 5 for training = 2 steps of 2 per epoch
+    cfg = TrainConfig(
+        data_dir=str(data_dir),
+        out=str(out),
+        epochs=1,
+        batch_size=2,
+        num_points=64,
+        limit_shapes=6,
+        val_pairs=1,
+        save_every=1,
+    )
+    assert train(cfg) == out
     model = load_dcp_checkpoint(out)
-    assert isinstance(model, DCP) and model.pointer is not None
+    assert isinstance(model, DCP) and isinstance(model.pointer, Transformer)
+    assert isinstance(load_dcp_checkpoint(best_path(out)), DCP)
     progress = torch.load(state_path(out), weights_only=True)["progress"]
     assert progress["steps"] == 2 and progress["epoch"] == 1
-    # the transformer moved away from its zero start; the frozen DGCNN did not
-    assert model.pointer.proj_out.weight.abs().max() > 0
+    assert progress["best_val_rmse_r"] is not None
+    # the DGCNN started from DCP-v1 and was trained (weights and BatchNorm statistics moved)
+    v1 = load_dcp_v1(data_dir / "weights" / "dcp_v1.t7").state_dict()
+    state = torch.load(state_path(out), weights_only=True)["model"]
+    for key in ("emb_nn.conv1.weight", "emb_nn.bn5.running_mean"):
+        assert not torch.equal(state[key], v1[key])
+        assert (state[key] - v1[key]).abs().max() < 0.1 * v1[key].abs().max()
     cfg2 = TrainConfig(**{**cfg.__dict__, "epochs": 2})
     train(cfg2, resume=True)
     assert torch.load(state_path(out), weights_only=True)["progress"]["steps"] == 4

@@ -1,7 +1,9 @@
 """Deep Closest Point (Wang & Solomon, ICCV 2019): DGCNN embedding, optional transformer, SVD head.
 
 DCP-v1 = DGCNN + identity pointer + SVD head; DCP-v2 adds the transformer "pointer" that lets each
-cloud's embedding attend to the other's. Module and parameter names follow the official
+cloud's embedding attend to the other's (:class:`Transformer`, the paper's sizes and the official
+code's layout: width 512, 4 heads, feed-forward 1024, one encoder and one decoder layer, pre-norm
+residuals, no dropout; about 5.26 M parameters on top of DCP-v1's 0.31 M). Module and parameter names follow the official
 checkpoint (``emb_nn.conv1..conv5``, ``emb_nn.bn1..bn5``, ``head.reflect``), so
 ``DCP(pointer="identity").load_state_dict(torch.load("dcp_v1.t7"), strict=True)`` works.
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -74,8 +77,161 @@ class DGCNN(nn.Module):
         return F.relu(self.bn5(self.conv5(h))).view(B, -1, N)
 
 
+class DCPLayerNorm(nn.Module):
+    """DCP's layer norm: ``a_2 * (x - mean) / (std + eps) + b_2`` over the last dimension.
+
+    Not :class:`torch.nn.LayerNorm`: the official code divides by the *unbiased* standard
+    deviation plus ``eps`` (not by ``sqrt(var + eps)``), and names its gain/bias ``a_2``/``b_2``.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.a_2 = nn.Parameter(torch.ones(dim))
+        self.b_2 = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean = x.mean(dim=-1, keepdim=True)
+        std = x.std(dim=-1, keepdim=True)
+        return self.a_2 * (x - mean) / (std + self.eps) + self.b_2
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head scaled dot-product attention, ``linears`` = (query, key, value, output).
+
+    Inputs ``(B, L, C)`` / ``(B, S, C)``; output ``(B, L, C)``. No dropout (the official model
+    builds none: its ``--dropout`` option is never wired into the attention).
+    """
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"embedding width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.linears = nn.ModuleList([nn.Linear(dim, dim) for _ in range(4)])
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        B, L, C = query.shape
+        q, k, v = (
+            lin(x).view(B, -1, self.heads, C // self.heads).transpose(1, 2)
+            for lin, x in zip(self.linears, (query, key, value), strict=False)
+        )
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d_head)) v
+        return self.linears[3](out.transpose(1, 2).reshape(B, L, C))
+
+
+class FeedForward(nn.Module):
+    """Position-wise ``w_2(relu(w_1(x)))``, ``(B, L, C) -> (B, L, C)``."""
+
+    def __init__(self, dim: int, ff_dims: int) -> None:
+        super().__init__()
+        self.w_1 = nn.Linear(dim, ff_dims)
+        self.w_2 = nn.Linear(ff_dims, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w_2(F.relu(self.w_1(x)))
+
+
+class Sublayer(nn.Module):
+    """Pre-norm residual connection ``x + f(norm(x))`` (the official layout; no dropout)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = DCPLayerNorm(dim)
+
+    def forward(self, x: Tensor, f: Callable[[Tensor], Tensor]) -> Tensor:
+        return x + f(self.norm(x))
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention then feed-forward, each in a :class:`Sublayer`."""
+
+    def __init__(self, dim: int, heads: int, ff_dims: int) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(dim, heads)
+        self.feed_forward = FeedForward(dim, ff_dims)
+        self.sublayer = nn.ModuleList([Sublayer(dim) for _ in range(2)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.sublayer[0](x, lambda h: self.self_attn(h, h, h))
+        return self.sublayer[1](x, self.feed_forward)
+
+
+class DecoderLayer(nn.Module):
+    """Self-attention, attention to the encoder's memory, feed-forward (three sublayers)."""
+
+    def __init__(self, dim: int, heads: int, ff_dims: int) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(dim, heads)
+        self.src_attn = MultiHeadAttention(dim, heads)
+        self.feed_forward = FeedForward(dim, ff_dims)
+        self.sublayer = nn.ModuleList([Sublayer(dim) for _ in range(3)])
+
+    def forward(self, x: Tensor, memory: Tensor) -> Tensor:
+        x = self.sublayer[0](x, lambda h: self.self_attn(h, h, h))
+        x = self.sublayer[1](x, lambda h: self.src_attn(h, memory, memory))
+        return self.sublayer[2](x, self.feed_forward)
+
+
+class _Stack(nn.Module):
+    """``layers`` then a final :class:`DCPLayerNorm` (``norm``)."""
+
+    def __init__(self, layers: list[nn.Module], dim: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.norm = DCPLayerNorm(dim)
+
+
+class _EncoderDecoder(nn.Module):
+    def __init__(self, dim: int, n_blocks: int, heads: int, ff_dims: int) -> None:
+        super().__init__()
+        self.encoder = _Stack([EncoderLayer(dim, heads, ff_dims) for _ in range(n_blocks)], dim)
+        self.decoder = _Stack([DecoderLayer(dim, heads, ff_dims) for _ in range(n_blocks)], dim)
+
+    def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
+        """Encode ``src`` ``(B, N, C)``, decode ``tgt`` ``(B, M, C)`` against it -> ``(B, M, C)``."""
+        memory = src
+        for layer in self.encoder.layers:
+            memory = layer(memory)
+        memory = self.encoder.norm(memory)
+        x = tgt
+        for layer in self.decoder.layers:
+            x = layer(x, memory)
+        return self.decoder.norm(x)
+
+
+class Transformer(nn.Module):
+    """DCP-v2's attention "pointer", as in the paper and the official code.
+
+    One encoder-decoder (``n_blocks`` encoder and decoder layers, width ``emb_dims``, ``n_heads``
+    heads, feed-forward ``ff_dims``; DCP: 512, 1, 4, 1024), shared by both directions:
+    ``tgt_p = decode(tgt | encode(src))`` and ``src_p = decode(src | encode(tgt))``. Pre-norm
+    residual sublayers, a final layer norm on each stack, no dropout, no positional encoding.
+    :class:`DCP` adds the outputs to the embeddings (``src_emb + src_p``).
+
+    Parameter names follow the official module tree (``model.encoder.layers.0.self_attn.
+    linears.0.weight``, ``...sublayer.0.norm.a_2``, ``model.decoder.norm.b_2``, ...), so a state
+    dict saved by the official code should load strictly (not tested: its DCP-v2 weights are not
+    available here).
+
+    ``forward(src_emb (B, C, N), tgt_emb (B, C, M))`` -> ``(src_p (B, C, N), tgt_p (B, C, M))``.
+    """
+
+    def __init__(
+        self, emb_dims: int = 512, n_blocks: int = 1, n_heads: int = 4, ff_dims: int = 1024
+    ) -> None:
+        super().__init__()
+        self.model = _EncoderDecoder(emb_dims, n_blocks, n_heads, ff_dims)
+
+    def forward(self, src_emb: Tensor, tgt_emb: Tensor) -> tuple[Tensor, Tensor]:
+        src, tgt = src_emb.transpose(1, 2), tgt_emb.transpose(1, 2)
+        tgt_p = self.model(src, tgt)
+        src_p = self.model(tgt, src)
+        return src_p.transpose(1, 2), tgt_p.transpose(1, 2)
+
+
 class _Block(nn.Module):
-    """Pre-norm residual block: self-attention, optional cross-attention, feed-forward."""
+    """Pre-norm residual block of :class:`CompactTransformer` (legacy)."""
 
     def __init__(self, dim: int, heads: int, ff_dims: int, cross: bool) -> None:
         super().__init__()
@@ -95,18 +251,13 @@ class _Block(nn.Module):
         return x + self.ff(self.norm_ff(x))
 
 
-class Transformer(nn.Module):
-    """DCP-v2's attention "pointer": an encoder-decoder shared by both directions.
+class CompactTransformer(nn.Module):
+    """Legacy, *not* DCP's: the narrow pointer of the first CPU "DCP-v2" (kept so that its
+    checkpoints, whose config has ``model_dims``, still load).
 
-    ``forward(src_emb, tgt_emb)`` with ``(B, C, N)`` / ``(B, C, M)`` embeddings returns the
-    residuals ``(src_p, tgt_p)`` of the same shapes: ``tgt_p`` decodes the target with the
-    encoded source as memory, ``src_p`` the other way round.
-
-    Departure from the paper, for a CPU budget: attention runs at width ``model_dims`` (default
-    128, the paper uses the full 512) between a linear projection in and out; with ``model_dims ==
-    emb_dims`` and ``ff_dims=1024`` it is the paper's size (about 16x the compute). The output
-    projection starts at zero, so a fresh transformer adds nothing: DCP-v2 then starts exactly as
-    the DCP-v1 it is built on.
+    Attention at width ``model_dims`` between linear projections in and out, torch's layer norm,
+    and a zero-initialised output projection (a fresh one adds nothing to the embeddings).
+    Same call signature as :class:`Transformer`.
     """
 
     def __init__(
@@ -189,11 +340,15 @@ def procrustes(src: Tensor, dst: Tensor, reflect: Tensor | None = None) -> tuple
     return R, t
 
 
+POINTERS = ("identity", "transformer", "compact_transformer")
+
+
 class DCP(nn.Module):
     """Deep Closest Point. ``pointer="identity"`` is DCP-v1, ``"transformer"`` DCP-v2.
 
-    ``forward(source (B, N, 3), target (B, M, 3))`` returns ``(R (B, 3, 3), t (B, 3))`` with
-    ``target ~ source @ R.T + t``.
+    ``"compact_transformer"`` is the legacy narrow pointer (:class:`CompactTransformer`; only
+    ``model_dims`` applies to it). ``forward(source (B, N, 3), target (B, M, 3))`` returns
+    ``(R (B, 3, 3), t (B, 3))`` with ``target ~ source @ R.T + t``.
     """
 
     def __init__(
@@ -203,18 +358,18 @@ class DCP(nn.Module):
         pointer: str = "identity",
         n_blocks: int = 1,
         n_heads: int = 4,
-        ff_dims: int = 256,
+        ff_dims: int = 1024,
         model_dims: int = 128,
     ) -> None:
         super().__init__()
-        if pointer not in ("identity", "transformer"):
-            raise ValueError(f"pointer must be 'identity' or 'transformer', got {pointer!r}")
+        if pointer not in POINTERS:
+            raise ValueError(f"pointer must be one of {POINTERS}, got {pointer!r}")
         self.emb_nn = DGCNN(emb_dims=emb_dims, k=k)
-        self.pointer = (
-            Transformer(emb_dims, n_blocks, n_heads, ff_dims, model_dims)
-            if pointer == "transformer"
-            else None
-        )
+        self.pointer: nn.Module | None = None
+        if pointer == "transformer":
+            self.pointer = Transformer(emb_dims, n_blocks, n_heads, ff_dims)
+        elif pointer == "compact_transformer":
+            self.pointer = CompactTransformer(emb_dims, n_blocks, n_heads, ff_dims, model_dims)
         self.head = SVDHead()
 
     def embed(self, source: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -230,12 +385,36 @@ class DCP(nn.Module):
         src_emb, tgt_emb = self.embed(source, target)
         return self.head(src_emb, tgt_emb, source, target)
 
+    def forward_both(self, source: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(R_ab, t_ab, R_ba, t_ba)``: source->target and, from the same embeddings, the SVD
+        head run the other way (target->source), for DCP's cycle-consistency loss."""
+        src_emb, tgt_emb = self.embed(source, target)
+        R_ab, t_ab = self.head(src_emb, tgt_emb, source, target)
+        R_ba, t_ba = self.head(tgt_emb, src_emb, target, source)
+        return R_ab, t_ab, R_ba, t_ba
+
 
 def dcp_loss(R: Tensor, t: Tensor, R_gt: Tensor, t_gt: Tensor) -> Tensor:
-    """DCP's training loss ``|R^T R_gt - I|_F^2 + |t - t_gt|^2`` averaged over the batch."""
-    eye = torch.eye(3, dtype=R.dtype, device=R.device)
-    rot = ((R.transpose(1, 2) @ R_gt - eye) ** 2).sum(dim=(1, 2))
-    return (rot + ((t - t_gt) ** 2).sum(dim=1)).mean()
+    """DCP's training loss: ``mse(R^T R_gt, I) + mse(t, t_gt)``.
+
+    As in the official code, each term is a *mean* over its elements (9 and 3 per pair) and the
+    batch, i.e. ``|R^T R_gt - I|_F^2 / 9 + |t - t_gt|^2 / 3`` averaged over pairs.
+    """
+    eye = torch.eye(3, dtype=R.dtype, device=R.device).expand_as(R)
+    return F.mse_loss(R.transpose(1, 2) @ R_gt, eye) + F.mse_loss(t, t_gt)
+
+
+def cycle_loss(R_ab: Tensor, t_ab: Tensor, R_ba: Tensor, t_ba: Tensor) -> Tensor:
+    """DCP's cycle-consistency term: ``mse(R_ba R_ab, I) + mean(|R_ba^T t_ab + t_ba|^2)``.
+
+    Written as the official code has it (the translation term uses ``R_ba^T``, where the exact
+    inverse would need ``R_ba t_ab``; at the fixed point ``R_ba = R_ab^T`` they differ). DCP adds
+    it with weight 0.1 when ``--cycle`` is on; it is off in the published runs (the default).
+    """
+    eye = torch.eye(3, dtype=R_ab.dtype, device=R_ab.device).expand_as(R_ab)
+    rot = F.mse_loss(R_ba @ R_ab, eye)
+    trans = ((R_ba.transpose(1, 2) @ t_ab[..., None])[..., 0] + t_ba).pow(2).mean()
+    return rot + trans
 
 
 def load_dcp_v1(path: str | os.PathLike) -> DCP:
@@ -280,10 +459,17 @@ class RefinedDCP(nn.Module):
 
 def load_dcp_checkpoint(path: str | os.PathLike) -> nn.Module:
     """A model saved by :mod:`difficp.learning.train_dcp`: a :class:`DCP`, or a
-    :class:`RefinedDCP` when the checkpoint's config has an ``"icp"`` entry (end-to-end model)."""
+    :class:`RefinedDCP` when the checkpoint's config has an ``"icp"`` entry (end-to-end model).
+
+    Accepts the model files (``{"config", "model", ...}``) and the resumable state files
+    (which also hold the optimiser). Checkpoints of the legacy narrow transformer (recognised by its
+    ``pointer.proj_in`` weights) load as ``pointer="compact_transformer"``.
+    """
     ckpt = load_checkpoint(path, fallback=False)
     config = dict(ckpt["config"])
     icp = config.pop("icp", None)
+    if "pointer.proj_in.weight" in ckpt["model"]:  # legacy narrow transformer, old defaults
+        config = {"ff_dims": 256, "model_dims": 128, **config, "pointer": "compact_transformer"}
     model = DCP(**config)
     state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     model.load_state_dict(state, strict=True)
