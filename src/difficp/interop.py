@@ -53,6 +53,57 @@ def _optional(value: Any, dtype: torch.dtype | None, device: Any) -> Tensor | No
     return None if value is None else _tensor(value, dtype, device)
 
 
+def _from_pytorch3d(obj: Any) -> tuple[Any, Any, Any, Any]:
+    normals = obj.normals_padded() if hasattr(obj, "normals_padded") else None
+    return obj.points_padded(), normals, None, obj.num_points_per_cloud()
+
+
+def _from_open3d_tensor(obj: Any) -> tuple[Any, Any, Any, Any]:
+    attrs = obj.point
+
+    def get(key: str) -> np.ndarray | None:
+        return attrs[key].numpy() if key in attrs else None
+
+    return get("positions"), get("normals"), get("colors"), None
+
+
+def _from_open3d_legacy(obj: Any) -> tuple[Any, Any, Any, Any]:
+    normals = np.asarray(obj.normals) if obj.has_normals() else None
+    colors = np.asarray(obj.colors) if obj.has_colors() else None
+    return np.asarray(obj.points), normals, colors, None
+
+
+def _from_trimesh_mesh(obj: Any) -> tuple[Any, Any, Any, Any]:
+    return np.asarray(obj.vertices), np.asarray(obj.vertex_normals), None, None
+
+
+def _from_trimesh_cloud(obj: Any) -> tuple[Any, Any, Any, Any]:
+    colors = getattr(obj, "colors", None)
+    has_colors = colors is not None and len(colors) == len(obj.vertices)
+    rgb = np.asarray(colors)[:, :3] / 255.0 if has_colors else None
+    return np.asarray(obj.vertices), None, rgb, None
+
+
+def _from_difficp(obj: Any) -> tuple[Any, Any, Any, Any]:
+    return obj.points, obj.normals, obj.colors, None
+
+
+def _converter(obj: Any) -> Any:
+    """The function that unpacks ``obj`` into (points, normals, colors, lengths), or None."""
+    if hasattr(obj, "points_padded") and hasattr(obj, "num_points_per_cloud"):
+        return _from_pytorch3d
+    by_type = {
+        ("open3d", "PointCloud"): _from_open3d_tensor if hasattr(obj, "point") else None,
+        ("trimesh", "Trimesh"): _from_trimesh_mesh,
+        ("trimesh", "PointCloud"): _from_trimesh_cloud,
+        ("difficp", "PointCloudData"): _from_difficp,
+    }
+    converter = by_type.get((_library(obj), type(obj).__name__))
+    if converter is None and _library(obj) == "open3d" and type(obj).__name__ == "PointCloud":
+        return _from_open3d_legacy
+    return converter
+
+
 def as_points(obj: Any, dtype: torch.dtype | None = None, device: Any = None) -> Cloud:
     """A :class:`Cloud` from any supported container (see the module docstring).
 
@@ -61,53 +112,20 @@ def as_points(obj: Any, dtype: torch.dtype | None = None, device: Any = None) ->
     """
     if isinstance(obj, Tensor | np.ndarray):
         return Cloud(_tensor(obj, dtype, device))
-    if hasattr(obj, "points_padded") and hasattr(obj, "num_points_per_cloud"):  # PyTorch3D
-        normals = obj.normals_padded() if hasattr(obj, "normals_padded") else None
-        return Cloud(
-            _tensor(obj.points_padded(), dtype, device),
-            _optional(normals, dtype, device),
-            lengths=_tensor(obj.num_points_per_cloud(), torch.long, device),
+    converter = _converter(obj)
+    if converter is None:
+        raise TypeError(
+            f"cannot read points from a {type(obj).__module__}.{type(obj).__name__}: pass a "
+            "torch tensor or numpy array (N, 3) / (B, N, 3), an Open3D PointCloud (legacy or "
+            "tensor), a trimesh PointCloud or Trimesh, a difficp.io.PointCloudData, or "
+            "PyTorch3D-style Pointclouds"
         )
-    library = _library(obj)
-    name = type(obj).__name__
-    if library == "open3d" and name == "PointCloud" and hasattr(obj, "point"):  # tensor API
-        attrs = obj.point
-        get = lambda key: attrs[key].numpy() if key in attrs else None  # noqa: E731
-        return Cloud(
-            _tensor(get("positions"), dtype, device),
-            _optional(get("normals"), dtype, device),
-            _optional(get("colors"), dtype, device),
-        )
-    if library == "open3d" and name == "PointCloud":  # legacy API
-        return Cloud(
-            _tensor(np.asarray(obj.points), dtype, device),
-            _optional(np.asarray(obj.normals) if obj.has_normals() else None, dtype, device),
-            _optional(np.asarray(obj.colors) if obj.has_colors() else None, dtype, device),
-        )
-    if library == "trimesh" and name == "Trimesh":
-        return Cloud(
-            _tensor(np.asarray(obj.vertices), dtype, device),
-            _optional(np.asarray(obj.vertex_normals), dtype, device),
-        )
-    if library == "trimesh" and name == "PointCloud":
-        colors = getattr(obj, "colors", None)
-        has_colors = colors is not None and len(colors) == len(obj.vertices)
-        return Cloud(
-            _tensor(np.asarray(obj.vertices), dtype, device),
-            colors=_optional(
-                np.asarray(colors)[:, :3] / 255.0 if has_colors else None, dtype, device
-            ),
-        )
-    if name == "PointCloudData" and hasattr(obj, "points"):  # difficp.io
-        return Cloud(
-            _tensor(obj.points, dtype, device),
-            _optional(obj.normals, dtype, device),
-            _optional(obj.colors, dtype, device),
-        )
-    raise TypeError(
-        f"cannot read points from a {type(obj).__module__}.{name}: pass a torch tensor or numpy "
-        "array (N, 3) / (B, N, 3), an Open3D PointCloud (legacy or tensor), a trimesh PointCloud "
-        "or Trimesh, a difficp.io.PointCloudData, or PyTorch3D-style Pointclouds"
+    points, normals, colors, lengths = converter(obj)
+    return Cloud(
+        _tensor(points, dtype, device),
+        _optional(normals, dtype, device),
+        _optional(colors, dtype, device),
+        None if lengths is None else _tensor(lengths, torch.long, device),
     )
 
 
