@@ -33,7 +33,7 @@ from difficp.kdtree import (
     set_threads,
     warm_two_nearest,
 )
-from difficp.solvers import PROCRUSTES_NOISE, linearization_pivot
+from difficp.solvers import FAR_FROM_ORIGIN, PROCRUSTES_NOISE
 from difficp.weighting import NEGLIGIBLE_WEIGHT
 
 # Weights below the smallest normal float64 are rejected (as difficp.icp.weigh does).
@@ -328,7 +328,7 @@ class FusedSteps:
         self.source_mean = (self.source * (problem.source_mask.cpu().numpy()[..., None])).sum(
             1
         ) / np.maximum(self.source_counts, 1)[:, None]
-        self.source_radius = source_radius(problem).double()
+        self.source_radius = source_radius(problem).double().numpy()
         self.partner = np.full((B, N), -1, dtype=np.int64)
         self.anchor = np.zeros((B, N, 3))
         self.safe2 = np.zeros((B, N))
@@ -403,10 +403,11 @@ class FusedSteps:
         sums, center = state
         enough = torch.from_numpy(sums[:, WEIGHTED] >= MIN_CORRESPONDENCES)
         update = np.empty((sums.shape[0], 4, 4))
+        # difficp.solvers.linearization_pivot, in NumPy (a few torch calls cost 40 us here)
         radius = self.source_radius
-        far = linearization_pivot(torch.from_numpy(center), radius).numpy()
+        far = np.sqrt((center * center).sum(1)) > FAR_FROM_ORIGIN * radius
         metric, procrustes = self.int_options[0], self.int_options[1]
-        _solve_updates(sums, center, radius.numpy(), far, metric, procrustes, update)
+        _solve_updates(sums, center, radius, far, metric, procrustes, update)
         return torch.from_numpy(update), damping, enough
 
 
