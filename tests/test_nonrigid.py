@@ -14,7 +14,7 @@ from difficp.nonrigid import (
     nonrigid_icp,
     rowwise_jacobian,
 )
-from difficp.nonrigid.solver import normal_equations
+from difficp.solvers import block_normal_equations as normal_equations
 
 torch.set_default_dtype(torch.float32)
 

@@ -225,7 +225,7 @@ def test_a_thousand_float32_iterations_stay_on_so3(backend: str) -> None:
 
 
 def test_orthonormalize_keeps_gradients_and_float64_rotations() -> None:
-    from difficp.icp import orthonormalize
+    from difficp.geometry import orthonormalize
 
     g = torch.Generator().manual_seed(0)
     T = make_transform(

@@ -71,6 +71,21 @@ def se3_log(transform: Tensor) -> Tensor:
     return torch.cat([roma.rotmat_to_rotvec(transform[..., :3, :3]), transform[..., :3, 3]], dim=-1)
 
 
+def orthonormalize(transform: Tensor) -> Tensor:
+    """``transform`` ``(B, 4, 4)`` with its rotation block pulled back onto SO(3).
+
+    Composing thousands of updates lets rounding drift the rotation off SO(3) (float32:
+    orthonormality error 1e-4 after 1000 iterations). One Newton-Schulz step of the polar
+    decomposition, ``R <- R (3 I - R^T R) / 2``, squares the error each iteration, so it never
+    builds up; it is differentiable, costs two 3x3 products, and moves an orthonormal float64
+    rotation only by rounding (Open3D parity is unchanged).
+    """
+    R = transform[..., :3, :3]
+    eye = torch.eye(3, dtype=R.dtype, device=R.device)
+    R = 0.5 * R @ (3 * eye - R.transpose(-1, -2) @ R)
+    return make_transform(R, transform[..., :3, 3])
+
+
 def random_rotation(
     batch: int | None = None,
     max_angle_deg: float = 180.0,

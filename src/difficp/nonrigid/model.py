@@ -6,7 +6,7 @@ initial parameter value. Non-rigid ICP minimises
 
     sum_i w_i |r_i(x_i(params))|^2  +  sum_blocks |reg(params)|^2
 
-by Gauss-Newton / Levenberg-Marquardt (:mod:`difficp.nonrigid.solver`), so a model only has to say
+by Gauss-Newton / Levenberg-Marquardt (:mod:`difficp.solvers`), so a model only has to say
 how its points (and regularisers) depend on the parameters; Jacobians come from autograd.
 
 Jacobians are stored *sparsely by rows*: a :class:`ResidualBlock` holds, for each of its ``R`` rows
@@ -23,38 +23,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.func import jvp, vmap
 
-
-@dataclass
-class ResidualBlock:
-    """A group of least-squares residual rows and their (row-sparse) Jacobian.
-
-    Attributes:
-        residuals: ``(B, R, D)`` residuals (already multiplied by the square root of their weight).
-        jacobian: ``(B, R, D, Q)`` derivative of each row's residuals w.r.t. the ``Q`` parameters it
-            depends on, or None when only the residuals were asked for (cost evaluation).
-        index: ``(B, R, Q)`` long, the global parameter index of each local parameter; None means
-            dense (``Q`` equals the model's ``P`` and local parameter ``q`` is global ``q``).
-    """
-
-    residuals: Tensor
-    jacobian: Tensor | None = None
-    index: Tensor | None = None
-
-    def scaled(self, factor: float | Tensor) -> ResidualBlock:
-        """The block for the cost scaled by ``factor`` (residuals and Jacobian by its sqrt)."""
-        s = torch.as_tensor(factor, dtype=self.residuals.dtype, device=self.residuals.device).sqrt()
-        jac = None if self.jacobian is None else self.jacobian * s
-        return ResidualBlock(self.residuals * s, jac, self.index)
-
-    def cost(self) -> Tensor:
-        """``(B,)`` sum of squared residuals."""
-        return (self.residuals**2).flatten(1).sum(1)
+from difficp.solvers import ResidualBlock
 
 
 def rowwise_jacobian(
