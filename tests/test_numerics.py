@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 
 import difficp
 from difficp import fused
-from difficp.geometry import make_transform, random_rotation, rotation_angle_deg
-from difficp.solvers import rotation_between, weighted_procrustes
+from difficp.geometry import make_transform, random_rotation, rotation_angle_deg, rotation_between
+from difficp.solvers import weighted_procrustes
 
 from conftest import make_pair, wavy_surface
 

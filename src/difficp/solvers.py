@@ -27,7 +27,13 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from difficp.correspondence import Correspondences
-from difficp.geometry import make_transform, rotate_vectors, transform_points
+from difficp.geometry import (
+    make_transform,
+    rotate_vectors,
+    rotation_between,
+    transform_points,
+    unit_vectors,
+)
 from difficp.metrics import Metric
 
 # Damping of the Procrustes derivative: 1/(s_i + s_j) -> t/(t^2 + eps^2) (see weighted_procrustes).
@@ -175,55 +181,10 @@ def minimal_motion_rotation(H: Tensor, R: Tensor, noise: Tensor) -> Tensor:
     if bool(line.any()):
         # The column of H with the largest norm is s u v_j; H^T u then gives v (same sign).
         column = H.detach().norm(dim=1).argmax(-1)
-        u = _unit(torch.gather(H, 2, column[:, None, None].expand(-1, 3, 1))[..., 0])
-        v = _unit((H.transpose(1, 2) @ u[..., None])[..., 0])
+        u = unit_vectors(torch.gather(H, 2, column[:, None, None].expand(-1, 3, 1))[..., 0])
+        v = unit_vectors((H.transpose(1, 2) @ u[..., None])[..., 0])
         R = torch.where(line[:, None, None], rotation_between(v, u), R)
     return torch.where(zero[:, None, None], eye, R)
-
-
-def _unit(v: Tensor) -> Tensor:
-    """``v`` ``(B, 3)`` normalised; a zero vector gives ``(1, 0, 0)`` (finite gradients)."""
-    n = v.norm(dim=-1, keepdim=True)
-    safe = torch.where(n > 0, n, torch.ones_like(n))
-    e = torch.zeros_like(v)
-    e[:, 0] = 1
-    return torch.where(n > 0, v / safe, e)
-
-
-def _skew3(k: Tensor) -> Tensor:
-    z = torch.zeros_like(k[:, 0])
-    x, y, w = k.unbind(-1)
-    rows = [torch.stack([z, -w, y], -1), torch.stack([w, z, -x], -1), torch.stack([-y, x, z], -1)]
-    return torch.stack(rows, -2)
-
-
-def rotation_between(v: Tensor, u: Tensor) -> Tensor:
-    """``(B, 3, 3)`` smallest rotation taking unit vectors ``v`` to ``u`` ``(B, 3)``.
-
-    ``I + K + K^2 / (1 + v.u)`` with ``K = [v x u]x``; for ``v.u < 0`` (where that loses
-    precision) the half-turn about ``v x u`` taking ``v`` to ``-v``, then the small rotation from
-    there to ``u``: the same rotation, well conditioned. Opposite vectors turn about an axis
-    perpendicular to ``v``.
-    """
-    eye = torch.eye(3, dtype=v.dtype, device=v.device).expand(v.shape[0], 3, 3)
-
-    def small(a: Tensor, b: Tensor) -> Tensor:
-        K = _skew3(torch.cross(a, b, dim=-1))
-        c = (a * b).sum(-1).clamp_min(0)
-        return eye + K + (K @ K) / (1 + c)[:, None, None]
-
-    # A half-turn axis: perpendicular to v, along v x u where that is defined.
-    least = v.detach().abs().argmin(-1)
-    other = torch.nn.functional.one_hot(least, 3).to(v.dtype)
-    axis = torch.cross(v, u, dim=-1)
-    fallback = torch.cross(v, other, dim=-1)
-    tiny = axis.detach().norm(dim=-1, keepdim=True) <= torch.finfo(v.dtype).eps
-    axis = _unit(torch.where(tiny, fallback, axis))
-    half_turn = 2 * axis[:, :, None] * axis[:, None, :] - eye
-    opposite = (v * u).sum(-1) < 0
-    # half_turn v is -v up to the rounding of the axis; the small rotation takes it to u
-    turned = (half_turn @ v[..., None])[..., 0]
-    return torch.where(opposite[:, None, None], small(turned, u) @ half_turn, small(v, u))
 
 
 def normal_equations(residuals: Tensor, jacobian: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:

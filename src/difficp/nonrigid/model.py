@@ -59,36 +59,6 @@ def rowwise_jacobian(
     return cols.movedim(0, -1)
 
 
-def skew(v: Tensor) -> Tensor:
-    """``(..., 3)`` -> ``(..., 3, 3)`` cross-product matrix ``[v]x``."""
-    z = torch.zeros_like(v[..., 0])
-    x, y, w = v.unbind(-1)
-    return torch.stack(
-        [torch.stack([z, -w, y], -1), torch.stack([w, z, -x], -1), torch.stack([-y, x, z], -1)], -2
-    )
-
-
-def rotvec_to_rotmat(rotvec: Tensor) -> Tensor:
-    """``(..., 3)`` rotation vector -> ``(..., 3, 3)`` rotation matrix, smooth to all orders.
-
-    Rodrigues' formula ``R = I + a(t) K + b(t) K^2`` with ``K = [rotvec]x``, ``t = |rotvec|^2``,
-    ``a = sin(theta)/theta``, ``b = (1 - cos(theta))/theta^2`` written as functions of ``t`` (with
-    their Taylor series below ``t = 1e-4``), so no square root is differentiated at 0. Same values
-    as ``roma.rotvec_to_rotmat``, but roma switches to a first-order formula near 0 whose second
-    derivative is NaN there, and unrolled Gauss-Newton differentiates the Jacobian (a second
-    derivative) exactly at the zero initial value of the parameters.
-    """
-    K = skew(rotvec)
-    t = (rotvec * rotvec).sum(-1)[..., None, None]
-    small = t < 1e-4
-    t_safe = torch.where(small, torch.ones_like(t), t)  # keeps the unused branch finite
-    theta = t_safe.sqrt()
-    a = torch.where(small, 1 - t / 6 + t * t / 120, torch.sin(theta) / theta)
-    b = torch.where(small, 0.5 - t / 24 + t * t / 720, (1 - torch.cos(theta)) / t_safe)
-    eye = torch.eye(3, dtype=rotvec.dtype, device=rotvec.device)
-    return eye + a * K + b * (K @ K)
-
-
 def as_batched_points(name: str, points: Tensor) -> tuple[Tensor, bool]:
     """``(N, 3)`` or ``(B, N, 3)`` -> ``(B, N, 3)`` and whether the input was unbatched."""
     if not isinstance(points, Tensor) or not points.is_floating_point():
@@ -178,7 +148,5 @@ __all__ = [
     "DeformationModel",
     "ResidualBlock",
     "as_batched_points",
-    "rotvec_to_rotmat",
     "rowwise_jacobian",
-    "skew",
 ]
