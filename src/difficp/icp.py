@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from difficp.config import ICPConfig, resolve_config
+from difficp.config import TENSOR_OPTIONS, ICPConfig, resolve_config
 from difficp.correspondence import (
     Correspondences,
     DepthTarget,
@@ -20,10 +20,11 @@ from difficp.correspondence import (
 )
 from difficp.geometry import rotate_vectors, transform_points
 from difficp.implicit import implicit_transform
-from difficp.inputs import Problem, prepare_problem
+from difficp.inputs import PointTarget, Problem, prepare_problem
 from difficp.loop import (  # difficp.fused still imports the first from here
     MIN_CORRESPONDENCES,  # noqa: F401
     ICPResult,
+    Steps,
     enough_correspondences,
     rmse_tolerance,
     run_loop,
@@ -37,9 +38,6 @@ from difficp.solvers import (
     weighted_procrustes,
 )
 from difficp.weighting import correspondence_weights, inlier_statistics, robust_weights
-
-if TYPE_CHECKING:
-    from difficp.fused import FusedSteps
 
 
 def correspond(
@@ -55,9 +53,17 @@ def correspond(
         if problem.source_normals is None
         else rotate_vectors(problem.source_normals, transform)
     )
-    target = problem.target
+    corr = find_partners(moved, problem.source_mask, problem.target, config)
+    return corr, moved, moved_normals
+
+
+def find_partners(
+    moved: Tensor, source_mask: Tensor, target: PointTarget | DepthTarget, config: ICPConfig
+) -> Correspondences:
+    """The partners of source points ``moved`` ``(B, N, 3)`` (already in the target's frame;
+    ``source_mask`` ``(B, N)`` their real points) by ``config.correspondence``."""
     if isinstance(target, DepthTarget):
-        corr = projective_correspondences(moved, target, problem.source_mask)
+        corr = projective_correspondences(moved, target, source_mask)
         if config.needs_target_normals:
             has_normal = corr.normals is not None and corr.normals.detach().abs().sum(-1) > 0
             corr.valid = corr.valid & has_normal
@@ -67,20 +73,20 @@ def correspond(
             radius = float(torch.as_tensor(config.max_distance).detach())
         assert target.index is not None
         corr = nearest_correspondences(
-            moved, target.points, target.index, problem.source_mask, target.normals, radius
+            moved, target.points, target.index, source_mask, target.normals, radius
         )
     else:
         corr = soft_correspondences(
             moved,
             target.points,
             config.temperature,
-            problem.source_mask,
+            source_mask,
             target.mask,
             target.normals,
             config.soft_k,
             target.index,
         )
-    return corr, moved, moved_normals
+    return corr
 
 
 def weigh(
@@ -191,15 +197,6 @@ def fixed_point_step(
 
 SEARCH_BACKENDS = ("auto", "kdtree", "brute_force", "compiled")
 
-# Config options that may be tensors (and so carry gradients or be learnt).
-_TENSOR_OPTIONS = (
-    "temperature",
-    "rejection_temperature",
-    "max_distance",
-    "max_normal_angle",
-    "kernel_scale",
-)
-
 
 def _requires_grad(problem: Problem, config: ICPConfig) -> bool:
     """Whether anything the loop reads asks for a gradient."""
@@ -211,19 +208,20 @@ def _requires_grad(problem: Problem, config: ICPConfig) -> bool:
         tensors += [target.points, target.normals, target.intrinsics, target.world_to_camera]
     else:
         tensors += [target.points, target.normals]
-    tensors += [getattr(config, name) for name in _TENSOR_OPTIONS]
+    tensors += [getattr(config, name) for name in TENSOR_OPTIONS]
     return any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
 def _choose_steps(
     problem: Problem, config: ICPConfig, search_backend: str, needs_grad: bool
-) -> ReferenceSteps | FusedSteps:
+) -> Steps:
     """The compiled fast path when it computes the same thing and no gradient is needed (or on
     request), else the PyTorch reference."""
     if search_backend in ("kdtree", "brute_force"):
         return ReferenceSteps(problem, config)
     if search_backend == "auto" and (needs_grad or config.correspondence != "nearest"):
         return ReferenceSteps(problem, config)  # without importing numba (~70 MB)
+    # Imported here, not at the top: importing difficp must not load numba (~70 MB).
     from difficp.fused import FusedSteps, fused_supported
 
     reason = fused_supported(problem, config)
@@ -325,7 +323,7 @@ class ICP(nn.Module):
     def __init__(self, config: ICPConfig | None = None, **overrides: Any) -> None:
         super().__init__()
         self.config = resolve_config(config, overrides)
-        for field in _TENSOR_OPTIONS:
+        for field in TENSOR_OPTIONS:
             value = getattr(self.config, field)
             if isinstance(value, nn.Parameter):
                 self.register_parameter(field, value)
@@ -339,4 +337,4 @@ class ICP(nn.Module):
         return repr(self.config)
 
 
-__all__ = ["ICP", "ICPResult", "correspond", "icp", "solve", "weigh"]
+__all__ = ["ICP", "ICPResult", "correspond", "find_partners", "icp", "solve", "weigh"]

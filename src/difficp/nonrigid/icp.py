@@ -22,12 +22,14 @@ from torch import Tensor
 
 from difficp.config import ICPConfig
 from difficp.correspondence import Correspondences
-from difficp.icp import correspond, weigh
+from difficp.icp import find_partners, weigh
 from difficp.implicit import implicit_params
 from difficp.inputs import Problem, prepare_problem
 from difficp.loop import enough_correspondences, run_loop
 from difficp.metrics import Metric, get_metric
+from difficp.nonrigid.deformation_graph import EmbeddedDeformationGraph
 from difficp.nonrigid.model import DeformationModel, ResidualBlock
+from difficp.nonrigid.rigid import RigidModel
 from difficp.solvers import (
     block_levenberg_marquardt,
     block_normal_equations,
@@ -157,13 +159,17 @@ def _step(
     return damped_solve(H, g, 0.0), damping, cost
 
 
-def _correspond(problem: Problem, config: ICPConfig, model: DeformationModel, params: Tensor):
-    """Deform the source and find partners (the rigid ICP's step 2, at the identity)."""
-    moved = dataclasses.replace(
-        problem, source=model.deform(params), source_normals=model.deform_normals(params)
-    )
-    eye = torch.eye(4, dtype=params.dtype, device=params.device).expand(params.shape[0], 4, 4)
-    return correspond(moved, config, eye)
+def _correspond(
+    problem: Problem, config: ICPConfig, model: DeformationModel, params: Tensor
+) -> tuple[Correspondences, Tensor, Tensor | None]:
+    """Deform the source by ``params`` ``(B, P)`` and find its partners (the rigid ICP's step 2).
+
+    Returns the correspondences and the deformed source points / normals ``(B, N, 3)``.
+    """
+    moved = model.deform(params)
+    moved_normals = model.deform_normals(params)
+    corr = find_partners(moved, problem.source_mask, problem.target, config)
+    return corr, moved, moved_normals
 
 
 class NonrigidSteps:
@@ -286,12 +292,8 @@ def build_model(
 ) -> DeformationModel:
     """A built-in model by name: ``"rigid"`` or ``"graph"`` (embedded deformation graph)."""
     if kind == "rigid":
-        from difficp.nonrigid.rigid import RigidModel
-
         return RigidModel(source, source_normals=source_normals, lengths=source_lengths, **options)
     if kind in ("graph", "embedded_deformation"):
-        from difficp.nonrigid.deformation_graph import EmbeddedDeformationGraph
-
         return EmbeddedDeformationGraph(
             source, source_normals=source_normals, lengths=source_lengths, **options
         )
