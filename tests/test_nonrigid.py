@@ -302,3 +302,9 @@ def test_differentiation_none_has_no_graph() -> None:
         differentiation="none",
     )
     assert not res.params.requires_grad
+
+
+def test_nonrigid_refuses_the_rigid_svd_solver() -> None:
+    src, tgt, _ = _rigid_pair(1, 3)
+    with pytest.raises(ValueError, match=r"solver='svd'.*solver='linear'"):
+        nonrigid_icp(src, tgt, "rigid", solver="svd")

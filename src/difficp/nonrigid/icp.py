@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from difficp.config import ICPConfig
+from difficp.config import ICPConfig, resolve_config
 from difficp.correspondence import Correspondences
 from difficp.icp import find_partners, weigh
 from difficp.implicit import implicit_params
@@ -329,12 +329,11 @@ def nonrigid_icp(
             ``correspondence="projective"`` (then ``intrinsics``, ``target_pose`` as in rigid ICP).
         model: a :class:`DeformationModel`, or ``"rigid"`` / ``"graph"`` (built from ``source``
             with ``model_options``, e.g. ``{"num_nodes": 64}``).
-        config: :class:`~difficp.ICPConfig`; ``**overrides`` replace its fields. ``solver="lm"``
-            runs ``lm_steps`` Levenberg-Marquardt trials per iteration, anything else one
-            Gauss-Newton step (``"svd"``, the rigid point-to-point default, has no non-rigid
-            meaning and also means Gauss-Newton). ``differentiation``: ``"unroll"``
-            (backpropagate through every step), ``"implicit"`` (Gauss-Newton implicit gradient of
-            the converged parameters) or ``"none"``.
+        config: :class:`~difficp.ICPConfig`; ``**overrides`` replace its fields. ``solver``:
+            ``"linear"`` or None (one Gauss-Newton step per iteration) or ``"lm"`` (``lm_steps``
+            Levenberg-Marquardt trials); ``"svd"`` (rigid Procrustes) is refused.
+            ``differentiation``: ``"unroll"`` (backpropagate through every step), ``"implicit"``
+            (Gauss-Newton implicit gradient of the converged parameters) or ``"none"``.
         source_normals, source_lengths, target_normals, target_lengths: as in :func:`difficp.icp`.
         init_params: ``(B, P)`` starting parameters (default ``model.initial_params()``).
         regularizer_schedule: factor on the regularisers per iteration, a sequence (last value
@@ -350,9 +349,12 @@ def nonrigid_icp(
     Returns:
         :class:`NonrigidICPResult`.
     """
-    config = config or ICPConfig()
-    if overrides:
-        config = config.replace(**overrides)
+    config = resolve_config(config, overrides)
+    if config.solver == "svd":
+        raise ValueError(
+            "solver='svd' (closed-form rigid Procrustes) does not fit a deformation model; use "
+            "solver='linear' (one Gauss-Newton step per iteration, the default) or solver='lm'"
+        )
     if isinstance(model, str):
         if source is None:
             raise ValueError(f"model={model!r} is built from the source; pass source=(N, 3) points")
