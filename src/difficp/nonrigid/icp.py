@@ -1,8 +1,8 @@
 """Non-rigid ICP: correspond -> weight / reject -> Gauss-Newton / LM step on a deformation model.
 
-The same loop as rigid ICP (:mod:`difficp.icp`), with the same correspondence, weighting,
-rejection and robust-kernel code and the same :class:`~difficp.ICPConfig`, but the update is a
-(damped) Gauss-Newton step on the parameters of a :class:`DeformationModel` instead of a rigid
+The same loop as rigid ICP (:func:`difficp.loop.run_loop`, driven by :class:`NonrigidSteps`), with
+the same correspondence, weighting, rejection and robust-kernel code and the same
+:class:`~difficp.ICPConfig`, but the update is a (damped) Gauss-Newton step on the parameters of a :class:`DeformationModel` instead of a rigid
 6-D step. The data residual of source point ``i`` is the metric's residual at the deformed point
 ``x_i(params)`` against its (fixed, for the step) partner; its Jacobian is the metric's derivative
 in the point (``I`` for point-to-point, ``n^T`` for point-to-plane, ``(n_p + n_q)^T`` for symmetric,
