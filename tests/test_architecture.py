@@ -6,7 +6,16 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import torch
+
 import difficp
+from difficp.config import ICPConfig
+from difficp.fused import FusedSteps
+from difficp.icp import ReferenceSteps
+from difficp.inputs import prepare_problem
+from difficp.loop import Steps
+from difficp.nonrigid.icp import NonrigidSteps
+from difficp.nonrigid.rigid import RigidModel
 
 PACKAGE = Path(difficp.__file__).parent
 
@@ -100,3 +109,16 @@ def test_no_import_cycles() -> None:
         assert target in graph[source], f"{source} no longer imports {target}: drop it from PENDING"
         graph[source] = graph[source] - {target}
     assert _cycles(graph) == []
+
+
+def test_every_steps_class_implements_the_protocol() -> None:
+    points = torch.rand(1, 20, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    config = ICPConfig()
+    problem = prepare_problem(points, points, config)
+    model = RigidModel(points)
+    for steps in (
+        ReferenceSteps(problem, config),
+        FusedSteps(problem, config),
+        NonrigidSteps(problem, config, model, None, 0.0),
+    ):
+        assert isinstance(steps, Steps), type(steps).__name__

@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -79,6 +79,7 @@ class ICPResult:
         )
 
 
+@runtime_checkable
 class Steps(Protocol):
     """One ICP iteration, split for :func:`run_loop`. Implemented by
     :class:`difficp.icp.ReferenceSteps` (PyTorch), :class:`difficp.fused.FusedSteps` (compiled)
