@@ -280,3 +280,14 @@ def test_nonrigid_refuses_the_rigid_svd_solver() -> None:
     src, tgt, _ = _rigid_pair(1, 3)
     with pytest.raises(ValueError, match=r"solver='svd'.*solver='linear'"):
         nonrigid_icp(src, tgt, "rigid", solver="svd")
+
+
+def test_nonrigid_relative_criteria_scale_by_the_source_radius() -> None:
+    src, tgt, _ = _rigid_pair(2, 5)
+    kw = {"relative_fitness": 1.0, "max_iterations": 100}  # only the RMSE criterion decides
+    rel = nonrigid_icp(src, tgt, "rigid", relative_rmse=1e-2, criteria_scale="relative", **kw)
+    radius = (src - src.mean(1, keepdim=True)).square().sum(-1).mean(-1).sqrt()
+    for b in range(2):
+        tolerance = float(1e-2 * radius[b])
+        absolute = nonrigid_icp(src[b], tgt[b], "rigid", relative_rmse=tolerance, **kw)
+        assert rel.iterations[b] == absolute.iterations

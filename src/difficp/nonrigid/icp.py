@@ -25,7 +25,7 @@ from difficp.correspondence import Correspondences
 from difficp.icp import find_partners, weigh
 from difficp.implicit import implicit_params
 from difficp.inputs import Problem, prepare_problem
-from difficp.loop import enough_correspondences, run_loop
+from difficp.loop import enough_correspondences, rmse_tolerance, run_loop
 from difficp.metrics import Metric, get_metric
 from difficp.nonrigid.deformation_graph import EmbeddedDeformationGraph
 from difficp.nonrigid.model import DeformationModel, ResidualBlock
@@ -264,9 +264,16 @@ def _add(update: Tensor, params: Tensor) -> Tensor:
     return params + update
 
 
-def _run(steps: NonrigidSteps, params: Tensor, schedule: Schedule) -> NonrigidICPResult:
+def _run(
+    steps: NonrigidSteps, params: Tensor, schedule: Schedule, tolerance: Tensor
+) -> NonrigidICPResult:
     loop = run_loop(
-        steps, params, steps.config, apply=_add, min_iterations=_schedule_length(schedule)
+        steps,
+        params,
+        steps.config,
+        tolerance,
+        apply=_add,
+        min_iterations=_schedule_length(schedule),
     )
     model = steps.model
     assert steps.points is not None
@@ -393,15 +400,17 @@ def nonrigid_icp(
         steps = NonrigidSteps(
             problem, config, model, regularizer_schedule, point_weight, source_weights
         )
+        # criteria_scale="relative": the RMSE criterion in units of the rest source's radius.
+        tolerance = rmse_tolerance(problem, config)
         if config.differentiation == "implicit":
             with torch.no_grad():
-                result = _run(steps, params, regularizer_schedule)
+                result = _run(steps, params, regularizer_schedule, tolerance)
             result.params = steps.implicit(result.params, int(result.iterations.max()))
             result.points = model.deform(result.params)
             if result.transform is not None:
                 result.transform = model.transform(result.params)  # type: ignore[attr-defined]
         else:
-            result = _run(steps, params, regularizer_schedule)
+            result = _run(steps, params, regularizer_schedule, tolerance)
     return result._squeeze() if model.unbatched else result
 
 
