@@ -14,7 +14,7 @@ from difficp.nonrigid import (
     nonrigid_icp,
     rowwise_jacobian,
 )
-from difficp.nonrigid.solver import normal_equations
+from difficp.solvers import block_normal_equations as normal_equations
 
 torch.set_default_dtype(torch.float32)
 
@@ -50,7 +50,7 @@ def _rigid_pair(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torc
 )
 def test_rigid_model_reproduces_rigid_icp(options: dict) -> None:
     src, tgt, T_true = _rigid_pair(2, 0)
-    normals = difficp.geometry.estimate_normals(tgt, viewpoint=torch.zeros(3, dtype=tgt.dtype))
+    normals = difficp.estimate_normals(tgt, viewpoint=torch.zeros(3, dtype=tgt.dtype))
     kw = {"target_normals": normals, "max_iterations": 40, **options}
     ref = difficp.icp(src, tgt, **kw)
     res = nonrigid_icp(src, tgt, "rigid", **kw)
@@ -245,7 +245,7 @@ def test_gradcheck_unrolled_graph_fit() -> None:
 def test_gradcheck_rigid_model_point_to_plane() -> None:
     src, tgt, _ = _rigid_pair(1, 30)
     src, tgt = src[0, :60], tgt[0, :60]
-    normals = difficp.geometry.estimate_normals(tgt, viewpoint=torch.zeros(3, dtype=tgt.dtype))
+    normals = difficp.estimate_normals(tgt, viewpoint=torch.zeros(3, dtype=tgt.dtype))
 
     def fit(t: torch.Tensor) -> torch.Tensor:
         return nonrigid_icp(src, t, "rigid", metric="point_to_plane", target_normals=normals,
@@ -274,3 +274,20 @@ def test_differentiation_none_has_no_graph() -> None:
     res = nonrigid_icp(src, t, "graph", model_options={"num_nodes": 5, "graph_k": 2},
                        max_iterations=2, differentiation="none")
     assert not res.params.requires_grad
+
+
+def test_nonrigid_refuses_the_rigid_svd_solver() -> None:
+    src, tgt, _ = _rigid_pair(1, 3)
+    with pytest.raises(ValueError, match=r"solver='svd'.*solver='linear'"):
+        nonrigid_icp(src, tgt, "rigid", solver="svd")
+
+
+def test_nonrigid_relative_criteria_scale_by_the_source_radius() -> None:
+    src, tgt, _ = _rigid_pair(2, 5)
+    kw = {"relative_fitness": 1.0, "max_iterations": 100}  # only the RMSE criterion decides
+    rel = nonrigid_icp(src, tgt, "rigid", relative_rmse=1e-2, criteria_scale="relative", **kw)
+    radius = (src - src.mean(1, keepdim=True)).square().sum(-1).mean(-1).sqrt()
+    for b in range(2):
+        tolerance = float(1e-2 * radius[b])
+        absolute = nonrigid_icp(src[b], tgt[b], "rigid", relative_rmse=tolerance, **kw)
+        assert rel.iterations[b] == absolute.iterations

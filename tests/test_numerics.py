@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 
 import difficp
 from difficp import fused
-from difficp.geometry import make_transform, random_rotation, rotation_angle_deg
-from difficp.solvers import rotation_between, weighted_procrustes
+from difficp.geometry import make_transform, random_rotation, rotation_angle_deg, rotation_between
+from difficp.solvers import weighted_procrustes
 
 from conftest import make_pair, wavy_surface
 
@@ -225,7 +225,7 @@ def test_a_thousand_float32_iterations_stay_on_so3(backend: str) -> None:
 
 
 def test_orthonormalize_keeps_gradients_and_float64_rotations() -> None:
-    from difficp.icp import orthonormalize
+    from difficp.geometry import orthonormalize
 
     g = torch.Generator().manual_seed(0)
     T = make_transform(

@@ -9,12 +9,12 @@ from difficp.correspondence import Correspondences, NeighborIndex
 from difficp.geometry import (
     depth_normals,
     depth_to_points,
-    estimate_normals,
     invert_transform,
     make_transform,
     transform_points,
 )
 from difficp.icp import ICP, ICPResult, icp
+from difficp.normals import estimate_normals
 
 __all__ = [
     "ICP",

@@ -27,6 +27,16 @@ DIFFERENTIATIONS = ("unroll", "implicit", "none")
 CRITERIA_SCALES = ("absolute", "relative")
 
 
+# Config options that may be tensors (and so carry gradients or be learnt).
+TENSOR_OPTIONS = (
+    "temperature",
+    "rejection_temperature",
+    "max_distance",
+    "max_normal_angle",
+    "kernel_scale",
+)
+
+
 # Temperatures and kernel scales divide distances: below this they underflow to 0 in float32.
 _SMALLEST_DIVISOR = float(torch.finfo(torch.float32).tiny)
 

@@ -1,4 +1,5 @@
-"""SE(3) helpers, normals, and depth map <-> point conversions.
+"""SE(3) / SO(3) maths (the one copy: rotation vectors, skew matrices, twists, orthonormalisation)
+and depth map <-> point conversions.
 
 Conventions: points are row vectors, ``(B, N, 3)``; a transform ``T`` is a ``(B, 4, 4)``
 homogeneous matrix acting as ``p' = p @ R.T + t`` with ``R = T[..., :3, :3]``, ``t = T[..., :3, 3]``.
@@ -61,6 +62,36 @@ def twist_to_transform(twist: Tensor) -> Tensor:
     return make_transform(R, twist[..., 3:])
 
 
+def skew(v: Tensor) -> Tensor:
+    """``(..., 3)`` -> ``(..., 3, 3)`` cross-product matrix ``[v]x``."""
+    z = torch.zeros_like(v[..., 0])
+    x, y, w = v.unbind(-1)
+    return torch.stack(
+        [torch.stack([z, -w, y], -1), torch.stack([w, z, -x], -1), torch.stack([-y, x, z], -1)], -2
+    )
+
+
+def rotvec_to_rotmat(rotvec: Tensor) -> Tensor:
+    """``(..., 3)`` rotation vector -> ``(..., 3, 3)`` rotation matrix, smooth to all orders.
+
+    Rodrigues' formula ``R = I + a(t) K + b(t) K^2`` with ``K = [rotvec]x``, ``t = |rotvec|^2``,
+    ``a = sin(theta)/theta``, ``b = (1 - cos(theta))/theta^2`` written as functions of ``t`` (with
+    their Taylor series below ``t = 1e-4``), so no square root is differentiated at 0. Same values
+    as ``roma.rotvec_to_rotmat``, but roma switches to a first-order formula near 0 whose second
+    derivative is NaN there, and unrolled Gauss-Newton differentiates the Jacobian (a second
+    derivative) exactly at the zero initial value of the parameters.
+    """
+    K = skew(rotvec)
+    t = (rotvec * rotvec).sum(-1)[..., None, None]
+    small = t < 1e-4
+    t_safe = torch.where(small, torch.ones_like(t), t)  # keeps the unused branch finite
+    theta = t_safe.sqrt()
+    a = torch.where(small, 1 - t / 6 + t * t / 120, torch.sin(theta) / theta)
+    b = torch.where(small, 0.5 - t / 24 + t * t / 720, (1 - torch.cos(theta)) / t_safe)
+    eye = torch.eye(3, dtype=rotvec.dtype, device=rotvec.device)
+    return eye + a * K + b * (K @ K)
+
+
 def se3_exp(twist: Tensor) -> Tensor:
     """``(..., 6)`` ``(rotation vector, translation)`` -> ``(..., 4, 4)``; inverse of :func:`se3_log`."""
     return make_transform(roma.rotvec_to_rotmat(twist[..., :3]), twist[..., 3:])
@@ -69,6 +100,59 @@ def se3_exp(twist: Tensor) -> Tensor:
 def se3_log(transform: Tensor) -> Tensor:
     """``(..., 4, 4)`` -> ``(..., 6)`` ``(rotation vector, translation)``."""
     return torch.cat([roma.rotmat_to_rotvec(transform[..., :3, :3]), transform[..., :3, 3]], dim=-1)
+
+
+def orthonormalize(transform: Tensor) -> Tensor:
+    """``transform`` ``(B, 4, 4)`` with its rotation block pulled back onto SO(3).
+
+    Composing thousands of updates lets rounding drift the rotation off SO(3) (float32:
+    orthonormality error 1e-4 after 1000 iterations). One Newton-Schulz step of the polar
+    decomposition, ``R <- R (3 I - R^T R) / 2``, squares the error each iteration, so it never
+    builds up; it is differentiable, costs two 3x3 products, and moves an orthonormal float64
+    rotation only by rounding (Open3D parity is unchanged).
+    """
+    R = transform[..., :3, :3]
+    eye = torch.eye(3, dtype=R.dtype, device=R.device)
+    R = 0.5 * R @ (3 * eye - R.transpose(-1, -2) @ R)
+    return make_transform(R, transform[..., :3, 3])
+
+
+def unit_vectors(v: Tensor) -> Tensor:
+    """``v`` ``(B, 3)`` normalised; a zero vector gives ``(1, 0, 0)`` (finite gradients)."""
+    n = v.norm(dim=-1, keepdim=True)
+    safe = torch.where(n > 0, n, torch.ones_like(n))
+    e = torch.zeros_like(v)
+    e[:, 0] = 1
+    return torch.where(n > 0, v / safe, e)
+
+
+def rotation_between(v: Tensor, u: Tensor) -> Tensor:
+    """``(B, 3, 3)`` smallest rotation taking unit vectors ``v`` to ``u`` ``(B, 3)``.
+
+    ``I + K + K^2 / (1 + v.u)`` with ``K = [v x u]x``; for ``v.u < 0`` (where that loses
+    precision) the half-turn about ``v x u`` taking ``v`` to ``-v``, then the small rotation from
+    there to ``u``: the same rotation, well conditioned. Opposite vectors turn about an axis
+    perpendicular to ``v``.
+    """
+    eye = torch.eye(3, dtype=v.dtype, device=v.device).expand(v.shape[0], 3, 3)
+
+    def small(a: Tensor, b: Tensor) -> Tensor:
+        K = skew(torch.cross(a, b, dim=-1))
+        c = (a * b).sum(-1).clamp_min(0)
+        return eye + K + (K @ K) / (1 + c)[:, None, None]
+
+    # A half-turn axis: perpendicular to v, along v x u where that is defined.
+    least = v.detach().abs().argmin(-1)
+    other = torch.nn.functional.one_hot(least, 3).to(v.dtype)
+    axis = torch.cross(v, u, dim=-1)
+    fallback = torch.cross(v, other, dim=-1)
+    tiny = axis.detach().norm(dim=-1, keepdim=True) <= torch.finfo(v.dtype).eps
+    axis = unit_vectors(torch.where(tiny, fallback, axis))
+    half_turn = 2 * axis[:, :, None] * axis[:, None, :] - eye
+    opposite = (v * u).sum(-1) < 0
+    # half_turn v is -v up to the rounding of the axis; the small rotation takes it to u
+    turned = (half_turn @ v[..., None])[..., 0]
+    return torch.where(opposite[:, None, None], small(turned, u) @ half_turn, small(v, u))
 
 
 def random_rotation(
@@ -94,62 +178,10 @@ def rotation_angle_deg(R: Tensor) -> Tensor:
     ``atan2(sin, cos)`` with ``sin`` from the skew part and ``cos`` from the trace: accurate at
     small angles, where ``arccos`` of the trace loses all precision (float32: 0.03 deg floor).
     """
-    skew = R - R.transpose(-1, -2)
-    sin = torch.stack([skew[..., 2, 1], skew[..., 0, 2], skew[..., 1, 0]], -1).norm(dim=-1) / 2
+    asym = R - R.transpose(-1, -2)
+    sin = torch.stack([asym[..., 2, 1], asym[..., 0, 2], asym[..., 1, 0]], -1).norm(dim=-1) / 2
     cos = (R.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
     return torch.rad2deg(torch.atan2(sin, cos))
-
-
-def is_rigid(transform: Tensor, atol: float = 1e-4) -> Tensor:
-    """``(...)`` bool: rotation block orthonormal with det +1 and last row ``[0, 0, 0, 1]``."""
-    R = transform[..., :3, :3].detach().double()
-    eye = torch.eye(3, dtype=R.dtype, device=R.device)
-    orthonormal = (R.transpose(-1, -2) @ R - eye).abs().amax(dim=(-1, -2)) < atol
-    proper = (torch.linalg.det(R) - 1).abs() < atol
-    last_row = torch.tensor([0, 0, 0, 1], dtype=R.dtype, device=R.device)
-    bottom = (transform[..., 3, :].detach().double() - last_row).abs().amax(-1) < atol
-    return orthonormal & proper & bottom
-
-
-# --------------------------------------------------------------------------------------------
-# Normals
-# --------------------------------------------------------------------------------------------
-
-
-def estimate_normals(
-    points: Tensor, k: int = 16, viewpoint: Tensor | None = None, lengths: Tensor | None = None
-) -> Tensor:
-    """PCA normals from the ``k`` nearest neighbours, oriented towards ``viewpoint``.
-
-    Args:
-        points: ``(N, 3)`` or ``(B, N, 3)``.
-        k: neighbourhood size (clipped to the number of points).
-        viewpoint: ``(3,)`` or ``(B, 3)``; normals are flipped to face it (default: the origin,
-            which is the camera centre for clouds made from depth maps).
-        lengths: ``(B,)`` valid counts of a padded batch.
-    Returns:
-        Unit normals of the same shape as ``points`` (not differentiable: the neighbourhoods are
-        found with a KD-tree; the eigen-decomposition itself is batched in torch).
-    """
-    from difficp.correspondence import knn_indices
-
-    unbatched = points.dim() == 2
-    pts = points[None] if unbatched else points
-    B, N, _ = pts.shape
-    k = max(3, min(k, N))
-    with torch.no_grad():
-        idx = knn_indices(pts, pts, k, query_lengths=lengths, reference_lengths=lengths)
-        nbrs = torch.gather(pts, 1, idx.reshape(B, N * k, 1).expand(-1, -1, 3))
-        nbrs = nbrs.reshape(B, N, k, 3)
-        centred = nbrs - nbrs.mean(dim=2, keepdim=True)
-        cov = centred.transpose(-1, -2) @ centred
-        _, vecs = torch.linalg.eigh(cov.double())
-        normals = vecs[..., 0].to(pts.dtype)
-        vp = torch.zeros(3, dtype=pts.dtype, device=pts.device) if viewpoint is None else viewpoint
-        vp = vp.reshape(-1, 1, 3) if vp.dim() == 2 else vp.reshape(1, 1, 3)
-        flip = ((vp - pts) * normals).sum(-1, keepdim=True) < 0
-        normals = torch.where(flip, -normals, normals)
-    return normals[0] if unbatched else normals
 
 
 # --------------------------------------------------------------------------------------------

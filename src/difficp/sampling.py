@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from difficp.config import ICPConfig
-from difficp.geometry import estimate_normals
 from difficp.icp import ICPResult, icp
+from difficp.normals import estimate_normals
 
 # Voxel indices are int64; Open3D refuses a voxel size that gives more than INT_MAX voxels per
 # axis. We allow up to 2**62 per axis, leaving headroom for the floor and the +1 of a boundary.

@@ -6,9 +6,20 @@
   finite gradients for degenerate input.
 * :func:`gauss_newton_update` - one linearised (Gauss-Newton) step of any metric.
 * :func:`levenberg_marquardt_update` - damped steps with per-pair accept/reject.
+
+Non-rigid ICP's parameters live in a flat ``(B, P)`` vector: its least-squares terms come as
+row-sparse :class:`ResidualBlock` s, whose normal equations :func:`block_normal_equations`
+assembles by scatter-adding each row's small ``Q x Q`` block into the ``(B, P, P)`` system (so a
+deformation graph costs ``O(N Q^2)``, not ``O(N P^2)``); :func:`damped_solve` and
+:func:`block_levenberg_marquardt` solve them. Every operation is differentiable, so unrolling
+the steps gives gradients of the fitted parameters w.r.t. everything the residuals depend on.
+Both Levenberg-Marquardt loops accept a trial by :func:`marquardt_accept`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import roma
 import torch
@@ -16,7 +27,13 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from difficp.correspondence import Correspondences
-from difficp.geometry import make_transform, rotate_vectors, transform_points
+from difficp.geometry import (
+    make_transform,
+    rotate_vectors,
+    rotation_between,
+    transform_points,
+    unit_vectors,
+)
 from difficp.metrics import Metric
 
 # Damping of the Procrustes derivative: 1/(s_i + s_j) -> t/(t^2 + eps^2) (see weighted_procrustes).
@@ -164,55 +181,10 @@ def minimal_motion_rotation(H: Tensor, R: Tensor, noise: Tensor) -> Tensor:
     if bool(line.any()):
         # The column of H with the largest norm is s u v_j; H^T u then gives v (same sign).
         column = H.detach().norm(dim=1).argmax(-1)
-        u = _unit(torch.gather(H, 2, column[:, None, None].expand(-1, 3, 1))[..., 0])
-        v = _unit((H.transpose(1, 2) @ u[..., None])[..., 0])
+        u = unit_vectors(torch.gather(H, 2, column[:, None, None].expand(-1, 3, 1))[..., 0])
+        v = unit_vectors((H.transpose(1, 2) @ u[..., None])[..., 0])
         R = torch.where(line[:, None, None], rotation_between(v, u), R)
     return torch.where(zero[:, None, None], eye, R)
-
-
-def _unit(v: Tensor) -> Tensor:
-    """``v`` ``(B, 3)`` normalised; a zero vector gives ``(1, 0, 0)`` (finite gradients)."""
-    n = v.norm(dim=-1, keepdim=True)
-    safe = torch.where(n > 0, n, torch.ones_like(n))
-    e = torch.zeros_like(v)
-    e[:, 0] = 1
-    return torch.where(n > 0, v / safe, e)
-
-
-def _skew3(k: Tensor) -> Tensor:
-    z = torch.zeros_like(k[:, 0])
-    x, y, w = k.unbind(-1)
-    rows = [torch.stack([z, -w, y], -1), torch.stack([w, z, -x], -1), torch.stack([-y, x, z], -1)]
-    return torch.stack(rows, -2)
-
-
-def rotation_between(v: Tensor, u: Tensor) -> Tensor:
-    """``(B, 3, 3)`` smallest rotation taking unit vectors ``v`` to ``u`` ``(B, 3)``.
-
-    ``I + K + K^2 / (1 + v.u)`` with ``K = [v x u]x``; for ``v.u < 0`` (where that loses
-    precision) the half-turn about ``v x u`` taking ``v`` to ``-v``, then the small rotation from
-    there to ``u``: the same rotation, well conditioned. Opposite vectors turn about an axis
-    perpendicular to ``v``.
-    """
-    eye = torch.eye(3, dtype=v.dtype, device=v.device).expand(v.shape[0], 3, 3)
-
-    def small(a: Tensor, b: Tensor) -> Tensor:
-        K = _skew3(torch.cross(a, b, dim=-1))
-        c = (a * b).sum(-1).clamp_min(0)
-        return eye + K + (K @ K) / (1 + c)[:, None, None]
-
-    # A half-turn axis: perpendicular to v, along v x u where that is defined.
-    least = v.detach().abs().argmin(-1)
-    other = torch.nn.functional.one_hot(least, 3).to(v.dtype)
-    axis = torch.cross(v, u, dim=-1)
-    fallback = torch.cross(v, other, dim=-1)
-    tiny = axis.detach().norm(dim=-1, keepdim=True) <= torch.finfo(v.dtype).eps
-    axis = _unit(torch.where(tiny, fallback, axis))
-    half_turn = 2 * axis[:, :, None] * axis[:, None, :] - eye
-    opposite = (v * u).sum(-1) < 0
-    # half_turn v is -v up to the rounding of the axis; the small rotation takes it to u
-    turned = (half_turn @ v[..., None])[..., 0]
-    return torch.where(opposite[:, None, None], small(turned, u) @ half_turn, small(v, u))
 
 
 def normal_equations(residuals: Tensor, jacobian: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
@@ -376,7 +348,7 @@ def levenberg_marquardt_update(
         p_new = transform_points(p, delta)
         n_new = None if n is None else rotate_vectors(n, delta)
         new_cost = weighted_cost(metric, p_new, n_new, corr, weights)
-        accept = (new_cost.detach() < cost.detach()) & ok
+        accept, new_damping = marquardt_accept(new_cost, cost, damping, ok)
         update = torch.where(accept[:, None, None], delta @ update, update)
         p = torch.where(accept[:, None, None], p_new, p)
         center = torch.where(
@@ -385,5 +357,142 @@ def levenberg_marquardt_update(
         if n is not None and n_new is not None:
             n = torch.where(accept[:, None, None], n_new, n)
         cost = torch.where(accept, new_cost, cost)
-        damping = torch.where(accept, damping / 10, damping * 10).clamp(1e-12, 1e12)
+        damping = new_damping
     return update, damping, usable
+
+
+# Levenberg-Marquardt damping stays within these bounds.
+LM_DAMPING_RANGE = (1e-12, 1e12)
+
+
+def marquardt_accept(
+    new_cost: Tensor, cost: Tensor, damping: Tensor, ok: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Marquardt's rule, per pair: accept a trial whose cost ``(B,)`` is below the current
+    ``cost`` (and that is ``ok``), then divide the damping ``(B,)`` by 10, else multiply it by 10.
+
+    Returns the ``(B,)`` bool accept and the new damping. The choice is not differentiated; the
+    callers apply it with ``torch.where``, so accepted steps stay differentiable.
+    """
+    accept = new_cost.detach() < cost.detach()
+    if ok is not None:
+        accept = accept & ok
+    damping = torch.where(accept, damping / 10, damping * 10).clamp(*LM_DAMPING_RANGE)
+    return accept, damping
+
+
+# --------------------------------------------------------------------------------------------
+# Flat parameter vectors (non-rigid ICP): row-sparse residual blocks
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ResidualBlock:
+    """A group of least-squares residual rows and their (row-sparse) Jacobian.
+
+    Attributes:
+        residuals: ``(B, R, D)`` residuals (already multiplied by the square root of their weight).
+        jacobian: ``(B, R, D, Q)`` derivative of each row's residuals w.r.t. the ``Q`` parameters it
+            depends on, or None when only the residuals were asked for (cost evaluation).
+        index: ``(B, R, Q)`` long, the global parameter index of each local parameter; None means
+            dense (``Q`` equals the model's ``P`` and local parameter ``q`` is global ``q``).
+    """
+
+    residuals: Tensor
+    jacobian: Tensor | None = None
+    index: Tensor | None = None
+
+    def scaled(self, factor: float | Tensor) -> ResidualBlock:
+        """The block for the cost scaled by ``factor`` (residuals and Jacobian by its sqrt)."""
+        s = torch.as_tensor(factor, dtype=self.residuals.dtype, device=self.residuals.device).sqrt()
+        jac = None if self.jacobian is None else self.jacobian * s
+        return ResidualBlock(self.residuals * s, jac, self.index)
+
+    def cost(self) -> Tensor:
+        """``(B,)`` sum of squared residuals."""
+        return (self.residuals**2).flatten(1).sum(1)
+
+
+# Residual blocks at given parameters: (params (B, P), with_jacobian) -> blocks.
+BlockFn = Callable[[Tensor, bool], list[ResidualBlock]]
+
+
+def block_normal_equations(
+    blocks: list[ResidualBlock], num_params: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Assemble ``H = J^T J`` ``(B, P, P)``, ``g = J^T r`` ``(B, P)`` and the cost ``(B,)``."""
+    ref = blocks[0].residuals
+    B, P = ref.shape[0], num_params
+    H = ref.new_zeros(B, P * P)
+    g = ref.new_zeros(B, P)
+    cost = ref.new_zeros(B)
+    for block in blocks:
+        r, J, idx = block.residuals, block.jacobian, block.index
+        if J is None:
+            raise ValueError("block_normal_equations needs blocks with Jacobians")
+        cost = cost + block.cost()
+        if idx is None:
+            Jf = J.flatten(1, 2)  # (B, R*D, P)
+            H = H + (Jf.transpose(1, 2) @ Jf).reshape(B, P * P)
+            g = g + (Jf.transpose(1, 2) @ r.reshape(B, -1, 1))[..., 0]
+            continue
+        H_local = torch.einsum("brdp,brdq->brpq", J, J)  # (B, R, Q, Q)
+        g_local = torch.einsum("brdp,brd->brp", J, r)  # (B, R, Q)
+        flat = (idx[..., :, None] * P + idx[..., None, :]).reshape(B, -1)
+        H = H.scatter_add(1, flat, H_local.reshape(B, -1))
+        g = g.scatter_add(1, idx.reshape(B, -1), g_local.reshape(B, -1))
+    return H.reshape(B, P, P), g, cost
+
+
+def block_cost(blocks: list[ResidualBlock]) -> Tensor:
+    """``(B,)`` sum of squared residuals of all blocks."""
+    return torch.stack([b.cost() for b in blocks]).sum(0)
+
+
+def damped_solve(H: Tensor, g: Tensor, damping: Tensor | float) -> Tensor:
+    """``delta`` ``(B, P)`` solving ``(H + damping * (diag(H) + eps)) delta = -g``.
+
+    Marquardt's scaling by ``diag(H)`` keeps the step invariant to parameter units; the small
+    ``eps`` (relative to the mean diagonal) makes parameters no residual constrains (e.g. the
+    unobserved side of a graph with no regulariser) stay put instead of making ``H`` singular.
+    A pair with an all-zero ``H`` (no residual at all: it lost every correspondence and has no
+    regulariser) solves with the identity instead, so its step (0, as ``g = 0``) and the
+    gradients through it stay finite.
+    """
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    mean = diag.mean(-1, keepdim=True)
+    # The guard must stay a normal number: 1e-9 * tiny would be subnormal, its inverse inf.
+    usable = mean.detach() > torch.finfo(H.dtype).tiny * 1e9
+    eps = 1e-9 * torch.where(usable, mean, torch.ones_like(mean))
+    lam = torch.as_tensor(damping, dtype=H.dtype, device=H.device).reshape(-1, 1)
+    A = H + torch.diag_embed(lam * diag + eps)
+    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+    A = torch.where(usable[..., None], A, eye)
+    return -torch.linalg.solve(A, g[..., None])[..., 0]
+
+
+def block_levenberg_marquardt(
+    blocks_fn: BlockFn, params: Tensor, damping: Tensor, steps: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``steps`` Levenberg-Marquardt trials from ``params`` ``(B, P)``, per pair.
+
+    A trial is accepted (and the damping divided by 10) if it lowers that pair's cost, else it is
+    rejected and the damping multiplied by 10 (:func:`marquardt_accept`).
+
+    Args:
+        damping: ``(B,)`` current Marquardt damping (carried across ICP iterations).
+    Returns:
+        The change of ``params`` ``(B, P)``, ``damping`` ``(B,)``, cost ``(B,)`` at the new params.
+    """
+    P = params.shape[-1]
+    current = params
+    cost = None
+    for _ in range(steps):
+        H, g, cost = block_normal_equations(blocks_fn(current, True), P)
+        trial = current + damped_solve(H, g, damping)
+        trial_cost = block_cost(blocks_fn(trial, False))
+        accept, damping = marquardt_accept(trial_cost, cost, damping)
+        current = torch.where(accept[:, None], trial, current)
+        cost = torch.where(accept, trial_cost, cost)
+    assert cost is not None
+    return current - params, damping, cost

@@ -256,7 +256,7 @@ def _rigid_demo(
     import torch
 
     import difficp
-    from difficp.geometry import estimate_normals
+    from difficp.normals import estimate_normals
 
     start = time.perf_counter()
     rng = np.random.default_rng(seed)

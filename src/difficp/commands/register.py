@@ -214,8 +214,9 @@ def register_files(args: argparse.Namespace) -> dict[str, Any]:
 
     import difficp
     from difficp.config import ICPConfig
-    from difficp.geometry import estimate_normals, rotate_vectors, transform_points
+    from difficp.geometry import rotate_vectors, transform_points
     from difficp.io import point_cloud_writer, read_transform, transform_writer
+    from difficp.normals import estimate_normals
 
     device = _device(args.device)
     dtype = getattr(torch, args.dtype)

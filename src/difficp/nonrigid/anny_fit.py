@@ -24,10 +24,10 @@ import torch
 from torch import Tensor
 
 from difficp._atomic import atomic_write_text
-from difficp.geometry import depth_to_points, points_to_pixels
+from difficp.geometry import depth_to_points, points_to_pixels, rotvec_to_rotmat
 from difficp.nonrigid.demo import camera_visibility
 from difficp.nonrigid.icp import nonrigid_icp
-from difficp.nonrigid.model import DeformationModel, rotvec_to_rotmat
+from difficp.nonrigid.model import DeformationModel
 
 # Joints whose rotation is fitted (the big limb joints); every other bone keeps its rest pose.
 DEFAULT_JOINTS = (

@@ -29,11 +29,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from difficp.geometry import rotvec_to_rotmat
 from difficp.nonrigid.model import (
     DeformationModel,
     ResidualBlock,
     as_batched_points,
-    rotvec_to_rotmat,
     rowwise_jacobian,
 )
 

@@ -32,9 +32,9 @@ from torch import Tensor
 
 from difficp._atomic import atomic_write_text
 from difficp.config import ICPConfig
-from difficp.geometry import estimate_normals
 from difficp.nonrigid.deformation_graph import EmbeddedDeformationGraph
 from difficp.nonrigid.icp import NonrigidICPResult, nonrigid_icp
+from difficp.normals import estimate_normals
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Non-rigid ICP: correspond -> weight / reject -> Gauss-Newton / LM step on a deformation model.
 
-The same loop as rigid ICP (:mod:`difficp.icp`), with the same correspondence, weighting,
-rejection and robust-kernel code and the same :class:`~difficp.ICPConfig`, but the update is a
-(damped) Gauss-Newton step on the parameters of a :class:`DeformationModel` instead of a rigid
+The same loop as rigid ICP (:func:`difficp.loop.run_loop`, driven by :class:`NonrigidSteps`), with
+the same correspondence, weighting, rejection and robust-kernel code and the same
+:class:`~difficp.ICPConfig`, but the update is a (damped) Gauss-Newton step on the parameters of a :class:`DeformationModel` instead of a rigid
 6-D step. The data residual of source point ``i`` is the metric's residual at the deformed point
 ``x_i(params)`` against its (fixed, for the step) partner; its Jacobian is the metric's derivative
 in the point (``I`` for point-to-point, ``n^T`` for point-to-plane, ``(n_p + n_q)^T`` for symmetric,
@@ -20,17 +20,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from difficp.config import ICPConfig
+from difficp.config import ICPConfig, resolve_config
 from difficp.correspondence import Correspondences
-from difficp.icp import correspond, weigh
+from difficp.icp import find_partners, weigh
+from difficp.implicit import implicit_params
 from difficp.inputs import Problem, prepare_problem
+from difficp.loop import enough_correspondences, rmse_tolerance, run_loop
 from difficp.metrics import Metric, get_metric
+from difficp.nonrigid.deformation_graph import EmbeddedDeformationGraph
 from difficp.nonrigid.model import DeformationModel, ResidualBlock
-from difficp.nonrigid.solver import damped_solve, levenberg_marquardt, normal_equations
+from difficp.nonrigid.rigid import RigidModel
+from difficp.solvers import (
+    block_levenberg_marquardt,
+    block_normal_equations,
+    damped_solve,
+)
 from difficp.weighting import inlier_statistics
-
-# Fewest weighted correspondences for a pair to take a step.
-MIN_CORRESPONDENCES = 3
 
 Schedule = Callable[[int], float] | Sequence[float] | None
 # Extra per-point weights from the deformed points and normals: (B, N, 3), (B, N, 3)|None -> (B, N)
@@ -98,11 +103,6 @@ def _sqrt_weights(weights: Tensor) -> Tensor:
     return torch.where(positive, safe.sqrt(), torch.zeros_like(weights))
 
 
-def _enough(corr: Correspondences, weights: Tensor) -> Tensor:
-    """``(B,)`` bool: the pair has at least :data:`MIN_CORRESPONDENCES` weighted partners."""
-    return ((weights.detach() > 0) & corr.valid).sum(1) >= MIN_CORRESPONDENCES
-
-
 def _data_blocks(
     model: DeformationModel,
     metric: Metric,
@@ -144,7 +144,8 @@ def _step(
     damping: Tensor,
     point_weight: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One solver update of ``params`` with correspondences fixed. Returns params, damping, cost."""
+    """One solver update of ``params`` with correspondences fixed: the ``(B, P)`` change of the
+    parameters, the new damping ``(B,)`` and the cost ``(B,)``."""
     sqrt_w = _sqrt_weights(weights)
 
     def blocks(p: Tensor, with_jacobian: bool) -> list[ResidualBlock]:
@@ -153,129 +154,140 @@ def _step(
         return [*data, *regs]
 
     if config.solver == "lm":
-        return levenberg_marquardt(blocks, params, damping, config.lm_steps)
-    H, g, cost = normal_equations(blocks(params, True), params.shape[-1])
-    return params + damped_solve(H, g, 0.0), damping, cost
+        return block_levenberg_marquardt(blocks, params, damping, config.lm_steps)
+    H, g, cost = block_normal_equations(blocks(params, True), params.shape[-1])
+    return damped_solve(H, g, 0.0), damping, cost
 
 
-def _correspond(problem: Problem, config: ICPConfig, model: DeformationModel, params: Tensor):
-    """Deform the source and find partners (the rigid ICP's step 2, at the identity)."""
-    moved = dataclasses.replace(
-        problem, source=model.deform(params), source_normals=model.deform_normals(params)
-    )
-    eye = torch.eye(4, dtype=params.dtype, device=params.device).expand(params.shape[0], 4, 4)
-    return correspond(moved, config, eye)
+def _correspond(
+    problem: Problem, config: ICPConfig, model: DeformationModel, params: Tensor
+) -> tuple[Correspondences, Tensor, Tensor | None]:
+    """Deform the source by ``params`` ``(B, P)`` and find its partners (the rigid ICP's step 2).
+
+    Returns the correspondences and the deformed source points / normals ``(B, N, 3)``.
+    """
+    moved = model.deform(params)
+    moved_normals = model.deform_normals(params)
+    corr = find_partners(moved, problem.source_mask, problem.target, config)
+    return corr, moved, moved_normals
 
 
-def _run(
-    problem: Problem,
-    config: ICPConfig,
-    model: DeformationModel,
-    params: Tensor,
-    schedule: Schedule,
-    metric: Metric,
-    point_weight: float,
-    source_weights: PointWeightFn | None = None,
-) -> tuple[NonrigidICPResult, Tensor]:
-    B = params.shape[0]
-    device = params.device
-    corr, moved, moved_n = _correspond(problem, config, model, params)
-    fitness, rmse = inlier_statistics(corr, problem.source_counts, config.max_distance)
-    history = [rmse]
-    active = torch.ones(B, dtype=torch.bool, device=device)
-    converged = torch.zeros(B, dtype=torch.bool, device=device)
-    iterations = torch.zeros(B, dtype=torch.long, device=device)
-    damping = torch.full((B,), config.lm_damping, dtype=params.dtype, device=device)
-    cost = params.new_zeros(B)
-    no_stop_before = _schedule_length(schedule)
-    for it in range(config.max_iterations):
-        w = weigh(config, metric, corr, moved, moved_n)
-        if source_weights is not None:
-            w = w * source_weights(moved, moved_n)
-        active = active & _enough(corr, w)
-        new_params, new_damping, new_cost = _step(
-            model,
-            metric,
-            config,
+class NonrigidSteps:
+    """The :class:`~difficp.loop.Steps` of non-rigid ICP: the value is the ``(B, P)`` parameters
+    of ``model``, an update is added to it (:func:`_add`).
+
+    Also records what :class:`NonrigidICPResult` reports beyond the loop: the cost of every step
+    and the deformed source at the last evaluation.
+    """
+
+    def __init__(
+        self,
+        problem: Problem,
+        config: ICPConfig,
+        model: DeformationModel,
+        schedule: Schedule,
+        point_weight: float,
+        source_weights: PointWeightFn | None = None,
+    ) -> None:
+        self.problem = problem
+        self.config = config
+        self.model = model
+        self.metric = get_metric(config.metric)
+        self.schedule = schedule
+        self.point_weight = point_weight
+        self.source_weights = source_weights
+        self.dtype = problem.source.dtype
+        self.costs: list[Tensor] = []  # (B,) cost of each step, in order
+        self.points: Tensor | None = None  # (B, N, 3) deformed source at the last evaluation
+
+    def evaluate(self, params: Tensor, active: Tensor) -> tuple[Tensor, Tensor, Any]:
+        corr, moved, moved_n = _correspond(self.problem, self.config, self.model, params)
+        self.points = moved
+        counts = self.problem.source_counts
+        fitness, rmse = inlier_statistics(corr, counts, self.config.max_distance)
+        return fitness, rmse, (params, corr, moved, moved_n)
+
+    def step(self, state: Any, damping: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        params, corr, moved, moved_n = state
+        w = self.weights(corr, moved, moved_n)
+        enough = enough_correspondences(corr.valid, w)
+        reg_scale = _schedule_value(self.schedule, len(self.costs))
+        update, damping, cost = _step(
+            self.model,
+            self.metric,
+            self.config,
             params,
             corr,
             w,
-            _schedule_value(schedule, it),
+            reg_scale,
             damping,
-            point_weight,
+            self.point_weight,
         )
-        # Applied before the exit test: when every pair has just been lost, params stay an output
-        # of this step's graph (with zero gradient through it), so backward() still works.
-        params = torch.where(active[:, None], new_params, params)
-        if not bool(active.any()):
-            break
-        damping = torch.where(active, new_damping, damping)
-        cost = torch.where(active, new_cost, cost)
-        corr, moved, moved_n = _correspond(problem, config, model, params)
-        new_fitness, new_rmse = inlier_statistics(corr, problem.source_counts, config.max_distance)
-        iterations = iterations + active.long()
-        done = (
-            active
-            & ((new_fitness - fitness).abs() < config.relative_fitness)
-            & ((new_rmse - rmse).abs() < config.relative_rmse)
-        )
-        if it + 1 < no_stop_before:  # the regulariser weights are still changing
-            done = torch.zeros_like(done)
-        fitness = torch.where(active, new_fitness, fitness)
-        rmse = torch.where(active, new_rmse, rmse)
-        converged = converged | done
-        active = active & ~done
-        history.append(rmse)
-        if not bool(active.any()):
-            break
-    transform = model.transform(params) if hasattr(model, "transform") else None
-    result = NonrigidICPResult(
-        params=params,
-        points=moved,
-        fitness=fitness,
-        inlier_rmse=rmse,
-        iterations=iterations,
-        converged=converged,
-        cost=cost,
-        rmse_history=torch.stack(history, 1) if config.return_history else None,
-        transform=transform,
+        self.costs.append(cost)
+        return update, damping, enough
+
+    def weights(self, corr: Correspondences, moved: Tensor, moved_n: Tensor | None) -> Tensor:
+        """``(B, N)`` the rigid ICP's weights times ``source_weights``."""
+        w = weigh(self.config, self.metric, corr, moved, moved_n)
+        if self.source_weights is not None:
+            w = w * self.source_weights(moved, moved_n)
+        return w
+
+    def final_cost(self, iterations: Tensor) -> Tensor:
+        """``(B,)`` the cost of each pair's last applied step (0 before any): a pair that ran
+        ``k`` iterations applied exactly the first ``k`` steps."""
+        if not self.costs:
+            return torch.zeros(iterations.shape, dtype=self.dtype, device=iterations.device)
+        costs = torch.stack(self.costs, 1)  # (B, K)
+        last = costs.gather(1, (iterations - 1).clamp_min(0)[:, None])[:, 0]
+        return torch.where(iterations > 0, last, torch.zeros_like(last))
+
+    def implicit(self, params_star: Tensor, iterations: int) -> Tensor:
+        """``params_star`` ``(B, P)`` with the implicit gradient of the fixed point
+        (:func:`difficp.implicit.implicit_params`), regularisers scaled as in its last step."""
+        scale = _schedule_value(self.schedule, max(iterations - 1, 0))
+
+        def system(p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            corr, moved, moved_n = _correspond(self.problem, self.config, self.model, p)
+            w = self.weights(corr, moved, moved_n)
+            sqrt_w = _sqrt_weights(w)
+            regs = [b.scaled(scale) for b in self.model.regularizers(p, True)]
+            data = _data_blocks(self.model, self.metric, p, corr, sqrt_w, True, self.point_weight)
+            H, g, _ = block_normal_equations([*data, *regs], p.shape[-1])
+            return H, g, enough_correspondences(corr.valid, w)
+
+        return implicit_params(system, params_star)
+
+
+def _add(update: Tensor, params: Tensor) -> Tensor:
+    """Non-rigid ICP's update rule: parameters ``(B, P)`` plus the step ``(B, P)``."""
+    return params + update
+
+
+def _run(
+    steps: NonrigidSteps, params: Tensor, schedule: Schedule, tolerance: Tensor
+) -> NonrigidICPResult:
+    loop = run_loop(
+        steps,
+        params,
+        steps.config,
+        tolerance,
+        apply=_add,
+        min_iterations=_schedule_length(schedule),
     )
-    return result, damping
-
-
-def _implicit_params(
-    problem: Problem,
-    config: ICPConfig,
-    model: DeformationModel,
-    params_star: Tensor,
-    schedule: Schedule,
-    metric: Metric,
-    iterations: int,
-    point_weight: float,
-    source_weights: PointWeightFn | None = None,
-) -> Tensor:
-    """Re-attach gradients to converged parameters by the implicit function theorem.
-
-    At a converged ``p*`` the gradient ``g(p*, inputs) = J^T r`` vanishes, so
-    ``dp*/dinputs = -(dg/dp)^-1 dg/dinputs``. With the Gauss-Newton approximation ``dg/dp ~ H``
-    this is the gradient of one step ``p* - H^-1 g(p*, inputs)`` with ``H`` held constant: its
-    value is ``p*`` (up to the remaining gradient) and memory does not grow with the iterations.
-    A pair without enough correspondences at ``p*`` (lost) has no fixed point: it keeps ``p*``
-    with a zero gradient, and the rest of the batch gets exactly the gradient it would get alone.
-    """
-    p = params_star.detach()
-    corr, moved, moved_n = _correspond(problem, config, model, p)
-    w = weigh(config, metric, corr, moved, moved_n)
-    if source_weights is not None:
-        w = w * source_weights(moved, moved_n)
-    sqrt_w = _sqrt_weights(w)
-    scale = _schedule_value(schedule, max(iterations - 1, 0))
-    regs = [b.scaled(scale) for b in model.regularizers(p, True)]
-    data = _data_blocks(model, metric, p, corr, sqrt_w, True, point_weight)
-    H, g, _ = normal_equations([*data, *regs], p.shape[-1])
-    # A lost pair's H may be all zero: its solve divides by the tiny diagonal guard, and even a
-    # zero gradient through it would overflow, so it takes no step and gets none through it.
-    return torch.where(_enough(corr, w)[:, None], p + damped_solve(H.detach(), g, 0.0), p)
+    model = steps.model
+    assert steps.points is not None
+    return NonrigidICPResult(
+        params=loop.value,
+        points=steps.points,
+        fitness=loop.fitness,
+        inlier_rmse=loop.inlier_rmse,
+        iterations=loop.iterations,
+        converged=loop.converged,
+        cost=steps.final_cost(loop.iterations),
+        rmse_history=loop.rmse_history,
+        transform=model.transform(loop.value) if hasattr(model, "transform") else None,
+    )
 
 
 def build_model(
@@ -287,12 +299,8 @@ def build_model(
 ) -> DeformationModel:
     """A built-in model by name: ``"rigid"`` or ``"graph"`` (embedded deformation graph)."""
     if kind == "rigid":
-        from difficp.nonrigid.rigid import RigidModel
-
         return RigidModel(source, source_normals=source_normals, lengths=source_lengths, **options)
     if kind in ("graph", "embedded_deformation"):
-        from difficp.nonrigid.deformation_graph import EmbeddedDeformationGraph
-
         return EmbeddedDeformationGraph(
             source, source_normals=source_normals, lengths=source_lengths, **options
         )
@@ -328,12 +336,11 @@ def nonrigid_icp(
             ``correspondence="projective"`` (then ``intrinsics``, ``target_pose`` as in rigid ICP).
         model: a :class:`DeformationModel`, or ``"rigid"`` / ``"graph"`` (built from ``source``
             with ``model_options``, e.g. ``{"num_nodes": 64}``).
-        config: :class:`~difficp.ICPConfig`; ``**overrides`` replace its fields. ``solver="lm"``
-            runs ``lm_steps`` Levenberg-Marquardt trials per iteration, anything else one
-            Gauss-Newton step (``"svd"``, the rigid point-to-point default, has no non-rigid
-            meaning and also means Gauss-Newton). ``differentiation``: ``"unroll"``
-            (backpropagate through every step), ``"implicit"`` (Gauss-Newton implicit gradient of
-            the converged parameters) or ``"none"``.
+        config: :class:`~difficp.ICPConfig`; ``**overrides`` replace its fields. ``solver``:
+            ``"linear"`` or None (one Gauss-Newton step per iteration) or ``"lm"`` (``lm_steps``
+            Levenberg-Marquardt trials); ``"svd"`` (rigid Procrustes) is refused.
+            ``differentiation``: ``"unroll"`` (backpropagate through every step), ``"implicit"``
+            (Gauss-Newton implicit gradient of the converged parameters) or ``"none"``.
         source_normals, source_lengths, target_normals, target_lengths: as in :func:`difficp.icp`.
         init_params: ``(B, P)`` starting parameters (default ``model.initial_params()``).
         regularizer_schedule: factor on the regularisers per iteration, a sequence (last value
@@ -349,9 +356,12 @@ def nonrigid_icp(
     Returns:
         :class:`NonrigidICPResult`.
     """
-    config = config or ICPConfig()
-    if overrides:
-        config = config.replace(**overrides)
+    config = resolve_config(config, overrides)
+    if config.solver == "svd":
+        raise ValueError(
+            "solver='svd' (closed-form rigid Procrustes) does not fit a deformation model; use "
+            "solver='linear' (one Gauss-Newton step per iteration, the default) or solver='lm'"
+        )
     if isinstance(model, str):
         if source is None:
             raise ValueError(f"model={model!r} is built from the source; pass source=(N, 3) points")
@@ -365,7 +375,6 @@ def nonrigid_icp(
         raise ValueError(
             "this configuration needs source normals: build the model with source_normals="
         )
-    metric = get_metric(config.metric)
     grad_context = torch.no_grad() if config.differentiation == "none" else nullcontext()
     with grad_context:
         problem = prepare_problem(
@@ -388,43 +397,20 @@ def nonrigid_icp(
                 f"init_params must have shape {(problem.source.shape[0], model.num_params)}, "
                 f"got {tuple(params.shape)}"
             )
+        steps = NonrigidSteps(
+            problem, config, model, regularizer_schedule, point_weight, source_weights
+        )
+        # criteria_scale="relative": the RMSE criterion in units of the rest source's radius.
+        tolerance = rmse_tolerance(problem, config)
         if config.differentiation == "implicit":
             with torch.no_grad():
-                result, _ = _run(
-                    problem,
-                    config,
-                    model,
-                    params,
-                    regularizer_schedule,
-                    metric,
-                    point_weight,
-                    source_weights,
-                )
-            result.params = _implicit_params(
-                problem,
-                config,
-                model,
-                result.params,
-                regularizer_schedule,
-                metric,
-                int(result.iterations.max()),
-                point_weight,
-                source_weights,
-            )
+                result = _run(steps, params, regularizer_schedule, tolerance)
+            result.params = steps.implicit(result.params, int(result.iterations.max()))
             result.points = model.deform(result.params)
             if result.transform is not None:
                 result.transform = model.transform(result.params)  # type: ignore[attr-defined]
         else:
-            result, _ = _run(
-                problem,
-                config,
-                model,
-                params,
-                regularizer_schedule,
-                metric,
-                point_weight,
-                source_weights,
-            )
+            result = _run(steps, params, regularizer_schedule, tolerance)
     return result._squeeze() if model.unbatched else result
 
 

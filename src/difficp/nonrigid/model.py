@@ -6,7 +6,7 @@ initial parameter value. Non-rigid ICP minimises
 
     sum_i w_i |r_i(x_i(params))|^2  +  sum_blocks |reg(params)|^2
 
-by Gauss-Newton / Levenberg-Marquardt (:mod:`difficp.nonrigid.solver`), so a model only has to say
+by Gauss-Newton / Levenberg-Marquardt (:mod:`difficp.solvers`), so a model only has to say
 how its points (and regularisers) depend on the parameters; Jacobians come from autograd.
 
 Jacobians are stored *sparsely by rows*: a :class:`ResidualBlock` holds, for each of its ``R`` rows
@@ -23,38 +23,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.func import jvp, vmap
 
-
-@dataclass
-class ResidualBlock:
-    """A group of least-squares residual rows and their (row-sparse) Jacobian.
-
-    Attributes:
-        residuals: ``(B, R, D)`` residuals (already multiplied by the square root of their weight).
-        jacobian: ``(B, R, D, Q)`` derivative of each row's residuals w.r.t. the ``Q`` parameters it
-            depends on, or None when only the residuals were asked for (cost evaluation).
-        index: ``(B, R, Q)`` long, the global parameter index of each local parameter; None means
-            dense (``Q`` equals the model's ``P`` and local parameter ``q`` is global ``q``).
-    """
-
-    residuals: Tensor
-    jacobian: Tensor | None = None
-    index: Tensor | None = None
-
-    def scaled(self, factor: float | Tensor) -> ResidualBlock:
-        """The block for the cost scaled by ``factor`` (residuals and Jacobian by its sqrt)."""
-        s = torch.as_tensor(factor, dtype=self.residuals.dtype, device=self.residuals.device).sqrt()
-        jac = None if self.jacobian is None else self.jacobian * s
-        return ResidualBlock(self.residuals * s, jac, self.index)
-
-    def cost(self) -> Tensor:
-        """``(B,)`` sum of squared residuals."""
-        return (self.residuals**2).flatten(1).sum(1)
+from difficp.solvers import ResidualBlock
 
 
 def rowwise_jacobian(
@@ -83,36 +57,6 @@ def rowwise_jacobian(
 
     cols = vmap(column, chunk_size=chunk_size)(tangents)  # (Q, *rows, D)
     return cols.movedim(0, -1)
-
-
-def skew(v: Tensor) -> Tensor:
-    """``(..., 3)`` -> ``(..., 3, 3)`` cross-product matrix ``[v]x``."""
-    z = torch.zeros_like(v[..., 0])
-    x, y, w = v.unbind(-1)
-    return torch.stack(
-        [torch.stack([z, -w, y], -1), torch.stack([w, z, -x], -1), torch.stack([-y, x, z], -1)], -2
-    )
-
-
-def rotvec_to_rotmat(rotvec: Tensor) -> Tensor:
-    """``(..., 3)`` rotation vector -> ``(..., 3, 3)`` rotation matrix, smooth to all orders.
-
-    Rodrigues' formula ``R = I + a(t) K + b(t) K^2`` with ``K = [rotvec]x``, ``t = |rotvec|^2``,
-    ``a = sin(theta)/theta``, ``b = (1 - cos(theta))/theta^2`` written as functions of ``t`` (with
-    their Taylor series below ``t = 1e-4``), so no square root is differentiated at 0. Same values
-    as ``roma.rotvec_to_rotmat``, but roma switches to a first-order formula near 0 whose second
-    derivative is NaN there, and unrolled Gauss-Newton differentiates the Jacobian (a second
-    derivative) exactly at the zero initial value of the parameters.
-    """
-    K = skew(rotvec)
-    t = (rotvec * rotvec).sum(-1)[..., None, None]
-    small = t < 1e-4
-    t_safe = torch.where(small, torch.ones_like(t), t)  # keeps the unused branch finite
-    theta = t_safe.sqrt()
-    a = torch.where(small, 1 - t / 6 + t * t / 120, torch.sin(theta) / theta)
-    b = torch.where(small, 0.5 - t / 24 + t * t / 720, (1 - torch.cos(theta)) / t_safe)
-    eye = torch.eye(3, dtype=rotvec.dtype, device=rotvec.device)
-    return eye + a * K + b * (K @ K)
 
 
 def as_batched_points(name: str, points: Tensor) -> tuple[Tensor, bool]:
@@ -204,7 +148,5 @@ __all__ = [
     "DeformationModel",
     "ResidualBlock",
     "as_batched_points",
-    "rotvec_to_rotmat",
     "rowwise_jacobian",
-    "skew",
 ]

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from difficp.geometry import make_transform, rotate_vectors, transform_points
-from difficp.nonrigid.model import DeformationModel, as_batched_points, rotvec_to_rotmat
+from difficp.geometry import make_transform, rotate_vectors, rotvec_to_rotmat, transform_points
+from difficp.nonrigid.model import DeformationModel, as_batched_points
 
 
 class RigidModel(DeformationModel):

@@ -1,0 +1,242 @@
+"""The ICP loop: iterate a :class:`Steps` (correspond -> weight / reject -> solve -> update) until
+Open3D's stopping rule holds, batched over pairs.
+
+Every pair of the batch runs in lock-step; a pair that has met the stopping criteria (or lost
+every correspondence) keeps its transform, by ``torch.where``, while the others go on.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from difficp.config import ICPConfig
+from difficp.geometry import orthonormalize
+from difficp.inputs import Problem
+
+# A pair needs this many weighted correspondences for a determined 6-DoF update.
+MIN_CORRESPONDENCES = 3
+
+
+@dataclass
+class ICPResult:
+    """Result of :func:`icp`. Batched inputs give batched fields; a single pair gives unbatched.
+
+    Attributes:
+        transform: ``(B, 4, 4)`` maps source into target: ``target ~ source @ R.T + t``.
+        fitness: ``(B,)`` inlier correspondences (closer than ``max_distance``) / source points.
+        inlier_rmse: ``(B,)`` RMSE of the inlier distances (Open3D's definition).
+        iterations: ``(B,)`` int, ICP iterations each pair ran.
+        converged: ``(B,)`` bool, met the relative fitness / RMSE criteria before
+            ``max_iterations`` (False for a pair that lost all its correspondences).
+        rmse_history: ``(B, K + 1)`` inlier RMSE at the start and after every iteration, when
+            ``config.return_history`` (else None).
+    """
+
+    transform: Tensor
+    fitness: Tensor
+    inlier_rmse: Tensor
+    iterations: Tensor
+    converged: Tensor
+    rmse_history: Tensor | None = None
+
+    def to(self, dtype: torch.dtype) -> ICPResult:
+        """The same result with float fields in ``dtype``."""
+        return ICPResult(
+            self.transform.to(dtype),
+            self.fitness.to(dtype),
+            self.inlier_rmse.to(dtype),
+            self.iterations,
+            self.converged,
+            None if self.rmse_history is None else self.rmse_history.to(dtype),
+        )
+
+    @classmethod
+    def from_loop(cls, loop: LoopResult) -> ICPResult:
+        """The rigid result of :func:`run_loop` (its value is the transform)."""
+        return cls(
+            loop.value,
+            loop.fitness,
+            loop.inlier_rmse,
+            loop.iterations,
+            loop.converged,
+            loop.rmse_history,
+        )
+
+    def _squeeze(self) -> ICPResult:
+        return ICPResult(
+            self.transform[0],
+            self.fitness[0],
+            self.inlier_rmse[0],
+            self.iterations[0],
+            self.converged[0],
+            None if self.rmse_history is None else self.rmse_history[0],
+        )
+
+
+@runtime_checkable
+class Steps(Protocol):
+    """One ICP iteration, split for :func:`run_loop`. Implemented by
+    :class:`difficp.icp.ReferenceSteps` (PyTorch), :class:`difficp.fused.FusedSteps` (compiled)
+    and :class:`difficp.nonrigid.icp.NonrigidSteps` (deformation models).
+
+    The loop holds the per-pair value being fitted (a ``(B, 4, 4)`` transform, or ``(B, P)``
+    model parameters) and never looks inside ``state`` or ``update``.
+    """
+
+    dtype: torch.dtype
+
+    def evaluate(self, value: Tensor, active: Tensor) -> tuple[Tensor, Tensor, Any]:
+        """Correspondences at ``value`` for the ``active`` ``(B,)`` pairs (the others may be
+        skipped): fitness ``(B,)``, inlier RMSE ``(B,)`` and the state :meth:`step` needs."""
+        ...
+
+    def step(self, state: Any, damping: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Weigh, reject and solve: the update of the value, the new LM damping ``(B,)``, and
+        ``(B,)`` bool, the pair had at least :data:`MIN_CORRESPONDENCES` weighted partners."""
+        ...
+
+
+def enough_correspondences(valid: Tensor, weights: Tensor) -> Tensor:
+    """``(B,)`` bool: at least :data:`MIN_CORRESPONDENCES` valid partners ``(B, N)`` have a
+    positive weight ``(B, N)``."""
+    return ((weights.detach() > 0) & valid).sum(1) >= MIN_CORRESPONDENCES
+
+
+def compose_rigid(update: Tensor, transform: Tensor) -> Tensor:
+    """Rigid ICP's update rule: ``update`` ``(B, 4, 4)`` left-multiplied onto ``transform``,
+    pulled back onto SO(3) (:func:`difficp.geometry.orthonormalize`)."""
+    return orthonormalize(update @ transform)
+
+
+@dataclass
+class LoopResult:
+    """How :func:`run_loop` ended, per pair (leading dimension ``B``).
+
+    Attributes:
+        value: the fitted ``(B, 4, 4)`` transform or ``(B, P)`` parameters.
+        fitness, inlier_rmse, iterations, converged, rmse_history: as :class:`ICPResult`.
+        damping: ``(B,)`` the final Levenberg-Marquardt damping.
+    """
+
+    value: Tensor
+    fitness: Tensor
+    inlier_rmse: Tensor
+    iterations: Tensor
+    converged: Tensor
+    rmse_history: Tensor | None
+    damping: Tensor
+
+
+def _where(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    return torch.where(mask.reshape(-1, *([1] * (a.dim() - 1))), a, b)
+
+
+def source_radius(problem: Problem) -> Tensor:
+    """``(B,)`` RMS distance of each source cloud's real points from their centroid (a rigid
+    motion leaves it unchanged)."""
+    mask = problem.source_mask[..., None].to(problem.source.dtype)
+    count = problem.source_counts.clamp_min(1)[:, None].to(problem.source.dtype)
+    source = problem.source.detach()
+    mean = (source * mask).sum(1) / count
+    return ((((source - mean[:, None]) ** 2) * mask).sum((1, 2)) / count[:, 0]).sqrt()
+
+
+def run_loop(
+    steps: Steps,
+    init: Tensor,
+    config: ICPConfig,
+    rmse_tolerance: Tensor | None = None,
+    apply: Callable[[Tensor, Tensor], Tensor] = compose_rigid,
+    min_iterations: int = 0,
+) -> LoopResult:
+    """The iterations, with Open3D's stopping rule per pair, from ``init`` (the ``(B, 4, 4)``
+    transforms or ``(B, P)`` parameters); the result is in the dtype of ``steps``.
+
+    Args:
+        rmse_tolerance: ``(B,)`` the RMSE change below which a pair may stop (default
+            ``config.relative_rmse``; see :func:`rmse_tolerance`).
+        apply: ``apply(update, value)``, the new value after a step (default
+            :func:`compose_rigid`; non-rigid parameters add).
+        min_iterations: no pair counts as converged before this many iterations.
+    """
+    B = init.shape[0]
+    device = init.device
+    T = init.to(steps.dtype)
+    active = torch.ones(B, dtype=torch.bool, device=device)
+    fitness, rmse, state = steps.evaluate(T, active)
+    history = [rmse]
+    converged = torch.zeros(B, dtype=torch.bool, device=device)
+    iterations = torch.zeros(B, dtype=torch.long, device=device)
+    damping = torch.full((B,), config.lm_damping, dtype=T.dtype, device=device)
+    tolerance = torch.full((B,), config.relative_rmse, dtype=rmse.dtype, device=device)
+    if rmse_tolerance is not None:
+        tolerance = rmse_tolerance.to(dtype=rmse.dtype, device=device)
+    for iteration in range(config.max_iterations):
+        update, new_damping, enough = steps.step(state, damping)
+        # A pair with too few weighted correspondences stops here with its last good transform.
+        active = active & enough
+        # Applied before the exit test: when every pair has just been lost, T stays an output of
+        # this step's graph (with zero gradient through it), so backward() still works.
+        T = _where(active, apply(update, T), T)
+        if not bool(active.any()):
+            break
+        damping = torch.where(active, new_damping, damping)
+        new_fitness, new_rmse, state = steps.evaluate(T, active)
+        iterations = iterations + active.long()
+        done = (
+            active
+            & ((new_fitness - fitness).abs() < config.relative_fitness)
+            & ((new_rmse - rmse).abs() < tolerance)
+        )
+        if iteration + 1 < min_iterations:
+            done = torch.zeros_like(done)
+        fitness = torch.where(active, new_fitness, fitness)
+        rmse = torch.where(active, new_rmse, rmse)
+        converged = converged | done
+        active = active & ~done
+        history.append(rmse)
+        if not bool(active.any()):
+            break
+    return LoopResult(
+        value=T,
+        fitness=fitness,
+        inlier_rmse=rmse,
+        iterations=iterations,
+        converged=converged,
+        rmse_history=torch.stack(history, dim=1) if config.return_history else None,
+        damping=damping,
+    )
+
+
+# Absolute RMSE criteria above this fraction of a cloud's RMS radius are coarse (warned).
+COARSE_CRITERIA = 1e-2
+
+
+def rmse_tolerance(problem: Problem, config: ICPConfig) -> Tensor:
+    """``(B,)`` the inlier-RMSE change below which each pair may stop.
+
+    ``criteria_scale="absolute"``: ``relative_rmse`` (Open3D's), with a warning when that is
+    coarser than ``COARSE_CRITERIA`` of a source cloud's RMS radius (tiny clouds would stop
+    after a step or two, reporting convergence). ``"relative"``: ``relative_rmse`` times the
+    radius.
+    """
+    with torch.no_grad():
+        radius = source_radius(problem)
+    if config.criteria_scale == "relative":
+        return config.relative_rmse * radius
+    if config.relative_rmse > 0 and bool((config.relative_rmse > COARSE_CRITERIA * radius).any()):
+        smallest = float(radius.min())
+        warnings.warn(
+            f"ICPConfig.relative_rmse={config.relative_rmse:g} is coarse for a source cloud of "
+            f"RMS radius {smallest:.3g} (the criteria are absolute, as in Open3D), so ICP may "
+            "stop after a step or two; pass criteria_scale='relative' (the RMSE change is then "
+            "divided by the cloud's radius) or a smaller relative_rmse",
+            stacklevel=3,
+        )
+    return torch.full_like(radius, config.relative_rmse)
