@@ -1,6 +1,7 @@
-"""Learned registration models, datasets, training and benchmarks (needs ``h5py`` for ModelNet).
+"""The ModelNet registration benchmark: learned models, datasets, training and the harness.
 
-Submodules are imported on demand (``difficp.learning.modelnet``, ``.dcp``, ``.pointnetlk``,
-``.classical``, ``.benchmark``, ``.train_dcp``, ``.metrics``) so that importing the package stays
-cheap and optional dependencies are only needed by the parts that use them.
+Submodules are imported on demand (``data`` (ModelNet pairs, needs ``h5py``), ``dcp``,
+``pointnetlk``, ``classical`` (Open3D baselines), ``benchmark``, ``train_dcp``, ``metrics``) so
+that importing the package stays cheap. Command line: ``difficp benchmark modelnet`` and
+``difficp train dcp``.
 """
