@@ -24,7 +24,13 @@ import time
 import numpy as np
 import torch
 
-from difficp.nonrigid.demo import LimbScene, fit_graph, make_limb_scene, surface_error, vertex_error
+from difficp_experiments.demos.nonrigid import (
+    LimbScene,
+    fit_graph,
+    make_limb_scene,
+    surface_error,
+    vertex_error,
+)
 
 CPD_GRID = [  # (beta, lmd, w)
     (0.1, 2.0, 0.1),

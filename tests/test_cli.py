@@ -12,8 +12,8 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from difficp.cli import build_parser, main
-from difficp.commands.demo import sample_terrain
 from difficp.io import read_point_cloud, read_transform, write_point_cloud, write_transform
+from difficp_experiments.demos.rigid import sample_terrain
 
 
 def _true_transform() -> np.ndarray:
@@ -281,7 +281,7 @@ def test_register_failed_write_prints_result_and_writes_nothing(
         f.write(b"ply\npartial")
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(difficp.io, "_write_ply", disk_full)
+    monkeypatch.setattr(difficp.io.ply, "write_ply", disk_full)
     code = main(
         [
             "register",
@@ -349,7 +349,7 @@ def test_demo_rigid_writes_png_and_small_errors(tmp_path, capsys):
 
 def test_demo_nonrigid_missing_module_message(tmp_path, capsys, monkeypatch):
     # A None entry in sys.modules makes the import fail as if the module were not installed.
-    monkeypatch.setitem(sys.modules, "difficp.nonrigid.demo", None)
+    monkeypatch.setitem(sys.modules, "difficp_experiments.demos.nonrigid", None)
     code = main(["demo", "nonrigid", "--out", str(tmp_path)])
     captured = capsys.readouterr()
     assert code == 2
@@ -358,9 +358,9 @@ def test_demo_nonrigid_missing_module_message(tmp_path, capsys, monkeypatch):
 
 def test_demo_nonrigid_dispatches_to_run_demo(tmp_path, monkeypatch):
     calls = []
-    fake = types.ModuleType("difficp.nonrigid.demo")
+    fake = types.ModuleType("difficp_experiments.demos.nonrigid")
     fake.run_demo = lambda args: calls.append(args) or 0
-    monkeypatch.setitem(sys.modules, "difficp.nonrigid.demo", fake)
+    monkeypatch.setitem(sys.modules, "difficp_experiments.demos.nonrigid", fake)
     assert main(["demo", "nonrigid", "--out", str(tmp_path), "--seed", "7"]) == 0
     assert len(calls) == 1 and calls[0].seed == 7 and calls[0].out == str(tmp_path)
 
@@ -434,3 +434,147 @@ def test_misspelt_command_suggests_the_right_one(capsys: pytest.CaptureFixture[s
     with pytest.raises(SystemExit):
         main(["regster", "a.ply", "b.ply"])
     assert "did you mean register?" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Commands are plugins: the difficp.commands entry-point group
+# --------------------------------------------------------------------------------------------
+
+
+def _entry_points(**modules: str) -> list:
+    from importlib.metadata import EntryPoint
+
+    return [EntryPoint(name, value, "difficp.commands") for name, value in modules.items()]
+
+
+def test_commands_are_discovered_from_the_entry_point_group(monkeypatch, capsys):
+    import difficp.cli as cli
+
+    calls = []
+    plugin = types.ModuleType("some_plugin.hello")
+
+    def add_parser(subparsers):
+        p = subparsers.add_parser("hello", help="say hello")
+        p.add_argument("--name", default="world")
+        p.set_defaults(func=lambda args: calls.append(args.name) or 0)
+
+    plugin.add_parser = add_parser
+    monkeypatch.setitem(sys.modules, "some_plugin.hello", plugin)
+    eps = _entry_points(register="difficp.commands.register", hello="some_plugin.hello")
+    monkeypatch.setattr(cli, "entry_points", lambda: eps)
+    assert main(["hello", "--name", "you"]) == 0
+    assert calls == ["you"]
+    assert main([]) == 0  # the top-level help lists both, without importing either
+    out = capsys.readouterr().out
+    assert "register" in out and "hello" in out and "demo" not in out
+    with pytest.raises(SystemExit):
+        main(["helo"])
+    assert "did you mean hello?" in capsys.readouterr().err
+
+
+def test_pyproject_registers_every_command_the_readme_names():
+    tomllib = pytest.importorskip("tomllib")
+    from pathlib import Path
+
+    import difficp.cli as cli
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    group = pyproject["project"]["entry-points"]["difficp.commands"]
+    assert group == {
+        "register": "difficp.commands.register",
+        "demo": "difficp_experiments.commands.demo",
+        "experiment": "difficp_experiments.commands.experiment",
+        "benchmark": "difficp_experiments.commands.benchmark",
+        "train": "difficp_experiments.commands.train",
+    }
+    assert set(group) == set(cli.HELP)
+
+
+def test_missing_extra_is_one_line_naming_the_extra(monkeypatch, capsys):
+    import difficp.cli as cli
+
+    monkeypatch.setattr(cli, "_extras_providing", lambda module: ["experiments"])
+    # The demo's module imports again, and finds matplotlib missing (a None entry in
+    # sys.modules makes it look uninstalled).
+    monkeypatch.delitem(sys.modules, "difficp_experiments.commands.demo", raising=False)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    eps = _entry_points(demo="difficp_experiments.commands.demo")
+    monkeypatch.setattr(cli, "entry_points", lambda: eps)
+    assert main(["demo", "--seed", "1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "difficp demo: error: needs matplotlib, part of the experiments extra: "
+        'pip install "difficp[experiments]"'
+    ]
+    # Without the experiments package at all (not in the extras' requirements: it is ours).
+    monkeypatch.setattr(cli, "_extras_providing", lambda module: [])
+    monkeypatch.setitem(sys.modules, "difficp_experiments.commands.demo", None)
+    assert main(["demo"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "difficp demo: error: needs difficp_experiments, part of the experiments extra: "
+        'pip install "difficp[experiments]"'
+    ]
+
+
+def test_missing_extra_while_running_and_real_bugs(monkeypatch, capsys):
+    import difficp.cli as cli
+
+    def add_parser(subparsers):
+        p = subparsers.add_parser("job")
+        p.add_argument("--missing")
+        p.set_defaults(func=lambda args: importlib.import_module(args.missing))
+
+    import importlib
+
+    plugin = types.ModuleType("some_plugin.job")
+    plugin.add_parser = add_parser
+    monkeypatch.setitem(sys.modules, "some_plugin.job", plugin)
+    monkeypatch.setattr(cli, "entry_points", lambda: _entry_points(job="some_plugin.job"))
+    monkeypatch.setattr(cli, "_extras_providing", lambda m: ["open3d", "experiments"])
+    monkeypatch.setitem(sys.modules, "h5py", None)
+    assert main(["job", "--missing", "h5py"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        'difficp job: error: needs h5py, part of the experiments extra: pip install "difficp[experiments]"'
+    ]
+    # A module no extra provides is a bug (or the plugin's own business): a traceback, as before.
+    monkeypatch.setattr(cli, "_extras_providing", lambda m: [])
+    with pytest.raises(ModuleNotFoundError):
+        main(["job", "--missing", "no_such_module_xyz"])
+
+
+def test_extras_are_read_from_the_distribution_metadata(monkeypatch):
+    import importlib.metadata
+
+    import difficp.cli as cli
+
+    requires = [
+        "torch>=2.3",
+        'open3d>=0.18; extra == "open3d"',
+        'matplotlib>=3.7; extra == "experiments"',
+        'open3d>=0.18; extra == "experiments"',
+        'difficp[experiments]; extra == "test"',
+    ]
+    monkeypatch.setattr(importlib.metadata, "requires", lambda dist: requires)
+    assert cli._extras_providing("open3d") == ["open3d", "experiments"]
+    assert cli._extras_providing("matplotlib") == ["experiments"]
+    assert cli._extras_providing("torch") == []
+    err = ModuleNotFoundError("No module named 'open3d.core'", name="open3d.core")
+    assert "the experiments extra" in cli.missing_extra_message(err)
+
+
+def test_help_and_version_import_no_command_module():
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "from difficp.cli import main\n"
+        "for argv in (['--help'], ['--version']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "loaded = [m for m in sys.modules if '.commands.' in m or m.startswith('difficp_experiments')]\n"
+        "print('LOADED', loaded)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "LOADED []" in proc.stdout

@@ -376,10 +376,10 @@ def test_truncated_compressed_pcd_raises_value_error(tmp_path_factory, compresse
 @given(data=st.binary(max_size=64), size=st.integers(0, 200))
 def test_lzf_decoder_on_arbitrary_bytes(data, size):
     """Any byte string either decodes to exactly ``size`` bytes or raises a ValueError."""
-    from difficp.io import _lzf_decompress
+    from difficp.io.lzf import lzf_decompress
 
     try:
-        out = _lzf_decompress(data, size)
+        out = lzf_decompress(data, size)
     except ValueError as err:
         assert "corrupt LZF" in str(err)
     else:
@@ -400,8 +400,8 @@ def test_failed_write_leaves_the_old_file_and_no_partial_one(tmp_path, cloud, mo
         f.write(b"partial")
         raise OSError("No space left on device")
 
-    for attr in ("_write_ply", "_write_pcd"):
-        monkeypatch.setattr(io, attr, disk_full)
+    monkeypatch.setattr(io.ply, "write_ply", disk_full)
+    monkeypatch.setattr(io.pcd, "write_pcd", disk_full)
     monkeypatch.setattr(io.np, "save", disk_full)
     monkeypatch.setattr(io.np, "savetxt", disk_full)
     with pytest.raises(OSError, match="No space"):

@@ -1,1 +1,5 @@
-"""Sub-commands of the ``difficp`` command line, one module each (see :mod:`difficp.cli`)."""
+"""The library's own ``difficp`` sub-command, ``register`` (see :mod:`difficp.cli`).
+
+Commands are found through the ``difficp.commands`` entry-point group; the demos and experiments
+add theirs from :mod:`difficp_experiments.commands`.
+"""

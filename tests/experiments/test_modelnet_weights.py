@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from difficp.learning.metrics import isotropic_errors
+from difficp_experiments.modelnet.metrics import isotropic_errors
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def clean_batch(data_dir):
-    from difficp.learning.modelnet import ModelNetPairs, load_modelnet
+    from difficp_experiments.modelnet.data import ModelNetPairs, load_modelnet
 
     pts, labels = load_modelnet(data_dir, "modelnet10", "test")
     assert pts.shape == (908, 1024, 3)
@@ -44,7 +44,7 @@ def _errors(R, t, batch):
 
 
 def test_dcp_v1_official_weights_load_strictly_and_register(data_dir, clean_batch):
-    from difficp.learning.dcp import load_dcp_v1
+    from difficp_experiments.modelnet.dcp import load_dcp_v1
 
     model = load_dcp_v1(data_dir / "weights" / "dcp_v1.t7")  # strict=True inside
     assert sum(v.numel() for v in model.state_dict().values()) == 311_694  # as published
@@ -56,7 +56,7 @@ def test_dcp_v1_official_weights_load_strictly_and_register(data_dir, clean_batc
 
 
 def test_pointnetlk_weights_load_strictly_and_register(data_dir, clean_batch):
-    from difficp.learning.pointnetlk import load_pointnetlk
+    from difficp_experiments.modelnet.pointnetlk import load_pointnetlk
 
     model = load_pointnetlk(data_dir / "weights" / "pointnetlk" / "pointnetlk_modelnet40.t7")
     torch.testing.assert_close(model.dt, torch.full((1, 6), 0.01))
@@ -67,8 +67,8 @@ def test_pointnetlk_weights_load_strictly_and_register(data_dir, clean_batch):
 
 
 def test_dcp_v2_training_from_v1_weights_checkpoint_and_resume(data_dir, tmp_path):
-    from difficp.learning.dcp import DCP, Transformer, load_dcp_checkpoint, load_dcp_v1
-    from difficp.learning.train_dcp import TrainConfig, best_path, state_path, train
+    from difficp_experiments.modelnet.dcp import DCP, Transformer, load_dcp_checkpoint, load_dcp_v1
+    from difficp_experiments.modelnet.train_dcp import TrainConfig, best_path, state_path, train
 
     out = tmp_path / "v2.pt"
     # 6 shapes: 1 for validation, 5 for training = 2 steps of 2 per epoch

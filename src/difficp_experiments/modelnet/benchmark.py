@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 import difficp
 from difficp._atomic import AtomicFiles, atomic_open, atomic_write_text
-from difficp.learning.metrics import all_metrics
-from difficp.learning.modelnet import NUM_CLASSES, ModelNetPairs, load_modelnet
+from difficp_experiments.modelnet.data import NUM_CLASSES, ModelNetPairs, load_modelnet
+from difficp_experiments.modelnet.metrics import all_metrics
 
 BASE_METHODS = ("icp", "open3d_icp", "open3d_fgr", "pointnetlk", "dcp_v1", "dcp_v2", "dcp_v2_e2e")
 LEARNED = ("pointnetlk", "dcp_v1", "dcp_v2", "dcp_v2_e2e")
@@ -143,8 +143,8 @@ class MethodRunner:
 
     def model(self, name: str) -> torch.nn.Module:
         if name not in self._models:
-            from difficp.learning.dcp import load_dcp_checkpoint, load_dcp_v1
-            from difficp.learning.pointnetlk import load_pointnetlk
+            from difficp_experiments.modelnet.dcp import load_dcp_checkpoint, load_dcp_v1
+            from difficp_experiments.modelnet.pointnetlk import load_pointnetlk
 
             if name == "dcp_v1":
                 self._models[name] = load_dcp_v1(self._weights("dcp_v1.t7"))
@@ -170,7 +170,7 @@ class MethodRunner:
             T = difficp.icp(src, tgt, config=cfg).transform.double().numpy()
             return T[:, :3, :3], T[:, :3, 3]
         if name in ("open3d_icp", "open3d_fgr"):
-            from difficp.learning.classical import open3d_fgr, open3d_icp
+            from difficp_experiments.modelnet.classical import open3d_fgr, open3d_icp
 
             if name == "open3d_icp":
                 dist = 2.0 if self.cfg.icp_max_distance is None else self.cfg.icp_max_distance

@@ -9,7 +9,7 @@ deformation graph, with Jacobians by forward-mode autograd through anny's torch 
 It is an optional extra (about 600 MB of dependencies, a first build of several minutes and
 ~800 MB of cache): ``pip install anny``. Nothing else in difficp imports this module.
 
-    python -m difficp.nonrigid.anny_fit --out results/nonrigid_anny
+    python -m difficp_experiments.demos.anny_fit --out results/nonrigid_anny
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from torch import Tensor
 
 from difficp._atomic import atomic_write_text
 from difficp.geometry import depth_to_points, points_to_pixels, rotvec_to_rotmat
-from difficp.nonrigid.demo import camera_visibility
 from difficp.nonrigid.icp import nonrigid_icp
 from difficp.nonrigid.model import DeformationModel
+from difficp_experiments.demos.nonrigid import camera_visibility
 
 # Joints whose rotation is fitted (the big limb joints); every other bone keeps its rest pose.
 DEFAULT_JOINTS = (

@@ -11,6 +11,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from difficp_experiments.commands import require
+
+# ModelNet is read from HDF5; tqdm shows progress. (Open3D is needed only by the open3d_*
+# methods, which say so themselves.)
+require("h5py", "tqdm")
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``benchmark`` and its ``modelnet`` sub-command."""
@@ -71,7 +77,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_modelnet(args: argparse.Namespace) -> int:
     from difficp.datadir import require_data_dir
-    from difficp.learning.benchmark import (
+    from difficp_experiments.modelnet.benchmark import (
         DEFAULT_METHODS,
         BenchmarkConfig,
         parse_methods,

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from difficp.learning.train_dcp import TrainConfig, run_training
+from difficp_experiments.modelnet.train_dcp import TrainConfig, run_training
 
 
 def digest(module: torch.nn.Module) -> str:

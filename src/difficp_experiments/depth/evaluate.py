@@ -10,15 +10,15 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from difficp.learning.depth.data import SceneConfig, rmse_between
-from difficp.learning.depth.methods import (
+from difficp_experiments.depth.data import SceneConfig, rmse_between
+from difficp_experiments.depth.methods import (
     icp_baseline_config,
     make_clouds,
     refine_schedule,
     run_icp,
     run_schedule,
 )
-from difficp.learning.depth.model import PoseCNN
+from difficp_experiments.depth.model import PoseCNN
 
 METHODS = ("nn", "icp", "nn_icp", "nn_then_icp")
 THRESHOLDS = {"3cm": 0.03, "30cm": 0.30}
@@ -38,7 +38,7 @@ def method_errors(
 ) -> dict[str, Tensor]:
     """``(N,)`` final errors (body RMSE, m) per method (and per ICP variant) on ``data``.
 
-    ``data`` is a collated batch of :class:`~difficp.learning.depth.data.DepthPairs` items.
+    ``data`` is a collated batch of :class:`~difficp_experiments.depth.data.DepthPairs` items.
     Keys: ``nn``, ``nn_icp``, ``nn_then_icp``, ``icp_projective``, ``icp_nearest`` and the
     control ``icp_schedule`` (the refinement schedule run from the identity).
     """

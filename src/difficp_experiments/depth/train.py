@@ -26,7 +26,7 @@ from difficp._atomic import (
     previous_checkpoint,
     save_checkpoint,
 )
-from difficp.learning.depth.data import (
+from difficp_experiments.depth.data import (
     TRAIN,
     VAL,
     DepthPairs,
@@ -34,7 +34,7 @@ from difficp.learning.depth.data import (
     collate,
     rmse_between,
 )
-from difficp.learning.depth.model import PoseCNN
+from difficp_experiments.depth.model import PoseCNN
 
 STAGE_OFFSET = {"nn": 0, "nn_icp": 10_000_000}  # the two stages see disjoint training samples
 
@@ -224,12 +224,12 @@ def train_depth(
 
     1. ``nn``: train the CNN from scratch with the pose loss (body RMSE of its estimate).
     2. ``nn_icp``: fine-tune a copy end to end through the soft, unrolled ICP of
-       :func:`~difficp.learning.depth.methods.train_schedule`, loss = body RMSE of the *final*
+       :func:`~difficp_experiments.depth.methods.train_schedule`, loss = body RMSE of the *final*
        (post-ICP) estimate, plus ``pose_weight`` times the network's own pose loss.
        ``icp_iterations`` = (point-to-point, symmetric) unrolled soft iterations.
     """
-    from difficp.learning.depth.data import open_renderer
-    from difficp.learning.depth.methods import nn_icp_forward, train_schedule
+    from difficp_experiments.depth.data import open_renderer
+    from difficp_experiments.depth.methods import nn_icp_forward, train_schedule
 
     torch.manual_seed(seed)
     scene = scene or SceneConfig()

@@ -7,7 +7,12 @@ from pathlib import Path
 
 import torch
 
-from difficp.nonrigid.demo import bend, make_limb_scene, run_nonrigid_demo, surface_error
+from difficp_experiments.demos.nonrigid import (
+    bend,
+    make_limb_scene,
+    run_nonrigid_demo,
+    surface_error,
+)
 
 
 def test_demo_error_falls_tenfold_and_writes_outputs(tmp_path: Path) -> None:

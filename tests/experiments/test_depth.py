@@ -13,7 +13,7 @@ import torch
 open3d = pytest.importorskip("open3d")
 
 from difficp.geometry import depth_to_points, points_to_pixels  # noqa: E402
-from difficp.learning.depth.data import (  # noqa: E402
+from difficp_experiments.depth.data import (  # noqa: E402
     TEST,
     TRAIN,
     DepthPairs,
@@ -23,7 +23,7 @@ from difficp.learning.depth.data import (  # noqa: E402
     load_or_build,
     rmse_between,
 )
-from difficp.learning.depth.render import DepthRenderer, look_at, pinhole_intrinsics  # noqa: E402
+from difficp_experiments.depth.render import DepthRenderer, look_at, pinhole_intrinsics  # noqa: E402
 
 # A body stand-in without external data: an asymmetric box, 2 m tall, feet at y = 0 like the body.
 BOX = open3d.geometry.TriangleMesh.create_box(0.6, 2.0, 0.3)
@@ -169,7 +169,7 @@ def test_test_set_cache(tmp_path, box_renderer: DepthRenderer) -> None:
 
 
 def _tiny(box_renderer: DepthRenderer):
-    from difficp.learning.depth.train import make_model
+    from difficp_experiments.depth.train import make_model
 
     torch.manual_seed(0)
     scene = SceneConfig(cnn_res=32, icp_res=32, n_body_points=64)
@@ -178,7 +178,7 @@ def _tiny(box_renderer: DepthRenderer):
 
 
 def test_tiny_training_loss_falls(box_renderer: DepthRenderer) -> None:
-    from difficp.learning.depth.train import nn_loss
+    from difficp_experiments.depth.train import nn_loss
 
     _, model, batch = _tiny(box_renderer)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -194,7 +194,7 @@ def test_tiny_training_loss_falls(box_renderer: DepthRenderer) -> None:
 
 def test_gradients_reach_cnn_through_icp(box_renderer: DepthRenderer) -> None:
     pytest.importorskip("difficp.icp")
-    from difficp.learning.depth.methods import nn_icp_forward, train_schedule
+    from difficp_experiments.depth.methods import nn_icp_forward, train_schedule
 
     scene, model, batch = _tiny(box_renderer)
     with torch.no_grad():  # move off the zero-initialised head so every layer gets a gradient
@@ -214,7 +214,7 @@ def test_gradients_reach_cnn_through_icp(box_renderer: DepthRenderer) -> None:
 
 
 def test_resume_matches_uninterrupted(tmp_path, box_renderer: DepthRenderer) -> None:
-    from difficp.learning.depth.train import Stage, StageConfig, make_model, nn_loss, run_stage
+    from difficp_experiments.depth.train import Stage, StageConfig, make_model, nn_loss, run_stage
 
     scene = SceneConfig(cnn_res=16, icp_res=16, n_body_points=16)
     cfg = StageConfig(epochs=2, steps=2, batch=4, val_size=4)
@@ -271,8 +271,8 @@ def test_resume_matches_uninterrupted(tmp_path, box_renderer: DepthRenderer) -> 
 
 
 def test_summary_and_plot(tmp_path) -> None:
-    from difficp.learning.depth.evaluate import BIN_EDGES, METHODS, summarize
-    from difficp.learning.depth.plot import plot_metrics
+    from difficp_experiments.depth.evaluate import BIN_EDGES, METHODS, summarize
+    from difficp_experiments.depth.plot import plot_metrics
 
     g = torch.Generator().manual_seed(0)
     init = torch.rand(40, generator=g) * 1.4
@@ -298,7 +298,7 @@ def test_cli_eval_committed_checkpoint(tmp_path, data_dir) -> None:
     """`difficp experiment depth eval` on a few fresh samples writes the promised JSON."""
     pytest.importorskip("difficp.icp")
     from difficp.cli import main
-    from difficp.commands.experiment import committed_checkpoint
+    from difficp_experiments.commands.experiment import committed_checkpoint
 
     if not committed_checkpoint().is_file():
         pytest.skip("no committed results/depth/pose_cnn.pt in this checkout")
@@ -341,7 +341,7 @@ class _RunsCode:
 
 def test_resume_refuses_a_checkpoint_that_runs_code(tmp_path, box_renderer) -> None:
     from difficp._atomic import CheckpointError
-    from difficp.learning.depth.train import Stage, StageConfig, make_model, nn_loss, run_stage
+    from difficp_experiments.depth.train import Stage, StageConfig, make_model, nn_loss, run_stage
 
     marker = tmp_path / "pwned"
     ckpt = tmp_path / "run" / "checkpoints" / "nn.pt"
@@ -371,7 +371,7 @@ def test_resume_refuses_a_checkpoint_that_runs_code(tmp_path, box_renderer) -> N
 def test_resume_falls_back_to_previous_checkpoint_when_latest_is_truncated(
     tmp_path, box_renderer
 ) -> None:
-    from difficp.learning.depth.train import Stage, StageConfig, make_model, nn_loss, run_stage
+    from difficp_experiments.depth.train import Stage, StageConfig, make_model, nn_loss, run_stage
 
     scene = SceneConfig(cnn_res=16, icp_res=16, n_body_points=16)
     cfg = StageConfig(epochs=2, steps=2, batch=4, val_size=4)
@@ -414,7 +414,7 @@ def test_resume_falls_back_to_previous_checkpoint_when_latest_is_truncated(
 
 
 def test_final_checkpoint_written_atomically_and_loaded_safely(tmp_path, monkeypatch) -> None:
-    from difficp.learning.depth.train import load_final, make_model, save_final
+    from difficp_experiments.depth.train import load_final, make_model, save_final
 
     scene = SceneConfig(cnn_res=16, icp_res=16, n_body_points=16)
     path = tmp_path / "pose_cnn.pt"

@@ -11,9 +11,8 @@ import pytest
 import torch
 from scipy.spatial import cKDTree
 
-from difficp.learning import metrics as M
-from difficp.learning.dcp import DCP, procrustes
-from difficp.learning.modelnet import (
+from difficp_experiments.modelnet import metrics as M
+from difficp_experiments.modelnet.data import (
     ModelNetPairs,
     crop_by_plane,
     dataset_files,
@@ -21,7 +20,8 @@ from difficp.learning.modelnet import (
     load_modelnet,
     normalize_unit_sphere,
 )
-from difficp.learning.pointnetlk import PointNetLK, hat, se3_exp
+from difficp_experiments.modelnet.dcp import DCP, procrustes
+from difficp_experiments.modelnet.pointnetlk import PointNetLK, hat, se3_exp
 
 
 def _write_h5(path, data: np.ndarray, labels: np.ndarray) -> None:
@@ -255,7 +255,7 @@ def _reference_pointer(sd: dict, x: torch.Tensor, y: torch.Tensor, heads: int) -
 
 
 def test_dcp_v2_transformer_matches_the_written_out_layout():
-    from difficp.learning.dcp import Transformer
+    from difficp_experiments.modelnet.dcp import Transformer
 
     torch.manual_seed(0)
     tr = Transformer(emb_dims=16, n_blocks=1, n_heads=4, ff_dims=24).double()
@@ -276,7 +276,7 @@ def test_dcp_v2_transformer_matches_the_written_out_layout():
 
 
 def test_dcp_loss_is_the_official_mean_squared_error_and_cycle_term():
-    from difficp.learning.dcp import cycle_loss, dcp_loss
+    from difficp_experiments.modelnet.dcp import cycle_loss, dcp_loss
 
     R_gt = torch.from_numpy(euler_xyz_to_matrix(np.array([0.3, -0.2, 0.5])))[None]
     R = torch.from_numpy(euler_xyz_to_matrix(np.array([0.25, -0.1, 0.55])))[None]
@@ -295,7 +295,7 @@ def test_dcp_loss_is_the_official_mean_squared_error_and_cycle_term():
 def test_legacy_compact_checkpoint_still_loads():
     from pathlib import Path
 
-    from difficp.learning.dcp import CompactTransformer, load_dcp_checkpoint
+    from difficp_experiments.modelnet.dcp import CompactTransformer, load_dcp_checkpoint
 
     path = Path(__file__).resolve().parents[2] / "results" / "modelnet" / "dcp_v2.pt"
     if not path.is_file():
@@ -411,7 +411,7 @@ def test_benchmark_cache_is_keyed_by_what_changes_the_numbers(tiny_root, change,
 def test_benchmark_cache_resumes_by_chunk_and_recomputes_a_truncated_file(
     tiny_root, monkeypatch, capsys
 ):
-    from difficp.learning import benchmark
+    from difficp_experiments.modelnet import benchmark
 
     monkeypatch.setattr(benchmark, "CACHE_CHUNK", 2)
     computed = []

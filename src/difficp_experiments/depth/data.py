@@ -32,7 +32,7 @@ from torch import Tensor
 
 from difficp._atomic import load_checkpoint, save_checkpoint
 from difficp.geometry import depth_normals, depth_to_points
-from difficp.learning.depth.render import BODY_MESH, DepthRenderer, look_at, pinhole_intrinsics
+from difficp_experiments.depth.render import BODY_MESH, DepthRenderer, look_at, pinhole_intrinsics
 
 TRAIN, VAL, TEST = 1, 2, 3  # split tags mixed into every sample's seed
 BODY_CENTRE = np.array([0.0, 1.0, 0.0])  # centre of the 2 m body's bounding box (feet at y = 0)

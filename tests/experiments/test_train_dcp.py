@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from difficp.learning.train_dcp import (
+from difficp_experiments.modelnet.train_dcp import (
     TrainConfig,
     learning_rate,
     load_state,
@@ -69,7 +69,7 @@ def test_validation_split_is_fixed_disjoint_and_class_mixed():
 
 
 def test_ranks_share_out_the_global_batch(data_root):
-    from difficp.learning.modelnet import load_modelnet
+    from difficp_experiments.modelnet.data import load_modelnet
 
     pts, labels = load_modelnet(data_root, "modelnet40", "train")
     cfg = _tiny(data_root, data_root / "x")

@@ -1,6 +1,6 @@
-"""``difficp demo [rigid|nonrigid]``: a self-contained registration demo, no data files needed.
+"""The rigid demo of ``difficp demo [rigid]``: a self-contained registration demo, no data needed.
 
-The rigid demo builds a procedural terrain (a height field of hills, hollows and ripples: no
+It builds a procedural terrain (a height field of hills, hollows and ripples: no
 symmetry, so the pose is well defined), scans it twice with overlapping circular footprints
 (two independent samplings, as two real scans never hit the same points), adds Gaussian noise
 and outliers, moves the second scan by a known pose (20 degrees about a random axis and a
@@ -8,15 +8,14 @@ translation of 10% of the size) and registers it back with point-to-plane ICP, c
 It prints the rotation and translation errors against the truth and the fitness / RMSE before
 and after, and writes ``DIR/demo.png`` (before/after) and ``DIR/metrics.json``.
 
-The non-rigid demo lives in :mod:`difficp.nonrigid.demo` (``run_demo(args)``).
+The command line is :mod:`difficp_experiments.commands.demo`; the non-rigid demo lives in
+:mod:`difficp_experiments.demos.nonrigid`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,73 +23,6 @@ from typing import Any
 import numpy as np
 
 from difficp._atomic import atomic_write_text
-
-KINDS = ("rigid", "nonrigid")
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register the ``demo`` sub-command on ``subparsers`` (from ``add_subparsers``)."""
-    p = subparsers.add_parser(
-        "demo",
-        help="run a built-in demo (no data needed)",
-        description=(
-            "Run a built-in registration demo on procedural data and write a picture and "
-            "metrics to --out. 'rigid' (default): two partial noisy scans of a procedural "
-            "terrain with a known pose (20 degrees, 10% of the size), registered by ICP; "
-            "writes DIR/demo.png and DIR/metrics.json. 'nonrigid': a deformed limb "
-            "registered by non-rigid ICP (difficp.nonrigid)."
-        ),
-    )
-    p.add_argument(
-        "kind", nargs="?", choices=KINDS, default="rigid", help="which demo (default: %(default)s)"
-    )
-    p.add_argument("--out", default=None, help="output directory (default: difficp_demo/<kind>)")
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="random seed of the scene and the pose (default: %(default)s)",
-    )
-    p.add_argument(
-        "--metric",
-        choices=("point_to_point", "point_to_plane", "symmetric"),
-        default="point_to_plane",
-        help="ICP error metric of the rigid demo (default: %(default)s)",
-    )
-    p.add_argument(
-        "--points",
-        type=int,
-        default=20000,
-        help="terrain samples per scan before cropping to its footprint (default: %(default)s)",
-    )
-    p.set_defaults(func=run)
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``difficp demo``; returns the exit code."""
-    if args.out is None:
-        # Each demo gets its own folder: both write a metrics.json.
-        args.out = f"difficp_demo/{args.kind}"
-    if args.kind == "nonrigid":
-        try:
-            from difficp.nonrigid.demo import run_demo
-        except ModuleNotFoundError as err:
-            if err.name is None or not err.name.startswith("difficp.nonrigid"):
-                raise
-            print(
-                "difficp demo: error: the non-rigid demo (difficp.nonrigid.demo) is not part of "
-                "this installation; run 'difficp demo rigid' instead",
-                file=sys.stderr,
-            )
-            return 2
-        return int(run_demo(args) or 0)
-    if args.points < 500:
-        print(f"difficp demo: error: --points must be >= 500, got {args.points}", file=sys.stderr)
-        return 2
-    run_rigid_demo(args.out, seed=args.seed, metric=args.metric, n_points=args.points)
-    return 0
-
 
 # --------------------------------------------------------------------------------------------
 # The scene

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from difficp.nonrigid.anny_fit import render_depth, vertex_normals
+from difficp_experiments.demos.anny_fit import render_depth, vertex_normals
 
 
 def _square(z: float) -> tuple[torch.Tensor, torch.Tensor]:
     """A 1 m square at depth ``z`` facing a camera at the origin looking along +z."""
-    v = torch.tensor([[-0.5, -0.5, z], [0.5, -0.5, z], [0.5, 0.5, z], [-0.5, 0.5, z]],
-                     dtype=torch.float64)
+    v = torch.tensor(
+        [[-0.5, -0.5, z], [0.5, -0.5, z], [0.5, 0.5, z], [-0.5, 0.5, z]], dtype=torch.float64
+    )
     f = torch.tensor([[0, 2, 1], [0, 3, 2]])
     return v, f
 
@@ -29,8 +30,15 @@ def test_render_depth_z_buffers_the_nearest_surface() -> None:
     verts = torch.cat([far, near])
     faces = torch.cat([f, f + 4])
     K = torch.tensor([[50.0, 0, 32], [0, 50.0, 32], [0, 0, 1]], dtype=torch.float64)
-    depth = render_depth(verts, faces, K, torch.eye(4, dtype=torch.float64), (64, 64),
-                         samples=50_000, generator=torch.Generator().manual_seed(0))
+    depth = render_depth(
+        verts,
+        faces,
+        K,
+        torch.eye(4, dtype=torch.float64),
+        (64, 64),
+        samples=50_000,
+        generator=torch.Generator().manual_seed(0),
+    )
     seen = depth[depth > 0]
     # the near square covers +-12.5 px around the centre: every covered pixel is at 2 m
     assert seen.numel() > 400
@@ -41,7 +49,7 @@ def test_render_depth_z_buffers_the_nearest_surface() -> None:
 @pytest.mark.slow
 def test_anny_fit_reduces_vertex_error() -> None:
     pytest.importorskip("anny")
-    from difficp.nonrigid.anny_fit import run_anny_fit
+    from difficp_experiments.demos.anny_fit import run_anny_fit
 
     m = run_anny_fit(None, seed=0, iterations=6)
     assert m["vertex_error_after"] * 2.5 < m["vertex_error_before"], m

@@ -1,7 +1,7 @@
 """The four methods of the depth experiment, as functions of a batch.
 
 Every method returns ``(B, 4, 4)`` estimates of the motion ``M`` that maps the source camera-frame
-points onto the target ones (see :mod:`difficp.learning.depth.data`).
+points onto the target ones (see :mod:`difficp_experiments.depth.data`).
 
 * ``nn``: the pose CNN alone.
 * ``icp``: difficp from the identity, point-to-plane, with projective or nearest correspondences.
@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 import difficp
-from difficp.learning.depth.data import SceneConfig, depth_to_clouds
-from difficp.learning.depth.model import PoseCNN
+from difficp_experiments.depth.data import SceneConfig, depth_to_clouds
+from difficp_experiments.depth.model import PoseCNN
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,10 @@
 difficp experiment depth train --data-dir D --out results/depth [--seed 0] [--resume]
 difficp experiment depth eval  --data-dir D --out DIR --n 500 --seed 1 [--checkpoint P]
 difficp experiment depth plot  --out DIR
+
+Paths are relative to the current directory: ``--out`` defaults to ``results/depth`` and
+``--checkpoint`` to ``results/depth/pose_cnn.pt``, the repository's committed results when run
+from its root.
 """
 
 from __future__ import annotations
@@ -12,6 +16,11 @@ import json
 from pathlib import Path
 
 from difficp._atomic import atomic_write_text
+from difficp_experiments.commands import require
+
+# Training and evaluation render depth maps with Open3D and show progress with tqdm; the figure
+# is matplotlib's.
+require("matplotlib", "tqdm", "open3d")
 
 DEFAULT_OUT = Path("results") / "depth"
 CHECKPOINT_NAME = "pose_cnn.pt"
@@ -19,13 +28,10 @@ FIGURE_NAME = "success_vs_initial_distance.png"
 
 
 def committed_checkpoint() -> Path:
-    """The checkpoint shipped with the repository (``results/depth/pose_cnn.pt``).
-
-    Looked up next to the source tree (editable install), else relative to the working directory.
-    """
-    repo = Path(__file__).resolve().parents[3]
-    candidate = repo / DEFAULT_OUT / CHECKPOINT_NAME
-    return candidate if candidate.is_file() else DEFAULT_OUT / CHECKPOINT_NAME
+    """The checkpoint shipped with the repository, ``results/depth/pose_cnn.pt``, relative to the
+    current directory (the default of ``eval --checkpoint``: run from the repository root, or
+    pass the path)."""
+    return DEFAULT_OUT / CHECKPOINT_NAME
 
 
 def _threads(n: int) -> None:
@@ -36,7 +42,7 @@ def _threads(n: int) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from difficp.datadir import require_data_dir
-    from difficp.learning.depth.train import StageConfig, train_depth
+    from difficp_experiments.depth.train import StageConfig, train_depth
 
     _threads(args.threads)
     data_dir = require_data_dir(args.data_dir, needs="the body mesh")
@@ -67,14 +73,14 @@ def run_eval(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from difficp.datadir import require_data_dir
-    from difficp.learning.depth.data import TEST, DepthPairs, load_or_build, open_renderer
-    from difficp.learning.depth.evaluate import method_errors, summarize
-    from difficp.learning.depth.plot import plot_metrics
-    from difficp.learning.depth.train import load_final
+    from difficp_experiments.depth.data import TEST, DepthPairs, load_or_build, open_renderer
+    from difficp_experiments.depth.evaluate import method_errors, summarize
+    from difficp_experiments.depth.plot import plot_metrics
+    from difficp_experiments.depth.train import load_final
 
     _threads(args.threads)
     data_dir = require_data_dir(args.data_dir, needs="the body mesh")
-    ckpt = Path(args.checkpoint) if args.checkpoint else committed_checkpoint()
+    ckpt = Path(args.checkpoint)
     if not ckpt.is_file():
         raise FileNotFoundError(
             f"checkpoint {ckpt} not found; train one with "
@@ -104,7 +110,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    from difficp.learning.depth.plot import plot_metrics
+    from difficp_experiments.depth.plot import plot_metrics
 
     out = Path(args.out)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -176,8 +182,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--n", type=int, default=500, help="test samples (%(default)s)")
     ev.add_argument(
         "--checkpoint",
-        default=None,
-        help="pose_cnn.pt to evaluate (default: the committed results/depth one)",
+        default=str(committed_checkpoint()),
+        help="pose_cnn.pt to evaluate (default: %(default)s, the committed one when run from the "
+        "repository root)",
     )
     ev.add_argument(
         "--icp-res",

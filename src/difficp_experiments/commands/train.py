@@ -17,8 +17,12 @@ import argparse
 import os
 from typing import TYPE_CHECKING
 
+from difficp_experiments.commands import require
+
+require("h5py")  # ModelNet is read from HDF5
+
 if TYPE_CHECKING:
-    from difficp.learning.train_dcp import TrainConfig
+    from difficp_experiments.modelnet.train_dcp import TrainConfig
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -105,9 +109,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The :class:`~difficp.learning.train_dcp.TrainConfig` of parsed ``train dcp`` options."""
+    """The :class:`~difficp_experiments.modelnet.train_dcp.TrainConfig` of parsed ``train dcp`` options."""
     from difficp.datadir import require_data_dir
-    from difficp.learning.train_dcp import TrainConfig
+    from difficp_experiments.modelnet.train_dcp import TrainConfig
 
     init_weights = None if str(args.init_weights).lower() == "none" else args.init_weights
     return TrainConfig(
@@ -151,7 +155,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_dcp(args: argparse.Namespace) -> int:
-    from difficp.learning.train_dcp import run_training
+    from difficp_experiments.modelnet.train_dcp import run_training
 
     cfg = config_from_args(args)
     run_training(cfg, resume=args.resume)

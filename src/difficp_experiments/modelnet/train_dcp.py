@@ -1,7 +1,7 @@
 """Training DCP-v2 on ModelNet pairs (one CPU thread up to many GPUs), and end-to-end fine-tuning.
 
 What ``difficp train dcp`` does (mode ``v2``, the defaults):
-    * The model is DCP-v2 as published (:class:`~difficp.learning.dcp.Transformer`: width 512,
+    * The model is DCP-v2 as published (:class:`~difficp_experiments.modelnet.dcp.Transformer`: width 512,
       4 heads, feed-forward 1024, one encoder and one decoder layer). Its DGCNN starts from the
       official DCP-v1 weights (``--init-weights``; ``none`` for a random start) and is trained
       with the rest, BatchNorm included; the transformer starts at PyTorch's default init.
@@ -24,7 +24,7 @@ What ``difficp train dcp`` does (mode ``v2``, the defaults):
 
 Files (``out`` is a directory, or a ``.pt`` path whose stem names the files beside it):
     ``model.pt`` / ``<stem>.pt``      latest model (float16 weights + config; for
-                                      :func:`~difficp.learning.dcp.load_dcp_checkpoint`)
+                                      :func:`~difficp_experiments.modelnet.dcp.load_dcp_checkpoint`)
     ``best.pt`` / ``<stem>.best.pt``  best model on validation (same format)
     ``state.pt`` / ``<stem>.state``   resumable state: float32 weights, optimiser, progress
     ``... .prev``                     the state before the last one (kept in case of a bad write)
@@ -65,7 +65,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from difficp import _atomic
-from difficp.learning.dcp import (
+from difficp_experiments.modelnet.data import (
+    NUM_CLASSES,
+    load_modelnet,
+    make_pair,
+    unseen_class_split,
+)
+from difficp_experiments.modelnet.dcp import (
     DCP,
     RefinedDCP,
     cycle_loss,
@@ -73,8 +79,7 @@ from difficp.learning.dcp import (
     load_dcp_checkpoint,
     load_dcp_v1,
 )
-from difficp.learning.metrics import euler_zyx_deg
-from difficp.learning.modelnet import NUM_CLASSES, load_modelnet, make_pair, unseen_class_split
+from difficp_experiments.modelnet.metrics import euler_zyx_deg
 
 
 @dataclass

@@ -458,7 +458,7 @@ class RefinedDCP(nn.Module):
 
 
 def load_dcp_checkpoint(path: str | os.PathLike) -> nn.Module:
-    """A model saved by :mod:`difficp.learning.train_dcp`: a :class:`DCP`, or a
+    """A model saved by :mod:`difficp_experiments.modelnet.train_dcp`: a :class:`DCP`, or a
     :class:`RefinedDCP` when the checkpoint's config has an ``"icp"`` entry (end-to-end model).
 
     Accepts the model files (``{"config", "model", ...}``) and the resumable state files
