@@ -578,3 +578,33 @@ def test_help_and_version_import_no_command_module():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "LOADED []" in proc.stdout
+
+
+def test_missing_max_distance_warns_with_a_suggested_value(tmp_path, capsys) -> None:
+    rng = np.random.default_rng(0)
+    grid = np.stack(np.meshgrid(np.arange(20), np.arange(20), indexing="ij"), -1).reshape(-1, 2)
+    points = np.c_[grid * 0.01, rng.normal(scale=1e-4, size=len(grid))]  # 1 cm spacing
+    path = str(tmp_path / "cloud.xyz")
+    write_point_cloud(path, points)
+    assert main(["register", path, path, "--metric", "point_to_point"]) == 0
+    err = capsys.readouterr().err
+    assert "no --max-distance" in err
+    suggested = float(err.split("here about ")[1].split(")")[0])
+    assert 0.02 <= suggested <= 0.03  # 2.5x the 1 cm spacing
+    assert main(["register", path, path, "--max-distance", "0.03"]) == 0
+    assert "no --max-distance" not in capsys.readouterr().err
+
+
+def test_init_printed_with_three_decimals_is_projected_not_refused(tmp_path, capsys) -> None:
+    angle = math.radians(10)
+    c, s = round(math.cos(angle), 3), round(math.sin(angle), 3)  # off SO(3) by ~1e-4..1e-3
+    (tmp_path / "T0.txt").write_text(f"{c} {-s} 0 0\n{s} {c} 0 0\n0 0 1 0\n0 0 0 1\n")
+    cloud = str(tmp_path / "cloud.xyz")
+    write_point_cloud(cloud, np.random.default_rng(1).uniform(size=(200, 3)))
+    args = ["register", cloud, cloud, "--max-distance", "0.5", "--init", str(tmp_path / "T0.txt")]
+    assert main(args) == 0
+    (tmp_path / "T1.txt").write_text("1 0.2 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
+    args[-1] = str(tmp_path / "T1.txt")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "max |R^T R - I| = 0.2" in err and "tolerance 0.01" in err

@@ -16,8 +16,10 @@ def read_transform(path: PathLike) -> np.ndarray:
     """Read a 4x4 rigid transform written as 4 lines of 4 numbers (``#`` comments allowed).
 
     Returns:
-        ``(4, 4)`` float64. Raises ``ValueError`` unless it is 4x4, finite, with last row
-        ``[0, 0, 0, 1]`` and an orthonormal rotation block of determinant +1 (to 1e-4).
+        ``(4, 4)`` float64 as written. Raises ``ValueError`` unless it is 4x4, finite, with
+        last row ``[0, 0, 0, 1]`` and a rotation block of determinant +1 that is orthonormal to
+        :data:`ROTATION_TOLERANCE` (a matrix printed with few decimals is off by ~1e-3: it is
+        accepted here and :func:`difficp.icp` projects it onto SO(3) with a warning).
     """
     path = Path(path)
     check_readable(path)
@@ -31,14 +33,24 @@ def read_transform(path: PathLike) -> np.ndarray:
     return T
 
 
+# Same tolerance as difficp.inputs.ROTATION_TOLERANCE (this package stays free of torch).
+ROTATION_TOLERANCE = 1e-2
+
+
 def _check_rigid(name: str, T: np.ndarray) -> None:
     if not np.isfinite(T).all():
         raise ValueError(f"{name}: transform has NaN or inf entries")
     if not np.allclose(T[3], [0, 0, 0, 1], atol=1e-6):
         raise ValueError(f"{name}: transform's last row must be [0 0 0 1], got {T[3].tolist()}")
     R = T[:3, :3]
-    if not np.allclose(R.T @ R, np.eye(3), atol=1e-4) or np.linalg.det(R) < 0:
-        raise ValueError(f"{name}: transform's 3x3 block is not a rotation (orthonormal, det +1)")
+    off = float(np.abs(R.T @ R - np.eye(3)).max())
+    det = float(np.linalg.det(R))
+    if off > ROTATION_TOLERANCE or det <= 0:
+        raise ValueError(
+            f"{name}: the 3x3 block is not a rotation: max |R^T R - I| = {off:.2g} (tolerance "
+            f"{ROTATION_TOLERANCE:g}), determinant {det:.6g} (must be +1); write the matrix with "
+            "more digits or project it onto SO(3) (e.g. roma.special_procrustes)"
+        )
 
 
 def write_transform(path: PathLike, transform: Any) -> None:
