@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 import types
 
@@ -608,3 +609,14 @@ def test_init_printed_with_three_decimals_is_projected_not_refused(tmp_path, cap
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "max |R^T R - I| = 0.2" in err and "tolerance 0.01" in err
+
+
+def test_help_imports_no_command_module_nor_torch() -> None:
+    code = (
+        "import sys; from difficp.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'difficp.commands.register') if m in sys.modules]\n"
+        "print('HEAVY', heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "HEAVY []" in out.stdout, out.stdout

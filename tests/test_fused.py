@@ -49,7 +49,7 @@ def test_fused_combos_are_the_supported_ones() -> None:
 def steps_used(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Names of the step classes :func:`difficp.icp` ran, in call order (so a test can tell the
     fast path really ran instead of silently falling back)."""
-    module = importlib.import_module("difficp.icp")
+    module = importlib.import_module("difficp.registration")
     original = module.run_loop
     used: list[str] = []
 

@@ -23,7 +23,6 @@ from numba import njit, prange
 from torch import Tensor
 
 from difficp.config import ICPConfig
-from difficp.icp import MIN_CORRESPONDENCES, source_radius
 from difficp.inputs import PointTarget, Problem
 from difficp.kdtree import (
     STACK_DEPTH,
@@ -33,10 +32,11 @@ from difficp.kdtree import (
     set_threads,
     warm_two_nearest,
 )
+from difficp.loop import MIN_CORRESPONDENCES, source_radius
 from difficp.solvers import FAR_FROM_ORIGIN, PROCRUSTES_NOISE
 from difficp.weighting import NEGLIGIBLE_WEIGHT
 
-# Weights below the smallest normal float64 are rejected (as difficp.icp.weigh does).
+# Weights below the smallest normal float64 are rejected (as difficp.registration.weigh does).
 _TINY_WEIGHT = np.finfo(np.float64).tiny
 
 # Source points per parallel task: enough work to amortise scheduling, small enough to balance.
@@ -227,7 +227,7 @@ def fused_iteration(
             r = d if metric == 0 else rx * nx + ry * ny + rz * nz
             if kernel != 0:
                 w *= _robust_weight(kernel, abs(r), kernel_scale)
-            if w < _TINY_WEIGHT:  # subnormal weights count as 0 (difficp.icp.weigh)
+            if w < _TINY_WEIGHT:  # subnormal weights count as 0 (difficp.registration.weigh)
                 continue
             sums[task, WEIGHTED] += 1.0
 
@@ -285,7 +285,7 @@ def fused_supported(problem: Problem, config: ICPConfig) -> str | None:
 
 class FusedSteps:
     """Evaluates and solves the ICP iterations of one :class:`~difficp.inputs.Problem` through
-    :func:`fused_iteration`, for :func:`difficp.icp.run_loop`. Works in float64.
+    :func:`fused_iteration`, for :func:`difficp.loop.run_loop`. Works in float64.
 
     Holds the forest (built once) and every point's last partner between iterations.
     """

@@ -82,7 +82,7 @@ class ICPResult:
 @runtime_checkable
 class Steps(Protocol):
     """One ICP iteration, split for :func:`run_loop`. Implemented by
-    :class:`difficp.icp.ReferenceSteps` (PyTorch), :class:`difficp.fused.FusedSteps` (compiled)
+    :class:`difficp.registration.ReferenceSteps` (PyTorch), :class:`difficp.fused.FusedSteps` (compiled)
     and :class:`difficp.nonrigid.icp.NonrigidSteps` (deformation models).
 
     The loop holds the per-pair value being fitted (a ``(B, 4, 4)`` transform, or ``(B, P)``

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 from difficp.config import ICPConfig
-from difficp.icp import ICPResult, icp
+from difficp.loop import ICPResult
 from difficp.normals import estimate_normals
+from difficp.registration import icp
 
 # Voxel indices are int64; Open3D refuses a voxel size that gives more than INT_MAX voxels per
 # axis. We allow up to 2**62 per axis, leaving headroom for the floor and the +1 of a boundary.

@@ -193,7 +193,7 @@ def test_tiny_training_loss_falls(box_renderer: DepthRenderer) -> None:
 
 
 def test_gradients_reach_cnn_through_icp(box_renderer: DepthRenderer) -> None:
-    pytest.importorskip("difficp.icp")
+    pytest.importorskip("difficp.registration")
     from difficp_experiments.depth.methods import nn_icp_forward, train_schedule
 
     scene, model, batch = _tiny(box_renderer)
@@ -296,7 +296,7 @@ def test_summary_and_plot(tmp_path) -> None:
 
 def test_cli_eval_committed_checkpoint(tmp_path, data_dir) -> None:
     """`difficp experiment depth eval` on a few fresh samples writes the promised JSON."""
-    pytest.importorskip("difficp.icp")
+    pytest.importorskip("difficp.registration")
     from difficp.cli import main
     from difficp_experiments.commands.experiment import committed_checkpoint
 

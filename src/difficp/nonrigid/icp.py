@@ -22,7 +22,6 @@ from torch import Tensor
 
 from difficp.config import ICPConfig, resolve_config
 from difficp.correspondence import Correspondences
-from difficp.icp import find_partners, weigh
 from difficp.implicit import implicit_params
 from difficp.inputs import Problem, prepare_problem
 from difficp.loop import enough_correspondences, rmse_tolerance, run_loop
@@ -30,6 +29,7 @@ from difficp.metrics import Metric, get_metric
 from difficp.nonrigid.deformation_graph import EmbeddedDeformationGraph
 from difficp.nonrigid.model import DeformationModel, ResidualBlock
 from difficp.nonrigid.rigid import RigidModel
+from difficp.registration import find_partners, weigh
 from difficp.solvers import (
     block_levenberg_marquardt,
     block_normal_equations,

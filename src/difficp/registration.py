@@ -21,8 +21,7 @@ from difficp.correspondence import (
 from difficp.geometry import rotate_vectors, transform_points
 from difficp.implicit import implicit_transform
 from difficp.inputs import PointTarget, Problem, prepare_problem
-from difficp.loop import (  # difficp.fused still imports the first from here
-    MIN_CORRESPONDENCES,  # noqa: F401
+from difficp.loop import (
     ICPResult,
     Steps,
     enough_correspondences,
