@@ -620,3 +620,43 @@ def test_help_imports_no_command_module_nor_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "HEAVY []" in out.stdout, out.stdout
+
+
+def _write_depth_png(path, depth_m: np.ndarray, scale: float = 1000.0) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.round(depth_m * scale).astype(np.uint16)).save(path)
+
+
+def test_register_depth_images_projective_and_nearest(tmp_path, capsys) -> None:
+    pytest.importorskip("PIL")
+    H, W = 60, 80
+    v, u = np.mgrid[0:H, 0:W]
+    bumps = 0.05 * np.sin(u / 6.0) * np.cos(v / 5.0)
+    target = 1.5 + 0.004 * u + bumps
+    source = np.roll(target, shift=(1, 2), axis=(0, 1))  # the camera moved a little
+    _write_depth_png(tmp_path / "a.png", source)
+    _write_depth_png(tmp_path / "b.png", target)
+    (tmp_path / "cam.json").write_text(json.dumps({"fx": 70, "fy": 70, "cx": 39.5, "cy": 29.5}))
+    base = ["register", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--max-distance", "0.1"]
+    for extra in (["--correspondence", "projective"], ["--correspondence", "nearest"]):
+        out = str(tmp_path / "T.txt")
+        assert main([*base, "--intrinsics", str(tmp_path / "cam.json"), *extra, "--out", out]) == 0
+        T = read_transform(out)
+        # shifting the image by (1, 2) pixels at ~1.6 m is a translation of ~(2, 1) * z / f
+        assert abs(T[0, 3] + 2 * 1.6 / 70) < 0.02 and abs(T[1, 3] + 1.6 / 70) < 0.02
+        assert "fitness" in capsys.readouterr().out
+    assert main([*base, "--intrinsics", "70", "70", "39.5", "29.5"]) == 0
+
+
+def test_register_depth_images_need_intrinsics_and_projective_needs_depth(tmp_path, capsys):
+    pytest.importorskip("PIL")
+    _write_depth_png(tmp_path / "a.png", np.ones((8, 8)))
+    cloud = str(tmp_path / "cloud.xyz")
+    write_point_cloud(cloud, np.random.default_rng(0).uniform(size=(50, 3)))
+    assert main(["register", str(tmp_path / "a.png"), cloud]) == 2
+    assert "need --intrinsics" in capsys.readouterr().err
+    assert main(["register", cloud, cloud, "--correspondence", "projective"]) == 2
+    assert "needs a depth-image target" in capsys.readouterr().err
+    assert main(["register", str(tmp_path / "a.png"), cloud, "--intrinsics", "1", "2", "3"]) == 2
+    assert "4 numbers" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import difficp
 from difficp.io import (
     PointCloudData,
     read_point_cloud,
@@ -509,3 +510,42 @@ def test_open3d_reads_our_files(tmp_path, cloud, name, ascii):
 def test_point_cloud_data_finite():
     c = PointCloudData(np.array([[0.0, 0, 0], [1, 1, 1]]), np.array([[0.0, 0, 1], [np.inf, 0, 0]]))
     assert len(c.finite()) == 1
+
+
+def test_read_depth_png_and_npy_and_intrinsics(tmp_path) -> None:
+    Image = pytest.importorskip("PIL.Image")
+    raw = np.array([[0, 1000], [2500, 65535]], dtype=np.uint16)
+    Image.fromarray(raw).save(tmp_path / "d.png")
+    depth = difficp.io.read_depth(tmp_path / "d.png", depth_scale=1000)
+    np.testing.assert_allclose(depth, raw / 1000.0)
+    np.save(tmp_path / "d.npy", raw / 5000.0)
+    np.testing.assert_allclose(difficp.io.read_depth(tmp_path / "d.npy", 1.0), raw / 5000.0)
+    K = difficp.io.read_intrinsics([525, 520, 319.5, 239.5])
+    np.testing.assert_array_equal(K, [[525, 0, 319.5], [0, 520, 239.5], [0, 0, 1]])
+    (tmp_path / "cam.json").write_text(
+        '{"width": 640, "height": 480, "intrinsic_matrix": [525, 0, 0, 0, 520, 0, 319.5, 239.5, 1]}'
+    )
+    np.testing.assert_array_equal(difficp.io.read_intrinsics(tmp_path / "cam.json"), K)
+
+
+@pytest.mark.parametrize(
+    ("array", "match"),
+    [
+        (np.ones((2, 2, 3)), "one channel"),
+        (-np.ones((2, 2)), ">= 0"),
+        (np.full((2, 2), np.nan), "finite"),
+    ],
+)
+def test_read_depth_refuses_bad_images(tmp_path, array, match) -> None:
+    np.save(tmp_path / "d.npy", array)
+    with pytest.raises(ValueError, match=match):
+        difficp.io.read_depth(tmp_path / "d.npy", 1.0)
+
+
+def test_read_intrinsics_refuses_bad_values(tmp_path) -> None:
+    with pytest.raises(ValueError, match="4 numbers"):
+        difficp.io.read_intrinsics([1, 2, 3])
+    with pytest.raises(ValueError, match="focal lengths"):
+        difficp.io.read_intrinsics([0, 1, 2, 3])
+    with pytest.raises(ValueError, match="depth_scale"):
+        difficp.io.read_depth(tmp_path / "missing.png", depth_scale=0)

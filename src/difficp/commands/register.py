@@ -55,9 +55,29 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--correspondence",
-        choices=[c for c in CORRESPONDENCES if c != "projective"],  # projective needs depth maps
+        choices=CORRESPONDENCES,
         default="nearest",
-        help="how partners are found (default: %(default)s)",
+        help="how partners are found; projective needs a depth-image TARGET (default: %(default)s)",
+    )
+    p.add_argument(
+        "--intrinsics",
+        nargs="+",
+        metavar="FX_FY_CX_CY|FILE",
+        help="pinhole intrinsics of depth-image (.png) inputs: four numbers fx fy cx cy, or a "
+        "JSON file (Open3D's camera layout, or fx/fy/cx/cy keys)",
+    )
+    p.add_argument(
+        "--depth-scale",
+        type=float,
+        default=1000.0,
+        help="stored depth units per metre of .png inputs: 1000 for Redwood/PrimeSense/Kinect "
+        "millimetres, 5000 for TUM (default: %(default)s)",
+    )
+    p.add_argument(
+        "--stride",
+        type=int,
+        default=1,
+        help="keep every STRIDE-th valid pixel of a depth-image SOURCE (default: %(default)s)",
     )
     p.add_argument(
         "--max-distance",
@@ -136,6 +156,68 @@ def _device(name: str) -> Any:
 
 def _warn(message: str) -> None:
     print(f"difficp register: warning: {message}", file=sys.stderr)
+
+
+def _is_depth_image(path: str) -> bool:
+    return path.lower().endswith(".png")
+
+
+def _intrinsics(args: argparse.Namespace) -> Any:
+    from difficp.io import read_intrinsics
+
+    if not args.intrinsics:
+        raise InputError(
+            "depth images (.png) need --intrinsics fx fy cx cy or --intrinsics camera.json"
+        )
+    given = " ".join(args.intrinsics)
+    try:
+        if len(args.intrinsics) == 1:
+            return read_intrinsics(args.intrinsics[0])
+        return read_intrinsics([float(v) for v in args.intrinsics])
+    except ValueError as err:
+        raise InputError(f"--intrinsics {given}: {err}") from None
+    except OSError as err:
+        raise InputError(f"cannot read --intrinsics {given}: {err}") from None
+
+
+def _read_depth(path: str, role: str, args: argparse.Namespace) -> Any:
+    from difficp.io import read_depth
+
+    try:
+        depth = read_depth(path, args.depth_scale)
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read {role} {path}: {err}") from None
+    if not (depth > 0).any():
+        raise InputError(f"{role} {path} has no valid (non-zero) depth")
+    return depth
+
+
+def _depth_cloud(depth: Any, K: Any, stride: int) -> Any:
+    """The valid pixels of a depth image as a point cloud (every ``stride``-th one)."""
+    from difficp.io import PointCloudData
+
+    v, u = np.nonzero(depth > 0)
+    v, u = v[::stride], u[::stride]
+    z = depth[v, u]
+    x = (u - K[0, 2]) * z / K[0, 0]
+    y = (v - K[1, 2]) * z / K[1, 1]
+    return PointCloudData(np.stack([x, y, z], axis=1))
+
+
+def _load_input(path: str, role: str, args: argparse.Namespace) -> tuple[Any, Any]:
+    """The cloud read from ``path`` and, for a depth-image target kept as an image (projective
+    correspondences), the ``(H, W)`` depth map (else None)."""
+    if not _is_depth_image(path):
+        if role == "target" and args.correspondence == "projective":
+            raise InputError(
+                "--correspondence projective needs a depth-image target (.png with --intrinsics)"
+            )
+        return _load(path, role), None
+    K = _intrinsics(args)
+    depth = _read_depth(path, role, args)
+    cloud = _depth_cloud(depth, K, args.stride if role == "source" else 1)
+    keep_image = role == "target" and args.correspondence == "projective"
+    return cloud, depth if keep_image else None
 
 
 def _load(path: str, role: str) -> Any:
@@ -260,8 +342,10 @@ def register_files(args: argparse.Namespace) -> dict[str, Any]:
         except (OSError, ValueError) as err:
             raise InputError(f"cannot read --init {args.init}: {err}") from None
 
-    source = _load(args.source, "source")
-    target = _load(args.target, "target")
+    if args.stride < 1:
+        raise InputError(f"--stride must be at least 1, got {args.stride}")
+    source, _ = _load_input(args.source, "source", args)
+    target, target_depth = _load_input(args.target, "target", args)
     _check_scale(source, "source", args.source, dtype)
     _check_scale(target, "target", args.target, dtype)
     if args.max_distance is None:
@@ -277,17 +361,24 @@ def register_files(args: argparse.Namespace) -> dict[str, Any]:
         if config.needs_source_normals and src_nrm is None:
             src_nrm = estimate_normals(src_pts, k=args.normals_k)
             estimated.append("source")
-        if config.needs_target_normals and tgt_nrm is None:
+        if config.needs_target_normals and tgt_nrm is None and target_depth is None:
             tgt_nrm = estimate_normals(tgt_pts, k=args.normals_k)
             estimated.append("target")
     except (ValueError, torch.linalg.LinAlgError) as err:
         raise InputError(f"cannot estimate normals: {err}") from None
 
     try:
+        depth_kwargs = {}
+        if target_depth is not None:  # projective: the target stays an image
+            tgt_pts = torch.as_tensor(target_depth, dtype=dtype, device=device)
+            depth_kwargs["intrinsics"] = torch.as_tensor(
+                _intrinsics(args), dtype=dtype, device=device
+            )
         res = difficp.icp(
             src_pts,
             tgt_pts,
             init=init,
+            **depth_kwargs,
             source_normals=src_nrm if config.needs_source_normals else None,
             target_normals=tgt_nrm if config.needs_target_normals else None,
             config=config,

@@ -41,12 +41,16 @@ from difficp.io.cloud import (
     check_readable,
     extension,
 )
+from difficp.io.depth import DEPTH_EXTENSIONS, read_depth, read_intrinsics
 from difficp.io.transform import read_transform, write_transform
 from difficp.io.transform import transform_writer as transform_writer  # for the CLI
 
 __all__ = [
+    "DEPTH_EXTENSIONS",
     "POINT_CLOUD_EXTENSIONS",
     "PointCloudData",
+    "read_depth",
+    "read_intrinsics",
     "read_point_cloud",
     "read_transform",
     "write_point_cloud",
