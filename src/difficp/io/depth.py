@@ -52,7 +52,7 @@ def _read_png(path: Path) -> np.ndarray:
         from PIL import Image
     except ImportError:  # pragma: no cover - depends on the environment
         raise ValueError(
-            f"{path}: reading PNG depth images needs Pillow: pip install pillow"
+            f"{path}: reading PNG depth images needs Pillow: pip install 'difficp[depth]'"
         ) from None
     try:
         with Image.open(path) as image:
