@@ -660,3 +660,32 @@ def test_register_depth_images_need_intrinsics_and_projective_needs_depth(tmp_pa
     assert "needs a depth-image target" in capsys.readouterr().err
     assert main(["register", str(tmp_path / "a.png"), cloud, "--intrinsics", "1", "2", "3"]) == 2
     assert "4 numbers" in capsys.readouterr().err
+
+
+def test_register_multiscale_and_voxel_size(tmp_path, capsys) -> None:
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(-1, 1, size=(3000, 2))
+    target = np.c_[xy, 0.3 * np.sin(2 * xy[:, 0]) * np.cos(3 * xy[:, 1])]
+    angle = math.radians(15)
+    R = np.array(
+        [[math.cos(angle), -math.sin(angle), 0], [math.sin(angle), math.cos(angle), 0], [0, 0, 1]]
+    )
+    source = (target - np.array([0.15, -0.1, 0.05])) @ R  # the inverse of p -> R p + t
+    src, tgt = str(tmp_path / "s.xyz"), str(tmp_path / "t.xyz")
+    write_point_cloud(src, source)
+    write_point_cloud(tgt, target)
+    out = str(tmp_path / "T.txt")
+    scales = "0.2:0.5:30,0.1:0.2:30,none:0.05:30"
+    assert main(["register", src, tgt, "--scales", scales, "--out", out]) == 0
+    T = read_transform(out)
+    np.testing.assert_allclose(T[:3, :3], R, atol=1e-3)
+    assert "no --max-distance" not in capsys.readouterr().err  # the stages set the distances
+    assert main(["register", src, tgt, "--voxel-size", "0.05", "--max-distance", "0.5"]) == 0
+    capsys.readouterr()
+    for bad, message in (
+        (["--scales", "0.1:0.2"], "voxel_size:max_distance:max_iterations"),
+        (["--voxel-size", "-1"], "--voxel-size must be a positive number"),
+        (["--voxel-size", "0.1", "--scales", scales], "exclude each other"),
+    ):
+        assert main(["register", src, tgt, *bad]) == 2
+        assert message in capsys.readouterr().err

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import sys
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -113,6 +114,21 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=16,
         help="neighbours for estimated normals (default: %(default)s)",
     )
+    p.add_argument(
+        "--voxel-size",
+        type=float,
+        default=None,
+        help="down-sample both clouds to one mean point per voxel of this size first "
+        "(default: full resolution)",
+    )
+    p.add_argument(
+        "--scales",
+        metavar="V:D:I,...",
+        default=None,
+        help="coarse-to-fine stages voxel_size:max_distance:iterations, e.g. "
+        "0.05:0.1:30,0.025:0.05:20,none:0.02:14 ('none': full resolution / the option's "
+        "value); normals are estimated per stage; the printed fitness is the last stage's",
+    )
     p.add_argument("--init", metavar="FILE", help="initial transform (4x4 text)")
     p.add_argument("--out", metavar="FILE", help="write the transform here (4x4 text)")
     p.add_argument(
@@ -202,6 +218,33 @@ def _depth_cloud(depth: Any, K: Any, stride: int) -> Any:
     x = (u - K[0, 2]) * z / K[0, 0]
     y = (v - K[1, 2]) * z / K[1, 1]
     return PointCloudData(np.stack([x, y, z], axis=1))
+
+
+def _stages(args: argparse.Namespace) -> list[Any] | None:
+    """The multi-scale stages of ``--scales`` (None without it); checks ``--voxel-size``."""
+    from difficp.sampling import parse_scales
+
+    if args.voxel_size is not None and not (math.isfinite(args.voxel_size) and args.voxel_size > 0):
+        raise InputError(f"--voxel-size must be a positive number, got {args.voxel_size}")
+    if args.scales is None:
+        return None
+    if args.voxel_size is not None:
+        raise InputError("--voxel-size and --scales exclude each other: --scales sets the sizes")
+    if args.correspondence == "projective":
+        raise InputError("--scales needs point-cloud targets, not --correspondence projective")
+    try:
+        return parse_scales(args.scales)
+    except ValueError as err:
+        raise InputError(f"--scales {args.scales}: {err}") from None
+
+
+def _downsample(cloud: Any, voxel_size: float, dtype: Any, device: Any) -> tuple[Any, Any]:
+    """``(points, normals)`` tensors of ``cloud`` with one mean point per voxel."""
+    from difficp.sampling import voxel_downsample
+
+    points, normals = cloud.to_torch(dtype, device)
+    grid = voxel_downsample(points, voxel_size, normals=normals)
+    return grid.points, grid.normals
 
 
 def _load_input(path: str, role: str, args: argparse.Namespace) -> tuple[Any, Any]:
@@ -311,6 +354,7 @@ def register_files(args: argparse.Namespace) -> dict[str, Any]:
     from difficp.geometry import rotate_vectors, transform_points
     from difficp.io import point_cloud_writer, read_transform, transform_writer
     from difficp.normals import estimate_normals
+    from difficp.sampling import multiscale_icp
 
     device = _device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -344,11 +388,12 @@ def register_files(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.stride < 1:
         raise InputError(f"--stride must be at least 1, got {args.stride}")
+    stages = _stages(args)
     source, _ = _load_input(args.source, "source", args)
     target, target_depth = _load_input(args.target, "target", args)
     _check_scale(source, "source", args.source, dtype)
     _check_scale(target, "target", args.target, dtype)
-    if args.max_distance is None:
+    if args.max_distance is None and stages is None:
         _warn(
             "no --max-distance: every pair counts as an inlier, so fitness is 1 whatever the "
             "alignment; pass --max-distance in the files' units (2-3x the point spacing, "
@@ -356,12 +401,18 @@ def register_files(args: argparse.Namespace) -> dict[str, Any]:
         )
     src_pts, src_nrm = source.to_torch(dtype, device)
     tgt_pts, tgt_nrm = target.to_torch(dtype, device)
+    if args.voxel_size is not None:
+        src_pts, src_nrm = _downsample(source, args.voxel_size, dtype, device)
+        tgt_pts, tgt_nrm = _downsample(target, args.voxel_size, dtype, device)
     estimated = []
     try:
-        if config.needs_source_normals and src_nrm is None:
+        # (multiscale_icp estimates missing normals on each stage's down-sampled cloud)
+        if stages is None and config.needs_source_normals and src_nrm is None:
             src_nrm = estimate_normals(src_pts, k=args.normals_k)
             estimated.append("source")
-        if config.needs_target_normals and tgt_nrm is None and target_depth is None:
+        # a depth-image target (projective) takes its normals from the image
+        needs_target = stages is None and config.needs_target_normals and target_depth is None
+        if needs_target and tgt_nrm is None:
             tgt_nrm = estimate_normals(tgt_pts, k=args.normals_k)
             estimated.append("target")
     except (ValueError, torch.linalg.LinAlgError) as err:
@@ -374,7 +425,10 @@ def register_files(args: argparse.Namespace) -> dict[str, Any]:
             depth_kwargs["intrinsics"] = torch.as_tensor(
                 _intrinsics(args), dtype=dtype, device=device
             )
-        res = difficp.icp(
+        register = difficp.icp
+        if stages is not None:
+            register = partial(multiscale_icp, stages=stages, normals_k=args.normals_k)
+        res = register(
             src_pts,
             tgt_pts,
             init=init,
