@@ -15,13 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from difficp.config import ICPConfig, resolve_config
-from difficp.correspondence import (
-    Correspondences,
-    DepthTarget,
-    nearest_correspondences,
-    projective_correspondences,
-    soft_correspondences,
-)
+from difficp.correspondence import Correspondences, DepthTarget
 from difficp.geometry import (
     make_transform,
     rotate_vectors,
@@ -31,13 +25,11 @@ from difficp.geometry import (
 )
 from difficp.inputs import Problem, prepare_problem
 from difficp.metrics import Metric, get_metric
-from difficp.solvers import (
-    gauss_newton_update,
-    levenberg_marquardt_update,
-    linearization_pivot,
-    weighted_procrustes,
-)
-from difficp.weighting import correspondence_weights, inlier_statistics, robust_weights
+from difficp.solvers import linearization_pivot
+from difficp.strategies.correspondences import for_target
+from difficp.strategies.kernels import robust_weights
+from difficp.strategies.solvers import SolveInput
+from difficp.weighting import correspondence_weights, inlier_statistics
 
 if TYPE_CHECKING:
     from difficp.fused import FusedSteps
@@ -124,31 +116,8 @@ def correspond(
         if problem.source_normals is None
         else rotate_vectors(problem.source_normals, transform)
     )
-    target = problem.target
-    if isinstance(target, DepthTarget):
-        corr = projective_correspondences(moved, target, problem.source_mask)
-        if config.needs_target_normals:
-            has_normal = corr.normals is not None and corr.normals.detach().abs().sum(-1) > 0
-            corr.valid = corr.valid & has_normal
-    elif config.correspondence == "nearest":
-        radius = None
-        if config.max_distance is not None and config.rejection == "hard":
-            radius = float(torch.as_tensor(config.max_distance).detach())
-        assert target.index is not None
-        corr = nearest_correspondences(
-            moved, target.points, target.index, problem.source_mask, target.normals, radius
-        )
-    else:
-        corr = soft_correspondences(
-            moved,
-            target.points,
-            config.temperature,
-            problem.source_mask,
-            target.mask,
-            target.normals,
-            config.soft_k,
-            target.index,
-        )
+    strategy = for_target(config.correspondence, problem.target)
+    corr = strategy.find(moved, problem.target, problem.source_mask, config.match_options)
     return corr, moved, moved_normals
 
 
@@ -160,7 +129,7 @@ def weigh(
     moved_normals: Tensor | None,
 ) -> Tensor:
     """Steps 3-4: ``(B, N)`` weights (rejection x linear weights x robust IRLS weights)."""
-    w = correspondence_weights(corr, moved_normals, config)
+    w = correspondence_weights(corr, moved_normals, config.weighting)
     if config.robust_kernel is not None:
         residual = metric.residuals(moved, moved_normals, corr).norm(dim=-1)
         w = w * robust_weights(residual, config.robust_kernel, config.kernel_scale)
@@ -186,18 +155,8 @@ def solve(
     ``center`` ``(B, 3)`` / ``far`` ``(B,)``: where the linearised solvers centre their normal
     equations and which pairs rotate about it (:func:`difficp.solvers.gauss_newton_update`).
     """
-    solver = config.resolved_solver
-    if solver == "svd":
-        return weighted_procrustes(moved, corr.points, weights), damping
-    if solver == "linear":
-        update = gauss_newton_update(
-            metric, moved, moved_normals, corr, weights, center=center, far=far
-        )[0]
-        return update, damping
-    update, damping, _ = levenberg_marquardt_update(
-        metric, moved, moved_normals, corr, weights, damping, config.lm_steps, center, far
-    )
-    return update, damping
+    x = SolveInput(metric, corr, moved, moved_normals, weights, center, far)
+    return config.strategies.solver.compute_update(x, damping, config.lm_steps)
 
 
 def orthonormalize(transform: Tensor) -> Tensor:
@@ -226,7 +185,7 @@ class ReferenceSteps:
     def __init__(self, problem: Problem, config: ICPConfig) -> None:
         self.problem = problem
         self.config = config
-        self.metric = get_metric(config.metric)
+        self.metric = config.strategies.metric
         self.dtype = problem.source.dtype
         self.mask = problem.source_mask[..., None].to(self.dtype)
         self.count = problem.source_counts.clamp_min(1)[:, None].to(self.dtype)
