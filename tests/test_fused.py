@@ -462,16 +462,18 @@ def test_compiled_step_to_transform_matches_metric(
 @pytest.mark.parametrize("metric", COMPILED_METRICS)
 @given(seed=st.integers(0, 2**32 - 1))
 @SETTINGS
-def test_compiled_rows_match_metric_residuals_and_jacobian(metric: str, seed: int) -> None:
-    # One correspondence through the metric's twin against its residuals / jacobian on the
-    # same points centred on c (as the solvers centre them).
+def test_compiled_twins_match_metric_residuals_and_normal_equations(metric: str, seed: int) -> None:
+    # One correspondence through the metric's twins against its residuals / jacobian on the
+    # same points centred on c (as the solvers centre them), weighted by w.
     rng = np.random.default_rng(seed)
     p, q, c = rng.normal(size=(3, 3))
     m, n = (v / np.linalg.norm(v) for v in rng.normal(size=(2, 3)))
-    J, res = np.full((3, 6), np.nan), np.full(3, np.nan)
+    w = float(rng.random())
     d = float(np.linalg.norm(p - q))
-    v = (*(p - q), *(p - c), *(q - c), *m, *n)
-    rows, r = compile_twin(METRICS[metric].compiled_rows)(J, res, d, tuple(float(x) for x in v))
+    v = tuple(float(x) for x in (*(p - q), *(p - c), *(q - c), *m, *n))
+    r = compile_twin(METRICS[metric].compiled_residual)(d, v)
+    sums, J = np.zeros((2, 40)), np.full(6, np.nan)
+    compile_twin(METRICS[metric].compiled_accumulate)(sums, 1, 5, J, w, v)
     corr = difficp.Correspondences(
         torch.from_numpy(q - c)[None, None],
         torch.from_numpy(n)[None, None],
@@ -481,10 +483,11 @@ def test_compiled_rows_match_metric_residuals_and_jacobian(metric: str, seed: in
     source, normals = torch.from_numpy(p - c)[None, None], torch.from_numpy(m)[None, None]
     ref_r = METRICS[metric].residuals(source, normals, corr)[0, 0].numpy()
     ref_J = METRICS[metric].jacobian(source, normals, corr)[0, 0].numpy()
-    assert rows == METRICS[metric].residual_dim
-    np.testing.assert_allclose(res[:rows], ref_r, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(J[:rows], ref_J, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(r, np.linalg.norm(ref_r) if rows > 1 else ref_r[0], atol=1e-12)
+    A, g = w * ref_J.T @ ref_J, w * ref_J.T @ ref_r
+    np.testing.assert_allclose(r, np.linalg.norm(ref_r) if len(ref_r) > 1 else ref_r[0], atol=1e-12)
+    np.testing.assert_allclose(sums[1, 5:26], A[np.triu_indices(6)], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(sums[1, 26:32], g, rtol=0, atol=1e-12)
+    assert not sums[0].any() and not sums[1, :5].any() and not sums[1, 32:].any()
 
 
 @pytest.mark.parametrize("kernel", KERNELS.names)
@@ -539,7 +542,7 @@ def test_every_strategy_has_a_compiled_twin_or_a_reason(registry: str, name: str
         "correspondence": [],  # nearest: the KD forest search of difficp.kdtree
         "rejection": ["compiled_keep"],
         "robust_kernel": ["compiled_weight"],
-        "metric": ["compiled_rows", "compiled_step_to_transform"],
+        "metric": ["compiled_residual", "compiled_accumulate", "compiled_step_to_transform"],
         "solver": ["compiled_sums"],
     }[registry]
     if reason is not None:

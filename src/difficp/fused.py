@@ -62,7 +62,8 @@ CHUNK = 1024
 # The strategies' compiled twins, dispatched by registry code (their registration order).
 _robust_weight = switch([kernel.compiled_weight for kernel in KERNELS], 2)
 _keep = switch([rejection.compiled_keep for rejection in REJECTIONS], 2)
-_metric_rows = switch([getattr(m, "compiled_rows", None) for m in METRICS], 4)
+_metric_residual = switch([getattr(m, "compiled_residual", None) for m in METRICS], 2)
+_metric_accumulate = switch([getattr(m, "compiled_accumulate", None) for m in METRICS], 6)
 _metric_step = switch([getattr(m, "compiled_step_to_transform", None) for m in METRICS], 2)
 # Per metric code: how far its linearisation point moves under centring (see _centred_step_update).
 _CENTRE_FACTOR = np.array([m.centre_factor for m in METRICS])
@@ -73,18 +74,6 @@ INLIERS, INLIER_SQ, WEIGHTED = 0, 1, 2
 MOMENTS = 3  # Procrustes: w, w p (3), w q (3), w q p^T (9)
 NORMAL_EQ = 3  # linearised: upper triangle of J^T W J (21), J^T W r (6)
 SUM_WIDTH = 32
-
-
-@njit(inline="always", error_model="numpy")
-def _add_outer(sums: np.ndarray, row: int, J: np.ndarray, r: float, w: float) -> None:
-    k = NORMAL_EQ
-    for a in range(6):
-        wa = w * J[a]
-        for b in range(a, 6):
-            sums[row, k] += wa * J[b]
-            k += 1
-    for a in range(6):
-        sums[row, NORMAL_EQ + 21 + a] += w * J[a] * r
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -151,8 +140,7 @@ def fused_iteration(
             continue
         stack = np.empty(STACK_DEPTH, dtype=np.int64)
         stack_d2 = np.empty(STACK_DEPTH)
-        J = np.empty((3, 6))
-        res = np.empty(3)
+        J = np.empty(6)
         R = rotation[b]
         t = translation[b]
         c = center[b]
@@ -222,10 +210,8 @@ def fused_iteration(
             # p and q centred on c (conditioning of the sums)
             ax, ay, az = px - c[0], py - c[1], pz - c[2]
             bx, by, bz = qx - c[0], qy - c[1], qz - c[2]
-            rows, r = 0, d  # Procrustes solves point_to_point: the residual norm is d
-            if procrustes == 0:
-                v = (px - qx, py - qy, pz - qz, ax, ay, az, bx, by, bz, mx, my, mz, nx, ny, nz)
-                rows, r = _metric_rows(metric, J, res, d, v)
+            v = (px - qx, py - qy, pz - qz, ax, ay, az, bx, by, bz, mx, my, mz, nx, ny, nz)
+            r = d if procrustes == 1 else _metric_residual(metric, d, v)  # svd: point_to_point
             if kernel != _NO_KERNEL:
                 w *= _robust_weight(kernel, abs(r), kernel_scale)
             if w < _TINY_WEIGHT:  # subnormal weights count as 0 (difficp.icp.weigh)
@@ -246,8 +232,7 @@ def fused_iteration(
                         sums[task, k] += w * qv * pv
                         k += 1
             else:
-                for row in range(rows):
-                    _add_outer(sums, task, J[row], res[row], w)
+                _metric_accumulate(metric, sums, task, NORMAL_EQ, J, w, v)
 
 
 def fused_supported(problem: Problem, config: ICPConfig) -> str | None:

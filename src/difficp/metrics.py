@@ -13,8 +13,9 @@ solved step becomes a rigid update (``step_to_transform``).
   ``t = translation / cos(theta)``; the update is ``p -> R_theta (R_theta p + t cos(theta))``.
 
 Each metric is one class registered in :data:`METRICS` (the allowed values of
-``ICPConfig.metric``), with its compiled twins beside it: ``compiled_rows`` (the residual rows
-and Jacobian rows of one correspondence) and ``compiled_step_to_transform``. Twins are plain
+``ICPConfig.metric``), with its compiled twins beside it: ``compiled_residual`` (the residual
+norm of one correspondence, for the robust kernel), ``compiled_accumulate`` (its weighted
+normal-equation terms) and ``compiled_step_to_transform``. Twins are plain
 Python on floats and numpy arrays; :mod:`difficp.fused` compiles them with numba and dispatches
 by ``METRICS.code(name)``, so this module does not import numba. A metric the compiled path
 cannot run sets ``compiled = False`` and ``fused_reason``.
@@ -120,34 +121,57 @@ class PointToPoint(RigidStepMetric):
         return torch.cat([-_skew(source), eye], dim=-1)
 
     @staticmethod
-    def compiled_rows(J: np.ndarray, res: np.ndarray, d: float, v: tuple) -> tuple[int, float]:
-        """Twin of :meth:`jacobian` / :meth:`residuals` for one correspondence: fills ``J``
-        ``(3, 6)`` and ``res`` ``(3,)``, returns the rows used and the residual norm ``d`` for
-        the robust kernel. ``d = |p - q|``; ``v`` the 15 floats ``r = p - q``, ``a = p - c``,
-        ``b = q - c`` (centred on the pair's centre ``c``), ``m`` / ``n`` the moved source /
-        target normals (a tuple: numba keeps it in registers)."""
+    def compiled_residual(d: float, v: tuple) -> float:
+        """Twin of the residual norm of one correspondence (for the robust kernel): ``d``.
+
+        Every metric's twins take ``d = |p - q|`` and ``v``, the 15 floats ``r = p - q``,
+        ``a = p - c``, ``b = q - c`` (centred on the pair's centre ``c``), ``m`` / ``n`` the
+        moved source / target normals (a tuple: numba keeps it in registers)."""
+        return d
+
+    @staticmethod
+    def compiled_accumulate(
+        sums: np.ndarray, row: int, k0: int, J: np.ndarray, w: float, v: tuple
+    ) -> None:
+        """Twin of :meth:`jacobian` / :meth:`residuals`: adds the correspondence's weighted
+        normal-equation terms to ``sums[row, k0:k0 + 27]`` (:func:`_add_row`); ``J`` ``(6,)``
+        is scratch. Rows ``[-[a]x | I]``, residuals ``r``."""
         rx, ry, rz, ax, ay, az = v[:6]
-        J[0, 0], J[0, 1], J[0, 2], J[0, 3], J[0, 4], J[0, 5] = 0.0, az, -ay, 1.0, 0.0, 0.0
-        J[1, 0], J[1, 1], J[1, 2], J[1, 3], J[1, 4], J[1, 5] = -az, 0.0, ax, 0.0, 1.0, 0.0
-        J[2, 0], J[2, 1], J[2, 2], J[2, 3], J[2, 4], J[2, 5] = ay, -ax, 0.0, 0.0, 0.0, 1.0
-        res[0], res[1], res[2] = rx, ry, rz
-        return 3, d
+        J[0], J[1], J[2], J[3], J[4], J[5] = 0.0, az, -ay, 1.0, 0.0, 0.0
+        _add_row(sums, row, k0, J, rx, w)
+        J[0], J[1], J[2], J[3], J[4], J[5] = -az, 0.0, ax, 0.0, 1.0, 0.0
+        _add_row(sums, row, k0, J, ry, w)
+        J[0], J[1], J[2], J[3], J[4], J[5] = ay, -ax, 0.0, 0.0, 0.0, 1.0
+        _add_row(sums, row, k0, J, rz, w)
+
+
+@compiled_helper
+def _add_row(sums: np.ndarray, row: int, k0: int, J: np.ndarray, r: float, w: float) -> None:
+    """Adds ``w J^T J`` (upper triangle, row by row: 21) and ``w J^T r`` (6) of one residual
+    row ``J`` ``(6,)`` to ``sums[row, k0:k0 + 27]`` (compiled helper of the metrics' twins)."""
+    k = k0
+    for i in range(6):
+        wi = w * J[i]
+        for j in range(i, 6):
+            sums[row, k] += wi * J[j]
+            k += 1
+    for i in range(6):
+        sums[row, k0 + 21 + i] += w * J[i] * r
 
 
 @compiled_helper
 def _lever_row(
-    J: np.ndarray, res: np.ndarray, ex: float, ey: float, ez: float, sx: float, sy: float,
-    sz: float, rx: float, ry: float, rz: float,
-) -> float:  # fmt: skip
-    """One residual row ``r . s`` with Jacobian ``[e x s, s]`` into ``J[0]`` / ``res[0]``
-    (compiled helper of the plane-like metrics' twins); returns the residual."""
-    J[0, 0] = ey * sz - ez * sy
-    J[0, 1] = ez * sx - ex * sz
-    J[0, 2] = ex * sy - ey * sx
-    J[0, 3], J[0, 4], J[0, 5] = sx, sy, sz
-    r = rx * sx + ry * sy + rz * sz
-    res[0] = r
-    return r
+    sums: np.ndarray, row: int, k0: int, J: np.ndarray, w: float, e: tuple, s: tuple, r: float
+) -> None:
+    """Adds one residual row ``r`` with Jacobian ``[e x s, s]`` (compiled helper of the
+    plane-like metrics' twins)."""
+    ex, ey, ez = e
+    sx, sy, sz = s
+    J[0] = ey * sz - ez * sy
+    J[1] = ez * sx - ex * sz
+    J[2] = ex * sy - ey * sx
+    J[3], J[4], J[5] = sx, sy, sz
+    _add_row(sums, row, k0, J, r, w)
 
 
 @METRICS.register("point_to_plane")
@@ -168,11 +192,17 @@ class PointToPlane(RigidStepMetric):
         return torch.cat([torch.cross(source, n, dim=-1), n], dim=-1)[..., None, :]
 
     @staticmethod
-    def compiled_rows(J: np.ndarray, res: np.ndarray, d: float, v: tuple) -> tuple[int, float]:
+    def compiled_residual(d: float, v: tuple) -> float:
+        """Twin of :meth:`residuals` (see :meth:`PointToPoint.compiled_residual`): ``r . n``."""
+        return v[0] * v[12] + v[1] * v[13] + v[2] * v[14]
+
+    @staticmethod
+    def compiled_accumulate(
+        sums: np.ndarray, row: int, k0: int, J: np.ndarray, w: float, v: tuple
+    ) -> None:
         """Twin of :meth:`jacobian` / :meth:`residuals`: ``[a x n, n]``, ``r . n``."""
-        rx, ry, rz, ax, ay, az = v[:6]
-        nx, ny, nz = v[12:]
-        return 1, _lever_row(J, res, ax, ay, az, nx, ny, nz, rx, ry, rz)
+        r = v[0] * v[12] + v[1] * v[13] + v[2] * v[14]
+        _lever_row(sums, row, k0, J, w, v[3:6], v[12:], r)
 
 
 def _symmetric_update(step: np.ndarray, out: np.ndarray) -> None:
@@ -229,12 +259,20 @@ class Symmetric(RigidStepMetric):
         return make_transform(R_half @ R_half, translation)
 
     @staticmethod
-    def compiled_rows(J: np.ndarray, res: np.ndarray, d: float, v: tuple) -> tuple[int, float]:
-        """Twin of :meth:`jacobian` / :meth:`residuals`: with ``s = m + n`` (the normals'
-        sum), ``[(a + b) x s, s]``, ``r . s``."""
+    def compiled_residual(d: float, v: tuple) -> float:
+        """Twin of :meth:`residuals` (see :meth:`PointToPoint.compiled_residual`): ``r . s``
+        with ``s = n + m``, the normals' sum."""
+        return v[0] * (v[12] + v[9]) + v[1] * (v[13] + v[10]) + v[2] * (v[14] + v[11])
+
+    @staticmethod
+    def compiled_accumulate(
+        sums: np.ndarray, row: int, k0: int, J: np.ndarray, w: float, v: tuple
+    ) -> None:
+        """Twin of :meth:`jacobian` / :meth:`residuals`: ``[(a + b) x s, s]``, ``r . s``."""
         rx, ry, rz, ax, ay, az, bx, by, bz, mx, my, mz, nx, ny, nz = v
-        s = _lever_row(J, res, ax + bx, ay + by, az + bz, nx + mx, ny + my, nz + mz, rx, ry, rz)
-        return 1, s
+        s = (nx + mx, ny + my, nz + mz)
+        r = rx * s[0] + ry * s[1] + rz * s[2]
+        _lever_row(sums, row, k0, J, w, (ax + bx, ay + by, az + bz), s, r)
 
     compiled_step_to_transform = staticmethod(_symmetric_update)
 
