@@ -20,20 +20,28 @@ from hypothesis import HealthCheck, given, settings
 
 import difficp
 from difficp import fused
+from difficp.config import ICPConfig
 from difficp.geometry import make_transform, random_rotation, twist_to_transform
-from difficp.metrics import Symmetric, get_metric
+from difficp.inputs import prepare_problem
+from difficp.metrics import METRICS, Symmetric, get_metric
 from difficp.solvers import (
     _step_to_transform,
     regularize,
     solve_normal_equations,
     weighted_procrustes,
 )
+from difficp.strategies.compiled import compile_twin
+from difficp.strategies.correspondences import CORRESPONDENCES
+from difficp.strategies.kernels import KERNELS
+from difficp.strategies.rejection import REJECTIONS
+from difficp.strategies.solvers import SOLVERS
 
 from conftest import METRIC_SOLVER_COMBOS, make_pair
 
 FUSED_COMBOS = [(metric, solver) for metric, solver in METRIC_SOLVER_COMBOS if solver != "lm"]
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-KERNELS = ["huber", "cauchy", "geman_mcclure", "tukey"]
+# Every registered robust kernel (None is the unweighted case the other tests run).
+KERNEL_NAMES = [name for name in KERNELS.names if name is not None]
 
 
 def test_fused_combos_are_the_supported_ones() -> None:
@@ -160,7 +168,7 @@ def test_rejection_and_weighting_match_reference(
     _compare(_pair(2), steps_used, metric=metric, solver=solver, **OPTION_CASES[case])
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
 @pytest.mark.parametrize(("metric", "solver"), FUSED_COMBOS)
 def test_robust_kernels_match_reference(
     steps_used: list[str], kernel: str, metric: str, solver: str
@@ -433,26 +441,129 @@ def test_solve_regularized_matches_solve_normal_equations(
 twists = st.lists(st.floats(-4.0, 4.0), min_size=6, max_size=6)
 
 
-@given(twists, st.sampled_from([1.0, 1e-3, 1e-9, 0.0]))
-@SETTINGS
-def test_euler_update_matches_twist_to_transform(twist: list[float], scale: float) -> None:
-    step = np.array(twist) * np.array([scale] * 3 + [1.0] * 3)
-    out = np.eye(4)
-    fused._euler_update(step, out)
-    expected = twist_to_transform(torch.from_numpy(step)).numpy()
-    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-14)
+COMPILED_METRICS = [m.name for m in METRICS if getattr(m, "fused_reason", None) is None]
 
 
-@given(twists, st.sampled_from([10.0, 1.0, 1e-3, 1e-13, 0.0]))
+@pytest.mark.parametrize("metric", COMPILED_METRICS)
+@given(twist=twists, scale=st.sampled_from([10.0, 1.0, 1e-3, 1e-9, 1e-13, 0.0]))
 @SETTINGS
-def test_symmetric_update_matches_step_to_transform(twist: list[float], scale: float) -> None:
-    # scale 1e-13 and 0 take the small-angle branch (|a| <= 1e-12).
+def test_compiled_step_to_transform_matches_metric(
+    metric: str, twist: list[float], scale: float
+) -> None:
+    # scale 1e-13 and 0 take the symmetric metric's small-angle branch (|a| <= 1e-12).
     step = np.array(twist) * np.array([scale] * 3 + [1.0] * 3)
     out = np.eye(4)
-    fused._symmetric_update(step, out)
-    expected = Symmetric().step_to_transform(torch.from_numpy(step)[None])[0].numpy()
+    compile_twin(METRICS[metric].compiled_step_to_transform)(step, out)
+    expected = METRICS[metric].step_to_transform(torch.from_numpy(step)[None])[0].numpy()
     # roma's rotation vector -> matrix is off by a few 1e-13 at angles ~1e-6 (Rodrigues is not).
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-12 * (1 + np.abs(step).max()))
+
+
+@pytest.mark.parametrize("metric", COMPILED_METRICS)
+@given(seed=st.integers(0, 2**32 - 1))
+@SETTINGS
+def test_compiled_twins_match_metric_residuals_and_normal_equations(metric: str, seed: int) -> None:
+    # One correspondence through the metric's twins against its residuals / jacobian on the
+    # same points centred on c (as the solvers centre them), weighted by w.
+    rng = np.random.default_rng(seed)
+    p, q, c = rng.normal(size=(3, 3))
+    m, n = (v / np.linalg.norm(v) for v in rng.normal(size=(2, 3)))
+    w = float(rng.random())
+    d = float(np.linalg.norm(p - q))
+    v = tuple(float(x) for x in (*(p - q), *(p - c), *(q - c), *m, *n))
+    r = compile_twin(METRICS[metric].compiled_residual)(d, v)
+    sums, J = np.zeros((2, 40)), np.full(6, np.nan)
+    compile_twin(METRICS[metric].compiled_accumulate)(sums, 1, 5, J, w, v)
+    corr = difficp.Correspondences(
+        torch.from_numpy(q - c)[None, None],
+        torch.from_numpy(n)[None, None],
+        torch.ones(1, 1, dtype=torch.bool),
+        torch.tensor([[d]], dtype=torch.float64),
+    )
+    source, normals = torch.from_numpy(p - c)[None, None], torch.from_numpy(m)[None, None]
+    ref_r = METRICS[metric].residuals(source, normals, corr)[0, 0].numpy()
+    ref_J = METRICS[metric].jacobian(source, normals, corr)[0, 0].numpy()
+    A, g = w * ref_J.T @ ref_J, w * ref_J.T @ ref_r
+    np.testing.assert_allclose(r, np.linalg.norm(ref_r) if len(ref_r) > 1 else ref_r[0], atol=1e-12)
+    np.testing.assert_allclose(sums[1, 5:26], A[np.triu_indices(6)], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(sums[1, 26:32], g, rtol=0, atol=1e-12)
+    assert not sums[0].any() and not sums[1, :5].any() and not sums[1, 32:].any()
+
+
+@pytest.mark.parametrize("kernel", KERNELS.names)
+@given(r=st.floats(0.0, 1e3), k=st.sampled_from([1e-3, 0.05, 1.0, 1e3]))
+@SETTINGS
+def test_compiled_kernel_weight_matches_torch(kernel: str | None, r: float, k: float) -> None:
+    compiled = compile_twin(KERNELS[kernel].compiled_weight)(r, k)
+    r64, k64 = (torch.tensor(v, dtype=torch.float64) for v in ([r], k))
+    expected = KERNELS[kernel].weight(r64, k64)
+    np.testing.assert_allclose(compiled, expected.item(), rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("rejection", REJECTIONS.names)
+@given(margin=st.floats(-1e3, 1e3), temperature=st.sampled_from([1e-3, 0.01, 1.0]))
+@SETTINGS
+def test_compiled_keep_matches_torch(rejection: str, margin: float, temperature: float) -> None:
+    compiled = compile_twin(REJECTIONS[rejection].compiled_keep)(margin, temperature)
+    expected = REJECTIONS[rejection].keep(torch.tensor([margin], dtype=torch.float64), temperature)
+    np.testing.assert_allclose(compiled, expected.item(), rtol=1e-14, atol=1e-300)
+
+
+def _config_using(registry: str, name: str | None) -> dict:
+    """Options that select strategy ``name`` of ``registry`` (and what it requires)."""
+    options: dict = {registry: name}
+    if registry == "solver" and SOLVERS[name].metrics is not None:
+        options["metric"] = SOLVERS[name].metrics[0]
+    if registry == "rejection":
+        options["max_distance"] = 0.1
+    return options
+
+
+@pytest.mark.parametrize(
+    ("registry", "name"),
+    [("correspondence", n) for n in CORRESPONDENCES.names]
+    + [("rejection", n) for n in REJECTIONS.names]
+    + [("robust_kernel", n) for n in KERNELS.names]
+    + [("metric", n) for n in METRICS.names]
+    + [("solver", n) for n in SOLVERS.names],
+)
+def test_every_strategy_has_a_compiled_twin_or_a_reason(registry: str, name: str | None) -> None:
+    # A new strategy must either bring its compiled twin (the fused kernel dispatches to it by
+    # registry code) or say, through fused_supported, why the compiled path refuses it.
+    strategy = {
+        "correspondence": CORRESPONDENCES,
+        "rejection": REJECTIONS,
+        "robust_kernel": KERNELS,
+        "metric": METRICS,
+        "solver": SOLVERS,
+    }[registry][name]
+    reason = getattr(strategy, "fused_reason", None)
+    twins = {
+        "correspondence": [],  # nearest: the KD forest search of difficp.kdtree
+        "rejection": ["compiled_keep"],
+        "robust_kernel": ["compiled_weight"],
+        "metric": ["compiled_residual", "compiled_accumulate", "compiled_step_to_transform"],
+        "solver": ["compiled_sums"],
+    }[registry]
+    if reason is not None:
+        config = ICPConfig(**_config_using(registry, name))
+        if name == "projective":
+            K = torch.tensor([[5.0, 0, 4], [0, 5, 4], [0, 0, 1]], dtype=torch.float64)
+            points = torch.rand(50, 3, dtype=torch.float64) * 0.1 + torch.tensor([0, 0, 1.0])
+            depth = torch.ones(8, 8, dtype=torch.float64)
+            problem = prepare_problem(points, depth, config, intrinsics=K)
+        else:
+            p = make_pair(0, n=50)
+            problem = prepare_problem(
+                p["source"], p["target"], config,
+                source_normals=p["source_normals"], target_normals=p["target_normals"],
+            )  # fmt: skip
+        assert fused.fused_supported(problem, config) == reason
+        return
+    missing = [t for t in twins if getattr(strategy, t, None) is None]
+    assert not missing, f"{registry} {name!r} has no {missing} and no fused_reason"
+    if registry == "solver":
+        assert strategy.compiled_sums in ("moments", "normal_equations")
 
 
 def _moments(p: np.ndarray, q: np.ndarray, w: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -557,7 +668,7 @@ def test_procrustes_update_on_raw_matrices_matches_special_procrustes(
         np.testing.assert_allclose(out[:3, :3], R, rtol=0, atol=1e-9)
 
 
-@given(seed=st.integers(0, 2**32 - 1), metric=st.sampled_from(list(fused.METRIC_CODES)))
+@given(seed=st.integers(0, 2**32 - 1), metric=st.sampled_from(COMPILED_METRICS))
 @SETTINGS
 def test_solve_updates_from_sums_matches_reference(seed: int, metric: str) -> None:
     # The per-pair sums as the kernel lays them out (upper triangle of A row by row, then g),
@@ -575,7 +686,7 @@ def test_solve_updates_from_sums_matches_reference(seed: int, metric: str) -> No
     far = np.array([False, True, True])
     out = np.full((B, 4, 4), np.nan)
     radius = np.ones(B)
-    fused._solve_updates(sums, center, radius, far, fused.METRIC_CODES[metric], 0, out)
+    fused._solve_updates(sums, center, radius, far, METRICS.code(metric), 0, out)
     A = torch.from_numpy(np.stack([s[0] for s in systems]))
     g = torch.from_numpy(np.stack([s[1] for s in systems]))
     step, usable = solve_normal_equations(A, g)

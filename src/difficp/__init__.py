@@ -54,6 +54,7 @@ _SUBMODULES = frozenset(
         "sampling",
         "softmatch",
         "solvers",
+        "strategies",
         "weighting",
     }
 )
@@ -75,6 +76,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
         sampling,
         softmatch,
         solvers,
+        strategies,
         weighting,
     )
     from difficp.config import ICPConfig

@@ -11,18 +11,31 @@ import math
 import numbers
 import operator
 from dataclasses import dataclass
-from typing import Literal
+from functools import cached_property
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
 
+from difficp.metrics import METRICS as METRIC_REGISTRY
+from difficp.metrics import Metric
+from difficp.strategies.correspondences import CORRESPONDENCES as CORRESPONDENCE_REGISTRY
+from difficp.strategies.correspondences import Correspondence, MatchOptions
+from difficp.strategies.kernels import KERNELS, RobustKernel
+from difficp.strategies.rejection import REJECTIONS as REJECTION_REGISTRY
+from difficp.strategies.rejection import Rejection
+from difficp.strategies.solvers import SOLVERS as SOLVER_REGISTRY
+from difficp.strategies.solvers import Solver
+from difficp.weighting import Weighting
+
 Scalar = float | torch.Tensor
 
-CORRESPONDENCES = ("nearest", "soft", "projective")
-METRICS = ("point_to_point", "point_to_plane", "symmetric")
-SOLVERS = ("svd", "linear", "lm")
-REJECTIONS = ("hard", "soft")
-ROBUST_KERNELS = (None, "huber", "cauchy", "geman_mcclure", "tukey")
+# The allowed values of the string options come from the strategy registries.
+CORRESPONDENCES = CORRESPONDENCE_REGISTRY.names
+METRICS = METRIC_REGISTRY.names
+SOLVERS = SOLVER_REGISTRY.names
+REJECTIONS = REJECTION_REGISTRY.names
+ROBUST_KERNELS = KERNELS.names
 DIFFERENTIATIONS = ("unroll", "implicit", "none")
 CRITERIA_SCALES = ("absolute", "relative")
 
@@ -123,6 +136,16 @@ def _choice(name: str, value: object, choices: tuple) -> None:
         raise ValueError(f"ICPConfig.{name}={value!r} is not one of {choices}")
 
 
+class Strategies(NamedTuple):
+    """The strategy objects an :class:`ICPConfig` names (see :mod:`difficp.strategies`)."""
+
+    correspondence: Correspondence
+    rejection: Rejection
+    kernel: RobustKernel
+    metric: Metric
+    solver: Solver
+
+
 def resolve_config(config: object, overrides: dict) -> ICPConfig:
     """``config`` (None = defaults) with keyword ``overrides`` applied; a clear TypeError for
     anything that is not an :class:`ICPConfig` (e.g. a dict of options)."""
@@ -205,10 +228,13 @@ class ICPConfig:
         _choice("correspondence", self.correspondence, CORRESPONDENCES)
         _choice("metric", self.metric, METRICS)
         _choice("solver", self.solver, (None, *SOLVERS))
-        if self.solver == "svd" and self.metric != "point_to_point":
+        solvable = None if self.solver is None else SOLVER_REGISTRY[self.solver].metrics
+        if solvable is not None and self.metric not in solvable:
+            others = [n for n in SOLVERS if SOLVER_REGISTRY[n].metrics is None]
+            fix = " or ".join(f"solver={n!r}" for n in others)
             raise ValueError(
-                f"ICPConfig.solver='svd' only solves metric='point_to_point', not {self.metric!r}; "
-                "use solver='linear' or solver='lm'"
+                f"ICPConfig.solver={self.solver!r} only solves metric="
+                f"{' or '.join(repr(m) for m in solvable)}, not {self.metric!r}; use {fix}"
             )
         _choice("rejection", self.rejection, REJECTIONS)
         _choice("robust_kernel", self.robust_kernel, ROBUST_KERNELS)
@@ -248,16 +274,51 @@ class ICPConfig:
         return "svd" if self.metric == "point_to_point" else "linear"
 
     @property
+    def uses_normal_criteria(self) -> bool:
+        """Whether normals weigh or reject correspondences."""
+        return bool(self.weight_normal) or self.max_normal_angle is not None
+
+    @property
     def needs_source_normals(self) -> bool:
-        """Whether the source must carry normals (symmetric metric or any normal criterion)."""
-        uses_normal_criteria = self.weight_normal or self.max_normal_angle is not None
-        return self.metric == "symmetric" or uses_normal_criteria
+        """Whether the source must carry normals (the metric's, or any normal criterion)."""
+        return METRIC_REGISTRY[self.metric].needs_source_normals or self.uses_normal_criteria
 
     @property
     def needs_target_normals(self) -> bool:
-        """Whether the target must carry normals (any metric but point_to_point, or normal criteria)."""
-        uses_normal_criteria = self.weight_normal or self.max_normal_angle is not None
-        return self.metric != "point_to_point" or uses_normal_criteria
+        """Whether the target must carry normals (the metric's, or any normal criterion)."""
+        return METRIC_REGISTRY[self.metric].needs_target_normals or self.uses_normal_criteria
+
+    @cached_property
+    def strategies(self) -> Strategies:
+        """The strategy objects of the string options, from their registries."""
+        return Strategies(
+            CORRESPONDENCE_REGISTRY[self.correspondence],
+            REJECTION_REGISTRY[self.rejection],
+            KERNELS[self.robust_kernel],
+            METRIC_REGISTRY[self.metric],
+            SOLVER_REGISTRY[self.resolved_solver],
+        )
+
+    @property
+    def match_options(self) -> MatchOptions:
+        """What the correspondence search reads (step 2); not cached: a learnt (tensor)
+        ``max_distance`` changes in place."""
+        radius = None
+        if self.max_distance is not None and self.rejection == "hard":
+            radius = float(torch.as_tensor(self.max_distance).detach())
+        return MatchOptions(radius, self.temperature, self.soft_k, self.needs_target_normals)
+
+    @property
+    def weighting(self) -> Weighting:
+        """What weighting and rejection read (steps 3-4)."""
+        return Weighting(
+            self.max_distance,
+            self.max_normal_angle,
+            REJECTION_REGISTRY[self.rejection],
+            self.rejection_temperature,
+            bool(self.weight_distance),
+            bool(self.weight_normal),
+        )
 
     def replace(self, **changes: object) -> ICPConfig:
         """A copy with some options changed (validated again)."""

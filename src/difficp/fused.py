@@ -10,18 +10,29 @@ ever formed, which is what makes ICP memory-bound in PyTorch. The tiny per-pair 
 compiled too: the same mathematics as :mod:`difficp.solvers` and :mod:`difficp.metrics`.
 
 It computes exactly what the reference path computes (same correspondences, weights, metric and
-solver), in float64 throughout; tests check the two agree.
+solver), in float64 throughout; tests check the two agree. The per-point mathematics of each
+strategy (robust kernel, rejection, metric) is its compiled twin, defined beside the PyTorch
+version in its own module; the kernel receives registry codes (``KERNELS.code(name)``) and
+dispatches to the twins through generated switches.
+
+numba caches this module's kernels by this file's timestamp only; :func:`_flush_stale_caches`
+drops the cache when a module holding twins changes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 from numba import njit, prange
+from numba.core.dispatcher import Dispatcher
 from torch import Tensor
 
+from difficp import kdtree
 from difficp.config import ICPConfig
 from difficp.inputs import PointTarget, Problem
 from difficp.kdtree import (
@@ -33,8 +44,14 @@ from difficp.kdtree import (
     warm_two_nearest,
 )
 from difficp.loop import MIN_CORRESPONDENCES, source_radius
+from difficp.metrics import METRICS
 from difficp.solvers import FAR_FROM_ORIGIN, PROCRUSTES_NOISE
-from difficp.weighting import NEGLIGIBLE_WEIGHT
+from difficp.strategies import compiled
+from difficp.strategies.compiled import switch
+from difficp.strategies.correspondences import CORRESPONDENCES, for_target
+from difficp.strategies.kernels import KERNELS
+from difficp.strategies.rejection import REJECTIONS
+from difficp.strategies.solvers import SOLVERS
 
 # Weights below the smallest normal float64 are rejected (as difficp.registration.weigh does).
 _TINY_WEIGHT = np.finfo(np.float64).tiny
@@ -42,46 +59,21 @@ _TINY_WEIGHT = np.finfo(np.float64).tiny
 # Source points per parallel task: enough work to amortise scheduling, small enough to balance.
 CHUNK = 1024
 
-METRIC_CODES = {"point_to_point": 0, "point_to_plane": 1, "symmetric": 2}
-KERNEL_CODES = {None: 0, "huber": 1, "cauchy": 2, "geman_mcclure": 3, "tukey": 4}
+# The strategies' compiled twins, dispatched by registry code (their registration order).
+_robust_weight = switch([kernel.compiled_weight for kernel in KERNELS], 2)
+_keep = switch([rejection.compiled_keep for rejection in REJECTIONS], 2)
+_metric_residual = switch([getattr(m, "compiled_residual", None) for m in METRICS], 2)
+_metric_accumulate = switch([getattr(m, "compiled_accumulate", None) for m in METRICS], 6)
+_metric_step = switch([getattr(m, "compiled_step_to_transform", None) for m in METRICS], 2)
+# Per metric code: how far its linearisation point moves under centring (see _centred_step_update).
+_CENTRE_FACTOR = np.array([m.centre_factor for m in METRICS])
+_NO_KERNEL = KERNELS.code(None)
 
 # Layout of a task's sums (one row of ``sums``).
 INLIERS, INLIER_SQ, WEIGHTED = 0, 1, 2
 MOMENTS = 3  # Procrustes: w, w p (3), w q (3), w q p^T (9)
 NORMAL_EQ = 3  # linearised: upper triangle of J^T W J (21), J^T W r (6)
 SUM_WIDTH = 32
-
-
-@njit(inline="always", error_model="numpy")
-def _robust_weight(code: int, r: float, k: float) -> float:
-    if code == 1:
-        return 1.0 if r <= k else k / max(r, 1e-300)
-    if code == 2:
-        return 1.0 / (1.0 + (r / k) ** 2)
-    if code == 3:
-        return (k * k / (k * k + r * r)) ** 2
-    if code == 4:
-        return (1.0 - (r / k) ** 2) ** 2 if r <= k else 0.0
-    return 1.0
-
-
-@njit(inline="always", error_model="numpy")
-def _sigmoid(x: float) -> float:
-    """Soft-rejection keep-weight; as :func:`difficp.weighting.soft_keep`, 0 when negligible."""
-    s = 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
-    return s if s > NEGLIGIBLE_WEIGHT else 0.0
-
-
-@njit(inline="always", error_model="numpy")
-def _add_outer(sums: np.ndarray, row: int, J: np.ndarray, r: float, w: float) -> None:
-    k = NORMAL_EQ
-    for a in range(6):
-        wa = w * J[a]
-        for b in range(a, 6):
-            sums[row, k] += wa * J[b]
-            k += 1
-    for a in range(6):
-        sums[row, NORMAL_EQ + 21 + a] += w * J[a] * r
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -119,8 +111,9 @@ def fused_iteration(
         options: float64 ``[search radius^2, max_distance (stats / soft rejection / linear
             weight; inf = none), rejection temperature, cos(max_normal_angle) (-inf = none),
             kernel scale]``.
-        int_options: int64 ``[metric code, procrustes (1) or normal equations (0), soft
-            rejection, weight_distance, weight_normal, robust kernel code]``.
+        int_options: int64 ``[metric code (METRICS.code), procrustes (1) or normal equations
+            (0), rejection code (REJECTIONS.code), weight_distance, weight_normal, robust kernel
+            code (KERNELS.code), uses source normals, uses target normals]``.
         sums: ``(B * tasks_per_pair, SUM_WIDTH)`` zeros; task rows get their sums.
     """
     radius2, max_distance, rejection_t, cos_min, kernel_scale = (
@@ -130,7 +123,7 @@ def fused_iteration(
         options[3],
         options[4],
     )
-    metric, procrustes, soft, weight_distance, weight_normal, kernel = (
+    metric, procrustes, rejection, weight_distance, weight_normal, kernel = (
         int_options[0],
         int_options[1],
         int_options[2],
@@ -138,7 +131,7 @@ def fused_iteration(
         int_options[4],
         int_options[5],
     )
-    uses_normals = cos_min > -np.inf or weight_normal == 1 or metric == 2
+    uses_normals, uses_target_normals = int_options[6] == 1, int_options[7] == 1
     B, N = source.shape[0], source.shape[1]
     tasks = (N + CHUNK - 1) // CHUNK
     for task in prange(B * tasks):
@@ -190,15 +183,13 @@ def fused_iteration(
 
             # weights: distance rejection x linear weights x normal rejection x robust kernel
             w = 1.0
-            if soft == 1 and max_distance < np.inf:
-                w = _sigmoid((max_distance - d) / rejection_t)
-            elif d > max_distance:
-                w = 0.0
+            if max_distance < np.inf:
+                w = _keep(rejection, max_distance - d, rejection_t)
             if weight_distance == 1:
                 w *= max(1.0 - d / max_distance, 0.0)
             qx, qy, qz = points[best, 0], points[best, 1], points[best, 2]
             mx = my = mz = nx = ny = nz = 0.0
-            if uses_normals or metric != 0:
+            if uses_target_normals:
                 nx = target_normals[best, 0]
                 ny = target_normals[best, 1]
                 nz = target_normals[best, 2]
@@ -213,27 +204,21 @@ def fused_iteration(
                 mz = R[2, 0] * ux + R[2, 1] * uy + R[2, 2] * uz
                 cosine = mx * nx + my * ny + mz * nz
                 if cos_min > -np.inf:
-                    if soft == 1:
-                        w *= _sigmoid((cosine - cos_min) / rejection_t)
-                    elif cosine < cos_min:
-                        w = 0.0
+                    w *= _keep(rejection, cosine - cos_min, rejection_t)
                 if weight_normal == 1:
                     w *= max(cosine, 0.0)
-            if metric == 2:  # symmetric: residual along the sum of the normals
-                nx += mx
-                ny += my
-                nz += mz
-            rx, ry, rz = px - qx, py - qy, pz - qz
-            r = d if metric == 0 else rx * nx + ry * ny + rz * nz
-            if kernel != 0:
+            # p and q centred on c (conditioning of the sums)
+            ax, ay, az = px - c[0], py - c[1], pz - c[2]
+            bx, by, bz = qx - c[0], qy - c[1], qz - c[2]
+            v = (px - qx, py - qy, pz - qz, ax, ay, az, bx, by, bz, mx, my, mz, nx, ny, nz)
+            r = d if procrustes == 1 else _metric_residual(metric, d, v)  # svd: point_to_point
+            if kernel != _NO_KERNEL:
                 w *= _robust_weight(kernel, abs(r), kernel_scale)
             if w < _TINY_WEIGHT:  # subnormal weights count as 0 (difficp.registration.weigh)
                 continue
             sums[task, WEIGHTED] += 1.0
 
             if procrustes == 1:
-                ax, ay, az = px - c[0], py - c[1], pz - c[2]
-                bx, by, bz = qx - c[0], qy - c[1], qz - c[2]
                 sums[task, MOMENTS] += w
                 sums[task, MOMENTS + 1] += w * ax
                 sums[task, MOMENTS + 2] += w * ay
@@ -246,36 +231,22 @@ def fused_iteration(
                     for pv in (ax, ay, az):
                         sums[task, k] += w * qv * pv
                         k += 1
-            elif metric == 0:
-                # residual p - q, Jacobian rows [-[p - c]x | I] (centred coordinates)
-                ax, ay, az = px - c[0], py - c[1], pz - c[2]
-                J[0], J[1], J[2], J[3], J[4], J[5] = 0.0, az, -ay, 1.0, 0.0, 0.0
-                _add_outer(sums, task, J, rx, w)
-                J[0], J[1], J[2], J[3], J[4], J[5] = -az, 0.0, ax, 0.0, 1.0, 0.0
-                _add_outer(sums, task, J, ry, w)
-                J[0], J[1], J[2], J[3], J[4], J[5] = ay, -ax, 0.0, 0.0, 0.0, 1.0
-                _add_outer(sums, task, J, rz, w)
             else:
-                # point_to_plane: [p x n, n]; symmetric: [(p + q) x n, n] with n = n_p + n_q,
-                # p and q centred on c
-                ex, ey, ez = px - c[0], py - c[1], pz - c[2]
-                if metric == 2:
-                    ex, ey, ez = ex + qx - c[0], ey + qy - c[1], ez + qz - c[2]
-                J[0] = ey * nz - ez * ny
-                J[1] = ez * nx - ex * nz
-                J[2] = ex * ny - ey * nx
-                J[3], J[4], J[5] = nx, ny, nz
-                _add_outer(sums, task, J, r, w)
+                _metric_accumulate(metric, sums, task, NORMAL_EQ, J, w, v)
 
 
 def fused_supported(problem: Problem, config: ICPConfig) -> str | None:
     """None when the fast path computes this problem exactly, else the reason it cannot."""
-    if config.correspondence != "nearest" or not isinstance(problem.target, PointTarget):
-        return "only hard nearest-neighbour correspondences to a point cloud are compiled"
+    strategies = config.strategies
+    correspondence = for_target(config.correspondence, problem.target)
+    if correspondence.fused_reason is not None:
+        return correspondence.fused_reason
     if problem.source.device.type != "cpu":
         return "the compiled path runs on the CPU"
-    if config.resolved_solver == "lm":
-        return "the Levenberg-Marquardt solver is not compiled"
+    for strategy in (strategies.solver, strategies.metric, strategies.kernel, strategies.rejection):
+        reason = getattr(strategy, "fused_reason", None)
+        if reason is not None:
+            return reason
     if config.weight_distance and config.max_distance is None:
         return "weight_distance without max_distance needs each pair's largest distance"
     if parallel_unsafe_after_fork():
@@ -298,7 +269,7 @@ class FusedSteps:
             raise ValueError(f"the compiled ICP path cannot run this problem: {reason}")
         target = problem.target
         assert isinstance(target, PointTarget)
-        self.procrustes = config.resolved_solver == "svd"
+        self.procrustes = config.strategies.solver.compiled_sums == "moments"
         threads = torch.get_num_threads()
         set_threads(threads)
         # Starting numba's OpenMP pool resets the process's OpenMP thread count, which PyTorch
@@ -310,13 +281,8 @@ class FusedSteps:
         self.source = _numpy(problem.source)
         self.source_counts = problem.source_counts.cpu().numpy().astype(np.int64)
         B, N = self.source.shape[:2]
-        uses_source_normals = (
-            config.needs_source_normals
-            or config.max_normal_angle is not None
-            or config.weight_normal
-        )
         self.source_normals = np.zeros((1, 1, 3))
-        if uses_source_normals:
+        if config.needs_source_normals:
             assert problem.source_normals is not None
             self.source_normals = _numpy(problem.source_normals)
         self.target_normals = np.zeros((1, 3))
@@ -347,12 +313,14 @@ class FusedSteps:
         )
         self.int_options = np.array(
             [
-                METRIC_CODES[config.metric],
+                METRICS.code(config.metric),
                 int(self.procrustes),
-                int(config.rejection == "soft"),
+                REJECTIONS.code(config.rejection),
                 int(bool(config.weight_distance)),
                 int(bool(config.weight_normal)),
-                KERNEL_CODES[config.robust_kernel],
+                KERNELS.code(config.robust_kernel),
+                int(config.needs_source_normals),
+                int(config.needs_target_normals),
             ],
             dtype=np.int64,
         )
@@ -504,29 +472,6 @@ def _solve_regularized(A: np.ndarray, g: np.ndarray, x: np.ndarray) -> bool:
 
 
 @njit(cache=True, error_model="numpy")
-def _euler_update(step: np.ndarray, out: np.ndarray) -> None:
-    """:func:`difficp.geometry.twist_to_transform`: ``R = Rz Ry Rx``, ``t = v``."""
-    ca, cb, cg = math.cos(step[0]), math.cos(step[1]), math.cos(step[2])
-    sa, sb, sg = math.sin(step[0]), math.sin(step[1]), math.sin(step[2])
-    out[0, 0], out[0, 1], out[0, 2] = cg * cb, cg * sb * sa - sg * ca, cg * sb * ca + sg * sa
-    out[1, 0], out[1, 1], out[1, 2] = sg * cb, sg * sb * sa + cg * ca, sg * sb * ca - cg * sa
-    out[2, 0], out[2, 1], out[2, 2] = -sb, cb * sa, cb * ca
-    out[0, 3], out[1, 3], out[2, 3] = step[3], step[4], step[5]
-
-
-@njit(cache=True, error_model="numpy")
-def _rotvec_to_rotmat(v: np.ndarray) -> np.ndarray:
-    """Rodrigues' formula."""
-    angle = math.sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2])
-    R = np.eye(3)
-    if angle < 1e-300:
-        return R
-    k = v / angle
-    K = np.array([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
-    return R + math.sin(angle) * K + (1.0 - math.cos(angle)) * (K @ K)
-
-
-@njit(cache=True, error_model="numpy")
 def _centred_step_update(
     step: np.ndarray, center: np.ndarray, far: bool, metric: int, out: np.ndarray
 ) -> None:
@@ -534,33 +479,17 @@ def _centred_step_update(
     centred on ``center``, about the world origin, or about ``center`` when ``far``."""
     if not far:
         # the same step in world coordinates: translation v - k (omega x c)
-        k = 2.0 if metric == 2 else 1.0
+        k = _CENTRE_FACTOR[metric]
         o = step[:3]
         step[3] -= k * (o[1] * center[2] - o[2] * center[1])
         step[4] -= k * (o[2] * center[0] - o[0] * center[2])
         step[5] -= k * (o[0] * center[1] - o[1] * center[0])
-    if metric == 2:
-        _symmetric_update(step, out)
-    else:
-        _euler_update(step, out)
+    _metric_step(metric, step, out)
     if far:
         for i in range(3):
             out[i, 3] += center[i] - (
                 out[i, 0] * center[0] + out[i, 1] * center[1] + out[i, 2] * center[2]
             )
-
-
-@njit(cache=True, error_model="numpy")
-def _symmetric_update(step: np.ndarray, out: np.ndarray) -> None:
-    """:meth:`difficp.metrics.Symmetric.step_to_transform`."""
-    a = step[:3]
-    tan = math.sqrt(a[0] * a[0] + a[1] * a[1] + a[2] * a[2])
-    theta = math.atan(tan)
-    scale = theta / tan if tan > 1e-12 else 1.0 - tan * tan / 3.0
-    R_half = _rotvec_to_rotmat(a * scale)
-    translation = R_half @ (step[3:] * math.cos(theta))
-    out[:3, :3] = R_half @ R_half
-    out[:3, 3] = translation
 
 
 @njit(cache=True, error_model="numpy")
@@ -646,3 +575,31 @@ def _solve_updates(
                 k += 1
         _solve_regularized(A, sums[b, NORMAL_EQ + 21 : NORMAL_EQ + 27], x)
         _centred_step_update(x, center[b], far[b], metric, out[b])
+
+
+def _flush_stale_caches() -> None:
+    """Drop this module's numba caches when a strategy module changed since they were written.
+
+    numba keys a cached function on its own file only, but these kernels inline the compiled
+    twins of :mod:`difficp.strategies` and :mod:`difficp.metrics` (and call :mod:`difficp.kdtree`):
+    an edited or added twin would otherwise run the old cached code. A digest of those files,
+    kept beside the cache, tells.
+    """
+    registries = (CORRESPONDENCES, REJECTIONS, KERNELS, METRICS, SOLVERS)
+    modules = {sys.modules[type(s).__module__] for r in registries for s in r}
+    files = sorted({m.__file__ for m in (*modules, kdtree, compiled) if m.__file__})
+    digest = hashlib.sha256(b"".join(Path(f).read_bytes() for f in files)).hexdigest()
+    try:
+        stamp = Path(fused_iteration._cache._cache_path) / "fused.twins.sha256"
+        if stamp.exists() and stamp.read_text() == digest:
+            return
+        for value in list(globals().values()):
+            cache = getattr(value, "_cache", None)
+            if isinstance(value, Dispatcher) and hasattr(cache, "flush"):
+                cache.flush()
+        stamp.write_text(digest)
+    except (AttributeError, OSError):  # no cache (read-only install, other numba): compile
+        pass
+
+
+_flush_stale_caches()

@@ -11,18 +11,29 @@ solved step becomes a rigid update (``step_to_transform``).
   half on the source, half (inverse) on the target: the linearised step is
   ``r ~ (p - q) . n + ((p + q) x n) . a + n . t`` with ``a = axis * tan(theta)`` and
   ``t = translation / cos(theta)``; the update is ``p -> R_theta (R_theta p + t cos(theta))``.
+
+Each metric is one class registered in :data:`METRICS` (the allowed values of
+``ICPConfig.metric``), with its compiled twins beside it: ``compiled_residual`` (the residual
+norm of one correspondence, for the robust kernel), ``compiled_accumulate`` (its weighted
+normal-equation terms) and ``compiled_step_to_transform``. Twins are plain
+Python on floats and numpy arrays; :mod:`difficp.fused` compiles them with numba and dispatches
+by ``METRICS.code(name)``, so this module does not import numba. A metric the compiled path
+cannot run sets ``compiled = False`` and ``fused_reason``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
+import numpy as np
 import roma
 import torch
 from torch import Tensor
 
 from difficp.correspondence import Correspondences
 from difficp.geometry import make_transform, twist_to_transform
+from difficp.strategies.registry import Registry, compiled_helper
 
 
 def _skew(v: Tensor) -> Tensor:
@@ -39,6 +50,11 @@ class Metric(Protocol):
 
     name: str
     residual_dim: int
+    needs_source_normals: bool
+    needs_target_normals: bool
+    # How far the linearisation point moves when both sides are centred on c: p moves by c
+    # (1), symmetric's p + q by 2c (2). See difficp.solvers._step_to_transform.
+    centre_factor: float
 
     def residuals(
         self, source: Tensor, source_normals: Tensor | None, corr: Correspondences
@@ -57,9 +73,41 @@ class Metric(Protocol):
         ...
 
 
-class PointToPoint:
-    name = "point_to_point"
+METRICS: Registry[Metric] = Registry("metric")
+
+
+def _euler_update(step: np.ndarray, out: np.ndarray) -> None:
+    """Compiled twin of :func:`difficp.geometry.twist_to_transform`: ``R = Rz Ry Rx``,
+    ``t = v``; ``step`` ``(6,)`` into ``out`` ``(4, 4)`` (its last row untouched)."""
+    ca, cb, cg = math.cos(step[0]), math.cos(step[1]), math.cos(step[2])
+    sa, sb, sg = math.sin(step[0]), math.sin(step[1]), math.sin(step[2])
+    out[0, 0], out[0, 1], out[0, 2] = cg * cb, cg * sb * sa - sg * ca, cg * sb * ca + sg * sa
+    out[1, 0], out[1, 1], out[1, 2] = sg * cb, sg * sb * sa + cg * ca, sg * sb * ca - cg * sa
+    out[2, 0], out[2, 1], out[2, 2] = -sb, cb * sa, cb * ca
+    out[0, 3], out[1, 3], out[2, 3] = step[3], step[4], step[5]
+
+
+class RigidStepMetric:
+    """Defaults of a metric whose solved step ``x = (omega, v)`` is the twist
+    ``p -> R(omega) p + v`` (:func:`~difficp.geometry.twist_to_transform`)."""
+
+    name: str
+    needs_source_normals = False
+    needs_target_normals = True
+    centre_factor = 1.0
+    # Why the compiled path cannot run it (None: its compiled twins are below / beside it).
+    fused_reason: str | None = None
+
+    def step_to_transform(self, step: Tensor) -> Tensor:
+        return twist_to_transform(step)
+
+    compiled_step_to_transform = staticmethod(_euler_update)
+
+
+@METRICS.register("point_to_point")
+class PointToPoint(RigidStepMetric):
     residual_dim = 3
+    needs_target_normals = False
 
     def residuals(
         self, source: Tensor, source_normals: Tensor | None, corr: Correspondences
@@ -72,12 +120,62 @@ class PointToPoint:
         eye = torch.eye(3, dtype=source.dtype, device=source.device).expand(*source.shape[:2], 3, 3)
         return torch.cat([-_skew(source), eye], dim=-1)
 
-    def step_to_transform(self, step: Tensor) -> Tensor:
-        return twist_to_transform(step)
+    @staticmethod
+    def compiled_residual(d: float, v: tuple) -> float:
+        """Twin of the residual norm of one correspondence (for the robust kernel): ``d``.
+
+        Every metric's twins take ``d = |p - q|`` and ``v``, the 15 floats ``r = p - q``,
+        ``a = p - c``, ``b = q - c`` (centred on the pair's centre ``c``), ``m`` / ``n`` the
+        moved source / target normals (a tuple: numba keeps it in registers)."""
+        return d
+
+    @staticmethod
+    def compiled_accumulate(
+        sums: np.ndarray, row: int, k0: int, J: np.ndarray, w: float, v: tuple
+    ) -> None:
+        """Twin of :meth:`jacobian` / :meth:`residuals`: adds the correspondence's weighted
+        normal-equation terms to ``sums[row, k0:k0 + 27]`` (:func:`_add_row`); ``J`` ``(6,)``
+        is scratch. Rows ``[-[a]x | I]``, residuals ``r``."""
+        rx, ry, rz, ax, ay, az = v[:6]
+        J[0], J[1], J[2], J[3], J[4], J[5] = 0.0, az, -ay, 1.0, 0.0, 0.0
+        _add_row(sums, row, k0, J, rx, w)
+        J[0], J[1], J[2], J[3], J[4], J[5] = -az, 0.0, ax, 0.0, 1.0, 0.0
+        _add_row(sums, row, k0, J, ry, w)
+        J[0], J[1], J[2], J[3], J[4], J[5] = ay, -ax, 0.0, 0.0, 0.0, 1.0
+        _add_row(sums, row, k0, J, rz, w)
 
 
-class PointToPlane:
-    name = "point_to_plane"
+@compiled_helper
+def _add_row(sums: np.ndarray, row: int, k0: int, J: np.ndarray, r: float, w: float) -> None:
+    """Adds ``w J^T J`` (upper triangle, row by row: 21) and ``w J^T r`` (6) of one residual
+    row ``J`` ``(6,)`` to ``sums[row, k0:k0 + 27]`` (compiled helper of the metrics' twins)."""
+    k = k0
+    for i in range(6):
+        wi = w * J[i]
+        for j in range(i, 6):
+            sums[row, k] += wi * J[j]
+            k += 1
+    for i in range(6):
+        sums[row, k0 + 21 + i] += w * J[i] * r
+
+
+@compiled_helper
+def _lever_row(
+    sums: np.ndarray, row: int, k0: int, J: np.ndarray, w: float, e: tuple, s: tuple, r: float
+) -> None:
+    """Adds one residual row ``r`` with Jacobian ``[e x s, s]`` (compiled helper of the
+    plane-like metrics' twins)."""
+    ex, ey, ez = e
+    sx, sy, sz = s
+    J[0] = ey * sz - ez * sy
+    J[1] = ez * sx - ex * sz
+    J[2] = ex * sy - ey * sx
+    J[3], J[4], J[5] = sx, sy, sz
+    _add_row(sums, row, k0, J, r, w)
+
+
+@METRICS.register("point_to_plane")
+class PointToPlane(RigidStepMetric):
     residual_dim = 1
 
     def residuals(
@@ -93,13 +191,45 @@ class PointToPlane:
         n = corr.normals
         return torch.cat([torch.cross(source, n, dim=-1), n], dim=-1)[..., None, :]
 
-    def step_to_transform(self, step: Tensor) -> Tensor:
-        return twist_to_transform(step)
+    @staticmethod
+    def compiled_residual(d: float, v: tuple) -> float:
+        """Twin of :meth:`residuals` (see :meth:`PointToPoint.compiled_residual`): ``r . n``."""
+        return v[0] * v[12] + v[1] * v[13] + v[2] * v[14]
+
+    @staticmethod
+    def compiled_accumulate(
+        sums: np.ndarray, row: int, k0: int, J: np.ndarray, w: float, v: tuple
+    ) -> None:
+        """Twin of :meth:`jacobian` / :meth:`residuals`: ``[a x n, n]``, ``r . n``."""
+        r = v[0] * v[12] + v[1] * v[13] + v[2] * v[14]
+        _lever_row(sums, row, k0, J, w, v[3:6], v[12:], r)
 
 
-class Symmetric:
-    name = "symmetric"
+def _symmetric_update(step: np.ndarray, out: np.ndarray) -> None:
+    """Compiled twin of :meth:`Symmetric.step_to_transform`; ``step`` ``(6,)`` into ``out``
+    ``(4, 4)`` (its last row untouched)."""
+    a = step[:3]
+    tan = math.sqrt(a[0] * a[0] + a[1] * a[1] + a[2] * a[2])
+    theta = math.atan(tan)
+    scale = theta / tan if tan > 1e-12 else 1.0 - tan * tan / 3.0
+    v = a * scale
+    # Rodrigues' formula for the half rotation
+    angle = math.sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2])
+    R_half = np.eye(3)
+    if angle >= 1e-300:
+        k = v / angle
+        K = np.array([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
+        R_half = R_half + math.sin(angle) * K + (1.0 - math.cos(angle)) * (K @ K)
+    translation = R_half @ (step[3:] * math.cos(theta))
+    out[:3, :3] = R_half @ R_half
+    out[:3, 3] = translation
+
+
+@METRICS.register("symmetric")
+class Symmetric(RigidStepMetric):
     residual_dim = 1
+    needs_source_normals = True
+    centre_factor = 2.0
 
     @staticmethod
     def _normal_sum(source_normals: Tensor | None, corr: Correspondences) -> Tensor:
@@ -128,17 +258,25 @@ class Symmetric:
         translation = (R_half @ (t * torch.cos(theta))[..., None])[..., 0]
         return make_transform(R_half @ R_half, translation)
 
+    @staticmethod
+    def compiled_residual(d: float, v: tuple) -> float:
+        """Twin of :meth:`residuals` (see :meth:`PointToPoint.compiled_residual`): ``r . s``
+        with ``s = n + m``, the normals' sum."""
+        return v[0] * (v[12] + v[9]) + v[1] * (v[13] + v[10]) + v[2] * (v[14] + v[11])
 
-METRICS: dict[str, Metric] = {
-    "point_to_point": PointToPoint(),
-    "point_to_plane": PointToPlane(),
-    "symmetric": Symmetric(),
-}
+    @staticmethod
+    def compiled_accumulate(
+        sums: np.ndarray, row: int, k0: int, J: np.ndarray, w: float, v: tuple
+    ) -> None:
+        """Twin of :meth:`jacobian` / :meth:`residuals`: ``[(a + b) x s, s]``, ``r . s``."""
+        rx, ry, rz, ax, ay, az, bx, by, bz, mx, my, mz, nx, ny, nz = v
+        s = (nx + mx, ny + my, nz + mz)
+        r = rx * s[0] + ry * s[1] + rz * s[2]
+        _lever_row(sums, row, k0, J, w, (ax + bx, ay + by, az + bz), s, r)
+
+    compiled_step_to_transform = staticmethod(_symmetric_update)
 
 
 def get_metric(name: str) -> Metric:
     """The metric object for a config name."""
-    try:
-        return METRICS[name]
-    except KeyError:
-        raise ValueError(f"unknown metric {name!r}; choose one of {tuple(METRICS)}") from None
+    return METRICS[name]

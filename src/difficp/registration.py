@@ -11,13 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from difficp.config import TENSOR_OPTIONS, ICPConfig, resolve_config
-from difficp.correspondence import (
-    Correspondences,
-    DepthTarget,
-    nearest_correspondences,
-    projective_correspondences,
-    soft_correspondences,
-)
+from difficp.correspondence import Correspondences, DepthTarget
 from difficp.geometry import rotate_vectors, transform_points
 from difficp.implicit import implicit_transform
 from difficp.inputs import PointTarget, Problem, prepare_problem
@@ -29,14 +23,12 @@ from difficp.loop import (
     run_loop,
     source_radius,
 )
-from difficp.metrics import Metric, get_metric
-from difficp.solvers import (
-    gauss_newton_update,
-    levenberg_marquardt_update,
-    linearization_pivot,
-    weighted_procrustes,
-)
-from difficp.weighting import correspondence_weights, inlier_statistics, robust_weights
+from difficp.metrics import Metric
+from difficp.solvers import linearization_pivot
+from difficp.strategies.correspondences import for_target
+from difficp.strategies.kernels import robust_weights
+from difficp.strategies.solvers import SolveInput
+from difficp.weighting import correspondence_weights, inlier_statistics
 
 
 def correspond(
@@ -61,30 +53,8 @@ def find_partners(
 ) -> Correspondences:
     """The partners of source points ``moved`` ``(B, N, 3)`` (already in the target's frame;
     ``source_mask`` ``(B, N)`` their real points) by ``config.correspondence``."""
-    if isinstance(target, DepthTarget):
-        corr = projective_correspondences(moved, target, source_mask)
-        if config.needs_target_normals:
-            has_normal = corr.normals is not None and corr.normals.detach().abs().sum(-1) > 0
-            corr.valid = corr.valid & has_normal
-    elif config.correspondence == "nearest":
-        radius = None
-        if config.max_distance is not None and config.rejection == "hard":
-            radius = float(torch.as_tensor(config.max_distance).detach())
-        assert target.index is not None
-        corr = nearest_correspondences(
-            moved, target.points, target.index, source_mask, target.normals, radius
-        )
-    else:
-        corr = soft_correspondences(
-            moved,
-            target.points,
-            config.temperature,
-            source_mask,
-            target.mask,
-            target.normals,
-            config.soft_k,
-            target.index,
-        )
+    strategy = for_target(config.correspondence, target)
+    corr = strategy.find(moved, target, source_mask, config.match_options)
     return corr
 
 
@@ -96,7 +66,7 @@ def weigh(
     moved_normals: Tensor | None,
 ) -> Tensor:
     """Steps 3-4: ``(B, N)`` weights (rejection x linear weights x robust IRLS weights)."""
-    w = correspondence_weights(corr, moved_normals, config)
+    w = correspondence_weights(corr, moved_normals, config.weighting)
     if config.robust_kernel is not None:
         residual = metric.residuals(moved, moved_normals, corr).norm(dim=-1)
         w = w * robust_weights(residual, config.robust_kernel, config.kernel_scale)
@@ -122,18 +92,8 @@ def solve(
     ``center`` ``(B, 3)`` / ``far`` ``(B,)``: where the linearised solvers centre their normal
     equations and which pairs rotate about it (:func:`difficp.solvers.gauss_newton_update`).
     """
-    solver = config.resolved_solver
-    if solver == "svd":
-        return weighted_procrustes(moved, corr.points, weights), damping
-    if solver == "linear":
-        update = gauss_newton_update(
-            metric, moved, moved_normals, corr, weights, center=center, far=far
-        )[0]
-        return update, damping
-    update, damping, _ = levenberg_marquardt_update(
-        metric, moved, moved_normals, corr, weights, damping, config.lm_steps, center, far
-    )
-    return update, damping
+    x = SolveInput(metric, corr, moved, moved_normals, weights, center, far)
+    return config.strategies.solver.compute_update(x, damping, config.lm_steps)
 
 
 class ReferenceSteps:
@@ -143,7 +103,7 @@ class ReferenceSteps:
     def __init__(self, problem: Problem, config: ICPConfig) -> None:
         self.problem = problem
         self.config = config
-        self.metric = get_metric(config.metric)
+        self.metric = config.strategies.metric
         self.dtype = problem.source.dtype
         self.mask = problem.source_mask[..., None].to(self.dtype)
         self.count = problem.source_counts.clamp_min(1)[:, None].to(self.dtype)
@@ -177,7 +137,7 @@ def fixed_point_step(
     """One differentiable ICP step as a function of the transform, for
     :func:`difficp.implicit.implicit_transform`: ``T`` ``(B, 4, 4)`` -> the ``(B, 4, 4)`` update
     and ``(B,)`` bool, the pair had enough correspondences to take it."""
-    metric = get_metric(config.metric)
+    metric = config.strategies.metric
     # LM's accept/reject makes its step the identity at a minimum (no step lowers the cost),
     # which hides the fixed point's sensitivity. Its undamped Gauss-Newton step has the same
     # fixed point (zero gradient), and the implicit derivative depends only on it.

@@ -7,23 +7,36 @@ sigmoid of the margin to the threshold and so is differentiable in the threshold
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from difficp.config import ICPConfig
 from difficp.correspondence import Correspondences
+from difficp.strategies.kernels import robust_weights
+from difficp.strategies.rejection import NEGLIGIBLE_WEIGHT, Rejection, soft_keep
 
-# A soft-rejection keep-weight below this counts as rejected (exactly 0). The sigmoid is never 0,
-# and the solvers are invariant to a common scale of the weights, so a pair whose every
-# correspondence is rejected by a wide margin (weights ~1e-80) would otherwise take full steps
-# on them and report converged=True instead of being lost.
-NEGLIGIBLE_WEIGHT = 1e-12
+Scalar = float | Tensor
 
 
-def soft_keep(margin: Tensor, temperature: float | Tensor) -> Tensor:
-    """``sigmoid(margin / temperature)``, with values below :data:`NEGLIGIBLE_WEIGHT` set to 0."""
-    s = torch.sigmoid(margin / temperature)
-    return torch.where(s > NEGLIGIBLE_WEIGHT, s, torch.zeros_like(s))
+@dataclass(frozen=True)
+class Weighting:
+    """What steps 3-4 read from the config (built by :attr:`difficp.ICPConfig.weighting`).
+
+    Attributes:
+        max_distance, max_normal_angle: rejection thresholds (distance units / degrees; None =
+            none), floats or 0-d tensors.
+        rejection: the :class:`~difficp.strategies.rejection.Rejection` strategy (hard / soft).
+        rejection_temperature: its temperature (soft).
+        weight_distance, weight_normal: the linear weights by distance / normal agreement.
+    """
+
+    max_distance: float | Tensor | None
+    max_normal_angle: float | Tensor | None
+    rejection: Rejection
+    rejection_temperature: float | Tensor
+    weight_distance: bool
+    weight_normal: bool
 
 
 def _as_tensor(value: float | Tensor, like: Tensor) -> Tensor:
@@ -35,31 +48,26 @@ def normal_agreement(source_normals: Tensor, target_normals: Tensor) -> Tensor:
     return (source_normals * target_normals).sum(-1)
 
 
-def distance_rejection(distance: Tensor, config: ICPConfig) -> Tensor:
-    """Keep-weight by distance: hard ``d <= max_distance``, soft sigmoid((max_distance - d)/T_r)."""
-    if config.max_distance is None:
-        return torch.ones_like(distance)
-    threshold = _as_tensor(config.max_distance, distance)
-    if config.rejection == "hard":
-        return (distance <= threshold).to(distance.dtype)
-    return soft_keep(threshold - distance, config.rejection_temperature)
+def distance_rejection(d: Tensor, d_max: Scalar | None, how: Rejection, t: Scalar) -> Tensor:
+    """Keep-weight of distances ``d`` ``(B, N)``: ``how.keep(d_max - d, t)`` (1 without
+    ``d_max``); ``how`` the hard / soft rejection, ``t`` its temperature."""
+    if d_max is None:
+        return torch.ones_like(d)
+    return how.keep(_as_tensor(d_max, d) - d, t)
 
 
-def normal_rejection(cosine: Tensor, config: ICPConfig) -> Tensor:
-    """Keep-weight by normal angle: hard ``angle <= max_normal_angle``, soft
-    sigmoid((n_s . n_t - cos(max_normal_angle)) / T_r)."""
-    if config.max_normal_angle is None:
-        return torch.ones_like(cosine)
-    threshold = torch.cos(torch.deg2rad(_as_tensor(config.max_normal_angle, cosine)))
-    if config.rejection == "hard":
-        return (cosine >= threshold).to(cosine.dtype)
-    return soft_keep(cosine - threshold, config.rejection_temperature)
+def normal_rejection(cos: Tensor, angle: Scalar | None, how: Rejection, t: Scalar) -> Tensor:
+    """Keep-weight of normal agreements ``cos`` ``(B, N)``: ``how.keep(cos - cos(angle), t)``
+    (``angle`` in degrees; 1 without it)."""
+    if angle is None:
+        return torch.ones_like(cos)
+    return how.keep(cos - torch.cos(torch.deg2rad(_as_tensor(angle, cos))), t)
 
 
-def linear_distance_weight(distance: Tensor, valid: Tensor, config: ICPConfig) -> Tensor:
+def linear_distance_weight(distance: Tensor, valid: Tensor, max_distance: Scalar | None) -> Tensor:
     """``1 - d / d_max`` clipped at 0; ``d_max`` is ``max_distance`` or the pair's largest distance."""
-    if config.max_distance is not None:
-        d_max = _as_tensor(config.max_distance, distance)
+    if max_distance is not None:
+        d_max = _as_tensor(max_distance, distance)
     else:
         masked = torch.where(valid, distance, torch.zeros_like(distance))
         d_max = masked.amax(dim=1, keepdim=True).clamp_min(torch.finfo(distance.dtype).tiny)
@@ -67,46 +75,26 @@ def linear_distance_weight(distance: Tensor, valid: Tensor, config: ICPConfig) -
 
 
 def correspondence_weights(
-    corr: Correspondences, source_normals: Tensor | None, config: ICPConfig
+    corr: Correspondences, source_normals: Tensor | None, weighting: Weighting
 ) -> Tensor:
     """The ``(B, N)`` weight of each correspondence before robust re-weighting.
 
     The product of: validity (padding / no partner -> 0), distance rejection, normal rejection,
     and the optional linear weights by distance and by normal agreement.
     """
+    o = weighting
     w = corr.valid.to(corr.distance.dtype)
-    w = w * distance_rejection(corr.distance, config)
-    if config.weight_distance:
-        w = w * linear_distance_weight(corr.distance, corr.valid, config)
-    if config.max_normal_angle is not None or config.weight_normal:
+    w = w * distance_rejection(corr.distance, o.max_distance, o.rejection, o.rejection_temperature)
+    if o.weight_distance:
+        w = w * linear_distance_weight(corr.distance, corr.valid, o.max_distance)
+    if o.max_normal_angle is not None or o.weight_normal:
         if source_normals is None or corr.normals is None:
             raise ValueError("normal rejection / weighting needs source_normals and target_normals")
         cosine = normal_agreement(source_normals, corr.normals)
-        w = w * normal_rejection(cosine, config)
-        if config.weight_normal:
+        w = w * normal_rejection(cosine, o.max_normal_angle, o.rejection, o.rejection_temperature)
+        if o.weight_normal:
             w = w * cosine.clamp_min(0)
     return torch.where(corr.valid, w, torch.zeros_like(w))
-
-
-def robust_weights(residual: Tensor, kernel: str | None, scale: float | Tensor) -> Tensor:
-    """IRLS weights ``w(r) = rho'(r) / r`` of a robust kernel for residual norms ``r`` ``(B, N)``.
-
-    huber: 1 if r <= k else k / r;  cauchy: 1 / (1 + (r/k)^2);
-    geman_mcclure: (k^2 / (k^2 + r^2))^2;  tukey: (1 - (r/k)^2)^2 if r <= k else 0.
-    """
-    if kernel is None:
-        return torch.ones_like(residual)
-    k = _as_tensor(scale, residual)
-    r = residual.abs()
-    if kernel == "huber":
-        return torch.where(r <= k, torch.ones_like(r), k / r.clamp_min(torch.finfo(r.dtype).tiny))
-    if kernel == "cauchy":
-        return 1 / (1 + (r / k) ** 2)
-    if kernel == "geman_mcclure":
-        return (k**2 / (k**2 + r**2)) ** 2
-    if kernel == "tukey":
-        return torch.where(r <= k, (1 - (r / k) ** 2) ** 2, torch.zeros_like(r))
-    raise ValueError(f"unknown robust kernel {kernel!r}")
 
 
 def inlier_statistics(
@@ -132,6 +120,8 @@ def inlier_statistics(
 
 
 __all__ = [
+    "NEGLIGIBLE_WEIGHT",
+    "Weighting",
     "correspondence_weights",
     "distance_rejection",
     "inlier_statistics",

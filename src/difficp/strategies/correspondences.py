@@ -1,0 +1,104 @@
+"""Correspondences (step 2): one class per ``ICPConfig.correspondence`` value, each finding the
+partners of the moved source with :meth:`Correspondence.find` from the few numbers it needs
+(:class:`MatchOptions`). The searches themselves are in :mod:`difficp.correspondence`; the
+compiled twin of hard nearest-neighbour search is the KD forest of :mod:`difficp.kdtree`, which
+the fused kernel runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from difficp.correspondence import (
+    Correspondences,
+    DepthTarget,
+    nearest_correspondences,
+    projective_correspondences,
+    soft_correspondences,
+)
+from difficp.strategies.registry import Registry
+
+
+@dataclass(frozen=True)
+class MatchOptions:
+    """What a correspondence search reads from the config.
+
+    Attributes:
+        radius: hard search radius (hard rejection at ``max_distance``), None = unbounded.
+        temperature: softmax temperature of soft partners (float or 0-d tensor).
+        soft_k: soft partners over the ``soft_k`` nearest targets only (None = all).
+        require_normals: partners without a normal are invalid (projective, normal metrics).
+    """
+
+    radius: float | None = None
+    temperature: float | Tensor = 1e-3
+    soft_k: int | None = None
+    require_normals: bool = False
+
+
+class Correspondence:
+    """Finds each moved source point's partner."""
+
+    name: str
+    # Why the compiled path (difficp.fused) cannot run it; None: it can (its twin is the
+    # KD forest search of difficp.kdtree).
+    fused_reason: str | None = None
+
+    def find(self, moved: Tensor, target: Any, mask: Tensor, o: MatchOptions) -> Correspondences:
+        """Partners of ``moved`` ``(B, N, 3)`` (real points: ``mask`` ``(B, N)``) in the
+        prepared target (:class:`~difficp.inputs.PointTarget` or :class:`DepthTarget`)."""
+        raise NotImplementedError
+
+
+CORRESPONDENCES: Registry[Correspondence] = Registry("correspondence")
+
+_ONLY_NEAREST = "only hard nearest-neighbour correspondences to a point cloud are compiled"
+
+
+@CORRESPONDENCES.register("nearest")
+class Nearest(Correspondence):
+    """Hard nearest neighbour (exact; not differentiable in the choice of partner)."""
+
+    def find(self, moved: Tensor, target: Any, mask: Tensor, o: MatchOptions) -> Correspondences:
+        t = target  # a PointTarget with its neighbour index
+        return nearest_correspondences(moved, t.points, t.index, mask, t.normals, o.radius)
+
+
+@CORRESPONDENCES.register("soft")
+class Soft(Correspondence):
+    """Softmax-weighted mean of the targets (differentiable)."""
+
+    fused_reason = _ONLY_NEAREST
+
+    def find(self, moved: Tensor, target: Any, mask: Tensor, o: MatchOptions) -> Correspondences:
+        t = target  # a PointTarget (its index serves the top-k search)
+        k, temperature = o.soft_k, o.temperature
+        return soft_correspondences(
+            moved, t.points, temperature, mask, t.mask, t.normals, k, t.index
+        )
+
+
+@CORRESPONDENCES.register("projective")
+class Projective(Correspondence):
+    """The depth-map pixel each source point projects onto."""
+
+    fused_reason = _ONLY_NEAREST
+
+    def find(self, moved: Tensor, target: Any, mask: Tensor, o: MatchOptions) -> Correspondences:
+        assert isinstance(target, DepthTarget)
+        corr = projective_correspondences(moved, target, mask)
+        if o.require_normals:
+            has_normal = corr.normals is not None and corr.normals.detach().abs().sum(-1) > 0
+            corr.valid = corr.valid & has_normal
+        return corr
+
+
+def for_target(name: str, target: Any) -> Correspondence:
+    """The strategy for config value ``name``; a depth-map target is always projective."""
+    return CORRESPONDENCES["projective" if isinstance(target, DepthTarget) else name]
+
+
+__all__ = ["CORRESPONDENCES", "Correspondence", "MatchOptions", "for_target"]

@@ -1,0 +1,101 @@
+"""Solvers (step 5b): one class per ``ICPConfig.solver`` value, each turning weighted
+correspondences into a rigid update with :meth:`Solver.compute_update` (the theseus shape: one
+loop, solvers override the step). The mathematics lives in :mod:`difficp.solvers`; the compiled
+twins of the per-pair solves are in :mod:`difficp.fused` (``_procrustes_update``,
+``_solve_regularized``), dispatched by ``SOLVERS.code(name)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from difficp.correspondence import Correspondences
+from difficp.metrics import Metric
+from difficp.solvers import (
+    gauss_newton_update,
+    levenberg_marquardt_update,
+    weighted_procrustes,
+)
+from difficp.strategies.registry import Registry
+
+
+@dataclass
+class SolveInput:
+    """The weighted correspondences of one iteration, as the solvers read them.
+
+    Attributes:
+        metric: the error metric; corr: the correspondences.
+        moved, moved_normals: ``(B, N, 3)`` source points / normals at the current transform.
+        weights: ``(B, N)``.
+        center, far: ``(B, 3)`` / ``(B,)``, see :func:`difficp.solvers.gauss_newton_update`.
+    """
+
+    metric: Metric
+    corr: Correspondences
+    moved: Tensor
+    moved_normals: Tensor | None
+    weights: Tensor
+    center: Tensor | None = None
+    far: Tensor | None = None
+
+    @property
+    def system(self) -> tuple[Metric, Tensor, Tensor | None, Correspondences, Tensor]:
+        """``(metric, moved, moved_normals, corr, weights)``: the leading arguments of the
+        linearised solvers of :mod:`difficp.solvers`."""
+        return self.metric, self.moved, self.moved_normals, self.corr, self.weights
+
+
+class Solver:
+    """Computes the ``(B, 4, 4)`` update to left-multiply onto the transform."""
+
+    name: str
+    # Metrics it can solve (None: any).
+    metrics: tuple[str, ...] | None = None
+    # What the compiled path (difficp.fused) accumulates for it and solves per pair:
+    # "moments" (Procrustes) or "normal_equations"; None: not compiled, see fused_reason.
+    compiled_sums: str | None = None
+    fused_reason: str | None = None
+
+    def compute_update(self, x: SolveInput, damping: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+        """The update and the new LM damping ``(B,)`` (``steps``: damped steps, LM only)."""
+        raise NotImplementedError
+
+
+SOLVERS: Registry[Solver] = Registry("solver")
+
+
+@SOLVERS.register("svd")
+class ProcrustesSolver(Solver):
+    """Weighted Procrustes (closed form, point_to_point only)."""
+
+    metrics = ("point_to_point",)
+    compiled_sums = "moments"
+
+    def compute_update(self, x: SolveInput, damping: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+        return weighted_procrustes(x.moved, x.corr.points, x.weights), damping
+
+
+@SOLVERS.register("linear")
+class GaussNewtonSolver(Solver):
+    """One linearised (Gauss-Newton) step per iteration."""
+
+    compiled_sums = "normal_equations"
+
+    def compute_update(self, x: SolveInput, damping: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+        return gauss_newton_update(*x.system, center=x.center, far=x.far)[0], damping
+
+
+@SOLVERS.register("lm")
+class LevenbergMarquardtSolver(Solver):
+    """``lm_steps`` damped steps per iteration with per-pair accept / reject."""
+
+    fused_reason = "the Levenberg-Marquardt solver is not compiled"
+
+    def compute_update(self, x: SolveInput, damping: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+        update, damping, _ = levenberg_marquardt_update(*x.system, damping, steps, x.center, x.far)
+        return update, damping
+
+
+__all__ = ["SOLVERS", "SolveInput", "Solver"]
