@@ -306,3 +306,11 @@ def test_float32_rounding_of_init_passes_silently(clouds) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         difficp.icp(clouds[0].float(), clouds[1].float(), init=init)
+
+
+def test_misspelt_option_suggests_the_right_name() -> None:
+    source = torch.rand(10, 3)
+    with pytest.raises(TypeError, match=r"'max_dist' \(did you mean 'max_distance'\?\)"):
+        difficp.icp(source, source, max_dist=0.1)
+    with pytest.raises(TypeError, match="unknown ICP option 'wobble';"):
+        difficp.ICPConfig().replace(wobble=1)

@@ -7,6 +7,7 @@ makes the result differentiable with respect to it (e.g. learn a temperature end
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import numbers
 import operator
@@ -321,5 +322,21 @@ class ICPConfig:
         )
 
     def replace(self, **changes: object) -> ICPConfig:
-        """A copy with some options changed (validated again)."""
+        """A copy with some options changed (validated again).
+
+        Raises:
+            TypeError: an unknown option, naming the closest known one (``max_dist`` ->
+                ``max_distance``).
+        """
+        known = [f.name for f in dataclasses.fields(self)]
+        unknown = [name for name in changes if name not in known]
+        if unknown:
+            hints = []
+            for name in unknown:
+                close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+                hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise TypeError(
+                f"unknown ICP option {', '.join(hints)}; the options are the fields of "
+                "difficp.ICPConfig (see its docstring)"
+            )
         return dataclasses.replace(self, **changes)
