@@ -8,7 +8,10 @@ missing extra is reported (by the CLI, as the extra to install) before anything 
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+
+DATASETS = ("modelnet10", "modelnet40", "modelnet40_airplane")
 
 
 def require(*modules: str) -> None:
@@ -18,3 +21,9 @@ def require(*modules: str) -> None:
     for name in modules:
         if importlib.util.find_spec(name) is None:
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+def add_dataset_options(parser: argparse.ArgumentParser) -> None:
+    """``--data-dir`` and ``--dataset``, shared by the ModelNet benchmark and training."""
+    parser.add_argument("--data-dir", default=None, help="data directory (default: $DIFFICP_DATA)")
+    parser.add_argument("--dataset", default="modelnet10", choices=DATASETS)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from difficp_experiments.commands import require
+from difficp_experiments.commands import add_dataset_options, require
 
 # ModelNet is read from HDF5; tqdm shows progress. (Open3D is needed only by the open3d_*
 # methods, which say so themselves.)
@@ -30,12 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "in OUT/raw/, keyed by dataset, protocol, seed, method options and code version, so "
         "methods can be added in later runs and an interrupted run resumes).",
     )
-    p.add_argument("--data-dir", default=None, help="data directory (default: $DIFFICP_DATA)")
-    p.add_argument(
-        "--dataset",
-        default="modelnet10",
-        choices=["modelnet10", "modelnet40", "modelnet40_airplane"],
-    )
+    add_dataset_options(p)
     p.add_argument(
         "--protocol",
         default="clean",

@@ -17,7 +17,7 @@ import argparse
 import os
 from typing import TYPE_CHECKING
 
-from difficp_experiments.commands import require
+from difficp_experiments.commands import add_dataset_options, require
 
 require("h5py")  # ModelNet is read from HDF5
 
@@ -43,12 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ".best.pt, .state and .log.jsonl siblings). Under `torchrun --nproc_per_node N` "
         "it trains with DistributedDataParallel (gloo on CPU, NCCL on GPU).",
     )
-    p.add_argument("--data-dir", default=None, help="data directory (default: $DIFFICP_DATA)")
-    p.add_argument(
-        "--dataset",
-        default="modelnet10",
-        choices=["modelnet10", "modelnet40", "modelnet40_airplane"],
-    )
+    add_dataset_options(p)
     p.add_argument(
         "--protocol",
         default="clean",
