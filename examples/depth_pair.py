@@ -7,21 +7,12 @@ folder the script renders a synthetic pair (a tilted plane with bumps) instead.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import difficp
-
-
-def read_depth_png(path: Path, scale: float) -> torch.Tensor:
-    """A uint16 depth PNG as ``(H, W)`` metres (0 = invalid)."""
-    from PIL import Image  # pillow comes with matplotlib
-
-    return torch.from_numpy(np.asarray(Image.open(path), dtype=np.float64) / scale)
 
 
 def load_pair() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
@@ -29,10 +20,9 @@ def load_pair() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
     data = os.environ.get("DIFFICP_DATA")
     folder = Path(data, "scans", "redwood_rgbd") if data else None
     if folder is not None and folder.is_dir():
-        cam = json.loads((folder / "camera_primesense.json").read_text())
-        K = torch.tensor(cam["intrinsic_matrix"], dtype=torch.float64).reshape(3, 3).T
-        src = read_depth_png(folder / "depth" / "00000.png", 1000.0)
-        tgt = read_depth_png(folder / "depth" / "00002.png", 1000.0)
+        K = torch.from_numpy(difficp.io.read_intrinsics(folder / "camera_primesense.json"))
+        src = torch.from_numpy(difficp.io.read_depth(folder / "depth" / "00000.png", 1000.0))
+        tgt = torch.from_numpy(difficp.io.read_depth(folder / "depth" / "00002.png", 1000.0))
         return src, tgt, K, "Redwood frames 0 -> 2"
     H, W = 120, 160
     K = torch.tensor([[150.0, 0, 79.5], [0, 150.0, 59.5], [0, 0, 1]], dtype=torch.float64)

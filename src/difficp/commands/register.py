@@ -210,14 +210,13 @@ def _read_depth(path: str, role: str, args: argparse.Namespace) -> Any:
 
 def _depth_cloud(depth: Any, K: Any, stride: int) -> Any:
     """The valid pixels of a depth image as a point cloud (every ``stride``-th one)."""
+    import torch
+
+    from difficp.geometry import depth_to_points
     from difficp.io import PointCloudData
 
-    v, u = np.nonzero(depth > 0)
-    v, u = v[::stride], u[::stride]
-    z = depth[v, u]
-    x = (u - K[0, 2]) * z / K[0, 0]
-    y = (v - K[1, 2]) * z / K[1, 1]
-    return PointCloudData(np.stack([x, y, z], axis=1))
+    points = depth_to_points(torch.from_numpy(depth), torch.from_numpy(K)).numpy()
+    return PointCloudData(points[depth > 0][::stride])
 
 
 def _stages(args: argparse.Namespace) -> list[Any] | None:
