@@ -267,9 +267,9 @@ def _step_to_transform(metric: Metric, step: Tensor, center: Tensor, far: Tensor
     """The ``(B, 4, 4)`` update of a ``(B, 6)`` step solved in coordinates centred on
     ``center`` ``(B, 3)``: about the world origin, or about ``center`` where ``far``."""
     # The same linearised residual in world coordinates has translation v - k (omega x c):
-    # (p - c) x n . omega = p x n . omega - n . (omega x c); the symmetric metric linearises
-    # about p + q, which moves by 2c (k = 2).
-    k = 2.0 if metric.name == "symmetric" else 1.0
+    # (p - c) x n . omega = p x n . omega - n . (omega x c), k the metric's centre_factor (how
+    # far its linearisation point moves under centring: symmetric's p + q moves by 2c).
+    k = metric.centre_factor
     omega = step[:, :3]
     world = torch.cat([omega, step[:, 3:] - k * torch.cross(omega, center, dim=-1)], dim=-1)
     update = metric.step_to_transform(world)
