@@ -359,3 +359,28 @@ def test_absolute_criteria_warn_once_for_tiny_clouds_and_relative_ones_work() ->
 def test_criteria_scale_is_validated() -> None:
     with pytest.raises(ValueError, match="criteria_scale"):
         difficp.ICPConfig(criteria_scale="meters")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("backend", ["kdtree", "compiled"])
+def test_symmetric_metric_orients_opposite_source_normals(backend: str) -> None:
+    """Source normals exactly opposite the target's (a flipped scan) summed to 0 in the
+    symmetric metric: no residual, no step, and ICP returned the identity as converged. Normals
+    are lines, so the metric flips the source normal to agree with the target's."""
+    xs = torch.linspace(-1, 1, 30, dtype=torch.float64)
+    X, Y = torch.meshgrid(xs, xs, indexing="ij")
+    x, y = X.flatten(), Y.flatten()
+    target = torch.stack([x, y, 0.1 * torch.sin(3 * x) * torch.cos(2 * y)], -1)
+    normals = torch.zeros_like(target)
+    normals[:, 2] = 1.0
+    offset = torch.tensor([0.0, 0.0, 0.05], dtype=torch.float64)
+    result = difficp.icp(
+        target - offset,
+        target,
+        source_normals=-normals,
+        target_normals=normals,
+        metric="symmetric",
+        solver="linear",
+        search_backend=backend,
+    )
+    assert bool(result.converged)
+    torch.testing.assert_close(result.transform[:3, 3], offset, atol=1e-9, rtol=0)
