@@ -16,11 +16,19 @@ from hypothesis import HealthCheck, given, settings
 
 import difficp
 from difficp import fused
-from difficp.geometry import make_transform, random_rotation, rotation_angle_deg, rotation_between
+from difficp.geometry import (
+    make_transform,
+    random_rotation,
+    rotation_angle_deg,
+    rotation_between,
+    rotation_between_twin,
+)
 from difficp.solvers import weighted_procrustes
+from difficp.strategies.compiled import compile_twin
 
 from conftest import make_pair, wavy_surface
 
+compiled_rotation_between = compile_twin(rotation_between_twin)
 SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -324,7 +332,7 @@ def test_rotation_between_is_the_smallest_rotation(seed: int) -> None:
     angle = torch.arccos((v * u).sum(-1).clamp(-1, 1))
     torch.testing.assert_close(torch.deg2rad(rotation_angle_deg(R)), angle, rtol=0, atol=1e-6)
     for b in range(8):
-        out = fused._rotation_between(v[b].numpy().copy(), u[b].numpy().copy())
+        out = compiled_rotation_between(v[b].numpy().copy(), u[b].numpy().copy())
         np.testing.assert_allclose(out @ v[b].numpy(), u[b].numpy(), rtol=0, atol=1e-12)
         assert abs(float(rotation_angle_deg(torch.from_numpy(out))) - math.degrees(angle[b])) < 1e-5
 

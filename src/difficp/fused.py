@@ -34,6 +34,7 @@ from torch import Tensor
 
 from difficp import kdtree
 from difficp.config import ICPConfig
+from difficp.geometry import rotation_between_twin
 from difficp.inputs import PointTarget, Problem
 from difficp.kdtree import (
     STACK_DEPTH,
@@ -45,9 +46,13 @@ from difficp.kdtree import (
 )
 from difficp.loop import MIN_CORRESPONDENCES, source_radius
 from difficp.metrics import METRICS
-from difficp.solvers import FAR_FROM_ORIGIN, PROCRUSTES_NOISE
+from difficp.solvers import (
+    FAR_FROM_ORIGIN,
+    compiled_procrustes,
+    compiled_solve_normal_equations,
+)
 from difficp.strategies import compiled
-from difficp.strategies.compiled import switch
+from difficp.strategies.compiled import compile_twin, switch
 from difficp.strategies.correspondences import CORRESPONDENCES, for_target
 from difficp.strategies.kernels import KERNELS
 from difficp.strategies.rejection import REJECTIONS
@@ -388,87 +393,12 @@ def _numpy(values: Tensor) -> np.ndarray:
     return np.ascontiguousarray(values.detach().cpu().double().numpy())
 
 
-# The per-pair solves, compiled: the same mathematics as difficp.solvers / difficp.metrics
-# (tests check they agree), without ~40 small PyTorch calls per iteration, which measured
-# 0.5 ms - a third of a 10k-point iteration.
+# The per-pair solves, compiled: their twins stand beside the PyTorch functions they mirror in
+# difficp.solvers (tests check they agree), and save ~40 small PyTorch calls per iteration,
+# which measured 0.5 ms - a third of a 10k-point iteration.
 
-_TINY = np.finfo(np.float64).tiny
-_EPS = np.finfo(np.float64).eps
-_PROCRUSTES_NOISE = PROCRUSTES_NOISE
-
-
-@njit(cache=True, error_model="numpy")
-def _lu_solve_in_place(M: np.ndarray, rhs: np.ndarray, x: np.ndarray) -> float:
-    """LU with partial pivoting of ``M`` (overwritten); solves into ``x`` unless ``rhs`` is
-    empty. Returns the smallest absolute pivot (0: singular, ``x`` untouched)."""
-    n = M.shape[0]
-    smallest = np.inf
-    for k in range(n):
-        pivot = k
-        for i in range(k + 1, n):
-            if abs(M[i, k]) > abs(M[pivot, k]):
-                pivot = i
-        if M[pivot, k] == 0.0:
-            return 0.0
-        smallest = min(smallest, abs(M[pivot, k]))
-        if pivot != k:
-            for j in range(n):
-                M[k, j], M[pivot, j] = M[pivot, j], M[k, j]
-            if rhs.size:
-                rhs[k], rhs[pivot] = rhs[pivot], rhs[k]
-        for i in range(k + 1, n):
-            f = M[i, k] / M[k, k]
-            for j in range(k, n):
-                M[i, j] -= f * M[k, j]
-            if rhs.size:
-                rhs[i] -= f * rhs[k]
-    if rhs.size:
-        for k in range(n - 1, -1, -1):
-            acc = rhs[k]
-            for j in range(k + 1, n):
-                acc -= M[k, j] * x[j]
-            x[k] = acc / M[k, k]
-    return smallest
-
-
-@njit(cache=True, error_model="numpy")
-def _solve_regularized(A: np.ndarray, g: np.ndarray, x: np.ndarray) -> bool:
-    """``x`` solving ``A x = -g`` regularised like :func:`difficp.solvers.regularize` (then
-    :func:`difficp.solvers.solve_normal_equations`); False, and a zero ``x``, for an unusable
-    or singular system."""
-    n = A.shape[0]
-    trace = 0.0
-    for k in range(n):
-        trace += A[k, k]
-    x[:] = 0.0
-    if not trace > _TINY:
-        return False
-    root = np.empty(n)
-    for i in range(n):
-        root[i] = math.sqrt(max(A[i, i], _TINY))
-    scaled = np.empty((n, n))
-    for i in range(n):
-        for j in range(n):
-            scaled[i, j] = A[i, j] / (root[i] * root[j])
-    deficient = _lu_solve_in_place(scaled.copy(), np.empty(0), x) < _EPS**0.75
-    M = A.copy()
-    half = n // 2
-    rotation = 0.0
-    for k in range(half):
-        rotation += A[k, k]
-    # eps x the mean diagonal of each block (rotation, translation): they differ in units
-    for k in range(n):
-        block = rotation / half if k < half else (trace - rotation) / (n - half)
-        M[k, k] += max(_EPS * block, _TINY)
-    if deficient:
-        # unit eigenvalue for the null space of the Jacobi-scaled matrix: a zero step there
-        values, vectors = np.linalg.eigh(scaled)
-        for e in range(n):
-            if values[e] <= math.sqrt(_EPS):
-                for i in range(n):
-                    for j in range(n):
-                        M[i, j] += root[i] * vectors[i, e] * vectors[j, e] * root[j]
-    return _lu_solve_in_place(M, -g.copy(), x) > 0.0
+_procrustes_update = compile_twin(compiled_procrustes)
+_solve_regularized = compile_twin(compiled_solve_normal_equations)
 
 
 @njit(cache=True, error_model="numpy")
@@ -490,62 +420,6 @@ def _centred_step_update(
             out[i, 3] += center[i] - (
                 out[i, 0] * center[0] + out[i, 1] * center[1] + out[i, 2] * center[2]
             )
-
-
-@njit(cache=True, error_model="numpy")
-def _procrustes_update(
-    moments: np.ndarray, center: np.ndarray, radius: float, out: np.ndarray
-) -> None:
-    """:func:`difficp.solvers.weighted_procrustes` from the 16 moments about ``center`` of a
-    source cloud of RMS radius ``radius``."""
-    w = max(moments[0], _TINY)
-    p = moments[1:4] / w
-    q = moments[4:7] / w
-    H = moments[7:16].reshape(3, 3) / w - np.outer(q, p)
-    U, s, Vt = np.linalg.svd(H)
-    # Below the rounding error of H a singular value is noise: the same bound as
-    # difficp.solvers.weighted_procrustes, with the source's radius for the spreads.
-    offset = _norm3(q - p)
-    noise = _PROCRUSTES_NOISE * _EPS * (_norm3(center + p) + offset + radius) * (offset + radius)
-    if s[0] <= noise:  # coincident points: every rotation fits; the identity moves least
-        R = np.eye(3)
-    elif s[1] <= noise:  # collinear points: the smallest rotation taking v to u
-        R = _rotation_between(Vt[0].copy(), U[:, 0].copy())
-    else:
-        if np.linalg.det(U @ Vt) < 0:  # a reflection: flip the least significant direction
-            U[:, 2] = -U[:, 2]
-        R = U @ Vt
-    out[:3, :3] = R
-    out[:3, 3] = (q + center) - R @ (p + center)
-
-
-@njit(cache=True, error_model="numpy")
-def _norm3(v: np.ndarray) -> float:
-    return math.sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2])
-
-
-@njit(cache=True, error_model="numpy")
-def _small_rotation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    k = np.cross(a, b)
-    K = np.array([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
-    c = max(a[0] * b[0] + a[1] * b[1] + a[2] * b[2], 0.0)
-    return np.eye(3) + K + (K @ K) / (1.0 + c)
-
-
-@njit(cache=True, error_model="numpy")
-def _rotation_between(v: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """:func:`difficp.solvers.rotation_between` for unit vectors ``v``, ``u`` ``(3,)``."""
-    if v[0] * u[0] + v[1] * u[1] + v[2] * u[2] >= 0:
-        return _small_rotation(v, u)
-    axis = np.cross(v, u)
-    if _norm3(axis) <= _EPS:
-        other = np.zeros(3)
-        other[np.argmin(np.abs(v))] = 1.0
-        axis = np.cross(v, other)
-    axis = axis / _norm3(axis)
-    half_turn = 2.0 * np.outer(axis, axis) - np.eye(3)
-    # half_turn v is -v up to the rounding of the axis; the small rotation takes it to u
-    return _small_rotation(half_turn @ v, u) @ half_turn
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -587,7 +461,9 @@ def _flush_stale_caches() -> None:
     """
     registries = (CORRESPONDENCES, REJECTIONS, KERNELS, METRICS, SOLVERS)
     modules = {sys.modules[type(s).__module__] for r in registries for s in r}
-    files = sorted({m.__file__ for m in (*modules, kdtree, compiled) if m.__file__})
+    # ... and the per-pair solves' twins (difficp.solvers, difficp.geometry)
+    twins = {sys.modules[f.__module__] for f in (compiled_procrustes, rotation_between_twin)}
+    files = sorted({m.__file__ for m in (*modules, *twins, kdtree, compiled) if m.__file__})
     digest = hashlib.sha256(b"".join(Path(f).read_bytes() for f in files)).hexdigest()
     try:
         stamp = Path(fused_iteration._cache._cache_path) / "fused.twins.sha256"
