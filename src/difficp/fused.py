@@ -153,32 +153,11 @@ def fused_iteration(
         empty = forest.point_offset[b + 1] == forest.point_offset[b]
         stop = min((task % tasks + 1) * CHUNK, source_counts[b])
         for i in range((task % tasks) * CHUNK, stop):
-            sx, sy, sz = source[b, i, 0], source[b, i, 1], source[b, i, 2]
-            px = R[0, 0] * sx + R[0, 1] * sy + R[0, 2] * sz + t[0]
-            py = R[1, 0] * sx + R[1, 1] * sy + R[1, 2] * sz + t[1]
-            pz = R[2, 0] * sx + R[2, 1] * sy + R[2, 2] * sz + t[2]
-            last = partner[b, i]
-            dx = px - anchor[b, i, 0]
-            dy = py - anchor[b, i, 1]
-            dz = pz - anchor[b, i, 2]
-            if last >= 0 and dx * dx + dy * dy + dz * dz < safe2[b, i]:
-                # Moved less than half the gap between the nearest and second-nearest
-                # distances since the last search: the nearest cannot have changed.
-                best = last
-                dx = points[last, 0] - px
-                dy = points[last, 1] - py
-                dz = points[last, 2] - pz
-                best_d2 = dx * dx + dy * dy + dz * dz
-            else:
-                best, best_d2, second_d2 = -1, radius2, radius2
-                if not empty:
-                    best_d2, best, second_d2 = warm_two_nearest(
-                        px, py, pz, last, radius2, forest, b, stack, stack_d2
-                    )
-                anchor[b, i, 0], anchor[b, i, 1], anchor[b, i, 2] = px, py, pz
-                gap = 0.5 * (math.sqrt(second_d2) - math.sqrt(best_d2))
-                safe2[b, i] = gap * gap if best >= 0 else 0.0
-            partner[b, i] = best
+            px, py, pz = _rotate(R, source[b, i])
+            px, py, pz = px + t[0], py + t[1], pz + t[2]
+            best, best_d2 = _find_partner(
+                px, py, pz, b, i, partner, anchor, safe2, radius2, forest, empty, stack, stack_d2
+            )
             if best < 0:
                 continue
             d = math.sqrt(best_d2)
@@ -187,31 +166,19 @@ def fused_iteration(
                 sums[task, INLIER_SQ] += best_d2
 
             # weights: distance rejection x linear weights x normal rejection x robust kernel
-            w = 1.0
-            if max_distance < np.inf:
-                w = _keep(rejection, max_distance - d, rejection_t)
-            if weight_distance == 1:
-                w *= max(1.0 - d / max_distance, 0.0)
+            w = _distance_weight(d, max_distance, rejection, rejection_t, weight_distance)
             qx, qy, qz = points[best, 0], points[best, 1], points[best, 2]
             mx = my = mz = nx = ny = nz = 0.0
             if uses_target_normals:
-                nx = target_normals[best, 0]
-                ny = target_normals[best, 1]
-                nz = target_normals[best, 2]
-            if uses_normals:
-                ux, uy, uz = (
-                    source_normals[b, i, 0],
-                    source_normals[b, i, 1],
-                    source_normals[b, i, 2],
+                nx, ny, nz = (
+                    target_normals[best, 0],
+                    target_normals[best, 1],
+                    target_normals[best, 2],
                 )
-                mx = R[0, 0] * ux + R[0, 1] * uy + R[0, 2] * uz
-                my = R[1, 0] * ux + R[1, 1] * uy + R[1, 2] * uz
-                mz = R[2, 0] * ux + R[2, 1] * uy + R[2, 2] * uz
+            if uses_normals:
+                mx, my, mz = _rotate(R, source_normals[b, i])
                 cosine = mx * nx + my * ny + mz * nz
-                if cos_min > -np.inf:
-                    w *= _keep(rejection, cosine - cos_min, rejection_t)
-                if weight_normal == 1:
-                    w *= max(cosine, 0.0)
+                w = _normal_weight(w, cosine, cos_min, rejection, rejection_t, weight_normal)
             # p and q centred on c (conditioning of the sums)
             ax, ay, az = px - c[0], py - c[1], pz - c[2]
             bx, by, bz = qx - c[0], qy - c[1], qz - c[2]
@@ -224,20 +191,106 @@ def fused_iteration(
             sums[task, WEIGHTED] += 1.0
 
             if procrustes == 1:
-                sums[task, MOMENTS] += w
-                sums[task, MOMENTS + 1] += w * ax
-                sums[task, MOMENTS + 2] += w * ay
-                sums[task, MOMENTS + 3] += w * az
-                sums[task, MOMENTS + 4] += w * bx
-                sums[task, MOMENTS + 5] += w * by
-                sums[task, MOMENTS + 6] += w * bz
-                k = MOMENTS + 7
-                for qv in (bx, by, bz):
-                    for pv in (ax, ay, az):
-                        sums[task, k] += w * qv * pv
-                        k += 1
+                _add_moments(sums, task, w, v)
             else:
                 _metric_accumulate(metric, sums, task, NORMAL_EQ, J, w, v)
+
+
+@njit(inline="always", error_model="numpy")
+def _rotate(R: np.ndarray, u: np.ndarray) -> tuple[float, float, float]:
+    """``R u`` for ``R`` ``(3, 3)`` and ``u`` ``(3,)``, as three floats (registers)."""
+    return (
+        R[0, 0] * u[0] + R[0, 1] * u[1] + R[0, 2] * u[2],
+        R[1, 0] * u[0] + R[1, 1] * u[1] + R[1, 2] * u[2],
+        R[2, 0] * u[0] + R[2, 1] * u[1] + R[2, 2] * u[2],
+    )
+
+
+@njit(inline="always", error_model="numpy")
+def _find_partner(
+    px: float,
+    py: float,
+    pz: float,
+    b: int,
+    i: int,
+    partner: np.ndarray,
+    anchor: np.ndarray,
+    safe2: np.ndarray,
+    radius2: float,
+    forest: KDForest,
+    empty: bool,
+    stack: np.ndarray,
+    stack_d2: np.ndarray,
+) -> tuple[int, float]:
+    """Forest row and squared distance of the nearest target point of source point ``i`` of
+    pair ``b``, moved to ``p`` (-1 and ``radius2``: none within the radius); updates its
+    ``partner``, ``anchor`` and ``safe2`` (see :func:`fused_iteration`)."""
+    points = forest.points
+    last = partner[b, i]
+    dx = px - anchor[b, i, 0]
+    dy = py - anchor[b, i, 1]
+    dz = pz - anchor[b, i, 2]
+    if last >= 0 and dx * dx + dy * dy + dz * dz < safe2[b, i]:
+        # Moved less than half the gap between the nearest and second-nearest
+        # distances since the last search: the nearest cannot have changed.
+        dx = points[last, 0] - px
+        dy = points[last, 1] - py
+        dz = points[last, 2] - pz
+        return last, dx * dx + dy * dy + dz * dz
+    best, best_d2, second_d2 = -1, radius2, radius2
+    if not empty:
+        best_d2, best, second_d2 = warm_two_nearest(
+            px, py, pz, last, radius2, forest, b, stack, stack_d2
+        )
+    anchor[b, i, 0], anchor[b, i, 1], anchor[b, i, 2] = px, py, pz
+    gap = 0.5 * (math.sqrt(second_d2) - math.sqrt(best_d2))
+    safe2[b, i] = gap * gap if best >= 0 else 0.0
+    partner[b, i] = best
+    return best, best_d2
+
+
+@njit(inline="always", error_model="numpy")
+def _distance_weight(
+    d: float, max_distance: float, rejection: int, temperature: float, linear: int
+) -> float:
+    """Distance rejection (the rejection strategy's twin) times ``1 - d / max_distance``."""
+    w = 1.0
+    if max_distance < np.inf:
+        w = _keep(rejection, max_distance - d, temperature)
+    if linear == 1:
+        w *= max(1.0 - d / max_distance, 0.0)
+    return w
+
+
+@njit(inline="always", error_model="numpy")
+def _normal_weight(
+    w: float, cosine: float, cos_min: float, rejection: int, temperature: float, linear: int
+) -> float:
+    """``w`` times normal-angle rejection (``cos_min`` -inf: none) times ``max(cosine, 0)``
+    (in this order: the reference path's rounding)."""
+    if cos_min > -np.inf:
+        w *= _keep(rejection, cosine - cos_min, temperature)
+    if linear == 1:
+        w *= max(cosine, 0.0)
+    return w
+
+
+@njit(inline="always", error_model="numpy")
+def _add_moments(sums: np.ndarray, task: int, w: float, v: tuple) -> None:
+    """Adds the weighted Procrustes moments of ``a = v[3:6]``, ``b = v[6:9]`` (see MOMENTS)."""
+    ax, ay, az, bx, by, bz = v[3:9]
+    sums[task, MOMENTS] += w
+    sums[task, MOMENTS + 1] += w * ax
+    sums[task, MOMENTS + 2] += w * ay
+    sums[task, MOMENTS + 3] += w * az
+    sums[task, MOMENTS + 4] += w * bx
+    sums[task, MOMENTS + 5] += w * by
+    sums[task, MOMENTS + 6] += w * bz
+    k = MOMENTS + 7
+    for qv in (bx, by, bz):
+        for pv in (ax, ay, az):
+            sums[task, k] += w * qv * pv
+            k += 1
 
 
 def fused_supported(problem: Problem, config: ICPConfig) -> str | None:
