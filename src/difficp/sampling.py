@@ -430,10 +430,8 @@ def multiscale_icp(
             src.points,
             tgt.points,
             init=transform,
-            source_lengths=src.lengths,
-            target_lengths=tgt.lengths,
-            source_normals=src.normals,
-            target_normals=tgt.normals,
+            **src.icp_options("source"),
+            **tgt.icp_options("target"),
             config=stage_config,
             search_backend=search_backend,
         )
@@ -472,6 +470,10 @@ class _Cloud(NamedTuple):
         grid = voxel_downsample(self.points, voxel, self.lengths, self.normals)
         # icp takes lengths only with batches; an unbatched grid is exactly full.
         return _Cloud(grid.points, grid.normals, None if unbatched else grid.lengths)
+
+    def icp_options(self, role: str) -> dict[str, Tensor | None]:
+        """Its normals and lengths as :func:`difficp.icp`'s ``{role}_normals`` / ``_lengths``."""
+        return {f"{role}_normals": self.normals, f"{role}_lengths": self.lengths}
 
     def with_normals(self, needed: bool, k: int) -> _Cloud:
         """The cloud with normals estimated from ``k`` neighbours when ``needed`` and missing."""

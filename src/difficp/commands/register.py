@@ -489,12 +489,10 @@ def _register(
 
 def _summary(res: Any, source_points: int, target_points: int, estimated: list[str]) -> dict:
     """The printed fields of the result (see :func:`register_files`)."""
+    numbers = {"fitness": float, "inlier_rmse": float, "iterations": int, "converged": bool}
     return {
         "transform": res.transform.detach().reshape(-1, 4, 4)[0].cpu().double().numpy(),
-        "fitness": float(_scalar(res.fitness)),
-        "inlier_rmse": float(_scalar(res.inlier_rmse)),
-        "iterations": int(_scalar(res.iterations)),
-        "converged": bool(_scalar(res.converged)),
+        **{name: kind(_scalar(getattr(res, name))) for name, kind in numbers.items()},
         "source_points": source_points,
         "target_points": target_points,
         "estimated_normals": estimated,
