@@ -28,6 +28,17 @@ import numpy as np
 from difficp.config import CORRESPONDENCES, METRICS, ROBUST_KERNELS, SOLVERS
 
 DTYPES = ("float32", "float64")
+# The flags that set the ICPConfig option of the same name.
+CONFIG_OPTIONS = (
+    "correspondence",
+    "metric",
+    "solver",
+    "max_distance",
+    "max_iterations",
+    "robust_kernel",
+    "kernel_scale",
+    "temperature",
+)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -418,18 +429,9 @@ def _config(args: argparse.Namespace) -> Any:
     from difficp.config import ICPConfig
 
     try:
-        return ICPConfig(
-            correspondence=args.correspondence,
-            metric=args.metric,
-            solver=args.solver,
-            max_distance=args.max_distance,
-            max_iterations=args.max_iterations,
-            robust_kernel=args.robust_kernel,
-            kernel_scale=args.kernel_scale,
-            temperature=args.temperature,
-            # The command only reports the result: no autograd graph needed.
-            differentiation="none",
-        )
+        # The command only reports the result: no autograd graph needed.
+        options = {name: getattr(args, name) for name in CONFIG_OPTIONS}
+        return ICPConfig(**options, differentiation="none")
     except ValueError as err:
         raise InputError(_flag_names(str(err))) from None
 
