@@ -7,7 +7,8 @@ solved step becomes a rigid update (``step_to_transform``).
 
 * point_to_point: ``r = p - q`` (m = 3); step ``p -> p + omega x p + v``.
 * point_to_plane: ``r = (p - q) . n_q`` (m = 1); same step.
-* symmetric (Rusinkiewicz 2019): ``r = (p - q) . (n_p + n_q)`` (m = 1); the rotation is split
+* symmetric (Rusinkiewicz 2019): ``r = (p - q) . (n_p + n_q)`` (m = 1), ``n_p`` flipped where it
+  opposes ``n_q`` (normals are lines: opposite ones would cancel); the rotation is split
   half on the source, half (inverse) on the target: the linearised step is
   ``r ~ (p - q) . n + ((p + q) x n) . a + n . t`` with ``a = axis * tan(theta)`` and
   ``t = translation / cos(theta)``; the update is ``p -> R_theta (R_theta p + t cos(theta))``.
