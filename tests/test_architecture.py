@@ -4,8 +4,10 @@ function-level and ``TYPE_CHECKING`` ones), so no module can dodge a cycle by im
 from __future__ import annotations
 
 import ast
+import typing
 from pathlib import Path
 
+import pytest
 import torch
 
 import difficp
@@ -13,9 +15,14 @@ from difficp.config import ICPConfig
 from difficp.fused import FusedSteps
 from difficp.inputs import prepare_problem
 from difficp.loop import Steps
+from difficp.metrics import METRICS
 from difficp.nonrigid.icp import NonrigidSteps
 from difficp.nonrigid.rigid import RigidModel
 from difficp.registration import ReferenceSteps
+from difficp.strategies.correspondences import CORRESPONDENCES
+from difficp.strategies.kernels import KERNELS
+from difficp.strategies.rejection import REJECTIONS
+from difficp.strategies.solvers import SOLVERS
 
 PACKAGE = Path(difficp.__file__).parent
 
@@ -118,3 +125,27 @@ def test_every_steps_class_implements_the_protocol() -> None:
         NonrigidSteps(problem, config, model, None, 0.0),
     ):
         assert isinstance(steps, Steps), type(steps).__name__
+
+
+# Each ICPConfig strategy option and the registry of its allowed values.
+_REGISTRIES = {
+    "correspondence": CORRESPONDENCES,
+    "rejection": REJECTIONS,
+    "robust_kernel": KERNELS,
+    "metric": METRICS,
+    "solver": SOLVERS,
+}
+_REGISTERED = [(o, n) for o, r in _REGISTRIES.items() for n in r.names if n is not None]
+
+
+@pytest.mark.parametrize(("option", "name"), _REGISTERED)
+def test_every_registered_strategy_is_accepted_and_documented(option: str, name: str) -> None:
+    """A strategy is one registered class: ICPConfig accepts its name with no edit of its own
+    (no hand-kept Literal list) and its docstring lists it."""
+    options: dict[str, str] = {option: name}
+    solvable = SOLVERS[name].metrics if option == "solver" else None
+    if solvable:  # a solver of some metrics only (svd) is paired with one of them
+        options["metric"] = solvable[0]
+    assert getattr(ICPConfig(**options), option) == name
+    assert f'"{name}"' in (ICPConfig.__doc__ or ""), f"ICPConfig's docstring misses {name!r}"
+    assert typing.get_type_hints(ICPConfig)[option] in (str, str | None)

@@ -16,11 +16,19 @@ from hypothesis import HealthCheck, given, settings
 
 import difficp
 from difficp import fused
-from difficp.geometry import make_transform, random_rotation, rotation_angle_deg, rotation_between
+from difficp.geometry import (
+    make_transform,
+    random_rotation,
+    rotation_angle_deg,
+    rotation_between,
+    rotation_between_twin,
+)
 from difficp.solvers import weighted_procrustes
+from difficp.strategies.compiled import compile_twin
 
 from conftest import make_pair, wavy_surface
 
+compiled_rotation_between = compile_twin(rotation_between_twin)
 SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -324,7 +332,7 @@ def test_rotation_between_is_the_smallest_rotation(seed: int) -> None:
     angle = torch.arccos((v * u).sum(-1).clamp(-1, 1))
     torch.testing.assert_close(torch.deg2rad(rotation_angle_deg(R)), angle, rtol=0, atol=1e-6)
     for b in range(8):
-        out = fused._rotation_between(v[b].numpy().copy(), u[b].numpy().copy())
+        out = compiled_rotation_between(v[b].numpy().copy(), u[b].numpy().copy())
         np.testing.assert_allclose(out @ v[b].numpy(), u[b].numpy(), rtol=0, atol=1e-12)
         assert abs(float(rotation_angle_deg(torch.from_numpy(out))) - math.degrees(angle[b])) < 1e-5
 
@@ -359,3 +367,28 @@ def test_absolute_criteria_warn_once_for_tiny_clouds_and_relative_ones_work() ->
 def test_criteria_scale_is_validated() -> None:
     with pytest.raises(ValueError, match="criteria_scale"):
         difficp.ICPConfig(criteria_scale="meters")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("backend", ["kdtree", "compiled"])
+def test_symmetric_metric_orients_opposite_source_normals(backend: str) -> None:
+    """Source normals exactly opposite the target's (a flipped scan) summed to 0 in the
+    symmetric metric: no residual, no step, and ICP returned the identity as converged. Normals
+    are lines, so the metric flips the source normal to agree with the target's."""
+    xs = torch.linspace(-1, 1, 30, dtype=torch.float64)
+    X, Y = torch.meshgrid(xs, xs, indexing="ij")
+    x, y = X.flatten(), Y.flatten()
+    target = torch.stack([x, y, 0.1 * torch.sin(3 * x) * torch.cos(2 * y)], -1)
+    normals = torch.zeros_like(target)
+    normals[:, 2] = 1.0
+    offset = torch.tensor([0.0, 0.0, 0.05], dtype=torch.float64)
+    result = difficp.icp(
+        target - offset,
+        target,
+        source_normals=-normals,
+        target_normals=normals,
+        metric="symmetric",
+        solver="linear",
+        search_backend=backend,
+    )
+    assert bool(result.converged)
+    torch.testing.assert_close(result.transform[:3, 3], offset, atol=1e-9, rtol=0)

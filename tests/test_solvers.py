@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from difficp.geometry import make_transform, random_rotation, transform_points
-from difficp.solvers import lu_solve, weighted_procrustes
+from difficp.correspondence import Correspondences
+from difficp.geometry import make_transform, random_rotation, transform_points, unit_vectors
+from difficp.metrics import METRICS, Symmetric
+from difficp.solvers import gauss_newton_update, lu_solve, weighted_procrustes
 
 
 def test_lu_solve_solves_and_gradchecks_for_non_symmetric_matrices() -> None:
@@ -67,3 +69,24 @@ def test_procrustes_gradients_are_finite_on_degenerate_input(case: str) -> None:
     torch.testing.assert_close(
         transform_points(p.detach(), T.detach()), q.detach(), atol=1e-9, rtol=0
     )
+
+
+def test_centred_step_reads_the_metric_centre_factor_not_its_name() -> None:
+    """A metric registered under another name but linearised like the symmetric one (its
+    ``centre_factor`` 2) must get the same update: the solver reads the attribute, so a new
+    metric needs no solver edit (it used to test ``metric.name == "symmetric"``)."""
+
+    class Renamed(Symmetric):
+        name = "symmetric_under_another_name"
+
+    g = torch.Generator().manual_seed(3)
+    p = torch.randn(1, 40, 3, generator=g, dtype=torch.float64) + 3.0  # centre away from 0
+    q = p + 0.05 * torch.randn(1, 40, 3, generator=g, dtype=torch.float64)
+    n_p = unit_vectors(torch.randn(1, 40, 3, generator=g, dtype=torch.float64))
+    n_q = unit_vectors(n_p + 0.1 * torch.randn(1, 40, 3, generator=g, dtype=torch.float64))
+    corr = Correspondences(q, n_q, torch.ones(1, 40, dtype=torch.bool), (p - q).norm(dim=-1))
+    w = torch.ones(1, 40, dtype=torch.float64)
+    renamed = Renamed()
+    assert renamed.name != "symmetric" and renamed.centre_factor == 2.0
+    expected = gauss_newton_update(METRICS["symmetric"], p, n_p, corr, w)[0]
+    torch.testing.assert_close(gauss_newton_update(renamed, p, n_p, corr, w)[0], expected)

@@ -13,7 +13,7 @@ import numbers
 import operator
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import numpy as np
 import torch
@@ -37,8 +37,11 @@ METRICS = METRIC_REGISTRY.names
 SOLVERS = SOLVER_REGISTRY.names
 REJECTIONS = REJECTION_REGISTRY.names
 ROBUST_KERNELS = KERNELS.names
-DIFFERENTIATIONS = ("unroll", "implicit", "none")
-CRITERIA_SCALES = ("absolute", "relative")
+# The fixed (non-strategy) choices: the annotation is the one list.
+Differentiation = Literal["unroll", "implicit", "none"]
+CriteriaScale = Literal["absolute", "relative"]
+DIFFERENTIATIONS: tuple[str, ...] = get_args(Differentiation)
+CRITERIA_SCALES: tuple[str, ...] = get_args(CriteriaScale)
 
 
 # Config options that may be tensors (and so carry gradients or be learnt).
@@ -165,6 +168,10 @@ def resolve_config(config: object, overrides: dict) -> ICPConfig:
 class ICPConfig:
     """All ICP options. Distances are in the units of the points; angles in degrees.
 
+    The strategy options (``correspondence``, ``rejection``, ``robust_kernel``, ``metric``,
+    ``solver``) take the names registered in :mod:`difficp.strategies`, listed below; an
+    unknown name is a ValueError listing the registered ones.
+
     Correspondences (step 2):
         correspondence: ``"nearest"`` (hard nearest neighbour: exact, not differentiable in the
             choice of partner), ``"soft"`` (partner = softmax(-|p-q|^2 / temperature)-weighted mean of
@@ -203,26 +210,28 @@ class ICPConfig:
         (no autograd graph at all; fastest).
     """
 
-    correspondence: Literal["nearest", "soft", "projective"] = "nearest"
+    # The strategy options are plain strings checked against their registries (a new strategy
+    # needs no edit here; tests/test_architecture.py checks this docstring names every one).
+    correspondence: str = "nearest"
     temperature: Scalar = 1e-3
     soft_k: int | None = None
     weight_distance: bool = False
     weight_normal: bool = False
     max_distance: Scalar | None = None
     max_normal_angle: Scalar | None = None
-    rejection: Literal["hard", "soft"] = "hard"
+    rejection: str = "hard"
     rejection_temperature: Scalar = 1e-2
-    robust_kernel: Literal["huber", "cauchy", "geman_mcclure", "tukey"] | None = None
+    robust_kernel: str | None = None
     kernel_scale: Scalar = 1.0
-    metric: Literal["point_to_point", "point_to_plane", "symmetric"] = "point_to_point"
-    solver: Literal["svd", "linear", "lm"] | None = None
+    metric: str = "point_to_point"
+    solver: str | None = None
     lm_damping: float = 1e-4
     lm_steps: int = 3
     max_iterations: int = 30
     relative_fitness: float = 1e-6
     relative_rmse: float = 1e-6
-    criteria_scale: Literal["absolute", "relative"] = "absolute"
-    differentiation: Literal["unroll", "implicit", "none"] = "unroll"
+    criteria_scale: CriteriaScale = "absolute"
+    differentiation: Differentiation = "unroll"
     return_history: bool = False
 
     def __post_init__(self) -> None:

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from difficp import kdtree
 from difficp.config import ICPConfig
+from difficp.geometry import rotation_between_twin
 from difficp.inputs import PointTarget, Problem
 from difficp.kdtree import (
     STACK_DEPTH,
@@ -45,9 +46,13 @@ from difficp.kdtree import (
 )
 from difficp.loop import MIN_CORRESPONDENCES, source_radius
 from difficp.metrics import METRICS
-from difficp.solvers import FAR_FROM_ORIGIN, PROCRUSTES_NOISE
+from difficp.solvers import (
+    FAR_FROM_ORIGIN,
+    compiled_procrustes,
+    compiled_solve_normal_equations,
+)
 from difficp.strategies import compiled
-from difficp.strategies.compiled import switch
+from difficp.strategies.compiled import compile_twin, switch
 from difficp.strategies.correspondences import CORRESPONDENCES, for_target
 from difficp.strategies.kernels import KERNELS
 from difficp.strategies.rejection import REJECTIONS
@@ -148,32 +153,11 @@ def fused_iteration(
         empty = forest.point_offset[b + 1] == forest.point_offset[b]
         stop = min((task % tasks + 1) * CHUNK, source_counts[b])
         for i in range((task % tasks) * CHUNK, stop):
-            sx, sy, sz = source[b, i, 0], source[b, i, 1], source[b, i, 2]
-            px = R[0, 0] * sx + R[0, 1] * sy + R[0, 2] * sz + t[0]
-            py = R[1, 0] * sx + R[1, 1] * sy + R[1, 2] * sz + t[1]
-            pz = R[2, 0] * sx + R[2, 1] * sy + R[2, 2] * sz + t[2]
-            last = partner[b, i]
-            dx = px - anchor[b, i, 0]
-            dy = py - anchor[b, i, 1]
-            dz = pz - anchor[b, i, 2]
-            if last >= 0 and dx * dx + dy * dy + dz * dz < safe2[b, i]:
-                # Moved less than half the gap between the nearest and second-nearest
-                # distances since the last search: the nearest cannot have changed.
-                best = last
-                dx = points[last, 0] - px
-                dy = points[last, 1] - py
-                dz = points[last, 2] - pz
-                best_d2 = dx * dx + dy * dy + dz * dz
-            else:
-                best, best_d2, second_d2 = -1, radius2, radius2
-                if not empty:
-                    best_d2, best, second_d2 = warm_two_nearest(
-                        px, py, pz, last, radius2, forest, b, stack, stack_d2
-                    )
-                anchor[b, i, 0], anchor[b, i, 1], anchor[b, i, 2] = px, py, pz
-                gap = 0.5 * (math.sqrt(second_d2) - math.sqrt(best_d2))
-                safe2[b, i] = gap * gap if best >= 0 else 0.0
-            partner[b, i] = best
+            px, py, pz = _rotate(R, source[b, i])
+            px, py, pz = px + t[0], py + t[1], pz + t[2]
+            best, best_d2 = _find_partner(
+                px, py, pz, b, i, partner, anchor, safe2, radius2, forest, empty, stack, stack_d2
+            )
             if best < 0:
                 continue
             d = math.sqrt(best_d2)
@@ -182,31 +166,19 @@ def fused_iteration(
                 sums[task, INLIER_SQ] += best_d2
 
             # weights: distance rejection x linear weights x normal rejection x robust kernel
-            w = 1.0
-            if max_distance < np.inf:
-                w = _keep(rejection, max_distance - d, rejection_t)
-            if weight_distance == 1:
-                w *= max(1.0 - d / max_distance, 0.0)
+            w = _distance_weight(d, max_distance, rejection, rejection_t, weight_distance)
             qx, qy, qz = points[best, 0], points[best, 1], points[best, 2]
             mx = my = mz = nx = ny = nz = 0.0
             if uses_target_normals:
-                nx = target_normals[best, 0]
-                ny = target_normals[best, 1]
-                nz = target_normals[best, 2]
-            if uses_normals:
-                ux, uy, uz = (
-                    source_normals[b, i, 0],
-                    source_normals[b, i, 1],
-                    source_normals[b, i, 2],
+                nx, ny, nz = (
+                    target_normals[best, 0],
+                    target_normals[best, 1],
+                    target_normals[best, 2],
                 )
-                mx = R[0, 0] * ux + R[0, 1] * uy + R[0, 2] * uz
-                my = R[1, 0] * ux + R[1, 1] * uy + R[1, 2] * uz
-                mz = R[2, 0] * ux + R[2, 1] * uy + R[2, 2] * uz
+            if uses_normals:
+                mx, my, mz = _rotate(R, source_normals[b, i])
                 cosine = mx * nx + my * ny + mz * nz
-                if cos_min > -np.inf:
-                    w *= _keep(rejection, cosine - cos_min, rejection_t)
-                if weight_normal == 1:
-                    w *= max(cosine, 0.0)
+                w = _normal_weight(w, cosine, cos_min, rejection, rejection_t, weight_normal)
             # p and q centred on c (conditioning of the sums)
             ax, ay, az = px - c[0], py - c[1], pz - c[2]
             bx, by, bz = qx - c[0], qy - c[1], qz - c[2]
@@ -219,20 +191,106 @@ def fused_iteration(
             sums[task, WEIGHTED] += 1.0
 
             if procrustes == 1:
-                sums[task, MOMENTS] += w
-                sums[task, MOMENTS + 1] += w * ax
-                sums[task, MOMENTS + 2] += w * ay
-                sums[task, MOMENTS + 3] += w * az
-                sums[task, MOMENTS + 4] += w * bx
-                sums[task, MOMENTS + 5] += w * by
-                sums[task, MOMENTS + 6] += w * bz
-                k = MOMENTS + 7
-                for qv in (bx, by, bz):
-                    for pv in (ax, ay, az):
-                        sums[task, k] += w * qv * pv
-                        k += 1
+                _add_moments(sums, task, w, v)
             else:
                 _metric_accumulate(metric, sums, task, NORMAL_EQ, J, w, v)
+
+
+@njit(inline="always", error_model="numpy")
+def _rotate(R: np.ndarray, u: np.ndarray) -> tuple[float, float, float]:
+    """``R u`` for ``R`` ``(3, 3)`` and ``u`` ``(3,)``, as three floats (registers)."""
+    return (
+        R[0, 0] * u[0] + R[0, 1] * u[1] + R[0, 2] * u[2],
+        R[1, 0] * u[0] + R[1, 1] * u[1] + R[1, 2] * u[2],
+        R[2, 0] * u[0] + R[2, 1] * u[1] + R[2, 2] * u[2],
+    )
+
+
+@njit(inline="always", error_model="numpy")
+def _find_partner(
+    px: float,
+    py: float,
+    pz: float,
+    b: int,
+    i: int,
+    partner: np.ndarray,
+    anchor: np.ndarray,
+    safe2: np.ndarray,
+    radius2: float,
+    forest: KDForest,
+    empty: bool,
+    stack: np.ndarray,
+    stack_d2: np.ndarray,
+) -> tuple[int, float]:
+    """Forest row and squared distance of the nearest target point of source point ``i`` of
+    pair ``b``, moved to ``p`` (-1 and ``radius2``: none within the radius); updates its
+    ``partner``, ``anchor`` and ``safe2`` (see :func:`fused_iteration`)."""
+    points = forest.points
+    last = partner[b, i]
+    dx = px - anchor[b, i, 0]
+    dy = py - anchor[b, i, 1]
+    dz = pz - anchor[b, i, 2]
+    if last >= 0 and dx * dx + dy * dy + dz * dz < safe2[b, i]:
+        # Moved less than half the gap between the nearest and second-nearest
+        # distances since the last search: the nearest cannot have changed.
+        dx = points[last, 0] - px
+        dy = points[last, 1] - py
+        dz = points[last, 2] - pz
+        return last, dx * dx + dy * dy + dz * dz
+    best, best_d2, second_d2 = -1, radius2, radius2
+    if not empty:
+        best_d2, best, second_d2 = warm_two_nearest(
+            px, py, pz, last, radius2, forest, b, stack, stack_d2
+        )
+    anchor[b, i, 0], anchor[b, i, 1], anchor[b, i, 2] = px, py, pz
+    gap = 0.5 * (math.sqrt(second_d2) - math.sqrt(best_d2))
+    safe2[b, i] = gap * gap if best >= 0 else 0.0
+    partner[b, i] = best
+    return best, best_d2
+
+
+@njit(inline="always", error_model="numpy")
+def _distance_weight(
+    d: float, max_distance: float, rejection: int, temperature: float, linear: int
+) -> float:
+    """Distance rejection (the rejection strategy's twin) times ``1 - d / max_distance``."""
+    w = 1.0
+    if max_distance < np.inf:
+        w = _keep(rejection, max_distance - d, temperature)
+    if linear == 1:
+        w *= max(1.0 - d / max_distance, 0.0)
+    return w
+
+
+@njit(inline="always", error_model="numpy")
+def _normal_weight(
+    w: float, cosine: float, cos_min: float, rejection: int, temperature: float, linear: int
+) -> float:
+    """``w`` times normal-angle rejection (``cos_min`` -inf: none) times ``max(cosine, 0)``
+    (in this order: the reference path's rounding)."""
+    if cos_min > -np.inf:
+        w *= _keep(rejection, cosine - cos_min, temperature)
+    if linear == 1:
+        w *= max(cosine, 0.0)
+    return w
+
+
+@njit(inline="always", error_model="numpy")
+def _add_moments(sums: np.ndarray, task: int, w: float, v: tuple) -> None:
+    """Adds the weighted Procrustes moments of ``a = v[3:6]``, ``b = v[6:9]`` (see MOMENTS)."""
+    ax, ay, az, bx, by, bz = v[3:9]
+    sums[task, MOMENTS] += w
+    sums[task, MOMENTS + 1] += w * ax
+    sums[task, MOMENTS + 2] += w * ay
+    sums[task, MOMENTS + 3] += w * az
+    sums[task, MOMENTS + 4] += w * bx
+    sums[task, MOMENTS + 5] += w * by
+    sums[task, MOMENTS + 6] += w * bz
+    k = MOMENTS + 7
+    for qv in (bx, by, bz):
+        for pv in (ax, ay, az):
+            sums[task, k] += w * qv * pv
+            k += 1
 
 
 def fused_supported(problem: Problem, config: ICPConfig) -> str | None:
@@ -388,87 +446,12 @@ def _numpy(values: Tensor) -> np.ndarray:
     return np.ascontiguousarray(values.detach().cpu().double().numpy())
 
 
-# The per-pair solves, compiled: the same mathematics as difficp.solvers / difficp.metrics
-# (tests check they agree), without ~40 small PyTorch calls per iteration, which measured
-# 0.5 ms - a third of a 10k-point iteration.
+# The per-pair solves, compiled: their twins stand beside the PyTorch functions they mirror in
+# difficp.solvers (tests check they agree), and save ~40 small PyTorch calls per iteration,
+# which measured 0.5 ms - a third of a 10k-point iteration.
 
-_TINY = np.finfo(np.float64).tiny
-_EPS = np.finfo(np.float64).eps
-_PROCRUSTES_NOISE = PROCRUSTES_NOISE
-
-
-@njit(cache=True, error_model="numpy")
-def _lu_solve_in_place(M: np.ndarray, rhs: np.ndarray, x: np.ndarray) -> float:
-    """LU with partial pivoting of ``M`` (overwritten); solves into ``x`` unless ``rhs`` is
-    empty. Returns the smallest absolute pivot (0: singular, ``x`` untouched)."""
-    n = M.shape[0]
-    smallest = np.inf
-    for k in range(n):
-        pivot = k
-        for i in range(k + 1, n):
-            if abs(M[i, k]) > abs(M[pivot, k]):
-                pivot = i
-        if M[pivot, k] == 0.0:
-            return 0.0
-        smallest = min(smallest, abs(M[pivot, k]))
-        if pivot != k:
-            for j in range(n):
-                M[k, j], M[pivot, j] = M[pivot, j], M[k, j]
-            if rhs.size:
-                rhs[k], rhs[pivot] = rhs[pivot], rhs[k]
-        for i in range(k + 1, n):
-            f = M[i, k] / M[k, k]
-            for j in range(k, n):
-                M[i, j] -= f * M[k, j]
-            if rhs.size:
-                rhs[i] -= f * rhs[k]
-    if rhs.size:
-        for k in range(n - 1, -1, -1):
-            acc = rhs[k]
-            for j in range(k + 1, n):
-                acc -= M[k, j] * x[j]
-            x[k] = acc / M[k, k]
-    return smallest
-
-
-@njit(cache=True, error_model="numpy")
-def _solve_regularized(A: np.ndarray, g: np.ndarray, x: np.ndarray) -> bool:
-    """``x`` solving ``A x = -g`` regularised like :func:`difficp.solvers.regularize` (then
-    :func:`difficp.solvers.solve_normal_equations`); False, and a zero ``x``, for an unusable
-    or singular system."""
-    n = A.shape[0]
-    trace = 0.0
-    for k in range(n):
-        trace += A[k, k]
-    x[:] = 0.0
-    if not trace > _TINY:
-        return False
-    root = np.empty(n)
-    for i in range(n):
-        root[i] = math.sqrt(max(A[i, i], _TINY))
-    scaled = np.empty((n, n))
-    for i in range(n):
-        for j in range(n):
-            scaled[i, j] = A[i, j] / (root[i] * root[j])
-    deficient = _lu_solve_in_place(scaled.copy(), np.empty(0), x) < _EPS**0.75
-    M = A.copy()
-    half = n // 2
-    rotation = 0.0
-    for k in range(half):
-        rotation += A[k, k]
-    # eps x the mean diagonal of each block (rotation, translation): they differ in units
-    for k in range(n):
-        block = rotation / half if k < half else (trace - rotation) / (n - half)
-        M[k, k] += max(_EPS * block, _TINY)
-    if deficient:
-        # unit eigenvalue for the null space of the Jacobi-scaled matrix: a zero step there
-        values, vectors = np.linalg.eigh(scaled)
-        for e in range(n):
-            if values[e] <= math.sqrt(_EPS):
-                for i in range(n):
-                    for j in range(n):
-                        M[i, j] += root[i] * vectors[i, e] * vectors[j, e] * root[j]
-    return _lu_solve_in_place(M, -g.copy(), x) > 0.0
+_procrustes_update = compile_twin(compiled_procrustes)
+_solve_regularized = compile_twin(compiled_solve_normal_equations)
 
 
 @njit(cache=True, error_model="numpy")
@@ -490,62 +473,6 @@ def _centred_step_update(
             out[i, 3] += center[i] - (
                 out[i, 0] * center[0] + out[i, 1] * center[1] + out[i, 2] * center[2]
             )
-
-
-@njit(cache=True, error_model="numpy")
-def _procrustes_update(
-    moments: np.ndarray, center: np.ndarray, radius: float, out: np.ndarray
-) -> None:
-    """:func:`difficp.solvers.weighted_procrustes` from the 16 moments about ``center`` of a
-    source cloud of RMS radius ``radius``."""
-    w = max(moments[0], _TINY)
-    p = moments[1:4] / w
-    q = moments[4:7] / w
-    H = moments[7:16].reshape(3, 3) / w - np.outer(q, p)
-    U, s, Vt = np.linalg.svd(H)
-    # Below the rounding error of H a singular value is noise: the same bound as
-    # difficp.solvers.weighted_procrustes, with the source's radius for the spreads.
-    offset = _norm3(q - p)
-    noise = _PROCRUSTES_NOISE * _EPS * (_norm3(center + p) + offset + radius) * (offset + radius)
-    if s[0] <= noise:  # coincident points: every rotation fits; the identity moves least
-        R = np.eye(3)
-    elif s[1] <= noise:  # collinear points: the smallest rotation taking v to u
-        R = _rotation_between(Vt[0].copy(), U[:, 0].copy())
-    else:
-        if np.linalg.det(U @ Vt) < 0:  # a reflection: flip the least significant direction
-            U[:, 2] = -U[:, 2]
-        R = U @ Vt
-    out[:3, :3] = R
-    out[:3, 3] = (q + center) - R @ (p + center)
-
-
-@njit(cache=True, error_model="numpy")
-def _norm3(v: np.ndarray) -> float:
-    return math.sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2])
-
-
-@njit(cache=True, error_model="numpy")
-def _small_rotation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    k = np.cross(a, b)
-    K = np.array([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
-    c = max(a[0] * b[0] + a[1] * b[1] + a[2] * b[2], 0.0)
-    return np.eye(3) + K + (K @ K) / (1.0 + c)
-
-
-@njit(cache=True, error_model="numpy")
-def _rotation_between(v: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """:func:`difficp.solvers.rotation_between` for unit vectors ``v``, ``u`` ``(3,)``."""
-    if v[0] * u[0] + v[1] * u[1] + v[2] * u[2] >= 0:
-        return _small_rotation(v, u)
-    axis = np.cross(v, u)
-    if _norm3(axis) <= _EPS:
-        other = np.zeros(3)
-        other[np.argmin(np.abs(v))] = 1.0
-        axis = np.cross(v, other)
-    axis = axis / _norm3(axis)
-    half_turn = 2.0 * np.outer(axis, axis) - np.eye(3)
-    # half_turn v is -v up to the rounding of the axis; the small rotation takes it to u
-    return _small_rotation(half_turn @ v, u) @ half_turn
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -587,7 +514,9 @@ def _flush_stale_caches() -> None:
     """
     registries = (CORRESPONDENCES, REJECTIONS, KERNELS, METRICS, SOLVERS)
     modules = {sys.modules[type(s).__module__] for r in registries for s in r}
-    files = sorted({m.__file__ for m in (*modules, kdtree, compiled) if m.__file__})
+    # ... and the per-pair solves' twins (difficp.solvers, difficp.geometry)
+    twins = {sys.modules[f.__module__] for f in (compiled_procrustes, rotation_between_twin)}
+    files = sorted({m.__file__ for m in (*modules, *twins, kdtree, compiled) if m.__file__})
     digest = hashlib.sha256(b"".join(Path(f).read_bytes() for f in files)).hexdigest()
     try:
         stamp = Path(fused_iteration._cache._cache_path) / "fused.twins.sha256"

@@ -9,10 +9,17 @@ pixel ``(u, v)`` is column ``u``, row ``v``; camera looks along +z.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import roma
 import torch
 from torch import Tensor
+
+from difficp.strategies.registry import compiled_helper
+
+# float64 epsilon of the compiled twins (plain floats: numba folds them as constants)
+_EPS64 = float(np.finfo(np.float64).eps)
 
 
 def transform_points(points: Tensor, transform: Tensor) -> Tensor:
@@ -153,6 +160,37 @@ def rotation_between(v: Tensor, u: Tensor) -> Tensor:
     # half_turn v is -v up to the rounding of the axis; the small rotation takes it to u
     turned = (half_turn @ v[..., None])[..., 0]
     return torch.where(opposite[:, None, None], small(turned, u) @ half_turn, small(v, u))
+
+
+@compiled_helper
+def norm3_twin(v: np.ndarray) -> float:
+    """``|v|`` of a ``(3,)`` array (compiled helper)."""
+    return math.sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2])
+
+
+@compiled_helper
+def _small_rotation_twin(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``I + K + K^2 / (1 + a.b)``, ``K = [a x b]x`` (compiled helper of the twin below)."""
+    k = np.cross(a, b)
+    K = np.array([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
+    c = max(a[0] * b[0] + a[1] * b[1] + a[2] * b[2], 0.0)
+    return np.eye(3) + K + (K @ K) / (1.0 + c)
+
+
+@compiled_helper
+def rotation_between_twin(v: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Compiled twin of :func:`rotation_between` for unit vectors ``v``, ``u`` ``(3,)``."""
+    if v[0] * u[0] + v[1] * u[1] + v[2] * u[2] >= 0:
+        return _small_rotation_twin(v, u)
+    axis = np.cross(v, u)
+    if norm3_twin(axis) <= _EPS64:
+        other = np.zeros(3)
+        other[np.argmin(np.abs(v))] = 1.0
+        axis = np.cross(v, other)
+    axis = axis / norm3_twin(axis)
+    half_turn = 2.0 * np.outer(axis, axis) - np.eye(3)
+    # half_turn v is -v up to the rounding of the axis; the small rotation takes it to u
+    return _small_rotation_twin(half_turn @ v, u) @ half_turn
 
 
 def random_rotation(

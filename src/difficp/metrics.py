@@ -7,7 +7,8 @@ solved step becomes a rigid update (``step_to_transform``).
 
 * point_to_point: ``r = p - q`` (m = 3); step ``p -> p + omega x p + v``.
 * point_to_plane: ``r = (p - q) . n_q`` (m = 1); same step.
-* symmetric (Rusinkiewicz 2019): ``r = (p - q) . (n_p + n_q)`` (m = 1); the rotation is split
+* symmetric (Rusinkiewicz 2019): ``r = (p - q) . (n_p + n_q)`` (m = 1), ``n_p`` flipped where it
+  opposes ``n_q`` (normals are lines: opposite ones would cancel); the rotation is split
   half on the source, half (inverse) on the target: the linearised step is
   ``r ~ (p - q) . n + ((p + q) x n) . a + n . t`` with ``a = axis * tan(theta)`` and
   ``t = translation / cos(theta)``; the update is ``p -> R_theta (R_theta p + t cos(theta))``.
@@ -225,6 +226,16 @@ def _symmetric_update(step: np.ndarray, out: np.ndarray) -> None:
     out[:3, 3] = translation
 
 
+@compiled_helper
+def _oriented_normal_sum(v: tuple) -> tuple:
+    """Twin of :meth:`Symmetric._normal_sum` for one correspondence: ``n + m``, ``m`` (the moved
+    source normal, ``v[9:12]``) flipped where it opposes ``n`` (``v[12:15]``)."""
+    mx, my, mz, nx, ny, nz = v[9:15]
+    if mx * nx + my * ny + mz * nz < 0.0:
+        return (nx - mx, ny - my, nz - mz)
+    return (nx + mx, ny + my, nz + mz)
+
+
 @METRICS.register("symmetric")
 class Symmetric(RigidStepMetric):
     residual_dim = 1
@@ -233,8 +244,11 @@ class Symmetric(RigidStepMetric):
 
     @staticmethod
     def _normal_sum(source_normals: Tensor | None, corr: Correspondences) -> Tensor:
+        """``n_p + n_q`` ``(B, N, 3)`` with ``n_p`` flipped where it opposes ``n_q``: normals
+        are lines, not directions, and opposite ones would sum to 0 (no residual, no step)."""
         assert source_normals is not None and corr.normals is not None
-        return source_normals + corr.normals
+        agree = (source_normals * corr.normals).sum(-1, keepdim=True).detach() >= 0
+        return torch.where(agree, source_normals, -source_normals) + corr.normals
 
     def residuals(
         self, source: Tensor, source_normals: Tensor | None, corr: Correspondences
@@ -261,16 +275,17 @@ class Symmetric(RigidStepMetric):
     @staticmethod
     def compiled_residual(d: float, v: tuple) -> float:
         """Twin of :meth:`residuals` (see :meth:`PointToPoint.compiled_residual`): ``r . s``
-        with ``s = n + m``, the normals' sum."""
-        return v[0] * (v[12] + v[9]) + v[1] * (v[13] + v[10]) + v[2] * (v[14] + v[11])
+        with ``s`` the normals' sum (:func:`_oriented_normal_sum`)."""
+        sx, sy, sz = _oriented_normal_sum(v)
+        return v[0] * sx + v[1] * sy + v[2] * sz
 
     @staticmethod
     def compiled_accumulate(
         sums: np.ndarray, row: int, k0: int, J: np.ndarray, w: float, v: tuple
     ) -> None:
         """Twin of :meth:`jacobian` / :meth:`residuals`: ``[(a + b) x s, s]``, ``r . s``."""
-        rx, ry, rz, ax, ay, az, bx, by, bz, mx, my, mz, nx, ny, nz = v
-        s = (nx + mx, ny + my, nz + mz)
+        rx, ry, rz, ax, ay, az, bx, by, bz = v[:9]
+        s = _oriented_normal_sum(v)
         r = rx * s[0] + ry * s[1] + rz * s[2]
         _lever_row(sums, row, k0, J, w, (ax + bx, ay + by, az + bz), s, r)
 

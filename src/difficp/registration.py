@@ -76,23 +76,11 @@ def weigh(
     return torch.where(w >= torch.finfo(w.dtype).tiny, w, torch.zeros_like(w))
 
 
-def solve(
-    config: ICPConfig,
-    metric: Metric,
-    corr: Correspondences,
-    moved: Tensor,
-    moved_normals: Tensor | None,
-    weights: Tensor,
-    damping: Tensor,
-    center: Tensor | None = None,
-    far: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Step 5: the ``(B, 4, 4)`` update to left-multiply onto the transform, and new LM damping.
-
-    ``center`` ``(B, 3)`` / ``far`` ``(B,)``: where the linearised solvers centre their normal
-    equations and which pairs rotate about it (:func:`difficp.solvers.gauss_newton_update`).
-    """
-    x = SolveInput(metric, corr, moved, moved_normals, weights, center, far)
+def solve(config: ICPConfig, x: SolveInput, damping: Tensor) -> tuple[Tensor, Tensor]:
+    """Step 5: the ``(B, 4, 4)`` update to left-multiply onto the transform, and new LM damping
+    ``(B,)``, by the config's solver from the weighted correspondences ``x`` (whose ``center`` /
+    ``far`` say where the linearised solvers centre their normal equations and which pairs
+    rotate about it: :func:`difficp.solvers.gauss_newton_update`)."""
     return config.strategies.solver.compute_update(x, damping, config.lm_steps)
 
 
@@ -125,9 +113,8 @@ class ReferenceSteps:
         enough = enough_correspondences(corr.valid, w)
         center = (moved * self.mask).sum(1) / self.count
         far = linearization_pivot(center, self.radius)
-        update, damping = solve(
-            self.config, self.metric, corr, moved, moved_n, w, damping, center, far
-        )
+        x = SolveInput(self.metric, corr, moved, moved_n, w, center, far)
+        update, damping = solve(self.config, x, damping)
         return update, damping, enough
 
 
@@ -148,7 +135,7 @@ def fixed_point_step(
         w = weigh(config, metric, corr, moved, moved_n)
         # The loop's own test (ReferenceSteps.step): a pair below it took no step from T*.
         enough = enough_correspondences(corr.valid, w)
-        update, _ = solve(step_config, metric, corr, moved, moved_n, w, damping)
+        update, _ = solve(step_config, SolveInput(metric, corr, moved, moved_n, w), damping)
         return update, enough
 
     return step

@@ -153,6 +153,30 @@ def voxel_downsample(
             overflow), points not ``(N, 3)`` / ``(B, N, 3)`` floats, NaN/inf in a valid row of
             points, normals or colours, normals/colours/lengths not matching the points.
     """
+    size = _check_voxel_size(voxel_size)
+    pts, lengths, nrm, col = _check_cloud(points, lengths, normals, colors)
+    N = pts.shape[1]
+    valid = torch.arange(N, device=pts.device)[None] < lengths[:, None]  # (B, N)
+    for name, value in (("points", pts), ("normals", nrm), ("colors", col)):
+        if value is not None and not bool((torch.isfinite(value.detach()).all(-1) | ~valid).all()):
+            raise ValueError(f"{name} contains NaN or inf (in a valid row); remove those points")
+    with torch.no_grad():  # voxel assignment is piecewise constant: not differentiated
+        cell = _voxel_cells(pts.detach(), valid, lengths, size)
+        slots = _voxel_slots(cell, valid, lengths, pts.dtype)
+    out_normals = None if nrm is None else _unit_or_zero(slots.mean(nrm))
+    grid = VoxelGrid(
+        slots.mean(pts), out_normals, None if col is None else slots.mean(col), slots.lengths
+    )
+    if points.dim() == 2:  # unbatched
+        return VoxelGrid(*(None if field is None else field[0] for field in grid))
+    return grid
+
+
+def _check_cloud(
+    points: Tensor, lengths: Tensor | None, normals: Tensor | None, colors: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """The arguments of :func:`voxel_downsample`, checked and batched: ``(B, N, 3)`` points,
+    ``(B,)`` lengths, normals and colours (or None)."""
     if not isinstance(points, Tensor) or not points.is_floating_point():
         raise ValueError(
             f"points must be a float torch.Tensor (N, 3) or (B, N, 3), got "
@@ -160,92 +184,95 @@ def voxel_downsample(
         )
     if points.dim() not in (2, 3) or points.shape[-1] != 3:
         raise ValueError(f"points must be (N, 3) or (B, N, 3), got {tuple(points.shape)}")
-    size = _check_voxel_size(voxel_size)
-    unbatched = points.dim() == 2
-    if unbatched and lengths is not None:
+    if points.dim() == 2 and lengths is not None:
         raise ValueError("lengths is only for padded batches (B, N, 3); got (N, 3) points")
-    pts = points[None] if unbatched else points
+    pts = points[None] if points.dim() == 2 else points
     B, N, _ = pts.shape
-    device = pts.device
-    lengths = _check_lengths(lengths, B, N, device)
+    lengths = _check_lengths(lengths, B, N, pts.device)
     nrm = None if normals is None else _check_attribute("normals", normals, points)
     if nrm is not None and nrm.shape[-1] != 3:
         raise ValueError(f"normals must have 3 channels, got shape {tuple(normals.shape)}")
     col = None if colors is None else _check_attribute("colors", colors, points)
+    return pts, lengths, nrm, col
 
-    valid = torch.arange(N, device=device)[None] < lengths[:, None]  # (B, N)
-    for name, value in (("points", pts), ("normals", nrm), ("colors", col)):
-        if value is not None and not bool((torch.isfinite(value.detach()).all(-1) | ~valid).all()):
-            raise ValueError(f"{name} contains NaN or inf (in a valid row); remove those points")
 
-    with torch.no_grad():
-        # Voxel assignment (not differentiable): Open3D's grid, per cloud.
-        p = pts.detach()
-        inf = torch.tensor(float("inf"), dtype=p.dtype, device=device)
-        if N == 0:  # amin/amax refuse an empty axis; an empty cloud has no grid anyway
-            lower = upper = p.new_zeros(B, 3)
-        else:
-            lower = torch.where(valid[..., None], p, inf).amin(dim=1)  # (B, 3)
-            upper = torch.where(valid[..., None], p, -inf).amax(dim=1)
-        extent = torch.where(lengths[:, None] > 0, upper - lower, torch.zeros_like(lower))
-        if B and float(extent.max()) / size >= _MAX_VOXELS_PER_AXIS:
-            raise ValueError(
-                f"voxel_size={size} is too small for clouds spanning {float(extent.max())}: "
-                "the voxel indices would overflow int64"
-            )
-        origin = lower - size * 0.5  # Open3D: min_bound - voxel_size / 2
-        # Same operations as Open3D ((p - origin) / size, then floor) so float64 ties agree.
-        cell = torch.floor((p - origin[:, None]) / size).long()  # (B, N, 3)
-        batch = torch.arange(B, device=device)[:, None].expand(B, N)
-        keys = torch.cat([batch[..., None], cell], dim=-1).reshape(B * N, 4)  # cells >= 0
-        # Rows of the valid points (boolean indexing is slow on the CPU: select once, by index).
-        rows = None if bool((lengths == N).all()) else valid.reshape(-1).nonzero()[:, 0]
-        if rows is not None:
-            keys = keys.index_select(0, rows)  # (V, 4)
-        voxel_cloud, inverse = _unique_rows(keys)
-        counts_per_cloud = torch.bincount(voxel_cloud, minlength=B)  # (B,)
-        M = int(counts_per_cloud.max()) if B and voxel_cloud.shape[0] else 0
-        first = torch.cumsum(counts_per_cloud, 0) - counts_per_cloud  # first voxel of each cloud
-        # Flat slot of every voxel in the padded (B * M) output, and of every input row; padding
-        # rows go to an extra slot B * M that is dropped (so their values, even NaN, never mix).
-        slot_of_voxel = voxel_cloud * M + (
-            torch.arange(voxel_cloud.shape[0], device=device) - first[voxel_cloud]
+def _voxel_cells(p: Tensor, valid: Tensor, lengths: Tensor, size: float) -> Tensor:
+    """``(B, N, 3)`` int64 voxel index of every point on Open3D's grid, per cloud."""
+    B, N, _ = p.shape
+    inf = torch.tensor(float("inf"), dtype=p.dtype, device=p.device)
+    if N == 0:  # amin/amax refuse an empty axis; an empty cloud has no grid anyway
+        lower = upper = p.new_zeros(B, 3)
+    else:
+        lower = torch.where(valid[..., None], p, inf).amin(dim=1)  # (B, 3)
+        upper = torch.where(valid[..., None], p, -inf).amax(dim=1)
+    extent = torch.where(lengths[:, None] > 0, upper - lower, torch.zeros_like(lower))
+    if B and float(extent.max()) / size >= _MAX_VOXELS_PER_AXIS:
+        raise ValueError(
+            f"voxel_size={size} is too small for clouds spanning {float(extent.max())}: "
+            "the voxel indices would overflow int64"
         )
-        slot = slot_of_voxel[inverse]  # (V,)
-        if rows is not None:
-            slot = torch.full((B * N,), B * M, dtype=torch.long, device=device).index_copy_(
-                0, rows, slot
-            )
-        count = torch.zeros(B * M + 1, dtype=pts.dtype, device=device)
-        count.index_add_(0, slot, torch.ones_like(slot, dtype=pts.dtype))
-        # Empty padding slots divide by 1 and stay zero.
-        denominator = count[: B * M].clamp(min=1)[:, None]
+    origin = lower - size * 0.5  # Open3D: min_bound - voxel_size / 2
+    # Same operations as Open3D ((p - origin) / size, then floor) so float64 ties agree.
+    return torch.floor((p - origin[:, None]) / size).long()
 
-    def mean(values: Tensor) -> Tensor:
+
+class _VoxelSlots(NamedTuple):
+    """Where every input row goes in the padded ``(B, M)`` output of :func:`voxel_downsample`.
+
+    Attributes:
+        slot: ``(B * N,)`` flat output slot of each row; padding rows go to an extra slot
+            ``B * M`` that is dropped (so their values, even NaN, never mix).
+        denominator: ``(B * M, 1)`` points per slot (1 for empty padding slots: they stay 0).
+        lengths: ``(B,)`` int64 occupied voxels per cloud.
+        shape: ``(B, N, M)``.
+    """
+
+    slot: Tensor
+    denominator: Tensor
+    lengths: Tensor
+    shape: tuple[int, int, int]
+
+    def mean(self, values: Tensor) -> Tensor:
         """``(B, N, C)`` -> ``(B, M, C)`` per-voxel means (differentiable in ``values``)."""
+        B, N, M = self.shape
         C = values.shape[-1]
-        total = values.new_zeros(B * M + 1, C).index_add(0, slot, values.reshape(B * N, C))
-        return (total[: B * M] / denominator.to(values.dtype)).reshape(B, M, C)
+        total = values.new_zeros(B * M + 1, C).index_add(0, self.slot, values.reshape(B * N, C))
+        return (total[: B * M] / self.denominator.to(values.dtype)).reshape(B, M, C)
 
-    out_points = mean(pts)
-    out_normals = None
-    if nrm is not None:
-        summed = mean(nrm)
-        norm = summed.norm(dim=-1, keepdim=True)
-        # A zero mean (cancelling normals, or padding) stays zero instead of becoming NaN.
-        out_normals = torch.where(
-            norm > 0, summed / norm.clamp(min=torch.finfo(nrm.dtype).tiny), summed
+
+def _voxel_slots(cell: Tensor, valid: Tensor, lengths: Tensor, dtype: torch.dtype) -> _VoxelSlots:
+    """The output slots of the points in voxels ``cell`` ``(B, N, 3)``: one torch.unique over
+    (cloud, voxel) keys, voxels in lexicographic order within each cloud."""
+    B, N, _ = cell.shape
+    device = cell.device
+    batch = torch.arange(B, device=device)[:, None].expand(B, N)
+    keys = torch.cat([batch[..., None], cell], dim=-1).reshape(B * N, 4)  # cells >= 0
+    # Rows of the valid points (boolean indexing is slow on the CPU: select once, by index).
+    rows = None if bool((lengths == N).all()) else valid.reshape(-1).nonzero()[:, 0]
+    if rows is not None:
+        keys = keys.index_select(0, rows)  # (V, 4)
+    voxel_cloud, inverse = _unique_rows(keys)
+    per_cloud = torch.bincount(voxel_cloud, minlength=B)  # (B,)
+    M = int(per_cloud.max()) if B and voxel_cloud.shape[0] else 0
+    first = torch.cumsum(per_cloud, 0) - per_cloud  # first voxel of each cloud
+    slot_of_voxel = voxel_cloud * M + (
+        torch.arange(voxel_cloud.shape[0], device=device) - first[voxel_cloud]
+    )
+    slot = slot_of_voxel[inverse]  # (V,)
+    if rows is not None:
+        slot = torch.full((B * N,), B * M, dtype=torch.long, device=device).index_copy_(
+            0, rows, slot
         )
-    out_colors = None if col is None else mean(col)
-    out_lengths = counts_per_cloud.long()
-    if unbatched:
-        return VoxelGrid(
-            out_points[0],
-            None if out_normals is None else out_normals[0],
-            None if out_colors is None else out_colors[0],
-            out_lengths[0],
-        )
-    return VoxelGrid(out_points, out_normals, out_colors, out_lengths)
+    count = torch.zeros(B * M + 1, dtype=dtype, device=device)
+    count.index_add_(0, slot, torch.ones_like(slot, dtype=dtype))
+    return _VoxelSlots(slot, count[: B * M].clamp(min=1)[:, None], per_cloud.long(), (B, N, M))
+
+
+def _unit_or_zero(vectors: Tensor) -> Tensor:
+    """``vectors`` ``(..., 3)`` scaled to unit length; a zero one (cancelling normals, padding)
+    stays zero instead of becoming NaN."""
+    norm = vectors.norm(dim=-1, keepdim=True)
+    return torch.where(norm > 0, vectors / norm.clamp(min=torch.finfo(vectors.dtype).tiny), vectors)
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,6 +410,37 @@ def multiscale_icp(
     config = config or ICPConfig()
     if overrides:
         config = config.replace(**overrides)
+    _check_multiscale_inputs(source, target, normals_k)
+    unbatched = source.dim() == 2
+    clouds = (
+        _Cloud(source, source_normals, source_lengths),
+        _Cloud(target, target_normals, target_lengths),
+    )
+    transform = init
+    results: list[ICPResult] = []
+    for voxel, distance, iterations in checked:
+        stage_config = config.replace(
+            max_distance=config.max_distance if distance is None else distance,
+            max_iterations=config.max_iterations if iterations is None else iterations,
+        )
+        src, tgt = (cloud.downsampled(voxel, unbatched) for cloud in clouds)
+        src = src.with_normals(stage_config.needs_source_normals, normals_k)
+        tgt = tgt.with_normals(stage_config.needs_target_normals, normals_k)
+        result = icp(
+            src.points,
+            tgt.points,
+            init=transform,
+            **src.icp_options("source"),
+            **tgt.icp_options("target"),
+            config=stage_config,
+            search_backend=search_backend,
+        )
+        transform = result.transform
+        results.append(result)
+    return _chain_results(results)
+
+
+def _check_multiscale_inputs(source: Tensor, target: Tensor, normals_k: int) -> None:
     if not isinstance(normals_k, int) or normals_k < 3:
         raise ValueError(f"normals_k must be an int >= 3, got {normals_k!r}")
     for name, value in (("source", source), ("target", target)):
@@ -391,61 +449,51 @@ def multiscale_icp(
                 f"{name} must be an (N, 3) or (B, N, 3) tensor for multiscale_icp, got "
                 f"{tuple(getattr(value, 'shape', ())) or type(value).__name__}"
             )
-    unbatched = source.dim() == 2 and target.dim() == 2
     if source.dim() != target.dim():
         raise ValueError(
             f"source {tuple(source.shape)} and target {tuple(target.shape)} must both be "
             "batched or both unbatched"
         )
 
-    transform = init
-    total_iterations: Tensor | None = None
-    histories: list[Tensor] = []
-    result: ICPResult | None = None
-    for voxel, distance, iterations in checked:
-        stage_config = config.replace(
-            max_distance=config.max_distance if distance is None else distance,
-            max_iterations=config.max_iterations if iterations is None else iterations,
-        )
+
+class _Cloud(NamedTuple):
+    """One side of a multi-scale stage: points, normals (or None), lengths (or None)."""
+
+    points: Tensor
+    normals: Tensor | None
+    lengths: Tensor | None
+
+    def downsampled(self, voxel: float | None, unbatched: bool) -> _Cloud:
+        """The cloud on a grid of ``voxel`` (None: itself, full resolution)."""
         if voxel is None:
-            src, src_n, src_len = source, source_normals, source_lengths
-            tgt, tgt_n, tgt_len = target, target_normals, target_lengths
-        else:
-            s = voxel_downsample(source, voxel, source_lengths, source_normals)
-            t = voxel_downsample(target, voxel, target_lengths, target_normals)
-            src, src_n = s.points, s.normals
-            tgt, tgt_n = t.points, t.normals
-            # icp takes lengths only with batches; an unbatched grid is exactly full.
-            src_len = None if unbatched else s.lengths
-            tgt_len = None if unbatched else t.lengths
-        if stage_config.needs_source_normals and src_n is None:
-            src_n = estimate_normals(src.detach(), k=normals_k, lengths=src_len)
-        if stage_config.needs_target_normals and tgt_n is None:
-            tgt_n = estimate_normals(tgt.detach(), k=normals_k, lengths=tgt_len)
-        result = icp(
-            src,
-            tgt,
-            init=transform,
-            source_lengths=src_len,
-            target_lengths=tgt_len,
-            source_normals=src_n,
-            target_normals=tgt_n,
-            config=stage_config,
-            search_backend=search_backend,
-        )
-        transform = result.transform
-        total_iterations = (
-            result.iterations if total_iterations is None else total_iterations + result.iterations
-        )
-        if result.rmse_history is not None:
-            histories.append(result.rmse_history)
-    assert result is not None and total_iterations is not None
+            return self
+        grid = voxel_downsample(self.points, voxel, self.lengths, self.normals)
+        # icp takes lengths only with batches; an unbatched grid is exactly full.
+        return _Cloud(grid.points, grid.normals, None if unbatched else grid.lengths)
+
+    def icp_options(self, role: str) -> dict[str, Tensor | None]:
+        """Its normals and lengths as :func:`difficp.icp`'s ``{role}_normals`` / ``_lengths``."""
+        return {f"{role}_normals": self.normals, f"{role}_lengths": self.lengths}
+
+    def with_normals(self, needed: bool, k: int) -> _Cloud:
+        """The cloud with normals estimated from ``k`` neighbours when ``needed`` and missing."""
+        if not needed or self.normals is not None:
+            return self
+        normals = estimate_normals(self.points.detach(), k=k, lengths=self.lengths)
+        return self._replace(normals=normals)
+
+
+def _chain_results(results: list[ICPResult]) -> ICPResult:
+    """The result of consecutive stages: the last one's, with iterations summed and the RMSE
+    histories concatenated."""
+    last = results[-1]
+    histories = [r.rmse_history for r in results if r.rmse_history is not None]
     return ICPResult(
-        transform=result.transform,
-        fitness=result.fitness,
-        inlier_rmse=result.inlier_rmse,
-        iterations=total_iterations,
-        converged=result.converged,
+        transform=last.transform,
+        fitness=last.fitness,
+        inlier_rmse=last.inlier_rmse,
+        iterations=sum((r.iterations for r in results[1:]), results[0].iterations),
+        converged=last.converged,
         rmse_history=torch.cat(histories, dim=-1) if histories else None,
     )
 

@@ -18,9 +18,11 @@ Both Levenberg-Marquardt loops accept a trial by :func:`marquardt_accept`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import roma
 import torch
 from torch import Tensor
@@ -29,12 +31,19 @@ from torch.autograd.function import once_differentiable
 from difficp.correspondence import Correspondences
 from difficp.geometry import (
     make_transform,
+    norm3_twin,
     rotate_vectors,
     rotation_between,
+    rotation_between_twin,
     transform_points,
     unit_vectors,
 )
 from difficp.metrics import Metric
+from difficp.strategies.registry import compiled_helper
+
+# float64 limits of the compiled twins (plain floats: numba folds them as constants)
+_TINY64 = float(np.finfo(np.float64).tiny)
+_EPS64 = float(np.finfo(np.float64).eps)
 
 # Damping of the Procrustes derivative: 1/(s_i + s_j) -> t/(t^2 + eps^2) (see weighted_procrustes).
 SVD_GRADIENT_EPS = 1e-6
@@ -187,6 +196,35 @@ def minimal_motion_rotation(H: Tensor, R: Tensor, noise: Tensor) -> Tensor:
     return torch.where(zero[:, None, None], eye, R)
 
 
+def compiled_procrustes(
+    moments: np.ndarray, center: np.ndarray, radius: float, out: np.ndarray
+) -> None:
+    """Compiled twin of :func:`weighted_procrustes`: the ``(4, 4)`` update into ``out`` from the
+    16 moments about ``center`` of a source cloud of RMS radius ``radius`` (the layout of
+    :data:`difficp.fused.MOMENTS`: ``w``, ``w p`` (3), ``w q`` (3), ``w q p^T`` (9))."""
+    w = max(moments[0], _TINY64)
+    p = moments[1:4] / w
+    q = moments[4:7] / w
+    H = moments[7:16].reshape(3, 3) / w - np.outer(q, p)
+    U, s, Vt = np.linalg.svd(H)
+    # Below the rounding error of H a singular value is noise: the same bound as
+    # weighted_procrustes, with the source's radius for the spreads.
+    offset = norm3_twin(q - p)
+    noise = (
+        PROCRUSTES_NOISE * _EPS64 * (norm3_twin(center + p) + offset + radius) * (offset + radius)
+    )
+    if s[0] <= noise:  # coincident points: every rotation fits; the identity moves least
+        R = np.eye(3)
+    elif s[1] <= noise:  # collinear points: the smallest rotation taking v to u
+        R = rotation_between_twin(Vt[0].copy(), U[:, 0].copy())
+    else:
+        if np.linalg.det(U @ Vt) < 0:  # a reflection: flip the least significant direction
+            U[:, 2] = -U[:, 2]
+        R = U @ Vt
+    out[:3, :3] = R
+    out[:3, 3] = (q + center) - R @ (p + center)
+
+
 def normal_equations(residuals: Tensor, jacobian: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     """``A = sum w J^T J`` ``(B, 6, 6)`` and ``g = sum w J^T r`` ``(B, 6)``."""
     B = residuals.shape[0]
@@ -267,9 +305,9 @@ def _step_to_transform(metric: Metric, step: Tensor, center: Tensor, far: Tensor
     """The ``(B, 4, 4)`` update of a ``(B, 6)`` step solved in coordinates centred on
     ``center`` ``(B, 3)``: about the world origin, or about ``center`` where ``far``."""
     # The same linearised residual in world coordinates has translation v - k (omega x c):
-    # (p - c) x n . omega = p x n . omega - n . (omega x c); the symmetric metric linearises
-    # about p + q, which moves by 2c (k = 2).
-    k = 2.0 if metric.name == "symmetric" else 1.0
+    # (p - c) x n . omega = p x n . omega - n . (omega x c), k the metric's centre_factor (how
+    # far its linearisation point moves under centring: symmetric's p + q moves by 2c).
+    k = metric.centre_factor
     omega = step[:, :3]
     world = torch.cat([omega, step[:, 3:] - k * torch.cross(omega, center, dim=-1)], dim=-1)
     update = metric.step_to_transform(world)
@@ -298,6 +336,79 @@ def solve_normal_equations(A: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         usable = usable & ~singular
     step = lu_solve(A, -g)
     return torch.where(usable[:, None], step, torch.zeros_like(step)), usable
+
+
+@compiled_helper
+def _lu_solve_in_place_twin(M: np.ndarray, rhs: np.ndarray, x: np.ndarray) -> float:
+    """LU with partial pivoting of ``M`` (overwritten; compiled helper); solves into ``x``
+    unless ``rhs`` is empty. Returns the smallest absolute pivot (0: singular, ``x`` untouched)."""
+    n = M.shape[0]
+    smallest = np.inf
+    for k in range(n):
+        pivot = k
+        for i in range(k + 1, n):
+            if abs(M[i, k]) > abs(M[pivot, k]):
+                pivot = i
+        if M[pivot, k] == 0.0:
+            return 0.0
+        smallest = min(smallest, abs(M[pivot, k]))
+        if pivot != k:
+            for j in range(n):
+                M[k, j], M[pivot, j] = M[pivot, j], M[k, j]
+            if rhs.size:
+                rhs[k], rhs[pivot] = rhs[pivot], rhs[k]
+        for i in range(k + 1, n):
+            f = M[i, k] / M[k, k]
+            for j in range(k, n):
+                M[i, j] -= f * M[k, j]
+            if rhs.size:
+                rhs[i] -= f * rhs[k]
+    if rhs.size:
+        for k in range(n - 1, -1, -1):
+            acc = rhs[k]
+            for j in range(k + 1, n):
+                acc -= M[k, j] * x[j]
+            x[k] = acc / M[k, k]
+    return smallest
+
+
+def compiled_solve_normal_equations(A: np.ndarray, g: np.ndarray, x: np.ndarray) -> bool:
+    """Compiled twin of :func:`solve_normal_equations` for one ``(6, 6)`` system: ``x`` ``(6,)``
+    solving ``A x = -g`` regularised like :func:`regularize`; False, and a zero ``x``, for an
+    unusable or singular system."""
+    n = A.shape[0]
+    trace = 0.0
+    for k in range(n):
+        trace += A[k, k]
+    x[:] = 0.0
+    if not trace > _TINY64:
+        return False
+    root = np.empty(n)
+    for i in range(n):
+        root[i] = math.sqrt(max(A[i, i], _TINY64))
+    scaled = np.empty((n, n))
+    for i in range(n):
+        for j in range(n):
+            scaled[i, j] = A[i, j] / (root[i] * root[j])
+    deficient = _lu_solve_in_place_twin(scaled.copy(), np.empty(0), x) < _EPS64**0.75
+    M = A.copy()
+    half = n // 2
+    rotation = 0.0
+    for k in range(half):
+        rotation += A[k, k]
+    # eps x the mean diagonal of each block (rotation, translation): they differ in units
+    for k in range(n):
+        block = rotation / half if k < half else (trace - rotation) / (n - half)
+        M[k, k] += max(_EPS64 * block, _TINY64)
+    if deficient:
+        # unit eigenvalue for the null space of the Jacobi-scaled matrix: a zero step there
+        values, vectors = np.linalg.eigh(scaled)
+        for e in range(n):
+            if values[e] <= math.sqrt(_EPS64):
+                for i in range(n):
+                    for j in range(n):
+                        M[i, j] += root[i] * vectors[i, e] * vectors[j, e] * root[j]
+    return _lu_solve_in_place_twin(M, -g.copy(), x) > 0.0
 
 
 def weighted_cost(

@@ -28,6 +28,17 @@ import numpy as np
 from difficp.config import CORRESPONDENCES, METRICS, ROBUST_KERNELS, SOLVERS
 
 DTYPES = ("float32", "float64")
+# The flags that set the ICPConfig option of the same name.
+CONFIG_OPTIONS = (
+    "correspondence",
+    "metric",
+    "solver",
+    "max_distance",
+    "max_iterations",
+    "robust_kernel",
+    "kernel_scale",
+    "temperature",
+)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -342,125 +353,171 @@ def _scalar(value: Any) -> Any:
 def register_files(args: argparse.Namespace) -> dict[str, Any]:
     """Do the work of ``difficp register`` (raises :class:`InputError` on bad input).
 
+    Every option and path is checked before the files are read, the files before ICP runs.
+
     Returns:
         ``{"transform": (4, 4) np.ndarray, "fitness", "inlier_rmse", "iterations", "converged",
         "source_points", "target_points", "estimated_normals": [roles]}``.
     """
     import torch
 
-    import difficp
-    from difficp.config import ICPConfig
-    from difficp.geometry import rotate_vectors, transform_points
-    from difficp.io import point_cloud_writer, read_transform, transform_writer
-    from difficp.normals import estimate_normals
-    from difficp.sampling import multiscale_icp
-
     device = _device(args.device)
     dtype = getattr(torch, args.dtype)
-    if args.max_iterations is not None and args.max_iterations < 1:
-        raise InputError(f"--max-iterations must be at least 1, got {args.max_iterations}")
-    if args.normals_k < 3:
-        raise InputError(f"--normals-k must be at least 3, got {args.normals_k}")
+    _check_counts(args)
     _check_outputs(args)
-    try:
-        config = ICPConfig(
-            correspondence=args.correspondence,
-            metric=args.metric,
-            solver=args.solver,
-            max_distance=args.max_distance,
-            max_iterations=args.max_iterations,
-            robust_kernel=args.robust_kernel,
-            kernel_scale=args.kernel_scale,
-            temperature=args.temperature,
-            # The command only reports the result: no autograd graph needed.
-            differentiation="none",
-        )
-    except ValueError as err:
-        raise InputError(_flag_names(str(err))) from None
-
-    init = None
-    if args.init:
-        try:
-            init = torch.as_tensor(read_transform(args.init), dtype=dtype, device=device)
-        except (OSError, ValueError) as err:
-            raise InputError(f"cannot read --init {args.init}: {err}") from None
-
-    if args.stride < 1:
-        raise InputError(f"--stride must be at least 1, got {args.stride}")
+    config = _config(args)
+    init = _read_init(args, dtype, device)
     stages = _stages(args)
     source, _ = _load_input(args.source, "source", args)
     target, target_depth = _load_input(args.target, "target", args)
     _check_scale(source, "source", args.source, dtype)
     _check_scale(target, "target", args.target, dtype)
     if args.max_distance is None and stages is None:
-        _warn(
-            "no --max-distance: every pair counts as an inlier, so fitness is 1 whatever the "
-            "alignment; pass --max-distance in the files' units (2-3x the point spacing, "
-            f"here about {2.5 * _point_spacing(target.points):.3g})"
-        )
-    src_pts, src_nrm = source.to_torch(dtype, device)
-    tgt_pts, tgt_nrm = target.to_torch(dtype, device)
-    if args.voxel_size is not None:
-        src_pts, src_nrm = _downsample(source, args.voxel_size, dtype, device)
-        tgt_pts, tgt_nrm = _downsample(target, args.voxel_size, dtype, device)
-    estimated = []
-    try:
-        # (multiscale_icp estimates missing normals on each stage's down-sampled cloud)
-        if stages is None and config.needs_source_normals and src_nrm is None:
-            src_nrm = estimate_normals(src_pts, k=args.normals_k)
-            estimated.append("source")
-        # a depth-image target (projective) takes its normals from the image
-        needs_target = stages is None and config.needs_target_normals and target_depth is None
-        if needs_target and tgt_nrm is None:
-            tgt_nrm = estimate_normals(tgt_pts, k=args.normals_k)
-            estimated.append("target")
-    except (ValueError, torch.linalg.LinAlgError) as err:
-        raise InputError(f"cannot estimate normals: {err}") from None
+        _warn_no_max_distance(target.points)
+    src_pts, src_nrm = _tensors(source, args.voxel_size, dtype, device)
+    tgt_pts, tgt_nrm = _tensors(target, args.voxel_size, dtype, device)
+    estimated: list[str] = []
+    # (multiscale_icp estimates missing normals on each stage's down-sampled cloud)
+    if stages is None and config.needs_source_normals and src_nrm is None:
+        src_nrm = _estimate_normals(src_pts, args.normals_k, "source", estimated)
+    # a depth-image target (projective) takes its normals from the image
+    needs_target = stages is None and config.needs_target_normals and target_depth is None
+    if needs_target and tgt_nrm is None:
+        tgt_nrm = _estimate_normals(tgt_pts, args.normals_k, "target", estimated)
+    depth_kwargs = {}
+    if target_depth is not None:  # projective: the target stays an image
+        tgt_pts = torch.as_tensor(target_depth, dtype=dtype, device=device)
+        depth_kwargs["intrinsics"] = torch.as_tensor(_intrinsics(args), dtype=dtype, device=device)
+    res = _register(
+        src_pts,
+        tgt_pts,
+        init=init,
+        **depth_kwargs,
+        source_normals=src_nrm if config.needs_source_normals else None,
+        target_normals=tgt_nrm if config.needs_target_normals else None,
+        config=config,
+        stages=stages,
+        normals_k=args.normals_k,
+    )
+    out = _summary(res, len(source), len(target), estimated)
+    T = res.transform.detach().reshape(-1, 4, 4)[0].to(dtype)
+    out["outputs"] = _writers(args, out["transform"], T, src_pts, src_nrm, source.colors)
+    return out
+
+
+def _warn_no_max_distance(target_points: np.ndarray) -> None:
+    _warn(
+        "no --max-distance: every pair counts as an inlier, so fitness is 1 whatever the "
+        "alignment; pass --max-distance in the files' units (2-3x the point spacing, "
+        f"here about {2.5 * _point_spacing(target_points):.3g})"
+    )
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    """The integer options that must be at least something."""
+    for flag, value, minimum in (
+        ("--max-iterations", args.max_iterations, 1),
+        ("--normals-k", args.normals_k, 3),
+        ("--stride", args.stride, 1),
+    ):
+        if value is not None and value < minimum:
+            raise InputError(f"{flag} must be at least {minimum}, got {value}")
+
+
+def _config(args: argparse.Namespace) -> Any:
+    """The :class:`~difficp.config.ICPConfig` of the options (their errors named as flags)."""
+    from difficp.config import ICPConfig
 
     try:
-        depth_kwargs = {}
-        if target_depth is not None:  # projective: the target stays an image
-            tgt_pts = torch.as_tensor(target_depth, dtype=dtype, device=device)
-            depth_kwargs["intrinsics"] = torch.as_tensor(
-                _intrinsics(args), dtype=dtype, device=device
-            )
-        register = difficp.icp
-        if stages is not None:
-            register = partial(multiscale_icp, stages=stages, normals_k=args.normals_k)
-        res = register(
-            src_pts,
-            tgt_pts,
-            init=init,
-            **depth_kwargs,
-            source_normals=src_nrm if config.needs_source_normals else None,
-            target_normals=tgt_nrm if config.needs_target_normals else None,
-            config=config,
-        )
+        # The command only reports the result: no autograd graph needed.
+        options = {name: getattr(args, name) for name in CONFIG_OPTIONS}
+        return ICPConfig(**options, differentiation="none")
+    except ValueError as err:
+        raise InputError(_flag_names(str(err))) from None
+
+
+def _read_init(args: argparse.Namespace, dtype: Any, device: Any) -> Any:
+    """The ``--init`` transform as a ``(4, 4)`` tensor, or None."""
+    import torch
+
+    from difficp.io import read_transform
+
+    if not args.init:
+        return None
+    try:
+        return torch.as_tensor(read_transform(args.init), dtype=dtype, device=device)
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read --init {args.init}: {err}") from None
+
+
+def _tensors(cloud: Any, voxel_size: float | None, dtype: Any, device: Any) -> tuple[Any, Any]:
+    """``(points, normals)`` tensors of ``cloud``, down-sampled when ``voxel_size`` is given."""
+    if voxel_size is not None:
+        return _downsample(cloud, voxel_size, dtype, device)
+    return cloud.to_torch(dtype, device)
+
+
+def _estimate_normals(points: Any, k: int, role: str, estimated: list[str]) -> Any:
+    """PCA normals of ``points`` from ``k`` neighbours; ``role`` is added to ``estimated``."""
+    import torch
+
+    from difficp.normals import estimate_normals
+
+    try:
+        normals = estimate_normals(points, k=k)
+    except (ValueError, torch.linalg.LinAlgError) as err:
+        raise InputError(f"cannot estimate normals: {err}") from None
+    estimated.append(role)
+    return normals
+
+
+def _register(
+    source: Any, target: Any, *, stages: list[Any] | None, normals_k: int, **options: Any
+) -> Any:
+    """:func:`difficp.icp`, or :func:`difficp.multiscale_icp` over ``stages``."""
+    import torch
+
+    import difficp
+    from difficp.sampling import multiscale_icp
+
+    register = difficp.icp
+    if stages is not None:
+        register = partial(multiscale_icp, stages=stages, normals_k=normals_k)
+    try:
+        return register(source, target, **options)
     except (ValueError, torch.linalg.LinAlgError) as err:
         raise InputError(_flag_names(str(err))) from None
 
-    T = res.transform.detach().reshape(-1, 4, 4)[0]
-    out = {
-        "transform": T.cpu().double().numpy(),
-        "fitness": float(_scalar(res.fitness)),
-        "inlier_rmse": float(_scalar(res.inlier_rmse)),
-        "iterations": int(_scalar(res.iterations)),
-        "converged": bool(_scalar(res.converged)),
-        "source_points": len(source),
-        "target_points": len(target),
+
+def _summary(res: Any, source_points: int, target_points: int, estimated: list[str]) -> dict:
+    """The printed fields of the result (see :func:`register_files`)."""
+    numbers = {"fitness": float, "inlier_rmse": float, "iterations": int, "converged": bool}
+    return {
+        "transform": res.transform.detach().reshape(-1, 4, 4)[0].cpu().double().numpy(),
+        **{name: kind(_scalar(getattr(res, name))) for name, kind in numbers.items()},
+        "source_points": source_points,
+        "target_points": target_points,
         "estimated_normals": estimated,
-        "outputs": [],
     }
+
+
+def _writers(
+    args: argparse.Namespace, matrix: np.ndarray, T: Any, points: Any, normals: Any, colors: Any
+) -> list[tuple[str, Any]]:
+    """``[(path, writer)]`` of ``--out`` (the ``(4, 4)`` ``matrix``) and ``--aligned`` (the
+    source moved by ``T``), for :func:`write_outputs`."""
+    from difficp.geometry import rotate_vectors, transform_points
+    from difficp.io import point_cloud_writer, transform_writer
+
+    outputs = []
     if args.out:
-        out["outputs"].append((args.out, transform_writer(out["transform"])))
+        outputs.append((args.out, transform_writer(matrix)))
     if args.aligned:
-        moved = transform_points(src_pts, T.to(dtype))
-        nrm = None if src_nrm is None else rotate_vectors(src_nrm, T.to(dtype))
+        moved = transform_points(points, T)
+        nrm = None if normals is None else rotate_vectors(normals, T)
         # Each format's own precision (float32 for PCD, which Open3D's binary reader needs).
-        out["outputs"].append(
-            (args.aligned, point_cloud_writer(args.aligned, moved, nrm, source.colors))
-        )
-    return out
+        outputs.append((args.aligned, point_cloud_writer(args.aligned, moved, nrm, colors)))
+    return outputs
 
 
 def write_outputs(result: dict[str, Any]) -> None:

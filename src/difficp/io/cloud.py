@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -104,6 +104,44 @@ def text_format(numpy_type: str) -> str:
     # 17 significant digits round-trip any float64, and float32 values are printed as the
     # float64 they widen to, so a reader that keeps text as float64 gets them back bit-exact.
     return "%.17g" if numpy_type.startswith("<f") else "%d"
+
+
+def record_table(
+    points: np.ndarray,
+    normals: np.ndarray | None,
+    normal_names: tuple[str, str, str],
+    color_columns: list[tuple[str, str, np.ndarray]],
+    ftype: str,
+) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """The ``(N,)`` structured array a PLY / PCD writer stores, and its ``[(name, type)]``
+    fields: ``x y z``, the normals under ``normal_names`` (both as ``ftype``), then the colour
+    columns ``[(name, type, (N,) values)]`` in each format's own layout."""
+    fields = [(c, ftype) for c in ("x", "y", "z")]
+    if normals is not None:
+        fields += [(c, ftype) for c in normal_names]
+    fields += [(name, t) for name, t, _ in color_columns]
+    table = np.empty(points.shape[0], dtype=fields)
+    for i, c in enumerate("xyz"):
+        table[c] = points[:, i]
+    if normals is not None:
+        for i, c in enumerate(normal_names):
+            table[c] = normals[:, i]
+    for name, _, values in color_columns:
+        table[name] = values
+    return table, fields
+
+
+def write_records(
+    f: IO[bytes], header: list[str], table: np.ndarray, fields: list[tuple[str, str]], ascii: bool
+) -> None:
+    """The header lines, then the records as text (each type exactly) or little-endian binary."""
+    f.write(("\n".join(header) + "\n").encode("ascii"))
+    if ascii:
+        cols = [table[name].astype(np.float64) for name, _ in fields]
+        fmts = [text_format(t) for _, t in fields]
+        np.savetxt(f, np.stack(cols, axis=1), fmt=fmts, delimiter=" ")
+    else:
+        f.write(table.tobytes())
 
 
 def unpack_rgb(packed: np.ndarray) -> np.ndarray:

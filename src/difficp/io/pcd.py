@@ -13,7 +13,7 @@ from typing import IO
 
 import numpy as np
 
-from difficp.io.cloud import PointCloudData, pack_rgb, text_format, unpack_rgb
+from difficp.io.cloud import PointCloudData, pack_rgb, record_table, unpack_rgb, write_records
 from difficp.io.lzf import lzf_decompress
 
 _PCD_KINDS = {"F": "f", "I": "i", "U": "u"}
@@ -192,19 +192,9 @@ def write_pcd(
     f: IO[bytes], points: np.ndarray, normals: np.ndarray | None, colors: np.ndarray | None,
     ascii: bool, ftype: str,
 ) -> None:  # fmt: skip
-    fields = [(c, ftype) for c in ("x", "y", "z")]
-    if normals is not None:
-        fields += [(c, ftype) for c in ("normal_x", "normal_y", "normal_z")]
-    if colors is not None:
-        fields.append(("rgb", "<u4"))
-    table = np.empty(points.shape[0], dtype=fields)
-    for i, c in enumerate("xyz"):
-        table[c] = points[:, i]
-    if normals is not None:
-        for i, c in enumerate(("normal_x", "normal_y", "normal_z")):
-            table[c] = normals[:, i]
-    if colors is not None:
-        table["rgb"] = pack_rgb(colors)
+    colors_column = [] if colors is None else [("rgb", "<u4", pack_rgb(colors))]
+    normal_names = ("normal_x", "normal_y", "normal_z")
+    table, fields = record_table(points, normals, normal_names, colors_column, ftype)
     n = points.shape[0]
     header = [
         "# .PCD v0.7 - Point Cloud Data file format (written by difficp)",
@@ -219,10 +209,4 @@ def write_pcd(
         f"POINTS {n}",
         f"DATA {'ascii' if ascii else 'binary'}",
     ]
-    f.write(("\n".join(header) + "\n").encode("ascii"))
-    if ascii:
-        cols = [table[name].astype(np.float64) for name, _ in fields]
-        fmts = [text_format(t) for _, t in fields]
-        np.savetxt(f, np.stack(cols, axis=1), fmt=fmts, delimiter=" ")
-    else:
-        f.write(table.tobytes())
+    write_records(f, header, table, fields, ascii)

@@ -13,7 +13,7 @@ from typing import IO
 
 import numpy as np
 
-from difficp.io.cloud import PointCloudData, text_format
+from difficp.io.cloud import PointCloudData, record_table, write_records
 
 # PLY scalar type names (both the classic and the sized spellings) -> numpy base type.
 _PLY_TYPES = {
@@ -225,21 +225,11 @@ def write_ply(
     f: IO[bytes], points: np.ndarray, normals: np.ndarray | None, colors: np.ndarray | None,
     ascii: bool, ftype: str,
 ) -> None:  # fmt: skip
-    fields = [(c, ftype) for c in ("x", "y", "z")]
-    if normals is not None:
-        fields += [(c, ftype) for c in ("nx", "ny", "nz")]
-    if colors is not None:
-        fields += [("red", "u1"), ("green", "u1"), ("blue", "u1")]
-    table = np.empty(points.shape[0], dtype=fields)
-    for i, c in enumerate("xyz"):
-        table[c] = points[:, i]
-    if normals is not None:
-        for i, c in enumerate(("nx", "ny", "nz")):
-            table[c] = normals[:, i]
+    colors_columns = []
     if colors is not None:
         c8 = np.clip(np.rint(colors * 255.0), 0, 255).astype(np.uint8)
-        for i, c in enumerate(("red", "green", "blue")):
-            table[c] = c8[:, i]
+        colors_columns = [(c, "u1", c8[:, i]) for i, c in enumerate(("red", "green", "blue"))]
+    table, fields = record_table(points, normals, ("nx", "ny", "nz"), colors_columns, ftype)
     fmt = "ascii" if ascii else "binary_little_endian"
     types = {"<f8": "double", "<f4": "float", "u1": "uchar"}
     header = [
@@ -250,10 +240,4 @@ def write_ply(
     ]
     header += [f"property {types[t]} {name}" for name, t in fields]
     header.append("end_header")
-    f.write(("\n".join(header) + "\n").encode("ascii"))
-    if ascii:
-        cols = [table[name].astype(np.float64) for name, _ in fields]
-        fmts = [text_format(t) for _, t in fields]
-        np.savetxt(f, np.stack(cols, axis=1), fmt=fmts, delimiter=" ")
-    else:
-        f.write(table.tobytes())
+    write_records(f, header, table, fields, ascii)

@@ -1,8 +1,10 @@
 """Solvers (step 5b): one class per ``ICPConfig.solver`` value, each turning weighted
 correspondences into a rigid update with :meth:`Solver.compute_update` (the theseus shape: one
-loop, solvers override the step). The mathematics lives in :mod:`difficp.solvers`; the compiled
-twins of the per-pair solves are in :mod:`difficp.fused` (``_procrustes_update``,
-``_solve_regularized``), dispatched by ``SOLVERS.code(name)``.
+loop, solvers override the step). The mathematics lives in :mod:`difficp.solvers`, with the
+compiled twins of the per-pair solves beside their PyTorch versions
+(:func:`~difficp.solvers.compiled_procrustes` for ``compiled_sums = "moments"``,
+:func:`~difficp.solvers.compiled_solve_normal_equations` for ``"normal_equations"``), which
+:mod:`difficp.fused` compiles.
 """
 
 from __future__ import annotations

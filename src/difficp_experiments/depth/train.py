@@ -239,16 +239,13 @@ def train_depth(
     out = Path(out)
     t0 = time.time()
     net = make_model(scene, width)
-    hist_nn = run_stage(
-        Stage("nn", net, nn_loss, nn_config),
-        renderer,
-        scene,
-        out,
-        seed,
-        resume=resume,
-        progress=progress,
-        log=log,
-    )
+
+    def train(stage: Stage) -> dict:
+        return run_stage(
+            stage, renderer, scene, out, seed, resume=resume, progress=progress, log=log
+        )
+
+    hist_nn = train(Stage("nn", net, nn_loss, nn_config))
     fine = copy_model(net)
     schedule = train_schedule(*icp_iterations)
 
@@ -259,16 +256,7 @@ def train_depth(
             loss = loss + pose_weight * nn_loss(model, batch)
         return loss
 
-    hist_icp = run_stage(
-        Stage("nn_icp", fine, icp_loss, icp_config),
-        renderer,
-        scene,
-        out,
-        seed,
-        resume=resume,
-        progress=progress,
-        log=log,
-    )
+    hist_icp = train(Stage("nn_icp", fine, icp_loss, icp_config))
     info = {
         "seed": seed,
         "icp_iterations": list(icp_iterations),

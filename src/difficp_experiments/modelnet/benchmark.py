@@ -303,19 +303,24 @@ def cached_estimates(out: Path, method: str, key: dict, n: int) -> dict[str, np.
     return {k: np.concatenate([p[k] for p in parts]) for k in ("R", "t", "seconds")}  # type: ignore[index]
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What every chunk of a benchmark run reads: options, methods, pairs, output folder."""
+
+    cfg: BenchmarkConfig
+    runner: MethodRunner
+    pairs: ModelNetPairs
+    out: Path
+
+
 def _estimate_chunk(
-    cfg: BenchmarkConfig,
-    runner: MethodRunner,
-    pairs: ModelNetPairs,
-    method: str,
-    start: int,
-    stop: int,
-    prior: dict[str, np.ndarray] | None,
+    run: _Run, method: str, start: int, stop: int, prior: dict[str, np.ndarray] | None
 ) -> dict[str, np.ndarray]:
     """Estimates of pairs ``[start, stop)``; ``prior``: the base method's (for ``X+icp``)."""
+    runner = run.runner
     Rs, ts, secs = [], [], []
     at = 0
-    for batch in batches(pairs, stop, cfg.batch_size, start):
+    for batch in batches(run.pairs, stop, run.cfg.batch_size, start):
         b = len(batch["source"])
         tic = time.perf_counter()
         if prior is None:
@@ -332,25 +337,16 @@ def _estimate_chunk(
     return {"R": np.concatenate(Rs), "t": np.concatenate(ts), "seconds": np.concatenate(secs)}
 
 
-def _method_chunk(
-    cfg: BenchmarkConfig,
-    runner: MethodRunner,
-    pairs: ModelNetPairs,
-    method: str,
-    start: int,
-    stop: int,
-    out: Path,
-) -> dict[str, np.ndarray]:
+def _method_chunk(run: _Run, method: str, start: int, stop: int) -> dict[str, np.ndarray]:
     """``method``'s estimates of pairs ``[start, stop)`` (one chunk), cached or computed."""
-    key = method_key(cfg, method, len(pairs))
-    path = _cache_dir(out, method, key) / f"{start:06d}.npz"
-    part = None if cfg.force else _read_chunk(path, key, start, stop)
+    key = method_key(run.cfg, method, len(run.pairs))
+    path = _cache_dir(run.out, method, key) / f"{start:06d}.npz"
+    part = None if run.cfg.force else _read_chunk(path, key, start, stop)
     if part is None:
         prior = None
         if method.endswith("+icp"):
-            base = method.removesuffix("+icp")
-            prior = _method_chunk(cfg, runner, pairs, base, start, stop, out)
-        part = _estimate_chunk(cfg, runner, pairs, method, start, stop, prior)
+            prior = _method_chunk(run, method.removesuffix("+icp"), start, stop)
+        part = _estimate_chunk(run, method, start, stop, prior)
         _write_chunk(path, key, start, part)
     return part
 
@@ -365,8 +361,9 @@ def run_method(
     so an interrupted run resumes at the first missing chunk and a file cut short is recomputed.
     """
     chunks = _chunks(n)
+    run = _Run(cfg, runner, pairs, out)
     parts = [
-        _method_chunk(cfg, runner, pairs, method, a, b, out)
+        _method_chunk(run, method, a, b)
         for a, b in tqdm(
             chunks, desc=f"{cfg.protocol}:{method}", unit="chunk", disable=len(chunks) < 2
         )
