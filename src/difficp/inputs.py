@@ -7,7 +7,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import roma
 import torch
 from torch import Tensor
 
@@ -214,6 +213,8 @@ def _init(
             "(otherwise the result would not be a rigid transform either)",
             stacklevel=4,
         )
+        import roma  # here: importing roma loads torch._dynamo (seconds)
+
         top = torch.cat([roma.special_procrustes(T[:, :3, :3]), T[:, :3, 3:]], dim=-1)
         T = torch.cat([top, last_row.to(T).expand(batch, 1, 4)], dim=-2)
     return T
