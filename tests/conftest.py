@@ -14,6 +14,9 @@ from difficp.geometry import make_transform, random_rotation, transform_points
 # Tests run in parallel worker processes (pytest -n 2 on 2 cores): one intra-op thread each
 # avoids oversubscription, which slows small tensor ops tenfold.
 torch.set_num_threads(1)
+# search_backend="auto" compiles the fast path in the test process, as tests expect it to run,
+# rather than in a background process (difficp.fused.compile_now).
+os.environ.setdefault("DIFFICP_COMPILE", "now")
 
 # Every valid (metric, solver) pair of ICPConfig.
 METRIC_SOLVER_COMBOS = [

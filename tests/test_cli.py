@@ -483,6 +483,7 @@ def test_pyproject_registers_every_command_the_readme_names():
     group = pyproject["project"]["entry-points"]["difficp.commands"]
     assert group == {
         "register": "difficp.commands.register",
+        "warmup": "difficp.commands.warmup",
         "demo": "difficp_experiments.commands.demo",
         "experiment": "difficp_experiments.commands.experiment",
         "benchmark": "difficp_experiments.commands.benchmark",

@@ -30,6 +30,7 @@ GROUP = "difficp.commands"
 #: not import the command modules to read it). Other plugins are listed by their distribution.
 HELP: dict[str, str] = {
     "register": "register two point-cloud files by ICP",
+    "warmup": "compile the ICP fast path ahead (once per installation)",
     "demo": "run a built-in demo (no data needed)",
     "experiment": "run a paper experiment (depth, ...)",
     "benchmark": "run a registration benchmark (modelnet)",

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
-from scipy.spatial import cKDTree
 from torch import Tensor
 
 from difficp.geometry import points_to_pixels, transform_points
+
+if TYPE_CHECKING:
+    from scipy.spatial import cKDTree
 
 SearchBackend = Literal["auto", "kdtree", "brute_force"]
 
@@ -104,6 +106,8 @@ class NeighborIndex:
         self._centered: tuple[Tensor, Tensor] | None = None
 
     def _build_tree(self) -> None:
+        from scipy.spatial import cKDTree  # here: the compiled fast path needs no scipy
+
         ref = self.reference.cpu().double().numpy()
         mask = self.mask.cpu().numpy()
         if self.batch == 1:
@@ -136,6 +140,8 @@ class NeighborIndex:
     def _cloud_tree(self, b: int) -> tuple[cKDTree, np.ndarray]:
         """The KD-tree of cloud ``b`` alone (built when first needed) and its point indices."""
         if b not in self._cloud_trees:
+            from scipy.spatial import cKDTree
+
             mask = self.mask[b].cpu().numpy()
             ref = self.reference[b].cpu().double().numpy()[mask]
             tree = cKDTree(ref, leafsize=16, balanced_tree=True, compact_nodes=True)

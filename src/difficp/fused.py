@@ -22,7 +22,10 @@ drops the cache when a module holding twins changes.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -41,10 +44,11 @@ from difficp.kdtree import (
     KDForest,
     build_forest,
     parallel_unsafe_after_fork,
+    serial_twin,
     set_threads,
     warm_two_nearest,
 )
-from difficp.loop import MIN_CORRESPONDENCES, source_radius
+from difficp.loop import MIN_CORRESPONDENCES, LoopResult, source_radius
 from difficp.metrics import METRICS
 from difficp.solvers import (
     FAR_FROM_ORIGIN,
@@ -335,10 +339,13 @@ class FusedSteps:
         torch.set_num_threads(threads)
         # Padded clouds keep their valid points first (prefix masks), so counts describe them.
         target_counts = target.mask.sum(1).cpu().numpy()
-        self.forest: KDForest = build_forest(_numpy(target.points), target_counts)
         self.source = _numpy(problem.source)
         self.source_counts = problem.source_counts.cpu().numpy().astype(np.int64)
         B, N = self.source.shape[:2]
+        # a small problem runs serially (see run_loop), its trees too
+        self.serial = B * N <= SERIAL_POINTS
+        points = _numpy(target.points)
+        self.forest: KDForest = build_forest(points, target_counts, parallel=not self.serial)
         self.source_normals = np.zeros((1, 1, 3))
         if config.needs_source_normals:
             assert problem.source_normals is not None
@@ -421,6 +428,57 @@ class FusedSteps:
         rmse = np.where(count > 0, np.sqrt(sums[:, INLIER_SQ] / np.maximum(count, 1)), 0.0)
         return torch.from_numpy(fitness), torch.from_numpy(rmse), (sums, center)
 
+    def run_loop(
+        self, init: Tensor, config: ICPConfig, tolerance: Tensor | None, min_iterations: int
+    ) -> LoopResult | None:
+        """:func:`difficp.loop.run_loop` (rigid) in one compiled call (:func:`_serial_loop`)
+        for a small problem; None for one the lock-step parallel iterations serve better."""
+        B = self.source.shape[0]
+        if not self.serial:
+            return None
+        T = np.array(init.detach().cpu().numpy(), dtype=np.float64)  # a copy: written to
+        if tolerance is None:
+            tolerance_ = np.full(B, float(config.relative_rmse))
+        else:
+            tolerance_ = tolerance.detach().cpu().double().numpy()
+        fitness, rmse = np.empty(B), np.empty(B)
+        iterations = np.empty(B, dtype=np.int64)
+        converged = np.empty(B, dtype=np.bool_)
+        history = np.empty((B, config.max_iterations + 1))
+        filled = _serial_loop(
+            T,
+            self.source,
+            self.source_normals,
+            self.source_counts,
+            self.source_mean,
+            self.source_radius,
+            self.partner,
+            self.anchor,
+            self.safe2,
+            self.target_normals,
+            self.forest,
+            self.options,
+            self.int_options,
+            self.tasks,
+            tolerance_,
+            float(config.relative_fitness),
+            int(min_iterations),
+            fitness,
+            rmse,
+            iterations,
+            converged,
+            history,
+        )
+        return LoopResult(
+            value=torch.from_numpy(T),
+            fitness=torch.from_numpy(fitness),
+            inlier_rmse=torch.from_numpy(rmse),
+            iterations=torch.from_numpy(iterations),
+            converged=torch.from_numpy(converged),
+            rmse_history=torch.from_numpy(history[:, :filled]) if config.return_history else None,
+            damping=torch.full((B,), float(config.lm_damping), dtype=torch.float64),
+        )
+
     def step(
         self, state: tuple[np.ndarray, np.ndarray], damping: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -502,6 +560,274 @@ def _solve_updates(
                 k += 1
         _solve_regularized(A, sums[b, NORMAL_EQ + 21 : NORMAL_EQ + 27], x)
         _centred_step_update(x, center[b], far[b], metric, out[b])
+
+
+# ----------------------------------------------------------------------------------------------
+# Small problems: the whole loop in one compiled call
+# ----------------------------------------------------------------------------------------------
+
+# Up to this many source points in all (B * N), a call runs the whole loop in one serial
+# compiled function: no thread pool (starting it for every kernel cost 20-40 ms per call for 100
+# points on 2 busy cores) and no PyTorch between iterations (~25 small calls, 0.3 ms).
+SERIAL_POINTS = 4096
+
+_fused_iteration_serial = serial_twin(fused_iteration)
+_solve_updates_serial = serial_twin(_solve_updates)
+
+
+@njit(cache=True, error_model="numpy")
+def _evaluate_serial(
+    T: np.ndarray,
+    active: np.ndarray,
+    source: np.ndarray,
+    source_normals: np.ndarray,
+    source_counts: np.ndarray,
+    source_mean: np.ndarray,
+    partner: np.ndarray,
+    anchor: np.ndarray,
+    safe2: np.ndarray,
+    target_normals: np.ndarray,
+    forest: KDForest,
+    options: np.ndarray,
+    int_options: np.ndarray,
+    tasks: int,
+    fitness: np.ndarray,
+    rmse: np.ndarray,
+    sums: np.ndarray,
+    center: np.ndarray,
+) -> None:
+    """:meth:`FusedSteps.evaluate` at ``T`` ``(B, 4, 4)``: fitness and RMSE ``(B,)``, the pairs'
+    ``sums`` ``(B, SUM_WIDTH)`` and their ``center`` ``(B, 3)``, written into the arguments."""
+    B = T.shape[0]
+    R = np.ascontiguousarray(T[:, :3, :3])
+    t = np.ascontiguousarray(T[:, :3, 3])
+    for b in range(B):
+        for i in range(3):
+            center[b, i] = (
+                R[b, i, 0] * source_mean[b, 0]
+                + R[b, i, 1] * source_mean[b, 1]
+                + R[b, i, 2] * source_mean[b, 2]
+                + t[b, i]
+            )
+    task_sums = np.zeros((B * tasks, SUM_WIDTH))
+    _fused_iteration_serial(
+        source,
+        source_normals,
+        source_counts,
+        R,
+        t,
+        center,
+        partner,
+        anchor,
+        safe2,
+        target_normals,
+        forest,
+        active,
+        options,
+        int_options,
+        task_sums,
+    )
+    for b in range(B):
+        # the tasks' rows added in order, as numpy's sum over them does
+        sums[b] = task_sums[b * tasks]
+        for k in range(1, tasks):
+            sums[b] += task_sums[b * tasks + k]
+        count = sums[b, INLIERS]
+        fitness[b] = count / max(source_counts[b], 1)
+        rmse[b] = math.sqrt(sums[b, INLIER_SQ] / max(count, 1.0)) if count > 0 else 0.0
+
+
+@njit(cache=True, error_model="numpy")
+def _orthonormalized_product(update: np.ndarray, T: np.ndarray, out: np.ndarray) -> None:
+    """:func:`difficp.loop.compose_rigid` of one pair: ``update @ T`` ``(4, 4)`` with its
+    rotation pulled back onto SO(3) by one Newton-Schulz step, into ``out``."""
+    P = np.zeros((4, 4))
+    for i in range(4):
+        for j in range(4):
+            for k in range(4):
+                P[i, j] += update[i, k] * T[k, j]
+    G = np.empty((3, 3))  # 3 I - R^T R
+    for i in range(3):
+        for j in range(3):
+            G[i, j] = (3.0 if i == j else 0.0) - (
+                P[0, i] * P[0, j] + P[1, i] * P[1, j] + P[2, i] * P[2, j]
+            )
+    for i in range(3):
+        for j in range(3):
+            out[i, j] = 0.5 * P[i, 0] * G[0, j] + 0.5 * P[i, 1] * G[1, j] + 0.5 * P[i, 2] * G[2, j]
+        out[i, 3] = P[i, 3]
+        out[3, i] = 0.0
+    out[3, 3] = 1.0
+
+
+@njit(cache=True, error_model="numpy")
+def _serial_loop(
+    T: np.ndarray,
+    source: np.ndarray,
+    source_normals: np.ndarray,
+    source_counts: np.ndarray,
+    source_mean: np.ndarray,
+    source_radius: np.ndarray,
+    partner: np.ndarray,
+    anchor: np.ndarray,
+    safe2: np.ndarray,
+    target_normals: np.ndarray,
+    forest: KDForest,
+    options: np.ndarray,
+    int_options: np.ndarray,
+    tasks: int,
+    tolerance: np.ndarray,
+    relative_fitness: float,
+    min_iterations: int,
+    fitness: np.ndarray,
+    rmse: np.ndarray,
+    iterations: np.ndarray,
+    converged: np.ndarray,
+    history: np.ndarray,
+) -> int:
+    """:func:`difficp.loop.run_loop` over the :class:`FusedSteps` of a small problem, in one
+    call: the same lock-step iterations, stopping rule and outputs. ``T`` ``(B, 4, 4)`` (the
+    initial transforms) becomes the result; ``fitness``, ``rmse`` ``(B,)``, ``iterations``
+    ``(B,)`` int64, ``converged`` ``(B,)`` bool and ``history`` ``(B, max_iterations + 1)`` are
+    written. Returns the number of columns of ``history`` filled."""
+    B = T.shape[0]
+    active = np.ones(B, dtype=np.bool_)
+    sums = np.zeros((B, SUM_WIDTH))
+    center = np.empty((B, 3))
+    new_fitness = np.empty(B)
+    new_rmse = np.empty(B)
+    update = np.empty((B, 4, 4))
+    moved = np.empty((4, 4))
+    far = np.empty(B, dtype=np.bool_)
+    metric, procrustes = int_options[0], int_options[1]
+    args = (source, source_normals, source_counts, source_mean, partner, anchor, safe2)
+    _evaluate_serial(
+        T, active, *args, target_normals, forest, options, int_options, tasks,
+        fitness, rmse, sums, center,
+    )  # fmt: skip
+    history[:, 0] = rmse
+    filled = 1
+    iterations[:] = 0
+    converged[:] = False
+    for iteration in range(history.shape[1] - 1):
+        for b in range(B):
+            c = center[b]
+            far[b] = math.sqrt(c[0] * c[0] + c[1] * c[1] + c[2] * c[2]) > (
+                FAR_FROM_ORIGIN * source_radius[b]
+            )
+        _solve_updates_serial(sums, center, source_radius, far, metric, procrustes, update)
+        any_active = False
+        for b in range(B):
+            # too few weighted correspondences: the pair stops with its last good transform
+            active[b] = active[b] and sums[b, WEIGHTED] >= MIN_CORRESPONDENCES
+            if active[b]:
+                _orthonormalized_product(update[b], T[b], moved)
+                T[b] = moved
+                any_active = True
+        if not any_active:
+            break
+        _evaluate_serial(
+            T, active, *args, target_normals, forest, options, int_options, tasks,
+            new_fitness, new_rmse, sums, center,
+        )  # fmt: skip
+        any_active = False
+        for b in range(B):
+            if active[b]:
+                iterations[b] += 1
+                done = (
+                    abs(new_fitness[b] - fitness[b]) < relative_fitness
+                    and abs(new_rmse[b] - rmse[b]) < tolerance[b]
+                    and iteration + 1 >= min_iterations
+                )
+                fitness[b] = new_fitness[b]
+                rmse[b] = new_rmse[b]
+                converged[b] = converged[b] or done
+                active[b] = not done
+                any_active = any_active or active[b]
+        history[:, filled] = rmse
+        filled += 1
+        if not any_active:
+            break
+    return filled
+
+
+def compiled_ready(small: bool) -> bool:
+    """Whether the kernels a problem needs (``small``: the serial whole loop, else the parallel
+    iterations) are compiled in this process or in numba's cache, so that running them costs
+    no compilation (1-3 minutes on 2 cores). True when that cannot be told (other numba)."""
+    kernels = (
+        (_serial_loop, kdtree._build_forest_serial)
+        if small
+        else (fused_iteration, _solve_updates, kdtree._build_forest)
+    )
+    for kernel in kernels:
+        if kernel.signatures:
+            continue
+        try:
+            if not kernel._cache._cache_file._load_index():
+                return False
+        except (AttributeError, OSError):  # no cache support (other numba): assume compiled
+            return True
+    return True
+
+
+#: ``DIFFICP_COMPILE``: what ``search_backend="auto"`` does while the fast path is not compiled.
+#: ``"background"`` (default): compile it in a background process and use the PyTorch path (the
+#: same results) until it is ready; ``"now"``: compile it in this process, before the call.
+COMPILE_MODES = ("background", "now")
+_LOG = logging.getLogger("difficp")
+_announced: set[str] = set()
+_background: subprocess.Popen | None = None
+
+
+def _announce(key: str, message: str) -> None:
+    """Log ``message`` once per process (a warning: Python prints it on stderr by default)."""
+    if key not in _announced:
+        _announced.add(key)
+        _LOG.warning(message)
+
+
+def compile_now(problem: Problem) -> bool:
+    """For ``search_backend="auto"``: whether to run the fast path now (its kernels are
+    compiled, or ``DIFFICP_COMPILE=now`` compiles them here) or the PyTorch path for now (a
+    background process compiles them meanwhile: a first call in a fresh environment then
+    takes seconds, not the minutes of compiling)."""
+    B, N = problem.source.shape[:2]
+    if compiled_ready(B * N <= SERIAL_POINTS):
+        return True
+    mode = os.environ.get("DIFFICP_COMPILE", "background")
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"DIFFICP_COMPILE must be one of {COMPILE_MODES}, got {mode!r}")
+    if mode == "now":
+        _announce(
+            "now",
+            "difficp: compiling the ICP fast path (once: 1-3 minutes; numba caches it for "
+            "later runs; `difficp warmup` does it ahead)",
+        )
+        return True
+    global _background
+    if _background is None:
+        env = {**os.environ, "DIFFICP_COMPILE": "now"}
+        command = [sys.executable, "-m", "difficp.commands.warmup", "--quiet"]
+        try:
+            _background = subprocess.Popen(
+                command,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # not killed with a Ctrl-C meant for this process
+            )
+        except OSError:
+            return True  # cannot start one: compile here
+    _announce(
+        "background",
+        "difficp: compiling the ICP fast path in a background process (once: 1-3 minutes; "
+        "numba caches it for later runs); until it is ready difficp.icp runs its PyTorch path, "
+        "which gives the same results more slowly. `difficp warmup` compiles it ahead; "
+        "DIFFICP_COMPILE=now compiles it in the calling process instead.",
+    )
+    return False
 
 
 def _flush_stale_caches() -> None:

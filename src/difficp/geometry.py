@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import roma
 import torch
 from torch import Tensor
 
@@ -101,11 +100,15 @@ def rotvec_to_rotmat(rotvec: Tensor) -> Tensor:
 
 def se3_exp(twist: Tensor) -> Tensor:
     """``(..., 6)`` ``(rotation vector, translation)`` -> ``(..., 4, 4)``; inverse of :func:`se3_log`."""
+    import roma  # here: importing roma loads torch._dynamo (seconds)
+
     return make_transform(roma.rotvec_to_rotmat(twist[..., :3]), twist[..., 3:])
 
 
 def se3_log(transform: Tensor) -> Tensor:
     """``(..., 4, 4)`` -> ``(..., 6)`` ``(rotation vector, translation)``."""
+    import roma  # here: importing roma loads torch._dynamo (seconds)
+
     return torch.cat([roma.rotmat_to_rotvec(transform[..., :3, :3]), transform[..., :3, 3]], dim=-1)
 
 
@@ -206,6 +209,8 @@ def random_rotation(
     angle = torch.rand(*shape, 1, generator=generator, dtype=torch.float64) * np.deg2rad(
         max_angle_deg
     )
+    import roma  # here: importing roma loads torch._dynamo (seconds)
+
     R = roma.rotvec_to_rotmat(axis * angle).to(dtype)
     return R[0] if batch is None else R
 

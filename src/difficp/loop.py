@@ -165,6 +165,12 @@ def run_loop(
             :func:`compose_rigid`; non-rigid parameters add).
         min_iterations: no pair counts as converged before this many iterations.
     """
+    whole = getattr(steps, "run_loop", None)
+    if whole is not None and apply is compose_rigid and init.device.type == "cpu":
+        # the compiled fast path runs a small problem's whole loop in one call
+        result = whole(init, config, rmse_tolerance, min_iterations)
+        if result is not None:
+            return result
     B = init.shape[0]
     device = init.device
     T = init.to(steps.dtype)

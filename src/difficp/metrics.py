@@ -28,7 +28,6 @@ import math
 from typing import Protocol
 
 import numpy as np
-import roma
 import torch
 from torch import Tensor
 
@@ -268,6 +267,8 @@ class Symmetric(RigidStepMetric):
         theta = torch.atan(tan)
         # rotation vector axis*theta = a * atan(|a|)/|a|, written to stay smooth at a = 0
         scale = torch.where(tan > 1e-12, theta / tan.clamp_min(1e-12), 1 - tan**2 / 3)
+        import roma  # here: importing roma loads torch._dynamo (seconds)
+
         R_half = roma.rotvec_to_rotmat(a * scale)
         translation = (R_half @ (t * torch.cos(theta))[..., None])[..., 0]
         return make_transform(R_half @ R_half, translation)

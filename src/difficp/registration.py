@@ -168,7 +168,7 @@ def _choose_steps(
     if search_backend == "auto" and (needs_grad or config.correspondence != "nearest"):
         return ReferenceSteps(problem, config)  # without importing numba (~70 MB)
     # Imported here, not at the top: importing difficp must not load numba (~70 MB).
-    from difficp.fused import FusedSteps, fused_supported
+    from difficp.fused import FusedSteps, compile_now, fused_supported
 
     reason = fused_supported(problem, config)
     if search_backend == "compiled":
@@ -176,7 +176,8 @@ def _choose_steps(
             reason = "it gives no gradients; use differentiation='implicit' or 'none'"
         if reason is not None:
             raise ValueError(f"search_backend='compiled' cannot run this problem: {reason}")
-    if reason is None and not needs_grad:
+    # "auto" in a fresh environment: the PyTorch path while the fast path compiles
+    if reason is None and not needs_grad and (search_backend == "compiled" or compile_now(problem)):
         return FusedSteps(problem, config)
     return ReferenceSteps(problem, config)
 

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import roma
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -153,6 +152,8 @@ def weighted_procrustes(
     p_mean = (w * source).sum(1, keepdim=True) / total
     q_mean = (w * target).sum(1, keepdim=True) / total
     H = ((w * (target - q_mean)).transpose(1, 2) @ (source - p_mean)) / total
+    import roma  # here: importing roma loads torch._dynamo (seconds)
+
     R = roma.special_procrustes(H, gradient_eps=gradient_eps, method="svd")
     with torch.no_grad():
         # Rounding error of H: its terms carry ~eps of coordinates as large as the means and

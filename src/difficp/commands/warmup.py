@@ -1,0 +1,68 @@
+"""``difficp warmup``: compile the ICP fast path ahead, so that no later call waits for it.
+
+The fast path (:mod:`difficp.fused`) is compiled by numba on first use and cached on disk (beside
+the package, or in a user cache directory where that is not writable; ``NUMBA_CACHE_DIR`` sets
+it): 1-3 minutes once per installation. Until it is, ``difficp.icp`` starts this command in the
+background and runs its PyTorch path. Running it by hand (after installing, in a Docker build)
+does the work ahead; a second run returns in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``warmup`` sub-command on ``subparsers`` (from ``add_subparsers``)."""
+    p = subparsers.add_parser(
+        "warmup",
+        help="compile the ICP fast path ahead (once per installation)",
+        description=(
+            "Compile the compiled (numba) ICP fast path for small and large problems, so that "
+            "no later difficp.icp call waits for it. Takes 1-3 minutes once; cached on disk."
+        ),
+    )
+    p.add_argument("--quiet", action="store_true", help="print nothing")
+    p.set_defaults(func=run)
+    return p
+
+
+def warm_up() -> float:
+    """Compile (or load from numba's cache) every kernel of the fast path; the seconds taken."""
+    os.environ["DIFFICP_COMPILE"] = "now"
+    import torch
+
+    import difficp
+    from difficp import fused
+
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(0)
+    # a small problem (the serial whole loop) and a large one (the parallel iterations)
+    for points in (100, 2 * fused.SERIAL_POINTS):
+        source = torch.rand(points, 3, generator=generator, dtype=torch.float64)
+        target = source + 0.01
+        difficp.icp(source, target, max_distance=0.1, max_iterations=2, search_backend="compiled")
+    return time.perf_counter() - start
+
+
+def run(args: argparse.Namespace) -> int:
+    seconds = warm_up()
+    if not args.quiet:
+        print(f"difficp: the ICP fast path is compiled ({seconds:.1f} s)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m difficp.commands.warmup``: what :func:`difficp.fused.compile_now` starts."""
+    parser = argparse.ArgumentParser(prog="difficp warmup")
+    parser.add_argument("--quiet", action="store_true")
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

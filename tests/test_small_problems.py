@@ -1,0 +1,153 @@
+"""Small problems and first use: the fast path's serial whole loop (difficp.fused.run_loop on
+FusedSteps), the PyTorch path while the fast path is not compiled yet, ``difficp warmup``, and
+an import of the fast path that leaves roma / torch._dynamo / scipy.spatial unloaded."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import difficp
+from difficp import fused
+from difficp.commands import warmup
+from difficp.loop import LoopResult
+
+from conftest import make_pair
+
+
+def _batch(seeds: list[int], n: int) -> dict:
+    """Pairs of ``n`` points (padded to the largest, with lengths) and normals, stacked."""
+    pairs = [make_pair(seed, n=n - 7 * i, noise=0.003, overlap=0.8) for i, seed in enumerate(seeds)]
+    size = max(p["source"].shape[0] for p in pairs)
+    target_size = max(p["target"].shape[0] for p in pairs)
+
+    def pad(key: str, rows: int) -> torch.Tensor:
+        out = torch.zeros(len(pairs), rows, 3, dtype=torch.float64)
+        for b, p in enumerate(pairs):
+            out[b, : p[key].shape[0]] = p[key]
+        return out
+
+    return {
+        "source": pad("source", size),
+        "target": pad("target", target_size),
+        "source_normals": pad("source_normals", size),
+        "target_normals": pad("target_normals", target_size),
+        "source_lengths": torch.tensor([p["source"].shape[0] for p in pairs]),
+        "target_lengths": torch.tensor([p["target"].shape[0] for p in pairs]),
+    }
+
+
+def _icp(p: dict, **options) -> difficp.ICPResult:
+    return difficp.icp(p["source"], p["target"], **{k: v for k, v in p.items() if k not in ("source", "target")}, search_backend="compiled", **options)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"max_distance": 0.1},
+        {"max_distance": 0.1, "metric": "point_to_plane", "return_history": True},
+        {
+            "max_distance": 0.1,
+            "metric": "symmetric",
+            "robust_kernel": "cauchy",
+            "kernel_scale": 0.02,
+        },
+        # two iterations at most: pairs stop unconverged; a tight radius loses pairs
+        {"max_distance": 0.1, "max_iterations": 2, "return_history": True},
+        {"max_distance": 0.004, "return_history": True},
+    ],
+)
+def test_serial_whole_loop_matches_the_lock_step_iterations(
+    monkeypatch: pytest.MonkeyPatch, options: dict
+) -> None:
+    p = _batch([0, 1, 2], n=300)
+    runs = []
+    for serial_points in (10**9, 0):  # every problem serial, then none
+        monkeypatch.setattr(fused, "SERIAL_POINTS", serial_points)
+        calls: list[LoopResult | None] = []
+        original = fused.FusedSteps.run_loop
+
+        def spy(self, *args, original=original, calls=calls):
+            calls.append(result := original(self, *args))
+            return result
+
+        monkeypatch.setattr(fused.FusedSteps, "run_loop", spy)
+        runs.append(_icp(p, **options))
+        assert (calls[0] is None) == (serial_points == 0)
+    serial, lock_step = runs
+    torch.testing.assert_close(serial.transform, lock_step.transform, atol=1e-13, rtol=0)
+    assert torch.equal(serial.fitness, lock_step.fitness)
+    torch.testing.assert_close(serial.inlier_rmse, lock_step.inlier_rmse, atol=1e-13, rtol=0)
+    assert torch.equal(serial.iterations, lock_step.iterations)
+    assert torch.equal(serial.converged, lock_step.converged)
+    if lock_step.rmse_history is None:
+        assert serial.rmse_history is None
+    else:
+        assert serial.rmse_history is not None
+        assert serial.rmse_history.shape == lock_step.rmse_history.shape
+        torch.testing.assert_close(serial.rmse_history, lock_step.rmse_history, atol=1e-13, rtol=0)
+
+
+def test_auto_runs_pytorch_while_the_fast_path_compiles_in_the_background(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    p = make_pair(3, n=200)
+    started: list[list[str]] = []
+
+    class FakePopen:
+        def __init__(self, command: list[str], **kwargs) -> None:
+            started.append(command)
+            assert kwargs["env"]["DIFFICP_COMPILE"] == "now"  # the child compiles, never spawns
+
+    monkeypatch.setattr(fused, "compiled_ready", lambda small: False)
+    monkeypatch.setattr(fused.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(fused, "_background", None)
+    monkeypatch.setattr(fused, "_announced", set())
+    monkeypatch.setenv("DIFFICP_COMPILE", "background")
+    chosen: list[str] = []
+    original = fused.FusedSteps.__init__
+
+    def spy(self, *args) -> None:
+        chosen.append("fused")
+        original(self, *args)
+
+    monkeypatch.setattr(fused.FusedSteps, "__init__", spy)
+    with caplog.at_level(logging.WARNING, logger="difficp"):
+        first = difficp.icp(p["source"], p["target"], max_distance=0.1)
+        difficp.icp(p["source"], p["target"], max_distance=0.1)
+    assert chosen == []  # the PyTorch path, twice
+    assert len(started) == 1 and started[0][-2:] == ["difficp.commands.warmup", "--quiet"]
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "background" in caplog.records[0].message
+    # DIFFICP_COMPILE=now compiles here; search_backend="compiled" always runs the fast path
+    monkeypatch.setenv("DIFFICP_COMPILE", "now")
+    fast = difficp.icp(p["source"], p["target"], max_distance=0.1)
+    monkeypatch.setenv("DIFFICP_COMPILE", "background")
+    difficp.icp(p["source"], p["target"], max_distance=0.1, search_backend="compiled")
+    assert chosen == ["fused", "fused"] and len(started) == 1
+    torch.testing.assert_close(first.transform, fast.transform, atol=1e-9, rtol=0)
+    monkeypatch.setenv("DIFFICP_COMPILE", "later")
+    with pytest.raises(ValueError, match="DIFFICP_COMPILE"):
+        difficp.icp(p["source"], p["target"], max_distance=0.1)
+
+
+def test_warmup_command(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(warmup, "warm_up", lambda: 1.5)
+    assert warmup.main([]) == 0
+    assert "compiled (1.5 s)" in capsys.readouterr().out
+    assert warmup.main(["--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_the_fast_path_imports_no_roma_dynamo_or_scipy() -> None:
+    # roma loads torch._dynamo (2-4 s of a first call); the fast path needs neither nor scipy
+    code = (
+        "import sys, difficp.registration, difficp.fused; "
+        "print(sorted(m for m in ('roma', 'torch._dynamo', 'scipy.spatial') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
