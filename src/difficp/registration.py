@@ -178,10 +178,11 @@ def _choose_steps(
     request), else the PyTorch reference."""
     if search_backend in ("kdtree", "brute_force"):
         return ReferenceSteps(problem, config)
-    if search_backend == "auto" and (needs_grad or config.correspondence != "nearest"):
+    compiled = for_target(config.correspondence, problem.target).fused_reason is None
+    if search_backend == "auto" and (needs_grad or not compiled):
         return ReferenceSteps(problem, config)  # without importing numba (~70 MB)
     # Imported here, not at the top: importing difficp must not load numba (~70 MB).
-    from difficp.fused import FusedSteps, fused_supported
+    from difficp.fused import fused_steps, fused_supported
 
     reason = fused_supported(problem, config)
     if search_backend == "compiled":
@@ -190,7 +191,7 @@ def _choose_steps(
         if reason is not None:
             raise ValueError(f"search_backend='compiled' cannot run this problem: {reason}")
     if reason is None and not needs_grad:
-        return FusedSteps(problem, config)
+        return fused_steps(problem, config)
     return ReferenceSteps(problem, config)
 
 
@@ -225,7 +226,7 @@ def icp(
         target_pose: ``(4, 4)`` / ``(B, 4, 4)`` camera-to-world pose of the depth-map target
             (identity: the result maps the source into the target camera frame).
         search_backend: how partners are found. ``"auto"`` (default): the compiled fast path
-            (:mod:`difficp.fused`) when correspondences are hard nearest neighbours on the CPU
+            (:mod:`difficp.fused`) when correspondences are hard (nearest or projective) on the CPU
             and nothing needs a gradient, else a scipy KD-tree on the CPU and a chunked
             brute-force search on other devices. ``"kdtree"`` / ``"brute_force"`` force those
             (PyTorch reference path); ``"compiled"`` forces the fast path or raises.
