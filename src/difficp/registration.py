@@ -17,6 +17,7 @@ from difficp.implicit import implicit_transform
 from difficp.inputs import PointTarget, Problem, prepare_problem
 from difficp.loop import (
     ICPResult,
+    ProgressCallback,
     Steps,
     enough_correspondences,
     rmse_tolerance,
@@ -208,6 +209,7 @@ def icp(
     intrinsics: Tensor | None = None,
     target_pose: Tensor | None = None,
     search_backend: str = "auto",
+    progress: ProgressCallback | None = None,
     **overrides: Any,
 ) -> ICPResult:
     """Register ``source`` to ``target`` by (differentiable) ICP.
@@ -230,6 +232,9 @@ def icp(
             and nothing needs a gradient, else a scipy KD-tree on the CPU and a chunked
             brute-force search on other devices. ``"kdtree"`` / ``"brute_force"`` force those
             (PyTorch reference path); ``"compiled"`` forces the fast path or raises.
+        progress: called with a :class:`~difficp.loop.Progress` (iteration, fitness, inlier
+            RMSE, pairs still active) after the first correspondences and after every
+            iteration, e.g. to show progress of a long run (``difficp register`` does).
 
     Returns:
         :class:`ICPResult`; a single (unbatched) pair gives unbatched fields.
@@ -262,12 +267,12 @@ def icp(
         tolerance = rmse_tolerance(problem, config)
         if config.differentiation == "implicit":
             with torch.no_grad():
-                loop = run_loop(steps, problem.init, config, tolerance)
+                loop = run_loop(steps, problem.init, config, tolerance, progress=progress)
             dtype = problem.source.dtype
             step = fixed_point_step(problem, config, loop.damping.to(dtype))
             loop.value = implicit_transform(step, loop.value.to(dtype))
         else:
-            loop = run_loop(steps, problem.init, config, tolerance)
+            loop = run_loop(steps, problem.init, config, tolerance, progress=progress)
         result = ICPResult.from_loop(loop)
     result = result.to(problem.result_dtype or problem.source.dtype)
     return result._squeeze() if problem.unbatched else result
