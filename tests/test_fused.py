@@ -850,6 +850,30 @@ def test_projective_auto_uses_the_fast_path_only_without_gradients(steps_used: l
     _assert_same(plain, with_grad.to(torch.float64))
 
 
+def test_projective_implicit_gradient_with_fused_forward_matches_reference(
+    steps_used: list[str],
+) -> None:
+    p = _depth_pair(5)
+    weights = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    grads = {}
+    for backend in ("auto", "kdtree"):
+        source = p["source"].clone().requires_grad_(True)
+        depth = p["depth"].clone().requires_grad_(True)
+        result = difficp.icp(
+            source, depth, correspondence="projective", intrinsics=_K, search_backend=backend,
+            metric="point_to_plane", max_distance=0.05, differentiation="implicit",
+            max_iterations=100, relative_fitness=1e-9, relative_rmse=1e-12,
+        )  # fmt: skip
+        assert bool(result.converged)
+        loss = (result.transform[:3] * weights).sum()
+        grads[backend] = torch.autograd.grad(loss, (source, depth))
+    # The forward ran on the fast path, the implicit step on the reference.
+    assert steps_used == ["FusedProjectiveSteps", "ReferenceSteps"]
+    for fast, ref in zip(grads["auto"], grads["kdtree"], strict=True):
+        assert torch.isfinite(fast).all() and float(fast.abs().sum()) > 0
+        torch.testing.assert_close(fast, ref, atol=1e-7 * max(float(ref.abs().max()), 1.0), rtol=0)
+
+
 @given(
     point=st.tuples(
         st.floats(-3, 3), st.floats(-3, 3), st.sampled_from([-1.0, 0.0, 1e-300, 0.5, 2.0])
