@@ -65,6 +65,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument(
+        "--no-reference", action="store_true", help="skip the PyTorch reference path (slow)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -94,11 +97,13 @@ def main() -> None:
 
     projective(), nearest()  # warm-up: numba compiles once per install
     rows = []
-    for name, call, repeats in (
+    cases = [
         ("projective, compiled", projective, args.repeats),
         ("nearest, compiled", nearest, args.repeats),
-        ("projective, PyTorch reference path", lambda: projective("kdtree"), 1),
-    ):
+    ]
+    if not args.no_reference:
+        cases.append(("projective, PyTorch reference path", lambda: projective("kdtree"), 1))
+    for name, call, repeats in cases:
         seconds, result = _time(call, repeats)
         iterations = int(result.iterations)
         rows.append(
