@@ -21,7 +21,14 @@ from hypothesis import HealthCheck, given, settings
 import difficp
 from difficp import fused
 from difficp.config import ICPConfig
-from difficp.geometry import make_transform, random_rotation, twist_to_transform
+from difficp.geometry import (
+    depth_to_points,
+    make_transform,
+    points_to_pixels,
+    random_rotation,
+    transform_points,
+    twist_to_transform,
+)
 from difficp.inputs import prepare_problem
 from difficp.metrics import METRICS, Symmetric, get_metric
 from difficp.solvers import (
@@ -539,7 +546,8 @@ def test_every_strategy_has_a_compiled_twin_or_a_reason(registry: str, name: str
     }[registry][name]
     reason = getattr(strategy, "fused_reason", None)
     twins = {
-        "correspondence": [],  # nearest: the KD forest search of difficp.kdtree
+        # nearest: the KD forest search of difficp.kdtree; projective: its pixel choice
+        "correspondence": ["compiled_pixel"] if name == "projective" else [],
         "rejection": ["compiled_keep"],
         "robust_kernel": ["compiled_weight"],
         "metric": ["compiled_residual", "compiled_accumulate", "compiled_step_to_transform"],
@@ -547,17 +555,11 @@ def test_every_strategy_has_a_compiled_twin_or_a_reason(registry: str, name: str
     }[registry]
     if reason is not None:
         config = ICPConfig(**_config_using(registry, name))
-        if name == "projective":
-            K = torch.tensor([[5.0, 0, 4], [0, 5, 4], [0, 0, 1]], dtype=torch.float64)
-            points = torch.rand(50, 3, dtype=torch.float64) * 0.1 + torch.tensor([0, 0, 1.0])
-            depth = torch.ones(8, 8, dtype=torch.float64)
-            problem = prepare_problem(points, depth, config, intrinsics=K)
-        else:
-            p = make_pair(0, n=50)
-            problem = prepare_problem(
-                p["source"], p["target"], config,
-                source_normals=p["source_normals"], target_normals=p["target_normals"],
-            )  # fmt: skip
+        p = make_pair(0, n=50)
+        problem = prepare_problem(
+            p["source"], p["target"], config,
+            source_normals=p["source_normals"], target_normals=p["target_normals"],
+        )  # fmt: skip
         assert fused.fused_supported(problem, config) == reason
         return
     missing = [t for t in twins if getattr(strategy, t, None) is None]
@@ -749,19 +751,151 @@ def test_compiled_refuses_what_it_does_not_compute(options: dict, steps_used: li
     torch.testing.assert_close(auto.transform, ref.transform, atol=0, rtol=0)
 
 
-def test_compiled_refuses_projective_correspondences() -> None:
-    depth = torch.ones(8, 8, dtype=torch.float64)
-    K = torch.tensor([[5.0, 0, 4], [0, 5, 4], [0, 0, 1]], dtype=torch.float64)
-    points = torch.rand(50, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    points = points * torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64) + torch.tensor(
-        [-0.25, -0.25, 1.0], dtype=torch.float64
+# ---------------------------------------------------------------------------------------------
+# Projective correspondences to depth maps
+# ---------------------------------------------------------------------------------------------
+
+_K = torch.tensor([[70.0, 0, 39.5], [0, 70.0, 29.5], [0, 0, 1]], dtype=torch.float64)
+
+
+def _depth_pair(seed: int = 0, batch: int | None = None) -> dict:
+    """A wavy 60 x 80 depth map with a hole and an edge, and its points seen from a camera moved
+    by a small random motion (so some fall outside the image or onto the hole)."""
+    g = torch.Generator().manual_seed(seed)
+    rows, cols = torch.meshgrid(
+        torch.arange(60, dtype=torch.float64), torch.arange(80, dtype=torch.float64), indexing="ij"
     )
-    # The same call runs on the reference path (so the error is about the backend only).
-    difficp.icp(points, depth, correspondence="projective", intrinsics=K, search_backend="kdtree")
-    with pytest.raises(ValueError, match="search_backend='compiled'"):
-        difficp.icp(
-            points, depth, correspondence="projective", intrinsics=K, search_backend="compiled"
-        )
+    depth = 1.5 + 0.2 * torch.sin(cols / 9.0 + seed) + 0.15 * torch.cos(rows / 7.0)
+    depth[:6, :8] = 0.0  # invalid pixels (no depth, and no normal around them)
+    depth[30:, 50:] += 0.3  # a step: partners across it are far
+    points = depth_to_points(depth[None], _K[None])[0][depth > 0]
+    twist = (torch.rand(6, generator=g, dtype=torch.float64) - 0.5) * 0.06
+    source = transform_points(points, twist_to_transform(twist))
+    source = source + 0.002 * torch.randn(source.shape, generator=g, dtype=torch.float64)
+    normals = difficp.estimate_normals(source, k=8)
+    if batch is None:
+        return {"source": source, "depth": depth, "source_normals": normals}
+    sources = [source[: len(source) - 500 * b] for b in range(batch)]  # padded batch
+    lengths = torch.tensor([len(s) for s in sources])
+    padded = torch.zeros(batch, len(source), 3, dtype=torch.float64)
+    padded_normals = torch.zeros_like(padded)
+    for b, s in enumerate(sources):
+        padded[b, : len(s)] = s
+        padded_normals[b, : len(s)] = normals[: len(s)]
+    depths = torch.stack([depth * (1 + 0.01 * b) for b in range(batch)])
+    return {"source": padded, "depth": depths, "source_lengths": lengths,
+            "source_normals": padded_normals}  # fmt: skip
+
+
+def _run_depth(p: dict, backend: str, **options) -> difficp.ICPResult:
+    p = dict(p)
+    source, depth = p.pop("source"), p.pop("depth")
+    return difficp.icp(
+        source, depth, correspondence="projective", intrinsics=_K, search_backend=backend,
+        **p, **options,
+    )  # fmt: skip
+
+
+def _compare_depth(p: dict, steps_used: list[str], **options) -> difficp.ICPResult:
+    fast = _run_depth(p, "compiled", **options)
+    ref = _run_depth(p, "kdtree", **options)
+    assert steps_used == ["FusedProjectiveSteps", "ReferenceSteps"]
+    _assert_same(fast, ref)
+    assert (fast.iterations >= 2).all()
+    return fast
+
+
+@pytest.mark.parametrize(("metric", "solver"), FUSED_COMBOS)
+@pytest.mark.parametrize("max_distance", [None, 0.05])
+def test_projective_matches_reference(
+    steps_used: list[str], metric: str, solver: str, max_distance: float | None
+) -> None:
+    result = _compare_depth(_depth_pair(1), steps_used, metric=metric, solver=solver,
+                            max_distance=max_distance)  # fmt: skip
+    assert float(result.fitness) > 0.5
+
+
+PROJECTIVE_CASES = {
+    "soft-distance": {"max_distance": 0.03, "rejection": "soft", "rejection_temperature": 0.01},
+    "hard-angle": {"max_distance": 0.1, "max_normal_angle": 20.0},
+    "weights": {"max_distance": 0.1, "weight_distance": True, "weight_normal": True},
+    "huber": {"metric": "point_to_plane", "robust_kernel": "huber", "kernel_scale": 0.005},
+    "tukey-symmetric": {"metric": "symmetric", "robust_kernel": "tukey", "kernel_scale": 0.02},
+}
+
+
+@pytest.mark.parametrize("case", list(PROJECTIVE_CASES))
+def test_projective_options_match_reference(steps_used: list[str], case: str) -> None:
+    options = dict(PROJECTIVE_CASES[case])
+    metric = options.get("metric", "point_to_plane")
+    _compare_depth(_depth_pair(2), steps_used, **{"metric": metric, **options})
+
+
+def test_projective_padded_batch_with_target_pose_matches_reference(steps_used: list[str]) -> None:
+    p = _depth_pair(3, batch=2)
+    pose = twist_to_transform(torch.tensor([0.1, -0.05, 0.02, 0.3, -0.2, 0.1], dtype=torch.float64))
+    # The target camera elsewhere in the world: the source must be moved there too.
+    p["source"] = transform_points(p["source"], pose)
+    result = _compare_depth(p, steps_used, metric="point_to_plane", max_distance=0.05,
+                            target_pose=pose, init=pose.expand(2, 4, 4).clone())  # fmt: skip
+    assert result.transform.shape == (2, 4, 4)
+
+
+def test_projective_auto_uses_the_fast_path_only_without_gradients(steps_used: list[str]) -> None:
+    p = _depth_pair(4)
+    plain = _run_depth(p, "auto", metric="point_to_plane")
+    p["source"] = p["source"].clone().requires_grad_(True)
+    with_grad = _run_depth(p, "auto", metric="point_to_plane")
+    assert steps_used == ["FusedProjectiveSteps", "ReferenceSteps"]
+    _assert_same(plain, with_grad.to(torch.float64))
+
+
+def test_projective_implicit_gradient_with_fused_forward_matches_reference(
+    steps_used: list[str],
+) -> None:
+    p = _depth_pair(5)
+    weights = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    grads = {}
+    for backend in ("auto", "kdtree"):
+        source = p["source"].clone().requires_grad_(True)
+        depth = p["depth"].clone().requires_grad_(True)
+        result = difficp.icp(
+            source, depth, correspondence="projective", intrinsics=_K, search_backend=backend,
+            metric="point_to_plane", max_distance=0.05, differentiation="implicit",
+            max_iterations=100, relative_fitness=1e-9, relative_rmse=1e-12,
+        )  # fmt: skip
+        assert bool(result.converged)
+        loss = (result.transform[:3] * weights).sum()
+        grads[backend] = torch.autograd.grad(loss, (source, depth))
+    # The forward ran on the fast path, the implicit step on the reference.
+    assert steps_used == ["FusedProjectiveSteps", "ReferenceSteps"]
+    for fast, ref in zip(grads["auto"], grads["kdtree"], strict=True):
+        assert torch.isfinite(fast).all() and float(fast.abs().sum()) > 0
+        torch.testing.assert_close(fast, ref, atol=1e-7 * max(float(ref.abs().max()), 1.0), rtol=0)
+
+
+@given(
+    point=st.tuples(
+        st.floats(-3, 3), st.floats(-3, 3), st.sampled_from([-1.0, 0.0, 1e-300, 0.5, 2.0])
+    ),
+    tie=st.booleans(),
+)
+@SETTINGS
+def test_compiled_pixel_picks_the_reference_pixel(point: tuple, tie: bool) -> None:
+    # The twin, plain and compiled, against the reference's pixel choice, ties included.
+    x, y, z = point
+    fx, fy, cx, cy, h, w = 10.0, 10.0, 3.5, 2.0, 6, 8
+    if tie and z > 0:  # land exactly on a half pixel (torch.round: ties to even)
+        x = (round((fx * x / z + cx) - 0.5) + 0.5 - cx) * z / fx
+    K = torch.tensor([[[fx, 0, cx], [0, fy, cy], [0, 0, 1]]], dtype=torch.float64)
+    flat = torch.tensor([[[x, y, z]]], dtype=torch.float64)
+    uv, depth = points_to_pixels(flat, K)
+    col, row = torch.round(uv[0, 0, 0]), torch.round(uv[0, 0, 1])
+    inside = bool(depth[0, 0] > 0) and 0 <= col <= w - 1 and 0 <= row <= h - 1
+    expected = int(row) * w + int(col) if inside else -1
+    twin = CORRESPONDENCES["projective"].compiled_pixel
+    assert twin(x, y, z, fx, fy, cx, cy, h, w) == expected
+    assert fused._pixel(x, y, z, fx, fy, cx, cy, h, w) == expected
 
 
 @pytest.mark.parametrize("needs_grad", ["source", "target", "init", "max_distance"])

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from difficp import kdtree
 from difficp.config import ICPConfig
+from difficp.correspondence import DepthTarget
 from difficp.geometry import rotation_between_twin
 from difficp.inputs import PointTarget, Problem
 from difficp.kdtree import (
@@ -751,15 +752,18 @@ def _serial_loop(
     return filled
 
 
-def compiled_ready(small: bool) -> bool:
+def compiled_ready(small: bool, projective: bool = False) -> bool:
     """Whether the kernels a problem needs (``small``: the serial whole loop, else the parallel
-    iterations) are compiled in this process or in numba's cache, so that running them costs
-    no compilation (1-3 minutes on 2 cores). True when that cannot be told (other numba)."""
+    iterations; ``projective``: the depth-map kernel) are compiled in this process or in numba's
+    cache, so that running them costs no compilation (1-3 minutes on 2 cores). True when that
+    cannot be told (other numba)."""
     kernels = (
         (_serial_loop, kdtree._build_forest_serial)
         if small
         else (fused_iteration, _solve_updates, kdtree._build_forest)
     )
+    if projective:
+        kernels = (projective_iteration, _solve_updates)
     for kernel in kernels:
         if kernel.signatures:
             continue
@@ -793,7 +797,8 @@ def compile_now(problem: Problem) -> bool:
     background process compiles them meanwhile: a first call in a fresh environment then
     takes seconds, not the minutes of compiling)."""
     B, N = problem.source.shape[:2]
-    if compiled_ready(B * N <= SERIAL_POINTS):
+    projective = isinstance(problem.target, DepthTarget)
+    if compiled_ready(B * N <= SERIAL_POINTS and not projective, projective):
         return True
     mode = os.environ.get("DIFFICP_COMPILE", "background")
     if mode not in COMPILE_MODES:
@@ -855,6 +860,294 @@ def _flush_stale_caches() -> None:
         stamp.write_text(digest)
     except (AttributeError, OSError):  # no cache (read-only install, other numba): compile
         pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Projective correspondences to depth maps: the same fused iteration with the partner looked up
+# by projection (Projective.compiled_pixel) instead of searched in a KD forest.
+# ---------------------------------------------------------------------------------------------
+
+_pixel = compile_twin(CORRESPONDENCES["projective"].compiled_pixel)
+
+
+@njit(inline="always", error_model="numpy")
+def _weigh_and_accumulate(
+    sums: np.ndarray,
+    task: int,
+    J: np.ndarray,
+    d2: float,
+    p: tuple[float, float, float],
+    q: tuple[float, float, float],
+    n: tuple[float, float, float],
+    u: tuple[float, float, float],
+    R: np.ndarray,
+    c: np.ndarray,
+    options: np.ndarray,
+    int_options: np.ndarray,
+) -> None:
+    """Steps 3-5 of one correspondence (moved source point ``p``, partner ``q``, partner normal
+    ``n`` and unrotated source normal ``u``, squared distance ``d2``) into row ``task`` of
+    ``sums``: the inlier statistics, its weight and its Procrustes moments or normal equations.
+    The same arithmetic as the body of :func:`fused_iteration` after its search, with the
+    ``options`` / ``int_options`` layout documented there."""
+    max_distance, rejection_t, cos_min, kernel_scale = (
+        options[1],
+        options[2],
+        options[3],
+        options[4],
+    )
+    metric, procrustes, rejection = int_options[0], int_options[1], int_options[2]
+    weight_distance, weight_normal, kernel = int_options[3], int_options[4], int_options[5]
+    px, py, pz = p
+    qx, qy, qz = q
+    d = math.sqrt(d2)
+    if d < max_distance:
+        sums[task, INLIERS] += 1.0
+        sums[task, INLIER_SQ] += d2
+    w = 1.0
+    if max_distance < np.inf:
+        w = _keep(rejection, max_distance - d, rejection_t)
+    if weight_distance == 1:
+        w *= max(1.0 - d / max_distance, 0.0)
+    mx = my = mz = nx = ny = nz = 0.0
+    if int_options[7] == 1:
+        nx, ny, nz = n
+    if int_options[6] == 1:
+        ux, uy, uz = u
+        mx = R[0, 0] * ux + R[0, 1] * uy + R[0, 2] * uz
+        my = R[1, 0] * ux + R[1, 1] * uy + R[1, 2] * uz
+        mz = R[2, 0] * ux + R[2, 1] * uy + R[2, 2] * uz
+        cosine = mx * nx + my * ny + mz * nz
+        if cos_min > -np.inf:
+            w *= _keep(rejection, cosine - cos_min, rejection_t)
+        if weight_normal == 1:
+            w *= max(cosine, 0.0)
+    ax, ay, az = px - c[0], py - c[1], pz - c[2]
+    bx, by, bz = qx - c[0], qy - c[1], qz - c[2]
+    v = (px - qx, py - qy, pz - qz, ax, ay, az, bx, by, bz, mx, my, mz, nx, ny, nz)
+    r = d if procrustes == 1 else _metric_residual(metric, d, v)
+    if kernel != _NO_KERNEL:
+        w *= _robust_weight(kernel, abs(r), kernel_scale)
+    if w < _TINY_WEIGHT:
+        return
+    sums[task, WEIGHTED] += 1.0
+    if procrustes == 1:
+        sums[task, MOMENTS] += w
+        sums[task, MOMENTS + 1] += w * ax
+        sums[task, MOMENTS + 2] += w * ay
+        sums[task, MOMENTS + 3] += w * az
+        sums[task, MOMENTS + 4] += w * bx
+        sums[task, MOMENTS + 5] += w * by
+        sums[task, MOMENTS + 6] += w * bz
+        k = MOMENTS + 7
+        for qv in (bx, by, bz):
+            for pv in (ax, ay, az):
+                sums[task, k] += w * qv * pv
+                k += 1
+    else:
+        _metric_accumulate(metric, sums, task, NORMAL_EQ, J, w, v)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def projective_iteration(
+    source: np.ndarray,
+    source_normals: np.ndarray,
+    source_counts: np.ndarray,
+    rotation: np.ndarray,
+    translation: np.ndarray,
+    center: np.ndarray,
+    camera: np.ndarray,
+    intrinsics: np.ndarray,
+    shape: np.ndarray,
+    target_points: np.ndarray,
+    target_normals: np.ndarray,
+    usable: np.ndarray,
+    active: np.ndarray,
+    options: np.ndarray,
+    int_options: np.ndarray,
+    sums: np.ndarray,
+) -> None:
+    """:func:`fused_iteration` for a depth-map target: each moved source point's partner is the
+    target pixel it projects onto (:meth:`~difficp.strategies.correspondences.Projective
+    .compiled_pixel`), as :func:`difficp.correspondence.projective_correspondences` finds it.
+
+    Args:
+        source, source_normals, source_counts, rotation, translation, center, active, options,
+            int_options, sums: as for :func:`fused_iteration` (``options[0]``, the search radius,
+            is unused: a projective partner is rejected by its weight, as on the PyTorch path).
+        camera: ``(B, 4, 4)`` world-to-camera transforms of the target depth maps.
+        intrinsics: ``(B, 4)`` ``fx, fy, cx, cy``.
+        shape: int64 ``[H, W]`` of the depth maps.
+        target_points, target_normals: ``(B, H * W, 3)`` back-projected target points and their
+            normals in the world frame (row-major pixels).
+        usable: ``(B, H * W)`` bool: pixels with depth (and a normal when the config needs one).
+    """
+    B, N = source.shape[0], source.shape[1]
+    h, w = shape[0], shape[1]
+    tasks = (N + CHUNK - 1) // CHUNK
+    for task in prange(B * tasks):
+        b = task // tasks
+        if not active[b]:
+            continue
+        J = np.empty(6)
+        R = rotation[b]
+        t = translation[b]
+        C = camera[b]
+        fx, fy, cx, cy = intrinsics[b, 0], intrinsics[b, 1], intrinsics[b, 2], intrinsics[b, 3]
+        stop = min((task % tasks + 1) * CHUNK, source_counts[b])
+        for i in range((task % tasks) * CHUNK, stop):
+            sx, sy, sz = source[b, i, 0], source[b, i, 1], source[b, i, 2]
+            px = R[0, 0] * sx + R[0, 1] * sy + R[0, 2] * sz + t[0]
+            py = R[1, 0] * sx + R[1, 1] * sy + R[1, 2] * sz + t[1]
+            pz = R[2, 0] * sx + R[2, 1] * sy + R[2, 2] * sz + t[2]
+            x = C[0, 0] * px + C[0, 1] * py + C[0, 2] * pz + C[0, 3]
+            y = C[1, 0] * px + C[1, 1] * py + C[1, 2] * pz + C[1, 3]
+            z = C[2, 0] * px + C[2, 1] * py + C[2, 2] * pz + C[2, 3]
+            pixel = _pixel(x, y, z, fx, fy, cx, cy, h, w)
+            if pixel < 0 or not usable[b, pixel]:
+                continue
+            qx = target_points[b, pixel, 0]
+            qy = target_points[b, pixel, 1]
+            qz = target_points[b, pixel, 2]
+            dx, dy, dz = px - qx, py - qy, pz - qz
+            n = (
+                target_normals[b, pixel, 0],
+                target_normals[b, pixel, 1],
+                target_normals[b, pixel, 2],
+            )
+            u = (0.0, 0.0, 0.0)
+            if int_options[6] == 1:
+                u = (source_normals[b, i, 0], source_normals[b, i, 1], source_normals[b, i, 2])
+            _weigh_and_accumulate(
+                sums,
+                task,
+                J,
+                dx * dx + dy * dy + dz * dz,
+                (px, py, pz),
+                (qx, qy, qz),
+                n,
+                u,
+                R,
+                center[b],
+                options,
+                int_options,
+            )
+
+
+class FusedProjectiveSteps(FusedSteps):
+    """:class:`FusedSteps` for a depth-map target (projective correspondences): the same
+    evaluate / step protocol, with :func:`projective_iteration` as the kernel. Works in float64.
+    """
+
+    def __init__(self, problem: Problem, config: ICPConfig) -> None:
+        reason = fused_supported(problem, config)
+        if reason is not None:
+            raise ValueError(f"the compiled ICP path cannot run this problem: {reason}")
+        target = problem.target
+        assert isinstance(target, DepthTarget)
+        self.procrustes = config.strategies.solver.compiled_sums == "moments"
+        threads = torch.get_num_threads()
+        set_threads(threads)
+        torch.set_num_threads(threads)  # see FusedSteps: numba's pool resets PyTorch's count
+        B, H, W, _ = target.points.shape
+        self.shape = np.array([H, W], dtype=np.int64)
+        self.target_points = _numpy(target.points).reshape(B, H * W, 3)
+        self.target_normals = _numpy(target.normals).reshape(B, H * W, 3)
+        usable = target.valid.reshape(B, H * W).cpu().numpy()
+        if config.match_options.require_normals:  # as Projective.find
+            usable = usable & (np.abs(self.target_normals).sum(-1) > 0)
+        self.usable = np.ascontiguousarray(usable)
+        self.camera = _numpy(target.world_to_camera)
+        K = _numpy(target.intrinsics)
+        self.intrinsics = np.ascontiguousarray(
+            np.stack([K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2]], axis=1)
+        )
+        self.source = _numpy(problem.source)
+        self.source_counts = problem.source_counts.cpu().numpy().astype(np.int64)
+        N = self.source.shape[1]
+        self.source_normals = np.zeros((1, 1, 3))
+        if config.needs_source_normals:
+            assert problem.source_normals is not None
+            self.source_normals = _numpy(problem.source_normals)
+        mask = problem.source_mask.cpu().numpy()[..., None]
+        self.source_mean = (self.source * mask).sum(1) / np.maximum(self.source_counts, 1)[:, None]
+        self.source_radius = source_radius(problem).double().numpy()
+        self.tasks = (N + CHUNK - 1) // CHUNK
+        self.options, self.int_options = _kernel_options(config, self.procrustes)
+        self.serial = False  # the serial whole loop (FusedSteps.run_loop) searches KD-trees
+
+    def evaluate(
+        self, transform: Tensor, active: Tensor
+    ) -> tuple[Tensor, Tensor, tuple[np.ndarray, np.ndarray]]:
+        """As :meth:`FusedSteps.evaluate`, by projection."""
+        T = transform.numpy()
+        B = T.shape[0]
+        R = np.ascontiguousarray(T[:, :3, :3])
+        t = np.ascontiguousarray(T[:, :3, 3])
+        center = np.einsum("bij,bj->bi", R, self.source_mean) + t
+        sums = np.zeros((B * self.tasks, SUM_WIDTH))
+        projective_iteration(
+            self.source,
+            self.source_normals,
+            self.source_counts,
+            R,
+            t,
+            center,
+            self.camera,
+            self.intrinsics,
+            self.shape,
+            self.target_points,
+            self.target_normals,
+            self.usable,
+            active.numpy(),
+            self.options,
+            self.int_options,
+            sums,
+        )
+        sums = sums.reshape(B, self.tasks, SUM_WIDTH).sum(1)
+        count = sums[:, INLIERS]
+        fitness = count / np.maximum(self.source_counts, 1)
+        rmse = np.where(count > 0, np.sqrt(sums[:, INLIER_SQ] / np.maximum(count, 1)), 0.0)
+        return torch.from_numpy(fitness), torch.from_numpy(rmse), (sums, center)
+
+
+def _kernel_options(config: ICPConfig, procrustes: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The ``options`` / ``int_options`` arrays of the fused kernels (layout: see
+    :func:`fused_iteration`); what :class:`FusedSteps` builds inline."""
+    md = None if config.max_distance is None else _scalar(config.max_distance)
+    hard_radius = md is not None and config.rejection == "hard"
+    angle = config.max_normal_angle
+    options = np.array(
+        [
+            md**2 if hard_radius else np.inf,
+            np.inf if md is None else md,
+            _scalar(config.rejection_temperature),
+            -np.inf if angle is None else math.cos(math.radians(_scalar(angle))),
+            _scalar(config.kernel_scale),
+        ]
+    )
+    int_options = np.array(
+        [
+            METRICS.code(config.metric),
+            int(procrustes),
+            REJECTIONS.code(config.rejection),
+            int(bool(config.weight_distance)),
+            int(bool(config.weight_normal)),
+            KERNELS.code(config.robust_kernel),
+            int(config.needs_source_normals),
+            int(config.needs_target_normals),
+        ],
+        dtype=np.int64,
+    )
+    return options, int_options
+
+
+def fused_steps(problem: Problem, config: ICPConfig) -> FusedSteps:
+    """The compiled steps for ``problem``: by projection for a depth-map target, else by
+    nearest neighbour."""
+    if isinstance(problem.target, DepthTarget):
+        return FusedProjectiveSteps(problem, config)
+    return FusedSteps(problem, config)
 
 
 _flush_stale_caches()

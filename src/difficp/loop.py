@@ -23,6 +23,32 @@ from difficp.inputs import Problem
 MIN_CORRESPONDENCES = 3
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where a run stands, given to the ``progress`` callback of :func:`difficp.icp` (and
+    :func:`run_loop`) after the first correspondences and after every iteration.
+
+    Attributes:
+        iteration: iterations done (0: the initial correspondences, before any step).
+        max_iterations: the cap of this run (``ICPConfig.max_iterations``).
+        fitness, inlier_rmse: ``(B,)`` current values (detached).
+        active: pairs still iterating (0 on the last call of a run that stopped early).
+        stage, stages: the stage (0-based) and number of stages of a
+            :func:`~difficp.sampling.multiscale_icp` run (0 and 1 otherwise).
+    """
+
+    iteration: int
+    max_iterations: int
+    fitness: Tensor
+    inlier_rmse: Tensor
+    active: int
+    stage: int = 0
+    stages: int = 1
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
 @dataclass
 class ICPResult:
     """Result of :func:`icp`. Batched inputs give batched fields; a single pair gives unbatched.
@@ -154,6 +180,7 @@ def run_loop(
     rmse_tolerance: Tensor | None = None,
     apply: Callable[[Tensor, Tensor], Tensor] = compose_rigid,
     min_iterations: int = 0,
+    progress: ProgressCallback | None = None,
 ) -> LoopResult:
     """The iterations, with Open3D's stopping rule per pair, from ``init`` (the ``(B, 4, 4)``
     transforms or ``(B, P)`` parameters); the result is in the dtype of ``steps``.
@@ -164,10 +191,13 @@ def run_loop(
         apply: ``apply(update, value)``, the new value after a step (default
             :func:`compose_rigid`; non-rigid parameters add).
         min_iterations: no pair counts as converged before this many iterations.
+        progress: called with a :class:`Progress` after the first evaluation and after every
+            iteration (None: not at all; it costs nothing then).
     """
     whole = getattr(steps, "run_loop", None)
-    if whole is not None and apply is compose_rigid and init.device.type == "cpu":
-        # the compiled fast path runs a small problem's whole loop in one call
+    if whole is not None and apply is compose_rigid and init.device.type == "cpu" and not progress:
+        # the compiled fast path runs a small problem's whole loop in one call (no progress
+        # reports from inside it: a small problem takes milliseconds)
         result = whole(init, config, rmse_tolerance, min_iterations)
         if result is not None:
             return result
@@ -183,6 +213,13 @@ def run_loop(
     tolerance = torch.full((B,), config.relative_rmse, dtype=rmse.dtype, device=device)
     if rmse_tolerance is not None:
         tolerance = rmse_tolerance.to(dtype=rmse.dtype, device=device)
+
+    def report(done: int) -> None:
+        if progress is not None:
+            count = int(active.sum())
+            progress(Progress(done, config.max_iterations, fitness.detach(), rmse.detach(), count))
+
+    report(0)
     for iteration in range(config.max_iterations):
         update, new_damping, enough = steps.step(state, damping)
         # A pair with too few weighted correspondences stops here with its last good transform.
@@ -207,6 +244,7 @@ def run_loop(
         converged = converged | done
         active = active & ~done
         history.append(rmse)
+        report(iteration + 1)
         if not bool(active.any()):
             break
     return LoopResult(

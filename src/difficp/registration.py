@@ -17,6 +17,7 @@ from difficp.implicit import implicit_transform
 from difficp.inputs import PointTarget, Problem, prepare_problem
 from difficp.loop import (
     ICPResult,
+    ProgressCallback,
     Steps,
     enough_correspondences,
     rmse_tolerance,
@@ -165,10 +166,11 @@ def _choose_steps(
     request), else the PyTorch reference."""
     if search_backend in ("kdtree", "brute_force"):
         return ReferenceSteps(problem, config)
-    if search_backend == "auto" and (needs_grad or config.correspondence != "nearest"):
+    compiled = for_target(config.correspondence, problem.target).fused_reason is None
+    if search_backend == "auto" and (needs_grad or not compiled):
         return ReferenceSteps(problem, config)  # without importing numba (~70 MB)
     # Imported here, not at the top: importing difficp must not load numba (~70 MB).
-    from difficp.fused import FusedSteps, compile_now, fused_supported
+    from difficp.fused import compile_now, fused_steps, fused_supported
 
     reason = fused_supported(problem, config)
     if search_backend == "compiled":
@@ -178,7 +180,7 @@ def _choose_steps(
             raise ValueError(f"search_backend='compiled' cannot run this problem: {reason}")
     # "auto" in a fresh environment: the PyTorch path while the fast path compiles
     if reason is None and not needs_grad and (search_backend == "compiled" or compile_now(problem)):
-        return FusedSteps(problem, config)
+        return fused_steps(problem, config)
     return ReferenceSteps(problem, config)
 
 
@@ -195,6 +197,7 @@ def icp(
     intrinsics: Tensor | None = None,
     target_pose: Tensor | None = None,
     search_backend: str = "auto",
+    progress: ProgressCallback | None = None,
     **overrides: Any,
 ) -> ICPResult:
     """Register ``source`` to ``target`` by (differentiable) ICP.
@@ -213,10 +216,13 @@ def icp(
         target_pose: ``(4, 4)`` / ``(B, 4, 4)`` camera-to-world pose of the depth-map target
             (identity: the result maps the source into the target camera frame).
         search_backend: how partners are found. ``"auto"`` (default): the compiled fast path
-            (:mod:`difficp.fused`) when correspondences are hard nearest neighbours on the CPU
+            (:mod:`difficp.fused`) when correspondences are hard (nearest or projective) on the CPU
             and nothing needs a gradient, else a scipy KD-tree on the CPU and a chunked
             brute-force search on other devices. ``"kdtree"`` / ``"brute_force"`` force those
             (PyTorch reference path); ``"compiled"`` forces the fast path or raises.
+        progress: called with a :class:`~difficp.loop.Progress` (iteration, fitness, inlier
+            RMSE, pairs still active) after the first correspondences and after every
+            iteration, e.g. to show progress of a long run (``difficp register`` does).
 
     Returns:
         :class:`ICPResult`; a single (unbatched) pair gives unbatched fields.
@@ -249,12 +255,12 @@ def icp(
         tolerance = rmse_tolerance(problem, config)
         if config.differentiation == "implicit":
             with torch.no_grad():
-                loop = run_loop(steps, problem.init, config, tolerance)
+                loop = run_loop(steps, problem.init, config, tolerance, progress=progress)
             dtype = problem.source.dtype
             step = fixed_point_step(problem, config, loop.damping.to(dtype))
             loop.value = implicit_transform(step, loop.value.to(dtype))
         else:
-            loop = run_loop(steps, problem.init, config, tolerance)
+            loop = run_loop(steps, problem.init, config, tolerance, progress=progress)
         result = ICPResult.from_loop(loop)
     result = result.to(problem.result_dtype or problem.source.dtype)
     return result._squeeze() if problem.unbatched else result

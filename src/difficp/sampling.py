@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from difficp.config import ICPConfig
-from difficp.loop import ICPResult
+from difficp.loop import ICPResult, Progress, ProgressCallback
 from difficp.normals import estimate_normals
 from difficp.registration import icp
 
@@ -369,6 +371,7 @@ def multiscale_icp(
     *,
     normals_k: int = 16,
     search_backend: str = "auto",
+    progress: ProgressCallback | None = None,
     **overrides: Any,
 ) -> ICPResult:
     """Coarse-to-fine ICP over voxel down-sampled copies of both clouds.
@@ -396,6 +399,8 @@ def multiscale_icp(
         config: :class:`ICPConfig` shared by all stages; ``**overrides`` replace its fields.
         normals_k: neighbours for normals estimated per stage.
         search_backend: passed to :func:`difficp.icp`.
+        progress: passed to :func:`difficp.icp`, with each call's
+            :class:`~difficp.loop.Progress` telling its ``stage`` of ``stages``.
 
     Returns:
         :class:`ICPResult`: the last stage's transform, fitness and inlier RMSE (measured on
@@ -418,7 +423,10 @@ def multiscale_icp(
     )
     transform = init
     results: list[ICPResult] = []
-    for voxel, distance, iterations in checked:
+    for stage, (voxel, distance, iterations) in enumerate(checked):
+        stage_progress = None
+        if progress is not None:
+            stage_progress = partial(_stage_progress, progress, stage, len(checked))
         stage_config = config.replace(
             max_distance=config.max_distance if distance is None else distance,
             max_iterations=config.max_iterations if iterations is None else iterations,
@@ -434,6 +442,7 @@ def multiscale_icp(
             **tgt.icp_options("target"),
             config=stage_config,
             search_backend=search_backend,
+            progress=stage_progress,
         )
         transform = result.transform
         results.append(result)
@@ -496,6 +505,10 @@ def _chain_results(results: list[ICPResult]) -> ICPResult:
         converged=last.converged,
         rmse_history=torch.cat(histories, dim=-1) if histories else None,
     )
+
+
+def _stage_progress(progress: ProgressCallback, stage: int, stages: int, p: Progress) -> None:
+    progress(replace(p, stage=stage, stages=stages))
 
 
 __all__ = ["VoxelGrid", "multiscale_icp", "parse_scales", "voxel_downsample"]

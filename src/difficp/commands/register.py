@@ -11,6 +11,10 @@ Outputs are written after the result is printed, together and atomically: if one
 written, none is (and no partial file is left), the result is still printed, and the command
 exits with code 2 and one line on stderr. Points with NaN/inf coordinates or normals are dropped
 with a warning on stderr that gives their number.
+
+Progress (iteration, fitness, inlier RMSE, stage of ``--scales``, elapsed time) goes to stderr
+when it is a terminal or ``--progress`` is given (``--no-progress``: never), through the
+``progress`` callback of :func:`difficp.icp`; stdout keeps only the report.
 """
 
 from __future__ import annotations
@@ -20,12 +24,16 @@ import math
 import os
 import re
 import sys
+import time
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
 from difficp.config import CORRESPONDENCES, METRICS, ROBUST_KERNELS, SOLVERS
+
+if TYPE_CHECKING:
+    from difficp.loop import Progress
 
 DTYPES = ("float32", "float64")
 # The flags that set the ICPConfig option of the same name.
@@ -153,6 +161,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         choices=DTYPES,
         default="float64",
         help="computation precision (default: %(default)s)",
+    )
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show ICP's progress (iteration, fitness, inlier RMSE, stage, time) on stderr "
+        "(default: when stderr is a terminal)",
     )
     p.add_argument(
         "--threads",
@@ -398,6 +413,7 @@ def register_files(args: argparse.Namespace) -> dict[str, Any]:
         config=config,
         stages=stages,
         normals_k=args.normals_k,
+        progress=_progress_printer(args, len(src_pts), len(target)),
     )
     out = _summary(res, len(source), len(target), estimated)
     T = res.transform.detach().reshape(-1, 4, 4)[0].to(dtype)
@@ -484,9 +500,23 @@ def _register(
     if stages is not None:
         register = partial(multiscale_icp, stages=stages, normals_k=normals_k)
     try:
-        return register(source, target, **options)
+        result = register(source, target, **options)
     except (ValueError, torch.linalg.LinAlgError) as err:
         raise InputError(_flag_names(str(err))) from None
+    if options.get("progress") is not None:
+        options["progress"].finish()
+    return result
+
+
+def _progress_printer(
+    args: argparse.Namespace, source_points: int, target_points: int
+) -> ProgressPrinter | None:
+    """The stderr progress printer when progress is on (see :func:`_show_progress`)."""
+    if not _show_progress(args):
+        return None
+    printer = ProgressPrinter(sys.stderr, tty=_isatty(sys.stderr))
+    printer.start(source_points, target_points)
+    return printer
 
 
 def _summary(res: Any, source_points: int, target_points: int, estimated: list[str]) -> dict:
@@ -518,6 +548,77 @@ def _writers(
         # Each format's own precision (float32 for PCD, which Open3D's binary reader needs).
         outputs.append((args.aligned, point_cloud_writer(args.aligned, moved, nrm, colors)))
     return outputs
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
+
+
+def _show_progress(args: argparse.Namespace) -> bool:
+    """``--progress`` / ``--no-progress``, else whether stderr is a terminal."""
+    progress = getattr(args, "progress", None)
+    return _isatty(sys.stderr) if progress is None else bool(progress)
+
+
+class ProgressPrinter:
+    """The ``progress`` callback of :func:`difficp.icp` that ``difficp register`` passes:
+    prints each :class:`~difficp.loop.Progress` as one line on ``stream``, e.g.
+    ``difficp register: stage 2/3 iteration 5/30 fitness 0.912345 inlier_rmse 0.00123 (1.2 s)``.
+
+    On a terminal (``tty``) each line overwrites the last (carriage return) and
+    :meth:`finish` ends it; elsewhere (a log file) every report is its own line.
+    """
+
+    def __init__(self, stream: TextIO, tty: bool) -> None:
+        self.stream = stream
+        self.tty = tty
+        self.started = time.perf_counter()
+        self.width = 0  # of the line on screen (tty), to blank what a shorter one leaves
+
+    def start(self, source_points: int, target_points: int) -> None:
+        """The line before ICP starts: setup (and numba's one-time compile) happens next."""
+        self.started = time.perf_counter()
+        self._emit(
+            f"difficp register: ICP on {source_points} source / {target_points} target points "
+            "(the first run on a new install also compiles the fast path, once)",
+            end_line=True,
+        )
+
+    def __call__(self, p: Progress) -> None:
+        stage = f"stage {p.stage + 1}/{p.stages} " if p.stages > 1 else ""
+        fitness = float(p.fitness.reshape(-1)[0]) if p.fitness.numel() == 1 else None
+        numbers = (
+            f"fitness {fitness:.6f} inlier_rmse {float(p.inlier_rmse.reshape(-1)[0]):.6g}"
+            if fitness is not None
+            else f"mean fitness {float(p.fitness.double().mean()):.6f}"
+        )
+        elapsed = time.perf_counter() - self.started
+        self._emit(
+            f"difficp register: {stage}iteration {p.iteration}/{p.max_iterations} {numbers} "
+            f"({elapsed:.1f} s)",
+            end_line=not self.tty,
+        )
+
+    def finish(self) -> None:
+        """Ends the overwritten line of a terminal (nothing to do elsewhere)."""
+        if self.tty and self.width:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.width = 0
+
+    def _emit(self, line: str, end_line: bool) -> None:
+        if self.tty:
+            pad = " " * max(self.width - len(line), 0)
+            self.stream.write("\r" + line + pad)
+            self.width = 0 if end_line else len(line)
+            if end_line:
+                self.stream.write("\n")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
 
 
 def write_outputs(result: dict[str, Any]) -> None:

@@ -47,6 +47,20 @@ def warm_up() -> float:
         source = torch.rand(points, 3, generator=generator, dtype=torch.float64)
         target = source + 0.01
         difficp.icp(source, target, max_distance=0.1, max_iterations=2, search_backend="compiled")
+    # a depth-map target (projective correspondences): its own kernel
+    depth = torch.full((32, 32), 2.0, dtype=torch.float64)
+    intrinsics = torch.tensor([[30.0, 0, 16], [0, 30.0, 16], [0, 0, 1]], dtype=torch.float64)
+    v, u = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    plane = torch.stack([(u - 16) / 30 * 2, (v - 16) / 30 * 2, depth], -1).reshape(-1, 3)
+    difficp.icp(
+        plane.double() + 0.01,
+        depth,
+        intrinsics=intrinsics,
+        correspondence="projective",
+        max_distance=0.1,
+        max_iterations=2,
+        search_backend="compiled",
+    )
     return time.perf_counter() - start
 
 

@@ -2,11 +2,13 @@
 partners of the moved source with :meth:`Correspondence.find` from the few numbers it needs
 (:class:`MatchOptions`). The searches themselves are in :mod:`difficp.correspondence`; the
 compiled twin of hard nearest-neighbour search is the KD forest of :mod:`difficp.kdtree`, which
-the fused kernel runs.
+the fused kernel runs; that of projective correspondence is :meth:`Projective.compiled_pixel`,
+which :func:`difficp.fused.projective_iteration` runs.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +21,7 @@ from difficp.correspondence import (
     projective_correspondences,
     soft_correspondences,
 )
-from difficp.strategies.registry import Registry
+from difficp.strategies.registry import Registry, compiled_helper
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class Correspondence:
 
 CORRESPONDENCES: Registry[Correspondence] = Registry("correspondence")
 
-_ONLY_NEAREST = "only hard nearest-neighbour correspondences to a point cloud are compiled"
+_ONLY_HARD = "only hard (nearest-neighbour or projective) correspondences are compiled"
 
 
 @CORRESPONDENCES.register("nearest")
@@ -71,7 +73,7 @@ class Nearest(Correspondence):
 class Soft(Correspondence):
     """Softmax-weighted mean of the targets (differentiable)."""
 
-    fused_reason = _ONLY_NEAREST
+    fused_reason = _ONLY_HARD
 
     def find(self, moved: Tensor, target: Any, mask: Tensor, o: MatchOptions) -> Correspondences:
         t = target  # a PointTarget (its index serves the top-k search)
@@ -85,8 +87,6 @@ class Soft(Correspondence):
 class Projective(Correspondence):
     """The depth-map pixel each source point projects onto."""
 
-    fused_reason = _ONLY_NEAREST
-
     def find(self, moved: Tensor, target: Any, mask: Tensor, o: MatchOptions) -> Correspondences:
         assert isinstance(target, DepthTarget)
         corr = projective_correspondences(moved, target, mask)
@@ -94,6 +94,41 @@ class Projective(Correspondence):
             has_normal = corr.normals is not None and corr.normals.detach().abs().sum(-1) > 0
             corr.valid = corr.valid & has_normal
         return corr
+
+    @staticmethod
+    def compiled_pixel(
+        x: float, y: float, z: float, fx: float, fy: float, cx: float, cy: float, h: int, w: int
+    ) -> int:
+        """The compiled twin of the pixel choice of
+        :func:`~difficp.correspondence.projective_correspondences`: the flat index ``row * w +
+        col`` of the pixel of an ``h x w`` image that the camera-frame point ``(x, y, z)``
+        projects onto (pinhole ``fx, fy, cx, cy``, rounded half to even as ``torch.round``),
+        or -1 behind the camera or outside the image. Plain Python on floats (``math`` only)
+        that :mod:`difficp.fused` compiles; the same operations in the same order as
+        :func:`~difficp.geometry.points_to_pixels`, so the same pixel."""
+        if not z > 0:
+            return -1
+        u = fx * x / z + cx
+        v = fy * y / z + cy
+        # Far outside rounds outside: checked first, so the rounding never sees huge values.
+        if not (-1.0 <= u <= w and -1.0 <= v <= h):
+            return -1
+        col = _round_half_even(u)
+        row = _round_half_even(v)
+        if col < 0 or col > w - 1 or row < 0 or row > h - 1:
+            return -1
+        return int(row) * w + int(col)
+
+
+@compiled_helper
+def _round_half_even(value: float) -> float:
+    """``value`` rounded to the nearest integer, ties to even (``torch.round``); exact, since
+    ``value - floor(value)`` is for pixel coordinates (well below 2**52)."""
+    floor = float(math.floor(value))
+    rest = value - floor
+    if rest > 0.5 or (rest == 0.5 and floor % 2 == 1):
+        floor += 1.0
+    return floor
 
 
 def for_target(name: str, target: Any) -> Correspondence:
