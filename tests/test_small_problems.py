@@ -103,7 +103,7 @@ def test_auto_runs_pytorch_while_the_fast_path_compiles_in_the_background(
             started.append(command)
             assert kwargs["env"]["DIFFICP_COMPILE"] == "now"  # the child compiles, never spawns
 
-    monkeypatch.setattr(fused, "compiled_ready", lambda small: False)
+    monkeypatch.setattr(fused, "compiled_ready", lambda small, projective=False: False)
     monkeypatch.setattr(fused.subprocess, "Popen", FakePopen)
     monkeypatch.setattr(fused, "_background", None)
     monkeypatch.setattr(fused, "_announced", set())
