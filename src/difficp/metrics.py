@@ -207,7 +207,7 @@ class PointToPlane(RigidStepMetric):
     ) -> None:
         """Twin of :meth:`jacobian` / :meth:`residuals`: ``[a x n, n]``, ``r . n``."""
         r = v[0] * v[12] + v[1] * v[13] + v[2] * v[14]
-        _lever_row(sums, row, k0, J, w, v[3:6], v[12:], r)
+        _lever_row(sums, row, k0, J, w, v[3:6], v[12:15], r)
 
 
 def _symmetric_update(step: np.ndarray, out: np.ndarray) -> None:
@@ -323,27 +323,31 @@ class GeneralizedICP(RigidStepMetric):
     def compiled_residual(d: float, v: tuple) -> float:
         """Twin of :meth:`residuals` (see :meth:`PointToPoint.compiled_residual`; ``v[15:21]``
         holds ``C``'s upper triangle ``c00 c01 c02 c11 c12 c22``): ``|L^-1 r|``."""
-        m0, m1, m2 = _inverse_cholesky_rows(v[15:21])
-        e0 = m0[0] * v[0] + m0[1] * v[1] + m0[2] * v[2]
-        e1 = m1[0] * v[0] + m1[1] * v[1] + m1[2] * v[2]
-        e2 = m2[0] * v[0] + m2[1] * v[1] + m2[2] * v[2]
+        m00, m10, m11, m20, m21, m22 = _inverse_cholesky(v[15:21])
+        e0 = m00 * v[0]
+        e1 = m10 * v[0] + m11 * v[1]
+        e2 = m20 * v[0] + m21 * v[1] + m22 * v[2]
         return math.sqrt(e0 * e0 + e1 * e1 + e2 * e2)
 
     @staticmethod
     def compiled_accumulate(
         sums: np.ndarray, row: int, k0: int, J: np.ndarray, w: float, v: tuple
     ) -> None:
-        """Twin of :meth:`jacobian` / :meth:`residuals`: the three whitened rows ``m_k`` of
-        ``L^-1``: ``[a x m_k, m_k]``, residual ``m_k . r``."""
-        for m in _inverse_cholesky_rows(v[15:21]):
-            r = m[0] * v[0] + m[1] * v[1] + m[2] * v[2]
-            _lever_row(sums, row, k0, J, w, v[3:6], m, r)
+        """Twin of :meth:`jacobian` / :meth:`residuals`: the three whitened rows ``m`` of
+        ``L^-1``: ``[a x m, m]``, residual ``m . r``."""
+        m00, m10, m11, m20, m21, m22 = _inverse_cholesky(v[15:21])
+        a = v[3:6]
+        _lever_row(sums, row, k0, J, w, a, (m00, 0.0, 0.0), m00 * v[0])
+        _lever_row(sums, row, k0, J, w, a, (m10, m11, 0.0), m10 * v[0] + m11 * v[1])
+        r2 = m20 * v[0] + m21 * v[1] + m22 * v[2]
+        _lever_row(sums, row, k0, J, w, a, (m20, m21, m22), r2)
 
 
 @compiled_helper
-def _inverse_cholesky_rows(c: tuple) -> tuple:
-    """The rows of ``L^-1`` for the symmetric positive-definite ``C = L L^T`` given by its upper
-    triangle ``c`` = ``(c00, c01, c02, c11, c12, c22)`` (compiled helper of GICP's twins)."""
+def _inverse_cholesky(c: tuple) -> tuple:
+    """The lower triangle ``(m00, m10, m11, m20, m21, m22)`` of ``L^-1`` for the symmetric
+    positive-definite ``C = L L^T`` given by its upper triangle ``c`` =
+    ``(c00, c01, c02, c11, c12, c22)`` (compiled helper of GICP's twins)."""
     l00 = math.sqrt(c[0])
     l10 = c[1] / l00
     l20 = c[2] / l00
@@ -354,7 +358,7 @@ def _inverse_cholesky_rows(c: tuple) -> tuple:
     m10 = -l10 * m00 / l11
     m21 = -l21 * m11 / l22
     m20 = -(l20 * m00 + l21 * m10) / l22
-    return ((m00, 0.0, 0.0), (m10, m11, 0.0), (m20, m21, m22))
+    return (m00, m10, m11, m20, m21, m22)
 
 
 def get_metric(name: str) -> Metric:
