@@ -142,8 +142,7 @@ def _small(seed: int = 11, n: int = 14) -> dict:
     return p
 
 
-@pytest.mark.parametrize("solver", ["linear", "lm"])
-@pytest.mark.parametrize("soft_k", [None, 5])
+@pytest.mark.parametrize(("solver", "soft_k"), [("linear", None), ("lm", 5)])
 def test_gradcheck_soft_correspondences(solver: str, soft_k: int | None) -> None:
     p = _small()
     source = p["source"].clone().requires_grad_(True)
@@ -224,9 +223,7 @@ def _parity(src, tgt, init: np.ndarray, max_distance: float) -> tuple[float, flo
     # compute the same iterations: the transforms agree to rounding (measured ~1e-15 on the
     # 3DMatch pair; we allow 1e-6 for summation order over ~60 iterations).
     cs, ct = difficp.estimate_covariances(src), difficp.estimate_covariances(tgt)
-    ref = _open3d_gicp(
-        src.numpy(), tgt.numpy(), cs.numpy(), ct.numpy(), init, max_distance, 60
-    )
+    ref = _open3d_gicp(src.numpy(), tgt.numpy(), cs.numpy(), ct.numpy(), init, max_distance, 60)
     ours = difficp.icp(
         src, tgt, init=torch.from_numpy(init), metric="gicp", max_distance=max_distance,
         max_iterations=60, relative_fitness=1e-10, relative_rmse=1e-10, differentiation="none",
@@ -270,7 +267,7 @@ def test_degenerate_given_covariances_are_refused_with_the_fix() -> None:
     p = make_pair(9, n=100)
     cov = difficp.estimate_covariances(p["source"])
     cov[5] = torch.zeros(3, 3)
-    with pytest.raises(ValueError, match="source_covariances has 1 degenerate.*regularize"):
+    with pytest.raises(ValueError, match=r"source_covariances has 1 degenerate.*regularize"):
         difficp.icp(p["source"], p["target"], metric="gicp", source_covariances=cov)
 
 
