@@ -153,6 +153,7 @@ class NeighborIndex:
         k: int = 1,
         query_mask: Tensor | None = None,
         max_distance: float | None = None,
+        workers: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The ``k`` nearest references of each query, closest first.
 
@@ -161,6 +162,7 @@ class NeighborIndex:
             k: neighbours per query (at most the smallest reference count).
             query_mask: ``(B, N)`` bool; masked-out queries get index 0 and found False.
             max_distance: only neighbours within this distance count as found (faster search).
+            workers: KD-tree query threads (default: 1 for small queries, all cores for large).
         Returns:
             ``index`` ``(B, N, k)`` long into the reference clouds (always a valid index) and
             ``found`` ``(B, N, k)`` bool.
@@ -171,14 +173,14 @@ class NeighborIndex:
         if query_mask is None:
             query_mask = torch.ones(B, N, dtype=torch.bool, device=queries.device)
         if self.backend == "kdtree":
-            index, found = self._query_tree(queries.detach(), k, max_distance)
+            index, found = self._query_tree(queries.detach(), k, max_distance, workers)
         else:
             index, found = self._query_brute_force(queries.detach(), k, max_distance)
         found = found & query_mask[..., None] & (self.counts[:, None, None] > 0)
         return torch.where(found, index, torch.zeros_like(index)), found
 
     def _query_tree(
-        self, queries: Tensor, k: int, max_distance: float | None
+        self, queries: Tensor, k: int, max_distance: float | None, workers: int | None = None
     ) -> tuple[Tensor, Tensor]:
         B, N, _ = queries.shape
         if self._tree is None:
@@ -192,7 +194,8 @@ class NeighborIndex:
             q -= self._center[query_cloud]
             q[:, 0] += query_cloud * self._offset
         bound = math.inf if max_distance is None else float(max_distance)
-        workers = self.workers if q.shape[0] * k < 8192 else -1
+        if workers is None:
+            workers = self.workers if q.shape[0] * k < 8192 else -1
         dist, idx = self._tree.query(q, k=k, distance_upper_bound=bound, workers=workers)
         dist = dist.reshape(B * N, k)
         idx = idx.reshape(B * N, k)

@@ -110,13 +110,25 @@ def estimate_covariances(
         if index is None:
             index = NeighborIndex(pts, lengths)
         k = min(k, int(mask.sum(1).min()))
-        idx, found = index.query(pts, k, query_mask=mask)
-        nbrs = _gather(pts.detach().double(), idx)  # (B, N, k, 3)
-        w = found[..., None].double()
-        count = w.sum(2, keepdim=True).clamp_min(1)
-        mean = (w * nbrs).sum(2, keepdim=True) / count
-        centred = (nbrs - mean) * w
-        raw = centred.transpose(-1, -2) @ centred / count
+        # As many query threads as torch uses (scipy's default for large queries is every
+        # core, which fights the caller's thread budget).
+        idx, found = index.query(pts, k, query_mask=mask, workers=torch.get_num_threads())
+        p64 = pts.detach().double()
+        # Neighbours relative to their query point (small numbers: no cancellation in the
+        # second moments), as k slices of (B, N, 3): elementwise products, no batched 3x3 bmm.
+        rel = _gather(p64, idx) - p64[:, :, None, :]  # (B, N, k, 3)
+        w = found.double()
+        count = w.sum(2).clamp_min(1)
+        x, y, z = (rel[..., i] * w for i in range(3))
+        m = [t.sum(2) / count for t in (x, y, z)]
+        s = [
+            (a * b).sum(2) / count - m[i] * m[j]
+            for (i, a), (j, b) in (((0, x), (0, x)), ((0, x), (1, y)), ((0, x), (2, z)),
+                                   ((1, y), (1, y)), ((1, y), (2, z)), ((2, z), (2, z)))
+        ]  # fmt: skip
+        raw = torch.stack([s[0], s[1], s[2], s[1], s[3], s[4], s[2], s[4], s[5]], -1).unflatten(
+            -1, (3, 3)
+        )
         cov = regularize_covariances(raw, epsilon)
         eye = torch.eye(3, dtype=cov.dtype, device=cov.device)
         cov = torch.where(mask[..., None, None], cov, eye).to(pts.dtype)
