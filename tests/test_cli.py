@@ -89,7 +89,7 @@ def test_register_recovers_known_transform(pair, tmp_path, capsys):
     np.testing.assert_allclose(moved, source @ written[:3, :3].T + written[:3, 3], atol=1e-9)
 
 
-@pytest.mark.parametrize("metric", ["point_to_point", "symmetric"])
+@pytest.mark.parametrize("metric", ["point_to_point", "symmetric", "gicp"])
 def test_register_other_metrics_and_init(pair, tmp_path, capsys, metric):
     src, tgt, T_true = pair
     # Start from a perturbed truth so that point_to_point converges within its basin quickly.

@@ -477,7 +477,11 @@ def test_compiled_twins_match_metric_residuals_and_normal_equations(metric: str,
     m, n = (v / np.linalg.norm(v) for v in rng.normal(size=(2, 3)))
     w = float(rng.random())
     d = float(np.linalg.norm(p - q))
-    v = tuple(float(x) for x in (*(p - q), *(p - c), *(q - c), *m, *n))
+    # the combined covariance of metric "gicp": symmetric positive definite
+    F = rng.normal(size=(3, 3))
+    C = F @ F.T + 0.1 * np.eye(3)
+    upper = C[np.triu_indices(3)]
+    v = tuple(float(x) for x in (*(p - q), *(p - c), *(q - c), *m, *n, *upper))
     r = compile_twin(METRICS[metric].compiled_residual)(d, v)
     sums, J = np.zeros((2, 40)), np.full(6, np.nan)
     compile_twin(METRICS[metric].compiled_accumulate)(sums, 1, 5, J, w, v)
@@ -486,6 +490,7 @@ def test_compiled_twins_match_metric_residuals_and_normal_equations(metric: str,
         torch.from_numpy(n)[None, None],
         torch.ones(1, 1, dtype=torch.bool),
         torch.tensor([[d]], dtype=torch.float64),
+        torch.from_numpy(C)[None, None],
     )
     source, normals = torch.from_numpy(p - c)[None, None], torch.from_numpy(m)[None, None]
     ref_r = METRICS[metric].residuals(source, normals, corr)[0, 0].numpy()

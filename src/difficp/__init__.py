@@ -25,6 +25,8 @@ _ATTRIBUTES: dict[str, str] = {
     "depth_normals": "difficp.geometry",
     "depth_to_points": "difficp.geometry",
     "estimate_normals": "difficp.normals",
+    "estimate_covariances": "difficp.normals",
+    "regularize_covariances": "difficp.normals",
     "Cloud": "difficp.interop",
     "as_points": "difficp.interop",
     "VoxelGrid": "difficp.sampling",
@@ -90,7 +92,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     )
     from difficp.interop import Cloud, as_points
     from difficp.loop import ICPResult
-    from difficp.normals import estimate_normals
+    from difficp.normals import estimate_covariances, estimate_normals, regularize_covariances
     from difficp.registration import ICP, icp
     from difficp.sampling import VoxelGrid, multiscale_icp, parse_scales, voxel_downsample
 
@@ -122,12 +124,14 @@ __all__ = [
     "as_points",
     "depth_normals",
     "depth_to_points",
+    "estimate_covariances",
     "estimate_normals",
     "icp",
     "invert_transform",
     "make_transform",
     "multiscale_icp",
     "parse_scales",
+    "regularize_covariances",
     "transform_points",
     "voxel_downsample",
 ]

@@ -193,8 +193,12 @@ class ICPConfig:
         robust_kernel: IRLS weights from the metric residuals, one of None, ``"huber"``,
             ``"cauchy"``, ``"geman_mcclure"``, ``"tukey"``; ``kernel_scale`` is their scale.
     Error metric and solver (step 5):
-        metric: ``"point_to_point"``, ``"point_to_plane"`` (target normals) or ``"symmetric"``
-            (Rusinkiewicz 2019; source and target normals).
+        metric: ``"point_to_point"``, ``"point_to_plane"`` (target normals), ``"symmetric"``
+            (Rusinkiewicz 2019; source and target normals) or ``"gicp"`` (Generalized-ICP,
+            Segal et al. 2009: plane-to-plane with per-point covariances, given as
+            ``source_covariances`` / ``target_covariances`` or estimated from the
+            ``covariance_k`` nearest neighbours by :func:`difficp.estimate_covariances`).
+        covariance_k: neighbours per point of the estimated GICP covariances (20, as small_gicp).
         solver: ``"svd"`` (weighted Procrustes; point_to_point only), ``"linear"`` (one linearised
             Gauss-Newton step per iteration) or ``"lm"`` (Levenberg-Marquardt, ``lm_steps`` damped
             steps per iteration starting from damping ``lm_damping``). None picks ``"svd"`` for
@@ -233,6 +237,7 @@ class ICPConfig:
     criteria_scale: CriteriaScale = "absolute"
     differentiation: Differentiation = "unroll"
     return_history: bool = False
+    covariance_k: int = 20
 
     def __post_init__(self) -> None:
         _choice("correspondence", self.correspondence, CORRESPONDENCES)
@@ -269,6 +274,14 @@ class ICPConfig:
             self, "max_iterations", _integer("max_iterations", self.max_iterations, 1)
         )
         object.__setattr__(self, "lm_steps", _integer("lm_steps", self.lm_steps, 1))
+        # A plane through a point needs at least 3 neighbours (the point included).
+        object.__setattr__(self, "covariance_k", _integer("covariance_k", self.covariance_k, 3))
+        if self.needs_covariances and self.correspondence == "projective":
+            raise ValueError(
+                f"ICPConfig.metric={self.metric!r} needs point-cloud covariances, which a "
+                "depth-map target (correspondence='projective') has none of; use "
+                "correspondence='nearest' on back-projected points or metric='point_to_plane'"
+            )
         # lm_damping = inf would make every LM step zero: the pair "converges" without moving.
         _positive("lm_damping", self.lm_damping, allow_none=False)
         for name in ("relative_fitness", "relative_rmse"):
@@ -292,6 +305,11 @@ class ICPConfig:
     def needs_source_normals(self) -> bool:
         """Whether the source must carry normals (the metric's, or any normal criterion)."""
         return METRIC_REGISTRY[self.metric].needs_source_normals or self.uses_normal_criteria
+
+    @property
+    def needs_covariances(self) -> bool:
+        """Whether the metric reads per-point covariances (``"gicp"``)."""
+        return bool(getattr(METRIC_REGISTRY[self.metric], "needs_covariances", False))
 
     @property
     def needs_target_normals(self) -> bool:

@@ -43,12 +43,17 @@ class Correspondences:
         normals: ``(B, N, 3)`` partner unit normals, or None when the target has none.
         valid: ``(B, N)`` bool, the point is real (not padding) and has a partner.
         distance: ``(B, N)`` Euclidean distance from the (transformed) source point to its partner.
+        covariances: ``(B, N, 3, 3)`` or None. Metric ``"gicp"``: the partner's covariance
+            (gathered, or the soft weights' mean) plus, once :func:`difficp.registration.correspond`
+            has added it, the moved source point's ``R S_p R^T``: the combined ``C`` of the cost
+            ``r^T C^-1 r``.
     """
 
     points: Tensor
     normals: Tensor | None
     valid: Tensor
     distance: Tensor
+    covariances: Tensor | None = None
 
 
 def lengths_mask(lengths: Tensor | None, batch: int, size: int, device: torch.device) -> Tensor:
@@ -154,6 +159,7 @@ class NeighborIndex:
         k: int = 1,
         query_mask: Tensor | None = None,
         max_distance: float | None = None,
+        workers: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The ``k`` nearest references of each query, closest first.
 
@@ -162,6 +168,7 @@ class NeighborIndex:
             k: neighbours per query (at most the smallest reference count).
             query_mask: ``(B, N)`` bool; masked-out queries get index 0 and found False.
             max_distance: only neighbours within this distance count as found (faster search).
+            workers: KD-tree query threads (default: 1 for small queries, all cores for large).
         Returns:
             ``index`` ``(B, N, k)`` long into the reference clouds (always a valid index) and
             ``found`` ``(B, N, k)`` bool.
@@ -172,14 +179,14 @@ class NeighborIndex:
         if query_mask is None:
             query_mask = torch.ones(B, N, dtype=torch.bool, device=queries.device)
         if self.backend == "kdtree":
-            index, found = self._query_tree(queries.detach(), k, max_distance)
+            index, found = self._query_tree(queries.detach(), k, max_distance, workers)
         else:
             index, found = self._query_brute_force(queries.detach(), k, max_distance)
         found = found & query_mask[..., None] & (self.counts[:, None, None] > 0)
         return torch.where(found, index, torch.zeros_like(index)), found
 
     def _query_tree(
-        self, queries: Tensor, k: int, max_distance: float | None
+        self, queries: Tensor, k: int, max_distance: float | None, workers: int | None = None
     ) -> tuple[Tensor, Tensor]:
         B, N, _ = queries.shape
         if self._tree is None:
@@ -193,7 +200,8 @@ class NeighborIndex:
             q -= self._center[query_cloud]
             q[:, 0] += query_cloud * self._offset
         bound = math.inf if max_distance is None else float(max_distance)
-        workers = self.workers if q.shape[0] * k < 8192 else -1
+        if workers is None:
+            workers = self.workers if q.shape[0] * k < 8192 else -1
         dist, idx = self._tree.query(q, k=k, distance_upper_bound=bound, workers=workers)
         dist = dist.reshape(B * N, k)
         idx = idx.reshape(B * N, k)
@@ -311,6 +319,13 @@ def _partner_normals(normals: Tensor | None, index: Tensor) -> Tensor | None:
     return None if normals is None else _gather(normals, index)
 
 
+def _partner_covariances(covariances: Tensor | None, index: Tensor) -> Tensor | None:
+    """``(B, M, 3, 3)`` covariances gathered at ``index`` ``(B, N)`` -> ``(B, N, 3, 3)``."""
+    if covariances is None:
+        return None
+    return _gather(covariances.flatten(-2), index).unflatten(-1, (3, 3))
+
+
 def nearest_correspondences(
     source: Tensor,
     target: Tensor,
@@ -318,6 +333,7 @@ def nearest_correspondences(
     source_mask: Tensor,
     target_normals: Tensor | None = None,
     max_distance: float | None = None,
+    target_covariances: Tensor | None = None,
 ) -> Correspondences:
     """Hard nearest-neighbour partners.
 
@@ -329,12 +345,15 @@ def nearest_correspondences(
         target_normals: ``(B, M, 3)`` or None.
         max_distance: search radius; points with no target within it get no partner (this is
             Open3D's hybrid search, and what makes hard rejection cheap).
+        target_covariances: ``(B, M, 3, 3)`` or None (metric ``"gicp"``).
     """
     idx, found = index.query(source, 1, query_mask=source_mask, max_distance=max_distance)
     idx, found = idx[..., 0], found[..., 0]
     partner = _gather(target, idx)
     distance = _safe_norm(source - partner)
-    return Correspondences(partner, _partner_normals(target_normals, idx), found, distance)
+    normals = _partner_normals(target_normals, idx)
+    covariances = _partner_covariances(target_covariances, idx)
+    return Correspondences(partner, normals, found, distance, covariances)
 
 
 def _safe_norm(v: Tensor) -> Tensor:
@@ -359,6 +378,7 @@ def soft_correspondences(
     target_normals: Tensor | None = None,
     soft_k: int | None = None,
     index: NeighborIndex | None = None,
+    target_covariances: Tensor | None = None,
 ) -> Correspondences:
     """Soft partners: the softmax(-|p - q|^2 / temperature)-weighted mean of the targets.
 
@@ -376,7 +396,10 @@ def soft_correspondences(
         target_normals: ``(B, M, 3)`` or None.
         soft_k: number of nearest targets in the softmax, or None for all.
         index: :class:`NeighborIndex` on ``target`` (needed with ``soft_k``).
+        target_covariances: ``(B, M, 3, 3)`` or None; the partner's covariance is the same
+            weighted mean (metric ``"gicp"``).
     """
+    covariances = None
     if soft_k is not None:
         if index is None:
             raise ValueError("soft_correspondences with soft_k needs a NeighborIndex on the target")
@@ -392,16 +415,31 @@ def soft_correspondences(
         normals = None
         if target_normals is not None:
             normals = _normalize((w[..., None] * _gather(target_normals, idx)).sum(-2))
+        if target_covariances is not None:
+            neighbour_cov = _gather(target_covariances.flatten(-2), idx)  # (B, N, k, 9)
+            covariances = (w[..., None] * neighbour_cov).sum(-2).unflatten(-1, (3, 3))
         valid = source_mask & any_found
     else:
         from difficp.softmatch import dense_soft_match
 
-        partner, normals = dense_soft_match(
-            source, target, target_normals, temperature, target_mask
-        )
+        if target_covariances is None:
+            partner, normals = dense_soft_match(
+                source, target, target_normals, temperature, target_mask
+            )
+        else:
+            # The covariances ride along as 9 more channels of the same weighted mean.
+            channels = [target_covariances.flatten(-2)]
+            if target_normals is not None:
+                channels.insert(0, target_normals)
+            partner, mixed = dense_soft_match(
+                source, target, torch.cat(channels, -1), temperature, target_mask, normalize=False
+            )
+            assert mixed is not None
+            covariances = mixed[..., -9:].unflatten(-1, (3, 3))
+            normals = None if target_normals is None else _normalize(mixed[..., :3])
         valid = source_mask & target_mask.any(1)[:, None]
     distance = _safe_norm(source - partner)
-    return Correspondences(partner, normals, valid, distance)
+    return Correspondences(partner, normals, valid, distance, covariances)
 
 
 @dataclass

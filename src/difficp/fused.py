@@ -103,6 +103,8 @@ def fused_iteration(
     options: np.ndarray,
     int_options: np.ndarray,
     sums: np.ndarray,
+    source_covariances: np.ndarray,
+    target_covariances: np.ndarray,
 ) -> None:
     """Correspond, weigh and accumulate every source point of every active pair.
 
@@ -123,8 +125,11 @@ def fused_iteration(
             kernel scale]``.
         int_options: int64 ``[metric code (METRICS.code), procrustes (1) or normal equations
             (0), rejection code (REJECTIONS.code), weight_distance, weight_normal, robust kernel
-            code (KERNELS.code), uses source normals, uses target normals]``.
+            code (KERNELS.code), uses source normals, uses target normals, uses covariances]``.
         sums: ``(B * tasks_per_pair, SUM_WIDTH)`` zeros; task rows get their sums.
+        source_covariances, target_covariances: ``(B, N, 3, 3)`` and ``(P, 3, 3)`` in forest
+            order (metric ``"gicp"``; any values when unused): the twins get the upper
+            triangle of ``C = S_q + R S_p R^T``.
     """
     radius2, max_distance, rejection_t, cos_min, kernel_scale = (
         options[0],
@@ -142,6 +147,7 @@ def fused_iteration(
         int_options[5],
     )
     uses_normals, uses_target_normals = int_options[6] == 1, int_options[7] == 1
+    uses_covariances = int_options[8] == 1
     B, N = source.shape[0], source.shape[1]
     tasks = (N + CHUNK - 1) // CHUNK
     for task in prange(B * tasks):
@@ -151,6 +157,7 @@ def fused_iteration(
         stack = np.empty(STACK_DEPTH, dtype=np.int64)
         stack_d2 = np.empty(STACK_DEPTH)
         J = np.empty(6)
+        RS = np.empty((3, 3))  # R S_p scratch (gicp)
         R = rotation[b]
         t = translation[b]
         c = center[b]
@@ -187,7 +194,25 @@ def fused_iteration(
             # p and q centred on c (conditioning of the sums)
             ax, ay, az = px - c[0], py - c[1], pz - c[2]
             bx, by, bz = qx - c[0], qy - c[1], qz - c[2]
-            v = (px - qx, py - qy, pz - qz, ax, ay, az, bx, by, bz, mx, my, mz, nx, ny, nz)
+            c00 = c01 = c02 = c11 = c12 = c22 = 0.0
+            if uses_covariances:
+                # C = S_q + R S_p R^T (difficp.registration.combined_covariances)
+                S = source_covariances[b, i]
+                Q = target_covariances[best]
+                for u in range(3):
+                    for k in range(3):
+                        RS[u, k] = R[u, 0] * S[0, k] + R[u, 1] * S[1, k] + R[u, 2] * S[2, k]
+
+                c00 = Q[0, 0] + RS[0, 0] * R[0, 0] + RS[0, 1] * R[0, 1] + RS[0, 2] * R[0, 2]
+                c01 = Q[0, 1] + RS[0, 0] * R[1, 0] + RS[0, 1] * R[1, 1] + RS[0, 2] * R[1, 2]
+                c02 = Q[0, 2] + RS[0, 0] * R[2, 0] + RS[0, 1] * R[2, 1] + RS[0, 2] * R[2, 2]
+                c11 = Q[1, 1] + RS[1, 0] * R[1, 0] + RS[1, 1] * R[1, 1] + RS[1, 2] * R[1, 2]
+                c12 = Q[1, 2] + RS[1, 0] * R[2, 0] + RS[1, 1] * R[2, 1] + RS[1, 2] * R[2, 2]
+                c22 = Q[2, 2] + RS[2, 0] * R[2, 0] + RS[2, 1] * R[2, 1] + RS[2, 2] * R[2, 2]
+            v = (
+                px - qx, py - qy, pz - qz, ax, ay, az, bx, by, bz, mx, my, mz, nx, ny, nz,
+                c00, c01, c02, c11, c12, c22,
+            )  # fmt: skip
             r = d if procrustes == 1 else _metric_residual(metric, d, v)  # svd: point_to_point
             if kernel != _NO_KERNEL:
                 w *= _robust_weight(kernel, abs(r), kernel_scale)
@@ -357,6 +382,16 @@ class FusedSteps:
             f = self.forest
             cloud = np.repeat(np.arange(B), np.diff(f.point_offset))
             self.target_normals = np.ascontiguousarray(normals[cloud, f.order])
+        self.source_covariances = np.zeros((1, 1, 3, 3))
+        self.target_covariances = np.zeros((1, 3, 3))
+        if config.needs_covariances:
+            assert problem.source_covariances is not None and target.covariances is not None
+            self.source_covariances = _numpy(problem.source_covariances)
+            f = self.forest
+            cloud = np.repeat(np.arange(B), np.diff(f.point_offset))
+            self.target_covariances = np.ascontiguousarray(
+                _numpy(target.covariances)[cloud, f.order]
+            )
         self.source_mean = (self.source * (problem.source_mask.cpu().numpy()[..., None])).sum(
             1
         ) / np.maximum(self.source_counts, 1)[:, None]
@@ -387,6 +422,7 @@ class FusedSteps:
                 KERNELS.code(config.robust_kernel),
                 int(config.needs_source_normals),
                 int(config.needs_target_normals),
+                int(config.needs_covariances),
             ],
             dtype=np.int64,
         )
@@ -422,6 +458,8 @@ class FusedSteps:
             self.options,
             self.int_options,
             sums,
+            self.source_covariances,
+            self.target_covariances,
         )
         sums = sums.reshape(B, self.tasks, SUM_WIDTH).sum(1)
         count = sums[:, INLIERS]

@@ -20,6 +20,7 @@ from difficp.geometry import (
     rotate_vectors,
     transform_points,
 )
+from difficp.normals import estimate_covariances
 
 # Sources at least this large are put in spatial order for the KD-tree. Smaller trees stay in
 # cache whatever the order, and ordering (~30 small tensor ops) cost 1-2 ms at 1000 points:
@@ -53,6 +54,7 @@ class PointTarget:
     normals: Tensor | None
     mask: Tensor
     index: NeighborIndex | None
+    covariances: Tensor | None = None  # (B, M, 3, 3), metric "gicp"
 
 
 @dataclass
@@ -72,6 +74,7 @@ class Problem:
     init: Tensor
     unbatched: bool
     result_dtype: torch.dtype | None = None  # the inputs' dtype, when computed in another one
+    source_covariances: Tensor | None = None  # (B, N, 3, 3), metric "gicp"
 
 
 def _as_float_tensor(name: str, value: object) -> Tensor:
@@ -222,6 +225,45 @@ def _init(
     return T
 
 
+# Covariances whose largest |C - C^T| exceeds this fraction of their largest entry are refused
+# as not symmetric (float32 rounding of a symmetric product stays far below it).
+SYMMETRY_TOLERANCE = 1e-5
+
+
+def _covariances(name: str, value: object, points: Tensor, mask: Tensor, unbatched: bool) -> Tensor:
+    """User covariances ``(N, 3, 3)`` / ``(B, N, 3, 3)`` for ``points`` ``(B, N, 3)`` (real points:
+    ``mask``), checked: the shape, finite, symmetric, positive definite on the real points."""
+    c = _as_float_tensor(name, value)
+    c = c[None] if unbatched and c.dim() == 3 else c
+    if c.dim() == 4 and c.shape[0] == 1 and points.shape[0] > 1:
+        c = c.expand(points.shape[0], *c.shape[1:])
+    expected = (*points.shape, 3)
+    if tuple(c.shape) != expected:
+        raise ValueError(
+            f"{name} must have shape (N, 3, 3) or (B, N, 3, 3) matching its points, here "
+            f"{expected}, got {tuple(c.shape)}; estimate them with difficp.estimate_covariances"
+        )
+    _check_finite(name, c)
+    c = c.to(points.dtype)
+    d = c.detach().double()
+    scale = float(d.abs().amax()) if d.numel() else 0.0
+    asymmetry = float((d - d.transpose(-1, -2)).abs().amax()) if d.numel() else 0.0
+    if asymmetry > SYMMETRY_TOLERANCE * scale:
+        raise ValueError(
+            f"{name} are not symmetric (max |C - C^T| = {asymmetry:.3g}); pass covariance "
+            "matrices, e.g. (C + C^T) / 2"
+        )
+    bad = (torch.linalg.cholesky_ex(d)[1] != 0) & mask
+    if bool(bad.any()):
+        raise ValueError(
+            f"{name} has {int(bad.sum())} degenerate covariances (not positive definite) among "
+            "its valid points; GICP inverts them: regularise them with "
+            "difficp.regularize_covariances(covariances) (eigenvalues 1e-3, 1, 1) or estimate "
+            "them with difficp.estimate_covariances(points)"
+        )
+    return c
+
+
 def _missing_normals(name: str) -> ValueError:
     return ValueError(
         f"{name} are required by this configuration (metric / normal weighting or rejection); "
@@ -241,8 +283,17 @@ def prepare_problem(
     intrinsics: object = None,
     target_pose: object = None,
     search_backend: str = "auto",
+    source_covariances: object = None,
+    target_covariances: object = None,
 ) -> Problem:
     """Validate and batch every input of :func:`difficp.icp` (see there for shapes)."""
+    if not config.needs_covariances:
+        for name, value in (
+            ("source_covariances", source_covariances),
+            ("target_covariances", target_covariances),
+        ):
+            if value is not None:
+                raise ValueError(f"{name} are only used by metric='gicp', not {config.metric!r}")
     result_dtype = _input_dtype(source, target, config)
     src, unbatched = _batched_points("source", source)
     B, N, _ = src.shape
@@ -255,6 +306,13 @@ def prepare_problem(
     if config.needs_source_normals:
         assert src_normals is not None
         _check_normal_lengths("source_normals", src_normals, source_mask)
+    src_cov = None
+    if source_covariances is not None:
+        src_cov = _covariances(
+            "source_covariances", source_covariances, src, source_mask, unbatched
+        )
+    elif config.needs_covariances:
+        src_cov = estimate_covariances(src, config.covariance_k, s_lengths)
 
     if config.correspondence == "projective":
         tgt = _depth_target(target, intrinsics, target_pose, target_normals, B, src)
@@ -288,9 +346,20 @@ def prepare_problem(
                 order = spatial_order(src, source_mask)
                 src = _take(src, order)
                 src_normals = None if src_normals is None else _take(src_normals, order)
-        tgt = PointTarget(tgt_points, tgt_normals, lengths_mask(t_lengths, B, M, device), index)
+                if src_cov is not None:
+                    src_cov = _take(src_cov.flatten(-2), order).unflatten(-1, (3, 3))
+        tgt_mask = lengths_mask(t_lengths, B, M, device)
+        tgt_cov = None
+        if target_covariances is not None:
+            tgt_cov = _covariances(
+                "target_covariances", target_covariances, tgt_points, tgt_mask, tgt_unbatched
+            )
+        elif config.needs_covariances:
+            tgt_cov = estimate_covariances(tgt_points, config.covariance_k, t_lengths, index=index)
+        tgt = PointTarget(tgt_points, tgt_normals, tgt_mask, index, tgt_cov)
     src = src.to(dtype)
     src_normals = None if src_normals is None else src_normals.to(dtype)
+    src_cov = None if src_cov is None else src_cov.to(dtype)
     return Problem(
         source=src,
         source_normals=src_normals,
@@ -300,6 +369,7 @@ def prepare_problem(
         init=_init(init, B, dtype, device),
         unbatched=unbatched,
         result_dtype=result_dtype,
+        source_covariances=src_cov,
     )
 
 

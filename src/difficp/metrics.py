@@ -7,6 +7,8 @@ solved step becomes a rigid update (``step_to_transform``).
 
 * point_to_point: ``r = p - q`` (m = 3); step ``p -> p + omega x p + v``.
 * point_to_plane: ``r = (p - q) . n_q`` (m = 1); same step.
+* gicp (Segal et al. 2009): ``r = L^-1 (p - q)`` (m = 3) with ``C = L L^T`` the combined
+  covariance of the pair (Mahalanobis weight ``C^-1``); same step as point_to_point.
 * symmetric (Rusinkiewicz 2019): ``r = (p - q) . (n_p + n_q)`` (m = 1), ``n_p`` flipped where it
   opposes ``n_q`` (normals are lines: opposite ones would cancel); the rotation is split
   half on the source, half (inverse) on the target: the linearised step is
@@ -95,6 +97,8 @@ class RigidStepMetric:
     needs_source_normals = False
     needs_target_normals = True
     centre_factor = 1.0
+    # Per-point covariances (source and target), read by metric "gicp".
+    needs_covariances = False
     # Why the compiled path cannot run it (None: its compiled twins are below / beside it).
     fused_reason: str | None = None
 
@@ -124,9 +128,10 @@ class PointToPoint(RigidStepMetric):
     def compiled_residual(d: float, v: tuple) -> float:
         """Twin of the residual norm of one correspondence (for the robust kernel): ``d``.
 
-        Every metric's twins take ``d = |p - q|`` and ``v``, the 15 floats ``r = p - q``,
+        Every metric's twins take ``d = |p - q|`` and ``v``, the 21 floats ``r = p - q``,
         ``a = p - c``, ``b = q - c`` (centred on the pair's centre ``c``), ``m`` / ``n`` the
-        moved source / target normals (a tuple: numba keeps it in registers)."""
+        moved source / target normals, and the upper triangle of the combined covariance ``C``
+        (GICP; zeros otherwise) (a tuple: numba keeps it in registers)."""
         return d
 
     @staticmethod
@@ -202,7 +207,7 @@ class PointToPlane(RigidStepMetric):
     ) -> None:
         """Twin of :meth:`jacobian` / :meth:`residuals`: ``[a x n, n]``, ``r . n``."""
         r = v[0] * v[12] + v[1] * v[13] + v[2] * v[14]
-        _lever_row(sums, row, k0, J, w, v[3:6], v[12:], r)
+        _lever_row(sums, row, k0, J, w, v[3:6], v[12:15], r)
 
 
 def _symmetric_update(step: np.ndarray, out: np.ndarray) -> None:
@@ -291,6 +296,85 @@ class Symmetric(RigidStepMetric):
         _lever_row(sums, row, k0, J, w, (ax + bx, ay + by, az + bz), s, r)
 
     compiled_step_to_transform = staticmethod(_symmetric_update)
+
+
+def _whitening(corr: Correspondences) -> Tensor:
+    """``(B, N, 3, 3)`` lower Cholesky factor ``L`` of the combined covariances ``C = L L^T``."""
+    assert corr.covariances is not None, "metric 'gicp' needs correspondence covariances"
+    return torch.linalg.cholesky(corr.covariances)
+
+
+@METRICS.register("gicp")
+class GeneralizedICP(RigidStepMetric):
+    """Generalized-ICP (Segal, Haehnel and Thrun 2009): the plane-to-plane cost
+    ``r^T C^-1 r`` with ``r = p - q`` and ``C = S_q + R S_p R^T`` (the partner's covariance
+    plus the moved source point's, in ``corr.covariances``), held fixed during a step.
+
+    Written as the whitened residual ``L^-1 r`` (m = 3, ``C = L L^T``) so that the normal
+    equations are ``sum w J^T C^-1 J`` / ``sum w J^T C^-1 r`` (a 3 x 3 Mahalanobis block per
+    correspondence) with ``J = [-[p]x | I]``; its norm, the Mahalanobis distance, is what a
+    robust kernel weighs.
+    """
+
+    residual_dim = 3
+    needs_target_normals = False
+    needs_covariances = True
+
+    def residuals(
+        self, source: Tensor, source_normals: Tensor | None, corr: Correspondences
+    ) -> Tensor:
+        L = _whitening(corr)
+        r = (source - corr.points)[..., None]
+        return torch.linalg.solve_triangular(L, r, upper=False)[..., 0]
+
+    def jacobian(
+        self, source: Tensor, source_normals: Tensor | None, corr: Correspondences
+    ) -> Tensor:
+        L = _whitening(corr)
+        eye = torch.eye(3, dtype=source.dtype, device=source.device).expand(*source.shape[:2], 3, 3)
+        J = torch.cat([-_skew(source), eye], dim=-1)
+        return torch.linalg.solve_triangular(L, J, upper=False)
+
+    @staticmethod
+    def compiled_residual(d: float, v: tuple) -> float:
+        """Twin of :meth:`residuals` (see :meth:`PointToPoint.compiled_residual`; ``v[15:21]``
+        holds ``C``'s upper triangle ``c00 c01 c02 c11 c12 c22``): ``|L^-1 r|``."""
+        m00, m10, m11, m20, m21, m22 = _inverse_cholesky(v[15:21])
+        e0 = m00 * v[0]
+        e1 = m10 * v[0] + m11 * v[1]
+        e2 = m20 * v[0] + m21 * v[1] + m22 * v[2]
+        return math.sqrt(e0 * e0 + e1 * e1 + e2 * e2)
+
+    @staticmethod
+    def compiled_accumulate(
+        sums: np.ndarray, row: int, k0: int, J: np.ndarray, w: float, v: tuple
+    ) -> None:
+        """Twin of :meth:`jacobian` / :meth:`residuals`: the three whitened rows ``m`` of
+        ``L^-1``: ``[a x m, m]``, residual ``m . r``."""
+        m00, m10, m11, m20, m21, m22 = _inverse_cholesky(v[15:21])
+        a = v[3:6]
+        _lever_row(sums, row, k0, J, w, a, (m00, 0.0, 0.0), m00 * v[0])
+        _lever_row(sums, row, k0, J, w, a, (m10, m11, 0.0), m10 * v[0] + m11 * v[1])
+        r2 = m20 * v[0] + m21 * v[1] + m22 * v[2]
+        _lever_row(sums, row, k0, J, w, a, (m20, m21, m22), r2)
+
+
+@compiled_helper
+def _inverse_cholesky(c: tuple) -> tuple:
+    """The lower triangle ``(m00, m10, m11, m20, m21, m22)`` of ``L^-1`` for the symmetric
+    positive-definite ``C = L L^T`` given by its upper triangle ``c`` =
+    ``(c00, c01, c02, c11, c12, c22)`` (compiled helper of GICP's twins)."""
+    l00 = math.sqrt(c[0])
+    l10 = c[1] / l00
+    l20 = c[2] / l00
+    l11 = math.sqrt(c[3] - l10 * l10)
+    l21 = (c[4] - l20 * l10) / l11
+    l22 = math.sqrt(c[5] - l20 * l20 - l21 * l21)
+    m00, m11, m22 = 1.0 / l00, 1.0 / l11, 1.0 / l22
+    m10 = -l10 * m00 / l11
+    m21 = -l21 * m11 / l22
+    m20 = -(l20 * m00 + l21 * m10) / l22
+    return (m00, m10, m11, m20, m21, m22)
 
 
 def get_metric(name: str) -> Metric:

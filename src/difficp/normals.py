@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from difficp.correspondence import knn_indices
+from difficp.correspondence import NeighborIndex, _gather, knn_indices, lengths_mask
 
 
 def estimate_normals(
@@ -41,3 +41,95 @@ def estimate_normals(
         flip = ((vp - pts) * normals).sum(-1, keepdim=True) < 0
         normals = torch.where(flip, -normals, normals)
     return normals[0] if unbatched else normals
+
+
+# Generalized-ICP's regularised covariances: eigenvalues (epsilon, 1, 1), the smallest along the
+# surface normal (Segal et al. 2009; small_gicp and Open3D use epsilon = 1e-3 too).
+GICP_EPSILON = 1e-3
+GICP_NEIGHBOURS = 20
+
+
+def regularize_covariances(covariances: Tensor, epsilon: float = GICP_EPSILON) -> Tensor:
+    """Generalized-ICP's plane-like covariances: eigenvalues set to ``(epsilon, 1, 1)``.
+
+    Args:
+        covariances: ``(..., 3, 3)`` symmetric raw covariances (e.g. of k neighbours).
+        epsilon: the variance along the smallest eigenvector (the surface normal), relative to
+            1 in the plane.
+    Returns:
+        ``(..., 3, 3)`` ``I - (1 - epsilon) n n^T`` with ``n`` the eigenvector of the smallest
+        eigenvalue (``V diag(epsilon, 1, 1) V^T``: the two unit eigenvalues make the result
+        depend on ``n`` alone). Symmetric positive definite for any input, even a degenerate
+        (collinear, coincident) neighbourhood; computed in float64, returned in the input dtype.
+    """
+    if not 0 < epsilon <= 1:
+        raise ValueError(f"epsilon must be in (0, 1], got {epsilon}")
+    if covariances.shape[-2:] != (3, 3):
+        raise ValueError(f"covariances must have shape (..., 3, 3), got {tuple(covariances.shape)}")
+    _, vectors = torch.linalg.eigh(covariances.double())
+    n = vectors[..., 0]
+    eye = torch.eye(3, dtype=n.dtype, device=n.device)
+    out = eye - (1.0 - epsilon) * n[..., :, None] * n[..., None, :]
+    return out.to(covariances.dtype)
+
+
+def estimate_covariances(
+    points: Tensor,
+    k: int = GICP_NEIGHBOURS,
+    lengths: Tensor | None = None,
+    epsilon: float = GICP_EPSILON,
+    index: NeighborIndex | None = None,
+) -> Tensor:
+    """Generalized-ICP covariances from the ``k`` nearest neighbours, regularised to
+    ``(epsilon, 1, 1)`` (:func:`regularize_covariances`). Compute them once per cloud and pass
+    them to :func:`difficp.icp` as ``source_covariances`` / ``target_covariances`` to reuse them.
+
+    Args:
+        points: ``(N, 3)`` or ``(B, N, 3)``.
+        k: neighbours per point, the point itself included (at least 3; clipped to the smallest
+            cloud's size).
+        lengths: ``(B,)`` valid counts of a padded batch (padding points get the identity).
+        epsilon: the regularised variance along the normal.
+        index: a :class:`~difficp.correspondence.NeighborIndex` already built on ``points``.
+    Returns:
+        ``(N, 3, 3)`` / ``(B, N, 3, 3)`` symmetric positive-definite covariances in the dtype of
+        ``points``. Not differentiable (treated as constants, like estimated normals).
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 3:
+        raise ValueError(
+            f"k (covariance_k) must be an int >= 3 (a plane needs 3 neighbours), got {k!r}; "
+            "the usual value is 20"
+        )
+    unbatched = points.dim() == 2
+    pts = points[None] if unbatched else points
+    if pts.dim() != 3 or pts.shape[-1] != 3:
+        raise ValueError(f"points must have shape (N, 3) or (B, N, 3), got {tuple(points.shape)}")
+    B, N, _ = pts.shape
+    with torch.no_grad():
+        mask = lengths_mask(lengths, B, N, pts.device)
+        if index is None:
+            index = NeighborIndex(pts, lengths)
+        k = min(k, int(mask.sum(1).min()))
+        # As many query threads as torch uses (scipy's default for large queries is every
+        # core, which fights the caller's thread budget).
+        idx, found = index.query(pts, k, query_mask=mask, workers=torch.get_num_threads())
+        p64 = pts.detach().double()
+        # Neighbours relative to their query point (small numbers: no cancellation in the
+        # second moments), as k slices of (B, N, 3): elementwise products, no batched 3x3 bmm.
+        rel = _gather(p64, idx) - p64[:, :, None, :]  # (B, N, k, 3)
+        w = found.double()
+        count = w.sum(2).clamp_min(1)
+        x, y, z = (rel[..., i] * w for i in range(3))
+        m = [t.sum(2) / count for t in (x, y, z)]
+        s = [
+            (a * b).sum(2) / count - m[i] * m[j]
+            for (i, a), (j, b) in (((0, x), (0, x)), ((0, x), (1, y)), ((0, x), (2, z)),
+                                   ((1, y), (1, y)), ((1, y), (2, z)), ((2, z), (2, z)))
+        ]  # fmt: skip
+        raw = torch.stack([s[0], s[1], s[2], s[1], s[3], s[4], s[2], s[4], s[5]], -1).unflatten(
+            -1, (3, 3)
+        )
+        cov = regularize_covariances(raw, epsilon)
+        eye = torch.eye(3, dtype=cov.dtype, device=cov.device)
+        cov = torch.where(mask[..., None, None], cov, eye).to(pts.dtype)
+    return cov[0] if unbatched else cov

@@ -46,7 +46,23 @@ def correspond(
         else rotate_vectors(problem.source_normals, transform)
     )
     corr = find_partners(moved, problem.source_mask, problem.target, config)
+    if problem.source_covariances is not None and corr.covariances is not None:
+        corr.covariances = combined_covariances(
+            corr.covariances, problem.source_covariances, transform, problem.source_mask
+        )
     return corr, moved, moved_normals
+
+
+def combined_covariances(
+    partner: Tensor, source: Tensor, transform: Tensor, source_mask: Tensor
+) -> Tensor:
+    """GICP's ``C = S_q + R S_p R^T`` ``(B, N, 3, 3)``: the partners' covariances ``partner``
+    plus the source points' ``source`` rotated by ``transform`` ``(B, 4, 4)``; the identity at
+    padding points (``source_mask`` ``(B, N)`` False), so that every ``C`` can be factorised."""
+    R = transform[:, None, :3, :3]
+    C = partner + R @ source @ R.transpose(-1, -2)
+    eye = torch.eye(3, dtype=C.dtype, device=C.device)
+    return torch.where(source_mask[..., None, None], C, eye)
 
 
 def find_partners(
@@ -150,11 +166,11 @@ def _requires_grad(problem: Problem, config: ICPConfig) -> bool:
     if not torch.is_grad_enabled():
         return False
     target = problem.target
-    tensors = [problem.source, problem.source_normals, problem.init]
+    tensors = [problem.source, problem.source_normals, problem.init, problem.source_covariances]
     if isinstance(target, DepthTarget):
         tensors += [target.points, target.normals, target.intrinsics, target.world_to_camera]
     else:
-        tensors += [target.points, target.normals]
+        tensors += [target.points, target.normals, target.covariances]
     tensors += [getattr(config, name) for name in TENSOR_OPTIONS]
     return any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
@@ -198,6 +214,8 @@ def icp(
     target_pose: Tensor | None = None,
     search_backend: str = "auto",
     progress: ProgressCallback | None = None,
+    source_covariances: Tensor | None = None,
+    target_covariances: Tensor | None = None,
     **overrides: Any,
 ) -> ICPResult:
     """Register ``source`` to ``target`` by (differentiable) ICP.
@@ -223,6 +241,10 @@ def icp(
         progress: called with a :class:`~difficp.loop.Progress` (iteration, fitness, inlier
             RMSE, pairs still active) after the first correspondences and after every
             iteration, e.g. to show progress of a long run (``difficp register`` does).
+        source_covariances, target_covariances: ``(N, 3, 3)`` / ``(B, N, 3, 3)`` (and ``M``)
+            symmetric positive-definite per-point covariances of ``metric="gicp"`` (estimated
+            by :func:`difficp.estimate_covariances` with ``covariance_k`` neighbours when
+            omitted; pass them to reuse a cloud's covariances across calls).
 
     Returns:
         :class:`ICPResult`; a single (unbatched) pair gives unbatched fields.
@@ -249,6 +271,8 @@ def icp(
             intrinsics,
             target_pose,
             index_backend,
+            source_covariances,
+            target_covariances,
         )
         loop_needs_grad = config.differentiation == "unroll" and _requires_grad(problem, config)
         steps = _choose_steps(problem, config, search_backend, loop_needs_grad)

@@ -102,6 +102,7 @@ def dense_soft_match(
     temperature: Tensor | float,
     target_mask: Tensor,
     block: int = DEFAULT_BLOCK,
+    normalize: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Dense soft partners and their re-normalised normals in ``O(chunk * M)`` memory.
 
@@ -110,6 +111,8 @@ def dense_soft_match(
         temperature: positive scalar (float or 0-d tensor, differentiable).
         target_mask: ``(B, M)`` bool of real target points (a pair needs at least one).
         block: elements of one ``chunk x M`` block (memory knob).
+        normalize: re-normalise the weighted mean of ``target_normals`` (False: return the
+            plain weighted mean of any ``(B, M, C)`` per-point values, e.g. covariances).
     Returns:
         partners ``(B, N, 3)`` and unit normals ``(B, N, 3)`` (None without target normals).
     """
@@ -126,5 +129,7 @@ def dense_soft_match(
     points = points + centre
     if target_normals is None:
         return points, None
+    if not normalize:
+        return points, raw_normals
     norm = raw_normals.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(source.dtype).tiny)
     return points, raw_normals / norm
