@@ -507,6 +507,8 @@ class FusedSteps:
             iterations,
             converged,
             history,
+            self.source_covariances,
+            self.target_covariances,
         )
         return LoopResult(
             value=torch.from_numpy(T),
@@ -634,6 +636,8 @@ def _evaluate_serial(
     rmse: np.ndarray,
     sums: np.ndarray,
     center: np.ndarray,
+    source_covariances: np.ndarray,
+    target_covariances: np.ndarray,
 ) -> None:
     """:meth:`FusedSteps.evaluate` at ``T`` ``(B, 4, 4)``: fitness and RMSE ``(B,)``, the pairs'
     ``sums`` ``(B, SUM_WIDTH)`` and their ``center`` ``(B, 3)``, written into the arguments."""
@@ -665,6 +669,8 @@ def _evaluate_serial(
         options,
         int_options,
         task_sums,
+        source_covariances,
+        target_covariances,
     )
     for b in range(B):
         # the tasks' rows added in order, as numpy's sum over them does
@@ -723,6 +729,8 @@ def _serial_loop(
     iterations: np.ndarray,
     converged: np.ndarray,
     history: np.ndarray,
+    source_covariances: np.ndarray,
+    target_covariances: np.ndarray,
 ) -> int:
     """:func:`difficp.loop.run_loop` over the :class:`FusedSteps` of a small problem, in one
     call: the same lock-step iterations, stopping rule and outputs. ``T`` ``(B, 4, 4)`` (the
@@ -740,9 +748,10 @@ def _serial_loop(
     far = np.empty(B, dtype=np.bool_)
     metric, procrustes = int_options[0], int_options[1]
     args = (source, source_normals, source_counts, source_mean, partner, anchor, safe2)
+    covariances = (source_covariances, target_covariances)
     _evaluate_serial(
         T, active, *args, target_normals, forest, options, int_options, tasks,
-        fitness, rmse, sums, center,
+        fitness, rmse, sums, center, *covariances,
     )  # fmt: skip
     history[:, 0] = rmse
     filled = 1
@@ -767,7 +776,7 @@ def _serial_loop(
             break
         _evaluate_serial(
             T, active, *args, target_normals, forest, options, int_options, tasks,
-            new_fitness, new_rmse, sums, center,
+            new_fitness, new_rmse, sums, center, *covariances,
         )  # fmt: skip
         any_active = False
         for b in range(B):
