@@ -554,9 +554,16 @@ def test_every_strategy_has_a_compiled_twin_or_a_reason(registry: str, name: str
             problem = prepare_problem(points, depth, config, intrinsics=K)
         else:
             p = make_pair(0, n=50)
+            colors = {}
+            if config.needs_colors:  # metric "colored"
+                g = torch.Generator().manual_seed(0)
+                colors = {
+                    f"{side}_colors": torch.rand(len(p[side]), 3, generator=g, dtype=torch.float64)
+                    for side in ("source", "target")
+                }
             problem = prepare_problem(
                 p["source"], p["target"], config,
-                source_normals=p["source_normals"], target_normals=p["target_normals"],
+                source_normals=p["source_normals"], target_normals=p["target_normals"], **colors,
             )  # fmt: skip
         assert fused.fused_supported(problem, config) == reason
         return

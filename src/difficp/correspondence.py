@@ -43,12 +43,17 @@ class Correspondences:
         normals: ``(B, N, 3)`` partner unit normals, or None when the target has none.
         valid: ``(B, N)`` bool, the point is real (not padding) and has a partner.
         distance: ``(B, N)`` Euclidean distance from the (transformed) source point to its partner.
+        features: ``(B, N, F)`` the partner's per-point features (gathered like its normal), or
+            None; source_features: ``(B, N, F')`` the source points' own. The ``"colored"``
+            metric reads its colour terms from them (:func:`difficp.colors.colored_features`).
     """
 
     points: Tensor
     normals: Tensor | None
     valid: Tensor
     distance: Tensor
+    features: Tensor | None = None
+    source_features: Tensor | None = None
 
 
 def lengths_mask(lengths: Tensor | None, batch: int, size: int, device: torch.device) -> Tensor:
@@ -318,6 +323,7 @@ def nearest_correspondences(
     source_mask: Tensor,
     target_normals: Tensor | None = None,
     max_distance: float | None = None,
+    target_features: Tensor | None = None,
 ) -> Correspondences:
     """Hard nearest-neighbour partners.
 
@@ -329,12 +335,16 @@ def nearest_correspondences(
         target_normals: ``(B, M, 3)`` or None.
         max_distance: search radius; points with no target within it get no partner (this is
             Open3D's hybrid search, and what makes hard rejection cheap).
+        target_features: ``(B, M, F)`` per-point features (colours), gathered like the normals.
     """
     idx, found = index.query(source, 1, query_mask=source_mask, max_distance=max_distance)
     idx, found = idx[..., 0], found[..., 0]
     partner = _gather(target, idx)
     distance = _safe_norm(source - partner)
-    return Correspondences(partner, _partner_normals(target_normals, idx), found, distance)
+    features = _partner_normals(target_features, idx)
+    return Correspondences(
+        partner, _partner_normals(target_normals, idx), found, distance, features
+    )
 
 
 def _safe_norm(v: Tensor) -> Tensor:
@@ -359,6 +369,7 @@ def soft_correspondences(
     target_normals: Tensor | None = None,
     soft_k: int | None = None,
     index: NeighborIndex | None = None,
+    target_features: Tensor | None = None,
 ) -> Correspondences:
     """Soft partners: the softmax(-|p - q|^2 / temperature)-weighted mean of the targets.
 
@@ -376,7 +387,10 @@ def soft_correspondences(
         target_normals: ``(B, M, 3)`` or None.
         soft_k: number of nearest targets in the softmax, or None for all.
         index: :class:`NeighborIndex` on ``target`` (needed with ``soft_k``).
+        target_features: ``(B, M, F)`` per-point features (colours): the partner's are their
+            same weighted mean (not re-normalised).
     """
+    features = None
     if soft_k is not None:
         if index is None:
             raise ValueError("soft_correspondences with soft_k needs a NeighborIndex on the target")
@@ -392,16 +406,20 @@ def soft_correspondences(
         normals = None
         if target_normals is not None:
             normals = _normalize((w[..., None] * _gather(target_normals, idx)).sum(-2))
+        if target_features is not None:
+            features = (w[..., None] * _gather(target_features, idx)).sum(-2)
         valid = source_mask & any_found
     else:
-        from difficp.softmatch import dense_soft_match
+        from difficp.softmatch import dense_soft_match, dense_soft_mean
 
         partner, normals = dense_soft_match(
             source, target, target_normals, temperature, target_mask
         )
+        if target_features is not None:
+            features = dense_soft_mean(source, target, target_features, temperature, target_mask)
         valid = source_mask & target_mask.any(1)[:, None]
     distance = _safe_norm(source - partner)
-    return Correspondences(partner, normals, valid, distance)
+    return Correspondences(partner, normals, valid, distance, features)
 
 
 @dataclass

@@ -18,6 +18,7 @@ Both Levenberg-Marquardt loops accept a trial by :func:`marquardt_accept`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -265,7 +266,7 @@ def gauss_newton_update(
     if center is None:
         center = positive_weight_centroid(source, weights)
     c = center[:, None, :]
-    centred = Correspondences(corr.points - c, corr.normals, corr.valid, corr.distance)
+    centred = dataclasses.replace(corr, points=corr.points - c)
     r = metric.residuals(source - c, source_normals, centred)
     J = metric.jacobian(source - c, source_normals, centred)
     A, g = normal_equations(r, J, weights)

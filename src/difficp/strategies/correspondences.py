@@ -64,7 +64,9 @@ class Nearest(Correspondence):
 
     def find(self, moved: Tensor, target: Any, mask: Tensor, o: MatchOptions) -> Correspondences:
         t = target  # a PointTarget with its neighbour index
-        return nearest_correspondences(moved, t.points, t.index, mask, t.normals, o.radius)
+        return nearest_correspondences(
+            moved, t.points, t.index, mask, t.normals, o.radius, t.features
+        )
 
 
 @CORRESPONDENCES.register("soft")
@@ -77,7 +79,7 @@ class Soft(Correspondence):
         t = target  # a PointTarget (its index serves the top-k search)
         k, temperature = o.soft_k, o.temperature
         return soft_correspondences(
-            moved, t.points, temperature, mask, t.mask, t.normals, k, t.index
+            moved, t.points, temperature, mask, t.mask, t.normals, k, t.index, t.features
         )
 
 
