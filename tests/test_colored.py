@@ -314,3 +314,27 @@ def test_bad_colour_options_are_refused() -> None:
         difficp.ICPConfig(metric="colored", color_neighbors=0)
     with pytest.raises(ValueError, match="projective"):
         difficp.ICPConfig(metric="colored", correspondence="projective")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("voxel", [[], ["--voxel-size", "0.01"]])
+def test_cli_reads_colours_from_the_files(tmp_path, capsys, voxel: list[str]) -> None:
+    from difficp.cli import main
+    from difficp.io import read_transform, write_point_cloud
+
+    p = _colored_pair(10, n=600, angle=5, translation=0.03, resample=False)
+    src, tgt, out = tmp_path / "s.ply", tmp_path / "t.pcd", tmp_path / "T.txt"
+    write_point_cloud(src, p["source"], colors=p["source_colors"])
+    write_point_cloud(tgt, p["target"], p["target_normals"], p["target_colors"], double=True)
+    args = ["register", str(src), str(tgt), "--metric", "colored", "--max-distance", "0.2"]
+    assert main([*args, "--dtype", "float64", "--out", str(out), *voxel]) == 0
+    # 8-bit colours in the files: still close to the truth.
+    np.testing.assert_allclose(read_transform(out), p["transform"].numpy(), atol=2e-3)
+    capsys.readouterr()
+    write_point_cloud(src, p["source"])  # no colours
+    assert main(args) == 2
+    assert "needs colours, and source" in capsys.readouterr().err
