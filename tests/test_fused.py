@@ -470,7 +470,9 @@ def test_compiled_twins_match_metric_residuals_and_normal_equations(metric: str,
     m, n = (v / np.linalg.norm(v) for v in rng.normal(size=(2, 3)))
     w = float(rng.random())
     d = float(np.linalg.norm(p - q))
-    v = tuple(float(x) for x in (*(p - q), *(p - c), *(q - c), *m, *n))
+    # colour features (metric colored; the others ignore them): source 1, partner 5
+    source_f, partner_f = rng.random(1), rng.normal(size=5)
+    v = tuple(float(x) for x in (*(p - q), *(p - c), *(q - c), *m, *n, *source_f, *partner_f))
     r = compile_twin(METRICS[metric].compiled_residual)(d, v)
     sums, J = np.zeros((2, 40)), np.full(6, np.nan)
     compile_twin(METRICS[metric].compiled_accumulate)(sums, 1, 5, J, w, v)
@@ -479,6 +481,8 @@ def test_compiled_twins_match_metric_residuals_and_normal_equations(metric: str,
         torch.from_numpy(n)[None, None],
         torch.ones(1, 1, dtype=torch.bool),
         torch.tensor([[d]], dtype=torch.float64),
+        torch.from_numpy(partner_f)[None, None],
+        torch.from_numpy(source_f)[None, None],
     )
     source, normals = torch.from_numpy(p - c)[None, None], torch.from_numpy(m)[None, None]
     ref_r = METRICS[metric].residuals(source, normals, corr)[0, 0].numpy()

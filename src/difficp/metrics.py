@@ -131,9 +131,10 @@ class PointToPoint(RigidStepMetric):
     def compiled_residual(d: float, v: tuple) -> float:
         """Twin of the residual norm of one correspondence (for the robust kernel): ``d``.
 
-        Every metric's twins take ``d = |p - q|`` and ``v``, the 15 floats ``r = p - q``,
+        Every metric's twins take ``d = |p - q|`` and ``v``, the 21 floats ``r = p - q``,
         ``a = p - c``, ``b = q - c`` (centred on the pair's centre ``c``), ``m`` / ``n`` the
-        moved source / target normals (a tuple: numba keeps it in registers)."""
+        moved source / target normals, then the colour features (source 1, partner 5; zeros
+        unless the metric reads them) (a tuple: numba keeps it in registers)."""
         return d
 
     @staticmethod
@@ -209,7 +210,7 @@ class PointToPlane(RigidStepMetric):
     ) -> None:
         """Twin of :meth:`jacobian` / :meth:`residuals`: ``[a x n, n]``, ``r . n``."""
         r = v[0] * v[12] + v[1] * v[13] + v[2] * v[14]
-        _lever_row(sums, row, k0, J, w, v[3:6], v[12:], r)
+        _lever_row(sums, row, k0, J, w, v[3:6], v[12:15], r)
 
 
 def _symmetric_update(step: np.ndarray, out: np.ndarray) -> None:
@@ -311,10 +312,6 @@ class Colored(RigidStepMetric):
 
     residual_dim = 2
     needs_colors = True
-    fused_reason = (
-        "the compiled kernel carries no per-point colour features (metric 'colored' runs on "
-        "the PyTorch path)"
-    )
 
     @staticmethod
     def _terms(source: Tensor, corr: Correspondences) -> tuple[Tensor, ...]:
@@ -344,6 +341,38 @@ class Colored(RigidStepMetric):
         plane = geometric * torch.cat([torch.cross(source, n, dim=-1), n], dim=-1)
         photometric = torch.cat([torch.cross(source, d, dim=-1), d], dim=-1)
         return torch.stack([plane, photometric], dim=-2)
+
+    @staticmethod
+    def compiled_residual(d: float, v: tuple) -> float:
+        """Twin of :meth:`residuals` (see :meth:`PointToPoint.compiled_residual`): the norm of
+        the two rows (what the robust kernel reads)."""
+        plane, photometric, _ = _colored_rows(v)
+        return math.sqrt(plane * plane + photometric * photometric)
+
+    @staticmethod
+    def compiled_accumulate(
+        sums: np.ndarray, row: int, k0: int, J: np.ndarray, w: float, v: tuple
+    ) -> None:
+        """Twin of :meth:`jacobian` / :meth:`residuals`: rows ``[a x sqrt(lambda) n,
+        sqrt(lambda) n]`` and ``[a x (-P d), -P d]``."""
+        plane, photometric, t = _colored_rows(v)
+        g = v[16]
+        e = (v[3], v[4], v[5])
+        _lever_row(sums, row, k0, J, w, e, (g * v[12], g * v[13], g * v[14]), plane)
+        _lever_row(sums, row, k0, J, w, e, (-t[0], -t[1], -t[2]), photometric)
+
+
+@compiled_helper
+def _colored_rows(v: tuple) -> tuple:
+    """The colored metric's two residual rows and the tangential gradient ``P d`` of one
+    correspondence's ``v`` (compiled helper of its twins)."""
+    rx, ry, rz, nx, ny, nz = v[0], v[1], v[2], v[12], v[13], v[14]
+    source, weight, partner, gx, gy, gz = v[15], v[16], v[17], v[18], v[19], v[20]
+    gn = gx * nx + gy * ny + gz * nz
+    tx, ty, tz = gx - gn * nx, gy - gn * ny, gz - gn * nz
+    plane = weight * (rx * nx + ry * ny + rz * nz)
+    photometric = source - partner - (rx * tx + ry * ty + rz * tz)
+    return plane, photometric, (tx, ty, tz)
 
 
 def get_metric(name: str) -> Metric:
