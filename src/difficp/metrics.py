@@ -346,7 +346,13 @@ class Colored(RigidStepMetric):
     def compiled_residual(d: float, v: tuple) -> float:
         """Twin of :meth:`residuals` (see :meth:`PointToPoint.compiled_residual`): the norm of
         the two rows (what the robust kernel reads)."""
-        plane, photometric, _ = _colored_rows(v)
+        rx, ry, rz, nx, ny, nz = v[0], v[1], v[2], v[12], v[13], v[14]
+        gx, gy, gz = v[18], v[19], v[20]
+        gn = gx * nx + gy * ny + gz * nz
+        plane = v[16] * (rx * nx + ry * ny + rz * nz)
+        photometric = (
+            v[15] - v[17] - (rx * gx + ry * gy + rz * gz) + gn * (rx * nx + ry * ny + rz * nz)
+        )
         return math.sqrt(plane * plane + photometric * photometric)
 
     @staticmethod
@@ -354,25 +360,19 @@ class Colored(RigidStepMetric):
         sums: np.ndarray, row: int, k0: int, J: np.ndarray, w: float, v: tuple
     ) -> None:
         """Twin of :meth:`jacobian` / :meth:`residuals`: rows ``[a x sqrt(lambda) n,
-        sqrt(lambda) n]`` and ``[a x (-P d), -P d]``."""
-        plane, photometric, t = _colored_rows(v)
+        sqrt(lambda) n]`` and ``[a x (-P d), -P d]`` (v[15:21]: s I_p, sqrt(lambda), s I_q,
+        s d_q)."""
+        rx, ry, rz, nx, ny, nz = v[0], v[1], v[2], v[12], v[13], v[14]
+        gx, gy, gz = v[18], v[19], v[20]
+        rn = rx * nx + ry * ny + rz * nz
+        gn = gx * nx + gy * ny + gz * nz
+        # -P d, the photometric row's derivative in p
+        dx, dy, dz = gn * nx - gx, gn * ny - gy, gn * nz - gz
+        photometric = v[15] - v[17] + (rx * dx + ry * dy + rz * dz)
         g = v[16]
         e = (v[3], v[4], v[5])
-        _lever_row(sums, row, k0, J, w, e, (g * v[12], g * v[13], g * v[14]), plane)
-        _lever_row(sums, row, k0, J, w, e, (-t[0], -t[1], -t[2]), photometric)
-
-
-@compiled_helper
-def _colored_rows(v: tuple) -> tuple:
-    """The colored metric's two residual rows and the tangential gradient ``P d`` of one
-    correspondence's ``v`` (compiled helper of its twins)."""
-    rx, ry, rz, nx, ny, nz = v[0], v[1], v[2], v[12], v[13], v[14]
-    source, weight, partner, gx, gy, gz = v[15], v[16], v[17], v[18], v[19], v[20]
-    gn = gx * nx + gy * ny + gz * nz
-    tx, ty, tz = gx - gn * nx, gy - gn * ny, gz - gn * nz
-    plane = weight * (rx * nx + ry * ny + rz * nz)
-    photometric = source - partner - (rx * tx + ry * ty + rz * tz)
-    return plane, photometric, (tx, ty, tz)
+        _lever_row(sums, row, k0, J, w, e, (g * nx, g * ny, g * nz), g * rn)
+        _lever_row(sums, row, k0, J, w, e, (dx, dy, dz), photometric)
 
 
 def get_metric(name: str) -> Metric:
