@@ -102,8 +102,6 @@ def fused_iteration(
     options: np.ndarray,
     int_options: np.ndarray,
     sums: np.ndarray,
-    source_features: np.ndarray,
-    target_features: np.ndarray,
 ) -> None:
     """Correspond, weigh and accumulate every source point of every active pair.
 
@@ -124,11 +122,8 @@ def fused_iteration(
             kernel scale]``.
         int_options: int64 ``[metric code (METRICS.code), procrustes (1) or normal equations
             (0), rejection code (REJECTIONS.code), weight_distance, weight_normal, robust kernel
-            code (KERNELS.code), uses source normals, uses target normals, uses features]``.
+            code (KERNELS.code), uses source normals, uses target normals]``.
         sums: ``(B * tasks_per_pair, SUM_WIDTH)`` zeros; task rows get their sums.
-        source_features: ``(B, N, 1)``, target_features: ``(P, 5)`` in forest order: the
-            colour terms of metric ``"colored"`` (:func:`difficp.colors.colored_features`;
-            any values when int_options[8], uses features, is 0).
     """
     radius2, max_distance, rejection_t, cos_min, kernel_scale = (
         options[0],
@@ -146,7 +141,6 @@ def fused_iteration(
         int_options[5],
     )
     uses_normals, uses_target_normals = int_options[6] == 1, int_options[7] == 1
-    uses_features = int_options[8] == 1
     B, N = source.shape[0], source.shape[1]
     tasks = (N + CHUNK - 1) // CHUNK
     for task in prange(B * tasks):
@@ -192,20 +186,7 @@ def fused_iteration(
             # p and q centred on c (conditioning of the sums)
             ax, ay, az = px - c[0], py - c[1], pz - c[2]
             bx, by, bz = qx - c[0], qy - c[1], qz - c[2]
-            # colour terms: source s I_p, partner sqrt(lambda), s I_q, s d_q (metric colored)
-            sf = fw = fi = gx = gy = gz = 0.0
-            if uses_features:
-                sf = source_features[b, i, 0]
-                fw, fi = target_features[best, 0], target_features[best, 1]
-                gx, gy, gz = (
-                    target_features[best, 2],
-                    target_features[best, 3],
-                    target_features[best, 4],
-                )
-            v = (
-                px - qx, py - qy, pz - qz, ax, ay, az, bx, by, bz, mx, my, mz, nx, ny, nz,
-                sf, fw, fi, gx, gy, gz,
-            )  # fmt: skip
+            v = (px - qx, py - qy, pz - qz, ax, ay, az, bx, by, bz, mx, my, mz, nx, ny, nz)
             r = d if procrustes == 1 else _metric_residual(metric, d, v)  # svd: point_to_point
             if kernel != _NO_KERNEL:
                 w *= _robust_weight(kernel, abs(r), kernel_scale)
@@ -375,13 +356,6 @@ class FusedSteps:
             f = self.forest
             cloud = np.repeat(np.arange(B), np.diff(f.point_offset))
             self.target_normals = np.ascontiguousarray(normals[cloud, f.order])
-        self.source_features, self.target_features = np.zeros((1, 1, 1)), np.zeros((1, 5))
-        if target.features is not None and problem.source_features is not None:
-            features = _numpy(target.features)
-            f = self.forest
-            cloud = np.repeat(np.arange(B), np.diff(f.point_offset))
-            self.target_features = np.ascontiguousarray(features[cloud, f.order])
-            self.source_features = _numpy(problem.source_features)
         self.source_mean = (self.source * (problem.source_mask.cpu().numpy()[..., None])).sum(
             1
         ) / np.maximum(self.source_counts, 1)[:, None]
@@ -412,7 +386,6 @@ class FusedSteps:
                 KERNELS.code(config.robust_kernel),
                 int(config.needs_source_normals),
                 int(config.needs_target_normals),
-                int(config.needs_colors),
             ],
             dtype=np.int64,
         )
@@ -448,8 +421,6 @@ class FusedSteps:
             self.options,
             self.int_options,
             sums,
-            self.source_features,
-            self.target_features,
         )
         sums = sums.reshape(B, self.tasks, SUM_WIDTH).sum(1)
         count = sums[:, INLIERS]

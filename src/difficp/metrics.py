@@ -131,10 +131,9 @@ class PointToPoint(RigidStepMetric):
     def compiled_residual(d: float, v: tuple) -> float:
         """Twin of the residual norm of one correspondence (for the robust kernel): ``d``.
 
-        Every metric's twins take ``d = |p - q|`` and ``v``, the 21 floats ``r = p - q``,
+        Every metric's twins take ``d = |p - q|`` and ``v``, the 15 floats ``r = p - q``,
         ``a = p - c``, ``b = q - c`` (centred on the pair's centre ``c``), ``m`` / ``n`` the
-        moved source / target normals, then the colour features (source 1, partner 5; zeros
-        unless the metric reads them) (a tuple: numba keeps it in registers)."""
+        moved source / target normals (a tuple: numba keeps it in registers)."""
         return d
 
     @staticmethod
@@ -312,6 +311,10 @@ class Colored(RigidStepMetric):
 
     residual_dim = 2
     needs_colors = True
+    fused_reason = (
+        "the compiled kernel carries no per-point colour features (metric 'colored' runs on "
+        "the PyTorch path)"
+    )
 
     @staticmethod
     def _terms(source: Tensor, corr: Correspondences) -> tuple[Tensor, ...]:
@@ -341,38 +344,6 @@ class Colored(RigidStepMetric):
         plane = geometric * torch.cat([torch.cross(source, n, dim=-1), n], dim=-1)
         photometric = torch.cat([torch.cross(source, d, dim=-1), d], dim=-1)
         return torch.stack([plane, photometric], dim=-2)
-
-    @staticmethod
-    def compiled_residual(d: float, v: tuple) -> float:
-        """Twin of :meth:`residuals` (see :meth:`PointToPoint.compiled_residual`): the norm of
-        the two rows (what the robust kernel reads)."""
-        rx, ry, rz, nx, ny, nz = v[0], v[1], v[2], v[12], v[13], v[14]
-        gx, gy, gz = v[18], v[19], v[20]
-        gn = gx * nx + gy * ny + gz * nz
-        plane = v[16] * (rx * nx + ry * ny + rz * nz)
-        photometric = (
-            v[15] - v[17] - (rx * gx + ry * gy + rz * gz) + gn * (rx * nx + ry * ny + rz * nz)
-        )
-        return math.sqrt(plane * plane + photometric * photometric)
-
-    @staticmethod
-    def compiled_accumulate(
-        sums: np.ndarray, row: int, k0: int, J: np.ndarray, w: float, v: tuple
-    ) -> None:
-        """Twin of :meth:`jacobian` / :meth:`residuals`: rows ``[a x sqrt(lambda) n,
-        sqrt(lambda) n]`` and ``[a x (-P d), -P d]`` (v[15:21]: s I_p, sqrt(lambda), s I_q,
-        s d_q)."""
-        rx, ry, rz, nx, ny, nz = v[0], v[1], v[2], v[12], v[13], v[14]
-        gx, gy, gz = v[18], v[19], v[20]
-        rn = rx * nx + ry * ny + rz * nz
-        gn = gx * nx + gy * ny + gz * nz
-        # -P d, the photometric row's derivative in p
-        dx, dy, dz = gn * nx - gx, gn * ny - gy, gn * nz - gz
-        photometric = v[15] - v[17] + (rx * dx + ry * dy + rz * dz)
-        g = v[16]
-        e = (v[3], v[4], v[5])
-        _lever_row(sums, row, k0, J, w, e, (g * nx, g * ny, g * nz), g * rn)
-        _lever_row(sums, row, k0, J, w, e, (dx, dy, dz), photometric)
 
 
 def get_metric(name: str) -> Metric:
