@@ -560,11 +560,24 @@ def test_every_strategy_has_a_compiled_twin_or_a_reason(registry: str, name: str
     }[registry]
     if reason is not None:
         config = ICPConfig(**_config_using(registry, name))
-        p = make_pair(0, n=50)
-        problem = prepare_problem(
-            p["source"], p["target"], config,
-            source_normals=p["source_normals"], target_normals=p["target_normals"],
-        )  # fmt: skip
+        if name == "projective":
+            K = torch.tensor([[5.0, 0, 4], [0, 5, 4], [0, 0, 1]], dtype=torch.float64)
+            points = torch.rand(50, 3, dtype=torch.float64) * 0.1 + torch.tensor([0, 0, 1.0])
+            depth = torch.ones(8, 8, dtype=torch.float64)
+            problem = prepare_problem(points, depth, config, intrinsics=K)
+        else:
+            p = make_pair(0, n=50)
+            colors = {}
+            if config.needs_colors:  # metric "colored"
+                g = torch.Generator().manual_seed(0)
+                colors = {
+                    f"{side}_colors": torch.rand(len(p[side]), 3, generator=g, dtype=torch.float64)
+                    for side in ("source", "target")
+                }
+            problem = prepare_problem(
+                p["source"], p["target"], config,
+                source_normals=p["source_normals"], target_normals=p["target_normals"], **colors,
+            )  # fmt: skip
         assert fused.fused_supported(problem, config) == reason
         return
     missing = [t for t in twins if getattr(strategy, t, None) is None]

@@ -155,8 +155,14 @@ def _bent(points: torch.Tensor, amount: float) -> torch.Tensor:
     """A smooth non-rigid deformation: bend about y growing with x, plus a bulge."""
     x, y, z = points.unbind(-1)
     ang = amount * x
-    return torch.stack([x * torch.cos(ang) - z * torch.sin(ang), y * (1 + 0.3 * amount * z),
-                        x * torch.sin(ang) + z * torch.cos(ang)], -1)
+    return torch.stack(
+        [
+            x * torch.cos(ang) - z * torch.sin(ang),
+            y * (1 + 0.3 * amount * z),
+            x * torch.sin(ang) + z * torch.cos(ang),
+        ],
+        -1,
+    )
 
 
 @pytest.mark.parametrize("solver", ["linear", "lm"])
@@ -165,8 +171,9 @@ def test_graph_fit_recovers_smooth_deformation(solver: str) -> None:
     tgt = _bent(_blob(1000, 7), 1.5)
     true = _bent(src, 1.5)
     model = EmbeddedDeformationGraph(src, num_nodes=20, smooth_weight=1.0)
-    res = nonrigid_icp(None, tgt, model, solver=solver, max_iterations=30,
-                       regularizer_schedule=[100, 30, 10, 3, 1])
+    res = nonrigid_icp(
+        None, tgt, model, solver=solver, max_iterations=30, regularizer_schedule=[100, 30, 10, 3, 1]
+    )
     dense = _bent(_blob(20000, 8), 1.5)  # the true deformed surface, densely
 
     def to_surface(p: torch.Tensor) -> float:
@@ -183,8 +190,9 @@ def test_batched_equals_single() -> None:
     model = EmbeddedDeformationGraph(srcs, num_nodes=10)
     res = nonrigid_icp(None, tgts, model, max_iterations=5)
     for b in range(2):
-        single = nonrigid_icp(None, tgts[b], EmbeddedDeformationGraph(srcs[b], num_nodes=10),
-                              max_iterations=5)
+        single = nonrigid_icp(
+            None, tgts[b], EmbeddedDeformationGraph(srcs[b], num_nodes=10), max_iterations=5
+        )
         torch.testing.assert_close(res.params[b], single.params, atol=1e-9, rtol=1e-7)
         assert int(res.iterations[b]) == int(single.iterations)
 
@@ -209,8 +217,14 @@ def test_bad_inputs_raise() -> None:
     with pytest.raises(ValueError, match="source"):
         nonrigid_icp(None, src, "graph")
     with pytest.raises(ValueError, match="source normals"):
-        nonrigid_icp(src, src, "graph", model_options={"num_nodes": 8}, metric="symmetric",
-                     target_normals=src)
+        nonrigid_icp(
+            src,
+            src,
+            "graph",
+            model_options={"num_nodes": 8},
+            metric="symmetric",
+            target_normals=src,
+        )
     with pytest.raises(ValueError, match="NaN"):
         nonrigid_icp(src, src * float("nan"), "rigid")
 
@@ -230,8 +244,15 @@ def test_gradcheck_unrolled_graph_fit() -> None:
 
     def fit(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         model = EmbeddedDeformationGraph(s, num_nodes=5, skin_k=3, graph_k=2, smooth_weight=1.0)
-        res = nonrigid_icp(None, t, model, solver="lm", lm_steps=2, max_iterations=2,
-                           regularizer_schedule=[10.0, 1.0])
+        res = nonrigid_icp(
+            None,
+            t,
+            model,
+            solver="lm",
+            lm_steps=2,
+            max_iterations=2,
+            regularizer_schedule=[10.0, 1.0],
+        )
         return res.params
 
     s = src.clone().requires_grad_(True)
@@ -248,8 +269,9 @@ def test_gradcheck_rigid_model_point_to_plane() -> None:
     normals = difficp.estimate_normals(tgt, viewpoint=torch.zeros(3, dtype=tgt.dtype))
 
     def fit(t: torch.Tensor) -> torch.Tensor:
-        return nonrigid_icp(src, t, "rigid", metric="point_to_plane", target_normals=normals,
-                            max_iterations=3).params
+        return nonrigid_icp(
+            src, t, "rigid", metric="point_to_plane", target_normals=normals, max_iterations=3
+        ).params
 
     t = tgt.clone().requires_grad_(True)
     assert torch.autograd.gradcheck(fit, (t,), eps=1e-6, atol=1e-5, fast_mode=True)
@@ -271,8 +293,14 @@ def test_implicit_gradient_matches_unrolled_at_convergence() -> None:
 def test_differentiation_none_has_no_graph() -> None:
     src, tgt = _small_problem()
     t = tgt.clone().requires_grad_(True)
-    res = nonrigid_icp(src, t, "graph", model_options={"num_nodes": 5, "graph_k": 2},
-                       max_iterations=2, differentiation="none")
+    res = nonrigid_icp(
+        src,
+        t,
+        "graph",
+        model_options={"num_nodes": 5, "graph_k": 2},
+        max_iterations=2,
+        differentiation="none",
+    )
     assert not res.params.requires_grad
 
 

@@ -51,6 +51,7 @@ TENSOR_OPTIONS = (
     "max_distance",
     "max_normal_angle",
     "kernel_scale",
+    "lambda_geometric",
 )
 
 
@@ -203,6 +204,12 @@ class ICPConfig:
             Gauss-Newton step per iteration) or ``"lm"`` (Levenberg-Marquardt, ``lm_steps`` damped
             steps per iteration starting from damping ``lm_damping``). None picks ``"svd"`` for
             point_to_point and ``"linear"`` otherwise.
+        ``"colored"`` (Park et al. 2017, Open3D's colored ICP; target normals and
+            ``source_colors`` / ``target_colors``): point-to-plane and photometric rows,
+            weighted ``lambda_geometric`` / ``1 - lambda_geometric`` (Open3D's 0.968). The
+            target's intensity gradients are fitted once over ``color_neighbors`` nearest
+            neighbours within ``color_radius`` (None: ``2 * max_distance`` as Open3D, or no
+            radius without a ``max_distance``); see :mod:`difficp.colors`.
     Stopping (Open3D's criteria): stop a pair when both |change of fitness| < relative_fitness and
         |change of inlier RMSE| < relative_rmse, or after max_iterations.
         criteria_scale: ``"absolute"`` (Open3D's: relative_rmse in distance units; warns when
@@ -238,6 +245,9 @@ class ICPConfig:
     differentiation: Differentiation = "unroll"
     return_history: bool = False
     covariance_k: int = 20
+    lambda_geometric: Scalar = 0.968
+    color_neighbors: int = 30
+    color_radius: float | None = None
 
     def __post_init__(self) -> None:
         _choice("correspondence", self.correspondence, CORRESPONDENCES)
@@ -266,6 +276,21 @@ class ICPConfig:
                     "ICPConfig.max_normal_angle must be in (0, 180] degrees, got "
                     f"{_show(self.max_normal_angle)}"
                 )
+        lam = _number("lambda_geometric", self.lambda_geometric)
+        if not 0 <= lam <= 1:
+            raise ValueError(
+                f"ICPConfig.lambda_geometric must be in [0, 1] (the weight of the point-to-plane "
+                f"term of metric='colored'), got {_show(self.lambda_geometric)}"
+            )
+        _positive("color_radius", self.color_radius)
+        object.__setattr__(
+            self, "color_neighbors", _integer("color_neighbors", self.color_neighbors, 1)
+        )
+        if self.needs_colors and self.correspondence == "projective":
+            raise ValueError(
+                "ICPConfig.metric='colored' needs point-cloud targets with colours; it does not "
+                "run with correspondence='projective' (use 'nearest' or 'soft')"
+            )
         # Integers: numpy / 0-d tensor ints are stored as int; bools are refused (True is not 1
         # iteration by intent).
         if self.soft_k is not None:
@@ -315,6 +340,21 @@ class ICPConfig:
     def needs_target_normals(self) -> bool:
         """Whether the target must carry normals (the metric's, or any normal criterion)."""
         return METRIC_REGISTRY[self.metric].needs_target_normals or self.uses_normal_criteria
+
+    @property
+    def needs_colors(self) -> bool:
+        """Whether the metric reads ``source_colors`` / ``target_colors`` (``"colored"``)."""
+        return bool(getattr(METRIC_REGISTRY[self.metric], "needs_colors", False))
+
+    @property
+    def resolved_color_radius(self) -> float | None:
+        """The radius of the colour-gradient neighbourhoods: ``color_radius``, else Open3D's
+        ``2 * max_distance`` (None: no radius)."""
+        if self.color_radius is not None:
+            return float(self.color_radius)
+        if self.max_distance is None:
+            return None
+        return 2.0 * float(torch.as_tensor(self.max_distance).detach())
 
     @cached_property
     def strategies(self) -> Strategies:

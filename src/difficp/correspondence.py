@@ -47,6 +47,9 @@ class Correspondences:
             (gathered, or the soft weights' mean) plus, once :func:`difficp.registration.correspond`
             has added it, the moved source point's ``R S_p R^T``: the combined ``C`` of the cost
             ``r^T C^-1 r``.
+        features: ``(B, N, F)`` the partner's per-point features (gathered like its normal), or
+            None; source_features: ``(B, N, F')`` the source points' own. The ``"colored"``
+            metric reads its colour terms from them (:func:`difficp.colors.colored_features`).
     """
 
     points: Tensor
@@ -54,6 +57,8 @@ class Correspondences:
     valid: Tensor
     distance: Tensor
     covariances: Tensor | None = None
+    features: Tensor | None = None
+    source_features: Tensor | None = None
 
 
 def lengths_mask(lengths: Tensor | None, batch: int, size: int, device: torch.device) -> Tensor:
@@ -334,6 +339,7 @@ def nearest_correspondences(
     target_normals: Tensor | None = None,
     max_distance: float | None = None,
     target_covariances: Tensor | None = None,
+    target_features: Tensor | None = None,
 ) -> Correspondences:
     """Hard nearest-neighbour partners.
 
@@ -346,6 +352,7 @@ def nearest_correspondences(
         max_distance: search radius; points with no target within it get no partner (this is
             Open3D's hybrid search, and what makes hard rejection cheap).
         target_covariances: ``(B, M, 3, 3)`` or None (metric ``"gicp"``).
+        target_features: ``(B, M, F)`` per-point features (colours), gathered like the normals.
     """
     idx, found = index.query(source, 1, query_mask=source_mask, max_distance=max_distance)
     idx, found = idx[..., 0], found[..., 0]
@@ -353,7 +360,10 @@ def nearest_correspondences(
     distance = _safe_norm(source - partner)
     normals = _partner_normals(target_normals, idx)
     covariances = _partner_covariances(target_covariances, idx)
-    return Correspondences(partner, normals, found, distance, covariances)
+    features = _partner_normals(target_features, idx)
+    return Correspondences(
+        partner, normals, found, distance, covariances=covariances, features=features
+    )
 
 
 def _safe_norm(v: Tensor) -> Tensor:
@@ -379,6 +389,7 @@ def soft_correspondences(
     soft_k: int | None = None,
     index: NeighborIndex | None = None,
     target_covariances: Tensor | None = None,
+    target_features: Tensor | None = None,
 ) -> Correspondences:
     """Soft partners: the softmax(-|p - q|^2 / temperature)-weighted mean of the targets.
 
@@ -398,8 +409,10 @@ def soft_correspondences(
         index: :class:`NeighborIndex` on ``target`` (needed with ``soft_k``).
         target_covariances: ``(B, M, 3, 3)`` or None; the partner's covariance is the same
             weighted mean (metric ``"gicp"``).
+        target_features: ``(B, M, F)`` per-point features (colours): the partner's are their
+            same weighted mean (not re-normalised).
     """
-    covariances = None
+    covariances = features = None
     if soft_k is not None:
         if index is None:
             raise ValueError("soft_correspondences with soft_k needs a NeighborIndex on the target")
@@ -418,9 +431,11 @@ def soft_correspondences(
         if target_covariances is not None:
             neighbour_cov = _gather(target_covariances.flatten(-2), idx)  # (B, N, k, 9)
             covariances = (w[..., None] * neighbour_cov).sum(-2).unflatten(-1, (3, 3))
+        if target_features is not None:
+            features = (w[..., None] * _gather(target_features, idx)).sum(-2)
         valid = source_mask & any_found
     else:
-        from difficp.softmatch import dense_soft_match
+        from difficp.softmatch import dense_soft_match, dense_soft_mean
 
         if target_covariances is None:
             partner, normals = dense_soft_match(
@@ -437,9 +452,13 @@ def soft_correspondences(
             assert mixed is not None
             covariances = mixed[..., -9:].unflatten(-1, (3, 3))
             normals = None if target_normals is None else _normalize(mixed[..., :3])
+        if target_features is not None:
+            features = dense_soft_mean(source, target, target_features, temperature, target_mask)
         valid = source_mask & target_mask.any(1)[:, None]
     distance = _safe_norm(source - partner)
-    return Correspondences(partner, normals, valid, distance, covariances)
+    return Correspondences(
+        partner, normals, valid, distance, covariances=covariances, features=features
+    )
 
 
 @dataclass

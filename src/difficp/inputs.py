@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from difficp.colors import colored_features
 from difficp.config import ICPConfig
 from difficp.correspondence import DepthTarget, NeighborIndex, lengths_mask, spatial_order
 from difficp.geometry import (
@@ -48,13 +49,15 @@ def _take(values: Tensor, order: Tensor) -> Tensor:
 @dataclass
 class PointTarget:
     """A target point cloud, prepared once: ``points``/``normals`` ``(B, M, 3)``, ``mask`` ``(B, M)``,
-    and the neighbour index (None for dense soft correspondences)."""
+    the neighbour index (None for dense soft correspondences) and per-point ``features``
+    ``(B, M, F)`` (the colour terms of metric ``"colored"``, else None)."""
 
     points: Tensor
     normals: Tensor | None
     mask: Tensor
     index: NeighborIndex | None
     covariances: Tensor | None = None  # (B, M, 3, 3), metric "gicp"
+    features: Tensor | None = None
 
 
 @dataclass
@@ -75,6 +78,7 @@ class Problem:
     unbatched: bool
     result_dtype: torch.dtype | None = None  # the inputs' dtype, when computed in another one
     source_covariances: Tensor | None = None  # (B, N, 3, 3), metric "gicp"
+    source_features: Tensor | None = None  # (B, N, F) colour terms of metric "colored"
 
 
 def _as_float_tensor(name: str, value: object) -> Tensor:
@@ -264,6 +268,50 @@ def _covariances(name: str, value: object, points: Tensor, mask: Tensor, unbatch
     return c
 
 
+def _colors(name: str, value: object, points: Tensor, unbatched: bool) -> Tensor:
+    """``(B, N, 3)`` RGB in [0, 1] shaped like ``points``, or a ValueError naming the fix."""
+    if isinstance(value, (np.ndarray, Tensor)) and not (
+        value.dtype.kind == "f" if isinstance(value, np.ndarray) else value.is_floating_point()
+    ):
+        raise ValueError(
+            f"{name} must be float RGB in [0, 1], got dtype {value.dtype}; for 8-bit colours "
+            f"pass {name}=colors / 255.0"
+        )
+    c = _as_float_tensor(name, value)
+    c = c[None] if unbatched and c.dim() == points.dim() - 1 else c
+    if c.dim() != 3 or c.shape[-1] != 3 or c.shape[1] != points.shape[1]:
+        raise ValueError(
+            f"{name} must be RGB shaped like its points {tuple(points.shape)} (N, 3) or "
+            f"(B, N, 3), got {tuple(c.shape)}"
+        )
+    _check_finite(name, c)
+    low, high = float(c.detach().amin()), float(c.detach().amax())
+    if low < 0 or high > 1:
+        raise ValueError(
+            f"{name} must be RGB in [0, 1], got values in [{low:.6g}, {high:.6g}]; for 8-bit "
+            f"colours pass {name}=colors / 255.0"
+        )
+    return _expand_batch(name, c, points.shape[0]).to(points.dtype)
+
+
+def _check_colors(config: ICPConfig, source_colors: object, target_colors: object) -> None:
+    """Colours are given exactly when the metric reads them."""
+    pairs = (("source_colors", source_colors), ("target_colors", target_colors))
+    given = [name for name, value in pairs if value is not None]
+    if config.needs_colors:
+        missing = [n for n in ("source_colors", "target_colors") if n not in given]
+        if missing:
+            raise ValueError(
+                f"metric={config.metric!r} needs {' and '.join(missing)}: (N, 3) / (B, N, 3) RGB "
+                "in [0, 1] (difficp.io.read_point_cloud(path).colors reads them from PLY / PCD)"
+            )
+    elif given:
+        raise ValueError(
+            f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} only used by "
+            f"metric='colored', not {config.metric!r}; set metric='colored' or drop them"
+        )
+
+
 def _missing_normals(name: str) -> ValueError:
     return ValueError(
         f"{name} are required by this configuration (metric / normal weighting or rejection); "
@@ -285,8 +333,11 @@ def prepare_problem(
     search_backend: str = "auto",
     source_covariances: object = None,
     target_covariances: object = None,
+    source_colors: object = None,
+    target_colors: object = None,
 ) -> Problem:
     """Validate and batch every input of :func:`difficp.icp` (see there for shapes)."""
+    _check_colors(config, source_colors, target_colors)
     if not config.needs_covariances:
         for name, value in (
             ("source_covariances", source_covariances),
@@ -303,6 +354,9 @@ def prepare_problem(
         raise _missing_normals("source_normals")
     s_lengths = _lengths("source_lengths", source_lengths, B, N, device)
     source_mask = lengths_mask(s_lengths, B, N, device)
+    src_colors = source_features = None
+    if source_colors is not None:
+        src_colors = _colors("source_colors", source_colors, src, unbatched)
     if config.needs_source_normals:
         assert src_normals is not None
         _check_normal_lengths("source_normals", src_normals, source_mask)
@@ -348,6 +402,7 @@ def prepare_problem(
                 src_normals = None if src_normals is None else _take(src_normals, order)
                 if src_cov is not None:
                     src_cov = _take(src_cov.flatten(-2), order).unflatten(-1, (3, 3))
+                src_colors = None if src_colors is None else _take(src_colors, order)
         tgt_mask = lengths_mask(t_lengths, B, M, device)
         tgt_cov = None
         if target_covariances is not None:
@@ -356,7 +411,16 @@ def prepare_problem(
             )
         elif config.needs_covariances:
             tgt_cov = estimate_covariances(tgt_points, config.covariance_k, t_lengths, index=index)
-        tgt = PointTarget(tgt_points, tgt_normals, tgt_mask, index, tgt_cov)
+        target_features = None
+        if config.needs_colors:
+            assert tgt_normals is not None and src_colors is not None
+            tgt_colors = _colors("target_colors", target_colors, tgt_points, tgt_unbatched)
+            source_features, target_features = _color_features(
+                config, src_colors.to(dtype), tgt_colors, tgt_points, tgt_normals, t_lengths, index
+            )
+        tgt = PointTarget(
+            tgt_points, tgt_normals, tgt_mask, index, covariances=tgt_cov, features=target_features
+        )
     src = src.to(dtype)
     src_normals = None if src_normals is None else src_normals.to(dtype)
     src_cov = None if src_cov is None else src_cov.to(dtype)
@@ -370,6 +434,30 @@ def prepare_problem(
         unbatched=unbatched,
         result_dtype=result_dtype,
         source_covariances=src_cov,
+        source_features=source_features,
+    )
+
+
+def _color_features(
+    config: ICPConfig,
+    source_colors: Tensor,
+    target_colors: Tensor,
+    target_points: Tensor,
+    target_normals: Tensor,
+    target_lengths: Tensor | None,
+    index: NeighborIndex | None,
+) -> tuple[Tensor, Tensor]:
+    """The ``"colored"`` metric's source ``(B, N, 1)`` and target ``(B, M, 5)`` features."""
+    return colored_features(
+        source_colors,
+        target_colors,
+        target_points,
+        target_normals,
+        config.lambda_geometric,
+        config.color_neighbors,
+        config.resolved_color_radius,
+        target_lengths,
+        index if index is not None else NeighborIndex(target_points, target_lengths),
     )
 
 

@@ -14,6 +14,11 @@ solved step becomes a rigid update (``step_to_transform``).
   half on the source, half (inverse) on the target: the linearised step is
   ``r ~ (p - q) . n + ((p + q) x n) . a + n . t`` with ``a = axis * tan(theta)`` and
   ``t = translation / cos(theta)``; the update is ``p -> R_theta (R_theta p + t cos(theta))``.
+* colored (Park, Zhou & Koltun 2017; Open3D's ``TransformationEstimationForColoredICP``): m = 2,
+  ``sqrt(lambda) (p - q) . n_q`` and ``sqrt(1 - lambda) (I_p - I_q - d_q . P(p - q))`` with
+  ``I`` the intensities, ``d_q`` the target's intensity gradient on its tangent plane and
+  ``P = I - n_q n_q^T`` (:mod:`difficp.colors`); both rows are weighted by the same
+  correspondence weight (Open3D's robust kernel weighs each row by its own residual).
 
 Each metric is one class registered in :data:`METRICS` (the allowed values of
 ``ICPConfig.metric``), with its compiled twins beside it: ``compiled_residual`` (the residual
@@ -99,6 +104,8 @@ class RigidStepMetric:
     centre_factor = 1.0
     # Per-point covariances (source and target), read by metric "gicp".
     needs_covariances = False
+    # Whether it reads colour features (Correspondences.features / source_features).
+    needs_colors = False
     # Why the compiled path cannot run it (None: its compiled twins are below / beside it).
     fused_reason: str | None = None
 
@@ -375,6 +382,52 @@ def _inverse_cholesky(c: tuple) -> tuple:
     m21 = -l21 * m11 / l22
     m20 = -(l20 * m00 + l21 * m10) / l22
     return (m00, m10, m11, m20, m21, m22)
+
+
+@METRICS.register("colored")
+class Colored(RigidStepMetric):
+    """Colored ICP: a point-to-plane row and a photometric row per correspondence.
+
+    Reads the features of :func:`difficp.colors.colored_features`, in which the weights are
+    folded: partner ``(sqrt(lambda), s I_q, s d_q)`` in ``corr.features`` ``(B, N, 5)`` and
+    ``s I_p`` in ``corr.source_features`` ``(B, N, 1)``, ``s = sqrt(1 - lambda)``.
+    """
+
+    residual_dim = 2
+    needs_colors = True
+    fused_reason = (
+        "the compiled kernel carries no per-point colour features (metric 'colored' runs on "
+        "the PyTorch path)"
+    )
+
+    @staticmethod
+    def _terms(source: Tensor, corr: Correspondences) -> tuple[Tensor, ...]:
+        """``r = p - q``, ``n``, the geometric weight ``(B, N, 1)``, the intensity difference
+        ``(B, N)`` and the tangential gradient ``P d`` ``(B, N, 3)``."""
+        assert corr.normals is not None and corr.features is not None
+        assert corr.source_features is not None
+        n, f = corr.normals, corr.features
+        gradient = f[..., 2:5]
+        tangential = gradient - (gradient * n).sum(-1, keepdim=True) * n
+        difference = corr.source_features[..., 0] - f[..., 1]
+        return source - corr.points, n, f[..., :1], difference, tangential
+
+    def residuals(
+        self, source: Tensor, source_normals: Tensor | None, corr: Correspondences
+    ) -> Tensor:
+        r, n, geometric, difference, tangential = self._terms(source, corr)
+        plane = geometric * (r * n).sum(-1, keepdim=True)
+        photometric = difference - (r * tangential).sum(-1)
+        return torch.cat([plane, photometric[..., None]], dim=-1)
+
+    def jacobian(
+        self, source: Tensor, source_normals: Tensor | None, corr: Correspondences
+    ) -> Tensor:
+        _, n, geometric, _, tangential = self._terms(source, corr)
+        d = -tangential  # the photometric residual's derivative in p
+        plane = geometric * torch.cat([torch.cross(source, n, dim=-1), n], dim=-1)
+        photometric = torch.cat([torch.cross(source, d, dim=-1), d], dim=-1)
+        return torch.stack([plane, photometric], dim=-2)
 
 
 def get_metric(name: str) -> Metric:

@@ -50,6 +50,7 @@ def correspond(
         corr.covariances = combined_covariances(
             corr.covariances, problem.source_covariances, transform, problem.source_mask
         )
+    corr.source_features = problem.source_features  # the colour terms of metric "colored"
     return corr, moved, moved_normals
 
 
@@ -166,11 +167,12 @@ def _requires_grad(problem: Problem, config: ICPConfig) -> bool:
     if not torch.is_grad_enabled():
         return False
     target = problem.target
-    tensors = [problem.source, problem.source_normals, problem.init, problem.source_covariances]
+    tensors = [problem.source, problem.source_normals, problem.init]
+    tensors += [problem.source_covariances, problem.source_features]
     if isinstance(target, DepthTarget):
         tensors += [target.points, target.normals, target.intrinsics, target.world_to_camera]
     else:
-        tensors += [target.points, target.normals, target.covariances]
+        tensors += [target.points, target.normals, target.covariances, target.features]
     tensors += [getattr(config, name) for name in TENSOR_OPTIONS]
     return any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
@@ -216,6 +218,8 @@ def icp(
     progress: ProgressCallback | None = None,
     source_covariances: Tensor | None = None,
     target_covariances: Tensor | None = None,
+    source_colors: Tensor | None = None,
+    target_colors: Tensor | None = None,
     **overrides: Any,
 ) -> ICPResult:
     """Register ``source`` to ``target`` by (differentiable) ICP.
@@ -233,6 +237,8 @@ def icp(
         intrinsics: ``(3, 3)`` / ``(B, 3, 3)`` pinhole matrix of the depth-map target.
         target_pose: ``(4, 4)`` / ``(B, 4, 4)`` camera-to-world pose of the depth-map target
             (identity: the result maps the source into the target camera frame).
+        source_colors, target_colors: RGB in ``[0, 1]`` shaped like the points, for (and only
+            for) ``metric="colored"``; gradients flow into them.
         search_backend: how partners are found. ``"auto"`` (default): the compiled fast path
             (:mod:`difficp.fused`) when correspondences are hard (nearest or projective) on the CPU
             and nothing needs a gradient, else a scipy KD-tree on the CPU and a chunked
@@ -251,7 +257,7 @@ def icp(
 
     Raises:
         ValueError: bad input (NaN/inf, empty or mismatched shapes, non-rigid init, missing
-            normals or intrinsics), naming the argument and the fix.
+            normals, colours or intrinsics), naming the argument and the fix.
     """
     config = resolve_config(config, overrides)
     if search_backend not in SEARCH_BACKENDS:
@@ -273,6 +279,8 @@ def icp(
             index_backend,
             source_covariances,
             target_covariances,
+            source_colors,
+            target_colors,
         )
         loop_needs_grad = config.differentiation == "unroll" and _requires_grad(problem, config)
         steps = _choose_steps(problem, config, search_backend, loop_needs_grad)

@@ -133,3 +133,19 @@ def dense_soft_match(
         return points, raw_normals
     norm = raw_normals.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(source.dtype).tiny)
     return points, raw_normals / norm
+
+
+def dense_soft_mean(
+    source: Tensor,
+    target: Tensor,
+    values: Tensor,
+    temperature: Tensor | float,
+    target_mask: Tensor,
+    block: int = DEFAULT_BLOCK,
+) -> Tensor:
+    """The dense softmax-weighted mean of per-target ``values`` ``(B, M, F)`` -> ``(B, N, F)``,
+    with the weights of :func:`dense_soft_match` (same memory bound; differentiable in all)."""
+    centre = target.detach().mean(dim=1, keepdim=True)
+    T = torch.as_tensor(temperature, dtype=source.dtype, device=source.device)
+    _, mean = _DenseSoftMatch.apply(source - centre, target - centre, values, T, target_mask, block)
+    return mean

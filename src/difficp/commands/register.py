@@ -272,6 +272,43 @@ def _downsample(cloud: Any, voxel_size: float, dtype: Any, device: Any) -> tuple
     return grid.points, grid.normals
 
 
+def _colors(cloud: Any, voxel_size: float | None, dtype: Any, device: Any) -> Any:
+    """The cloud's ``(N, 3)`` colours in [0, 1] as a tensor (averaged per voxel when
+    ``voxel_size`` is given, in the order of :func:`_downsample`'s points), or None."""
+    import torch
+
+    from difficp.sampling import voxel_downsample
+
+    if cloud.colors is None:
+        return None
+    colors = torch.as_tensor(cloud.colors, dtype=dtype, device=device)
+    if voxel_size is None:
+        return colors
+    points = torch.as_tensor(cloud.points, dtype=dtype, device=device)
+    return voxel_downsample(points, voxel_size, colors=colors).colors
+
+
+def _color_options(
+    config: Any, args: argparse.Namespace, source: Any, target: Any, dtype: Any, device: Any
+) -> dict[str, Any]:
+    """``source_colors`` / ``target_colors`` for a metric that reads colours (else none); both
+    files must have them (PLY red/green/blue, PCD rgb)."""
+    if not config.needs_colors:
+        return {}
+    if args.scales is not None:
+        raise InputError(f"--metric {args.metric} does not run with --scales; use --voxel-size")
+    for role, path, cloud in (("source", args.source, source), ("target", args.target, target)):
+        if cloud.colors is None:
+            raise InputError(
+                f"--metric {args.metric} needs colours, and {role} {path} has none (colours are "
+                "read from PLY red/green/blue and PCD rgb/rgba fields)"
+            )
+    return {
+        f"{role}_colors": _colors(cloud, args.voxel_size, dtype, device)
+        for role, cloud in (("source", source), ("target", target))
+    }
+
+
 def _load_input(path: str, role: str, args: argparse.Namespace) -> tuple[Any, Any]:
     """The cloud read from ``path`` and, for a depth-image target kept as an image (projective
     correspondences), the ``(H, W)`` depth map (else None)."""
@@ -389,6 +426,7 @@ def register_files(args: argparse.Namespace) -> dict[str, Any]:
     _check_scale(target, "target", args.target, dtype)
     if args.max_distance is None and stages is None:
         _warn_no_max_distance(target.points)
+    color_options = _color_options(config, args, source, target, dtype, device)
     src_pts, src_nrm = _tensors(source, args.voxel_size, dtype, device)
     tgt_pts, tgt_nrm = _tensors(target, args.voxel_size, dtype, device)
     estimated: list[str] = []
@@ -410,6 +448,7 @@ def register_files(args: argparse.Namespace) -> dict[str, Any]:
         **depth_kwargs,
         source_normals=src_nrm if config.needs_source_normals else None,
         target_normals=tgt_nrm if config.needs_target_normals else None,
+        **color_options,
         config=config,
         stages=stages,
         normals_k=args.normals_k,

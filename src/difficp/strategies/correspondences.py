@@ -67,7 +67,14 @@ class Nearest(Correspondence):
     def find(self, moved: Tensor, target: Any, mask: Tensor, o: MatchOptions) -> Correspondences:
         t = target  # a PointTarget with its neighbour index
         return nearest_correspondences(
-            moved, t.points, t.index, mask, t.normals, o.radius, t.covariances
+            moved,
+            t.points,
+            t.index,
+            mask,
+            t.normals,
+            o.radius,
+            target_covariances=t.covariances,
+            target_features=t.features,
         )
 
 
@@ -81,7 +88,16 @@ class Soft(Correspondence):
         t = target  # a PointTarget (its index serves the top-k search)
         k, temperature = o.soft_k, o.temperature
         return soft_correspondences(
-            moved, t.points, temperature, mask, t.mask, t.normals, k, t.index, t.covariances
+            moved,
+            t.points,
+            temperature,
+            mask,
+            t.mask,
+            t.normals,
+            k,
+            t.index,
+            target_covariances=t.covariances,
+            target_features=t.features,
         )
 
 
