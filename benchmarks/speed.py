@@ -7,13 +7,20 @@ early stopping disabled, median of --repeats runs):
   real RGB-D scans (Redwood frames 0 and 1 back-projected, ~10k, ~40k and ~100k points); ours
   is the default ("auto": the compiled fast path), and the note gives the PyTorch reference
   path (``search_backend="kdtree"``) for comparison;
-* a batch of 256 ModelNet10 pairs of 1024 points in one call vs Open3D looping over them;
+* a batch of 256 ModelNet10 pairs of 1024 points in one call vs Open3D looping over them, and
+  vs small_gicp looping over them (its own KD-tree per pair, point-to-point ICP) at 1 and 2
+  threads: ours both at exactly 30 iterations and with the default stopping rule, small_gicp
+  with its own stopping rule (it cannot be made to run a fixed count);
+* PCA normals, k = 30, on a real scan (Redwood frame 0: all 267k points and a 40k voxel
+  down-sampling) vs ``small_gicp.estimate_normals`` (tree build included on both sides) at 1
+  and 2 threads;
 * soft correspondences at scale (100k x 100k with soft_k, dense at 50k): peak RSS of one
   iteration forward + backward, each in a fresh subprocess;
 * implicit vs unrolled gradients for 10 / 30 / 100 iterations: forward, backward, peak RSS.
 
     DIFFICP_DATA=../shared/data python benchmarks/speed.py            # everything
     DIFFICP_DATA=../shared/data python benchmarks/speed.py --only pairs
+    DIFFICP_DATA=../shared/data python benchmarks/speed.py --only batch --only normals
 """
 
 from __future__ import annotations
@@ -195,7 +202,8 @@ def bench_pairs(
                     "case": f"pair {metric}",
                     "points": f"{len(sp)} / {len(tp)}",
                     "ours_ms": 1e3 * a,
-                    "open3d_ms": 1e3 * b,
+                    "peer": "Open3D",
+                    "peer_ms": 1e3 * b,
                     "ratio": a / b,
                     "note": f"fitness {float(res.fitness):.4f} vs {ref.fitness:.4f}; "
                     f"PyTorch reference path {1e3 * reference:.0f} ms",
@@ -248,12 +256,174 @@ def bench_batch(
         "case": f"batch of {batch} pairs, point_to_point",
         "points": "1024 / 1024",
         "ours_ms": 1e3 * a,
-        "open3d_ms": 1e3 * b,
+        "peer": "Open3D",
+        "peer_ms": 1e3 * b,
         "ratio": a / b,
         "note": f"one batched call vs a loop; PyTorch reference path {1e3 * reference:.0f} ms",
     }
     print(_row(row), flush=True)
     return [row]
+
+
+def _at_threads(threads: int):
+    """Run with ``threads`` PyTorch (and so compiled-kernel) threads; restores the count."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def scope():
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    return scope()
+
+
+def bench_batch_small_gicp(
+    data_dir: Path, batch: int, iterations: int, repeats: int, threads: tuple[int, ...] = (1, 2)
+) -> list[dict]:
+    """One batched call vs small_gicp's point-to-point ICP looping over the pairs (a PointCloud
+    and a KdTree per pair, as a user of small_gicp would do), interleaved, at each thread
+    count."""
+    import small_gicp
+
+    src, tgt, truth = modelnet_batch(data_dir, batch)
+    pairs = [(s.double().numpy(), t.double().numpy()) for s, t in zip(src, tgt, strict=True)]
+    max_distance = 0.2
+    rows = []
+    for n in threads:
+
+        def theirs(n: int = n) -> list:
+            out = []
+            for s, t in pairs:
+                source, target = small_gicp.PointCloud(s), small_gicp.PointCloud(t)
+                tree = small_gicp.KdTree(target, num_threads=n)
+                out.append(
+                    small_gicp.align(
+                        target,
+                        source,
+                        tree,
+                        registration_type="ICP",
+                        max_correspondence_distance=max_distance,
+                        num_threads=n,
+                        max_iterations=iterations,
+                    )
+                )
+            return out
+
+        for fixed in (True, False):
+            stop = {"relative_fitness": 0.0, "relative_rmse": 0.0} if fixed else {}
+            ours = functools.partial(
+                difficp.icp,
+                src,
+                tgt,
+                max_distance=max_distance,
+                max_iterations=iterations,
+                differentiation="none",
+                **stop,
+            )
+            with _at_threads(n):
+                a, b = _interleaved(ours, theirs, repeats)
+                res, ref = ours(), theirs()
+            ours_err = (res.transform.double() - truth.double()).abs().amax((1, 2))
+            their_err = np.array([np.abs(r.T_target_source - T.numpy()).max() for r, T in
+                                  zip(ref, truth.double(), strict=True)])  # fmt: skip
+            rows.append(
+                {
+                    "case": f"batch of {batch} pairs, point_to_point, "
+                    + (f"ours exactly {iterations} iterations" if fixed else "both stop early"),
+                    "points": "1024 / 1024",
+                    "threads": n,
+                    "ours_ms": 1e3 * a,
+                    "peer": "small_gicp",
+                    "peer_ms": 1e3 * b,
+                    "ratio": a / b,
+                    "note": f"iterations: ours {res.iterations.double().mean():.1f}, "
+                    f"small_gicp {np.mean([r.iterations for r in ref]):.1f} (mean); "
+                    f"|T - truth| > 1e-3: ours {int((ours_err > 1e-3).sum())}, "
+                    f"small_gicp {int((their_err > 1e-3).sum())}",
+                }
+            )
+            print(_row(rows[-1]), flush=True)
+    return rows
+
+
+def redwood_scan(data_dir: Path) -> torch.Tensor:
+    """Redwood RGB-D frame 0 back-projected: its ``(267129, 3)`` valid points, float32."""
+    from difficp.geometry import depth_to_points
+    from difficp.io import read_depth, read_intrinsics
+
+    folder = data_dir / "scans" / "redwood_rgbd"
+    depth = torch.from_numpy(read_depth(sorted((folder / "depth").glob("*.png"))[0]))
+    K = torch.as_tensor(read_intrinsics(folder / "camera_primesense.json"), dtype=depth.dtype)
+    points = depth_to_points(depth, K).reshape(-1, 3)
+    return points[depth.reshape(-1) > 0].float().contiguous()
+
+
+def _downsample_to(points: torch.Tensor, count: int) -> torch.Tensor:
+    """``points`` voxel-down-sampled to about ``count`` points (bisection on the voxel size)."""
+    lo, hi = 1e-4, 0.2
+    for _ in range(25):
+        mid = (lo + hi) / 2
+        if int(difficp.voxel_downsample(points, mid).lengths) > count:
+            lo = mid
+        else:
+            hi = mid
+    grid = difficp.voxel_downsample(points, lo)
+    return grid.points[: int(grid.lengths)].contiguous()
+
+
+def bench_normals(
+    data_dir: Path, k: int, repeats: int, threads: tuple[int, ...] = (1, 2)
+) -> list[dict]:
+    """difficp.estimate_normals vs small_gicp.estimate_normals (each building its own tree),
+    interleaved, at each thread count."""
+    import small_gicp
+
+    from difficp import normals as normals_module
+
+    full = redwood_scan(data_dir)
+    rows = []
+    for points in (_downsample_to(full, 40_000), full):
+        array = points.double().numpy()
+
+        def ours(points: torch.Tensor = points) -> torch.Tensor:
+            return difficp.estimate_normals(points, k=k)
+
+        t0 = time.perf_counter()
+        vp = torch.zeros(1, 3, dtype=points.dtype)
+        reference = normals_module._torch_normals(points[None], k, vp, None)[0]
+        torch_ms = 1e3 * (time.perf_counter() - t0)
+        for n in threads:
+
+            def theirs(n: int = n, array: np.ndarray = array):
+                cloud = small_gicp.PointCloud(array)
+                small_gicp.estimate_normals(cloud, num_neighbors=k, num_threads=n)
+                return cloud
+
+            with _at_threads(n):
+                a, b = _interleaved(ours, theirs, repeats)
+                mine, peer = ours(), theirs().normals()[:, :3]
+            agree = np.abs((mine.double().numpy() * peer).sum(1))
+            same = float(((mine.double() * reference.double()).sum(1) > 1 - 1e-4).double().mean())
+            rows.append(
+                {
+                    "case": f"normals, k={k} (Redwood frame 0)",
+                    "points": f"{len(points)}",
+                    "threads": n,
+                    "ours_ms": 1e3 * a,
+                    "peer": "small_gicp",
+                    "peer_ms": 1e3 * b,
+                    "ratio": a / b,
+                    "note": f"|cos| to small_gicp's normals: median {np.median(agree):.6f}; "
+                    f"equal to the PyTorch path (cos > 1 - 1e-4) at {100 * same:.2f}% of "
+                    f"points, which takes {torch_ms:.0f} ms",
+                }
+            )
+            print(_row(rows[-1]), flush=True)
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,7 +508,7 @@ def bench_soft(device: str) -> list[dict]:
                 "case": f"soft {name}, 1 iteration fwd+bwd",
                 "points": f"{points} / {points}",
                 "ours_ms": 1e3 * (r["forward_s"] + r["backward_s"]),
-                "open3d_ms": None,
+                "peer_ms": None,
                 "ratio": None,
                 "peak_rss_mb": r["peak_rss_mb"],
                 "note": f"forward {r['forward_s']:.1f} s, backward {r['backward_s']:.1f} s, baseline RSS {r['baseline_rss_mb']:.0f} MB, grad finite {r['grad_finite']}",
@@ -354,7 +524,7 @@ def bench_soft(device: str) -> list[dict]:
             "case": "soft_k=16 vs dense, 20k points",
             "points": "20000 / 20000",
             "ours_ms": None,
-            "open3d_ms": None,
+            "peer_ms": None,
             "ratio": None,
             "note": f"max abs transform difference {diff:.1e}",
         }
@@ -373,7 +543,7 @@ def bench_implicit(device: str, points: int) -> list[dict]:
                     "case": f"{mode}, {iterations} iterations (soft_k=8)",
                     "points": f"{points} / {points}",
                     "ours_ms": 1e3 * (r["forward_s"] + r["backward_s"]),
-                    "open3d_ms": None,
+                    "peer_ms": None,
                     "ratio": None,
                     "peak_rss_mb": r["peak_rss_mb"],
                     "note": f"forward {1e3 * r['forward_s']:.0f} ms, backward {1e3 * r['backward_s']:.0f} ms, baseline RSS {r['baseline_rss_mb']:.0f} MB",
@@ -389,7 +559,8 @@ def _fmt(v: float | None, spec: str) -> str:
 
 def _row(r: dict) -> str:
     return (
-        f"| {r['case']} | {r['points']} | {_fmt(r['ours_ms'], '.0f')} | {_fmt(r['open3d_ms'], '.0f')} "
+        f"| {r['case']} | {r['points']} | {r.get('threads', '')} | {_fmt(r['ours_ms'], '.0f')} "
+        f"| {r.get('peer', '')} | {_fmt(r['peer_ms'], '.0f')} "
         f"| {_fmt(r['ratio'], '.2f')} | {_fmt(r.get('peak_rss_mb'), '.0f')} | {r['note']} |"
     )
 
@@ -410,17 +581,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    parser.add_argument("--only", choices=["pairs", "batch", "soft", "implicit"], action="append")
+    parser.add_argument(
+        "--only", choices=["pairs", "batch", "normals", "soft", "implicit"], action="append"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    only = set(args.only or ["pairs", "batch", "soft", "implicit"])
+    only = set(args.only or ["pairs", "batch", "normals", "soft", "implicit"])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
-    print("| case | points (src / tgt) | ours ms | Open3D ms | ours/Open3D | peak RSS MB | note |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| case | points (src / tgt) | threads | ours ms | peer | peer ms | ours/peer "
+        "| peak RSS MB | note |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     rows: list[dict] = []
-    if "pairs" in only or "batch" in only:
+    if only & {"pairs", "batch", "normals"}:
         data_dir = require_data_dir(args.data_dir, needs="the scans and ModelNet10")
         if "pairs" in only:
             rows += bench_pairs(
@@ -428,6 +604,9 @@ def main() -> None:
             )
         if "batch" in only:
             rows += bench_batch(data_dir, 256, args.iterations, args.repeats, args.device)
+            rows += bench_batch_small_gicp(data_dir, 256, args.iterations, args.repeats)
+        if "normals" in only:
+            rows += bench_normals(data_dir, 30, args.repeats)
     if "soft" in only:
         rows += bench_soft(args.device)
     if "implicit" in only:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import difficp
-from difficp import fused
+from difficp import compile_cache, fused
 from difficp.commands import warmup
 from difficp.loop import LoopResult
 
@@ -104,9 +104,9 @@ def test_auto_runs_pytorch_while_the_fast_path_compiles_in_the_background(
             assert kwargs["env"]["DIFFICP_COMPILE"] == "now"  # the child compiles, never spawns
 
     monkeypatch.setattr(fused, "compiled_ready", lambda small, projective=False: False)
-    monkeypatch.setattr(fused.subprocess, "Popen", FakePopen)
-    monkeypatch.setattr(fused, "_background", None)
-    monkeypatch.setattr(fused, "_announced", set())
+    monkeypatch.setattr(compile_cache.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(compile_cache, "_background", None)
+    monkeypatch.setattr(compile_cache, "_announced", set())
     monkeypatch.setenv("DIFFICP_COMPILE", "background")
     chosen: list[str] = []
     original = fused.FusedSteps.__init__

@@ -22,10 +22,7 @@ drops the cache when a module holding twins changes.
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -36,6 +33,7 @@ from numba.core.dispatcher import Dispatcher
 from torch import Tensor
 
 from difficp import kdtree
+from difficp.compile_cache import compile_or_fall_back, kernels_cached
 from difficp.config import ICPConfig
 from difficp.correspondence import DepthTarget
 from difficp.geometry import rotation_between_twin
@@ -811,75 +809,19 @@ def compiled_ready(small: bool, projective: bool = False) -> bool:
     )
     if projective:
         kernels = (projective_iteration, _solve_updates)
-    for kernel in kernels:
-        if kernel.signatures:
-            continue
-        try:
-            if not kernel._cache._cache_file._load_index():
-                return False
-        except (AttributeError, OSError):  # no cache support (other numba): assume compiled
-            return True
-    return True
-
-
-#: ``DIFFICP_COMPILE``: what ``search_backend="auto"`` does while the fast path is not compiled.
-#: ``"background"`` (default): compile it in a background process and use the PyTorch path (the
-#: same results) until it is ready; ``"now"``: compile it in this process, before the call.
-COMPILE_MODES = ("background", "now")
-_LOG = logging.getLogger("difficp")
-_announced: set[str] = set()
-_background: subprocess.Popen | None = None
-
-
-def _announce(key: str, message: str) -> None:
-    """Log ``message`` once per process (a warning: Python prints it on stderr by default)."""
-    if key not in _announced:
-        _announced.add(key)
-        _LOG.warning(message)
+    return kernels_cached(kernels)
 
 
 def compile_now(problem: Problem) -> bool:
     """For ``search_backend="auto"``: whether to run the fast path now (its kernels are
     compiled, or ``DIFFICP_COMPILE=now`` compiles them here) or the PyTorch path for now (a
     background process compiles them meanwhile: a first call in a fresh environment then
-    takes seconds, not the minutes of compiling)."""
+    takes seconds, not the minutes of compiling; see :mod:`difficp.compile_cache`)."""
     B, N = problem.source.shape[:2]
     projective = isinstance(problem.target, DepthTarget)
-    if compiled_ready(B * N <= SERIAL_POINTS and not projective, projective):
-        return True
-    mode = os.environ.get("DIFFICP_COMPILE", "background")
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"DIFFICP_COMPILE must be one of {COMPILE_MODES}, got {mode!r}")
-    if mode == "now":
-        _announce(
-            "now",
-            "difficp: compiling the ICP fast path (once: 1-3 minutes; numba caches it for "
-            "later runs; `difficp warmup` does it ahead)",
-        )
-        return True
-    global _background
-    if _background is None:
-        env = {**os.environ, "DIFFICP_COMPILE": "now"}
-        command = [sys.executable, "-m", "difficp.commands.warmup", "--quiet"]
-        try:
-            _background = subprocess.Popen(
-                command,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,  # not killed with a Ctrl-C meant for this process
-            )
-        except OSError:
-            return True  # cannot start one: compile here
-    _announce(
-        "background",
-        "difficp: compiling the ICP fast path in a background process (once: 1-3 minutes; "
-        "numba caches it for later runs); until it is ready difficp.icp runs its PyTorch path, "
-        "which gives the same results more slowly. `difficp warmup` compiles it ahead; "
-        "DIFFICP_COMPILE=now compiles it in the calling process instead.",
+    return compile_or_fall_back(
+        compiled_ready(B * N <= SERIAL_POINTS and not projective, projective)
     )
-    return False
 
 
 def _flush_stale_caches() -> None:

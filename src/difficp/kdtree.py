@@ -510,6 +510,278 @@ def nearest(
     return index, np.sqrt(d2)
 
 
+# ----------------------------------------------------------------------------------------------
+# k nearest neighbours of the tree's own points, and PCA normals from them
+# ----------------------------------------------------------------------------------------------
+
+# Tree points per parallel task of the normals kernel (consecutive in tree order, so one task's
+# queries are spatial neighbours and share the nodes they visit).
+NORMALS_CHUNK = 512
+
+
+@njit(inline="always", error_model="numpy")
+def _heap_offer(
+    d: float, i: int, heap_d2: np.ndarray, heap: np.ndarray, count: int, k: int, limit: float
+) -> int:
+    """Offer point ``i`` at squared distance ``d`` to the max-heap ``heap_d2[:count]`` /
+    ``heap[:count]`` of the ``k`` best answers so far (the worst at the top); while it is not
+    full, only points within ``limit`` are taken. Returns the new count."""
+    if count < k:
+        if d > limit:
+            return count
+        j = count
+        while j > 0:  # sift up
+            up = (j - 1) // 2
+            if heap_d2[up] >= d:
+                break
+            heap_d2[j] = heap_d2[up]
+            heap[j] = heap[up]
+            j = up
+        heap_d2[j] = d
+        heap[j] = i
+        return count + 1
+    if d >= heap_d2[0]:
+        return count
+    j = 0
+    while True:  # replace the worst and sift down
+        child = 2 * j + 1
+        if child >= k:
+            break
+        if child + 1 < k and heap_d2[child + 1] > heap_d2[child]:
+            child += 1
+        if heap_d2[child] <= d:
+            break
+        heap_d2[j] = heap_d2[child]
+        heap[j] = heap[child]
+        j = child
+    heap_d2[j] = d
+    heap[j] = i
+    return count
+
+
+@njit(inline="always", error_model="numpy")
+def _knn_subtree(
+    x: float,
+    y: float,
+    z: float,
+    f: KDForest,
+    point_base: int,
+    node_base: int,
+    node: int,
+    k: int,
+    limit: float,
+    heap_d2: np.ndarray,
+    heap: np.ndarray,
+    stack: np.ndarray,
+    stack_d2: np.ndarray,
+) -> int:
+    """The ``k`` nearest points within squared distance ``limit`` in the subtree of ``node``
+    (global), into the max-heap ``heap_d2`` / ``heap`` (rows of ``f.points``); returns how many
+    were found."""
+    low, high = f.node_low, f.node_high
+    count = 0
+    stack[0] = node
+    stack_d2[0] = _box_distance2(x, y, z, low, high, node)
+    top = 1
+    while top > 0:
+        top -= 1
+        bound = heap_d2[0] if count == k else limit
+        if stack_d2[top] > bound:
+            continue
+        node = stack[top]
+        first = f.node_child[node]
+        if first < 0:
+            for i in range(point_base + f.node_start[node], point_base + f.node_end[node]):
+                dx = f.points[i, 0] - x
+                dy = f.points[i, 1] - y
+                dz = f.points[i, 2] - z
+                count = _heap_offer(dx * dx + dy * dy + dz * dz, i, heap_d2, heap, count, k, limit)
+            continue
+        a = node_base + first
+        b = a + 1
+        da = _box_distance2(x, y, z, low, high, a)
+        db = _box_distance2(x, y, z, low, high, b)
+        if da > db:  # visit the nearer child first: push it last
+            a, b = b, a
+            da, db = db, da
+        if db <= bound:
+            stack[top] = b
+            stack_d2[top] = db
+            top += 1
+        if da <= bound:
+            stack[top] = a
+            stack_d2[top] = da
+            top += 1
+    return count
+
+
+@njit(inline="always", error_model="numpy")
+def _own_knn(
+    row: int,
+    k: int,
+    limit: float,
+    f: KDForest,
+    tree: int,
+    heap_d2: np.ndarray,
+    heap: np.ndarray,
+    stack: np.ndarray,
+    stack_d2: np.ndarray,
+) -> int:
+    """The ``k`` nearest points (itself included) of tree point ``row`` (a row of ``f.points``)
+    in its tree ``tree``, into the max-heap ``heap`` (rows) / ``heap_d2``; returns how many
+    (``k``, or the tree's size when smaller).
+
+    ``limit``: a squared distance known to hold at least ``k`` points (inf: unknown). Then the
+    search starts at the lowest ancestor of the point's leaf whose cell holds that ball (see
+    :func:`enclosing_node`) instead of the root, and prunes with it from the first node.
+    """
+    point_base = f.point_offset[tree]
+    node_base = f.node_offset[tree]
+    x, y, z = f.points[row, 0], f.points[row, 1], f.points[row, 2]
+    start = node_base
+    if limit < np.inf:
+        leaf = node_base + f.point_leaf[row]
+        start = enclosing_node(x, y, z, math.sqrt(limit), leaf, f, tree)
+    return _knn_subtree(
+        x, y, z, f, point_base, node_base, start, k, limit, heap_d2, heap, stack, stack_d2
+    )
+
+
+@njit(inline="always", error_model="numpy")
+def _smallest_eigenvector(A: np.ndarray, V: np.ndarray) -> int:
+    """Cyclic Jacobi on the symmetric ``(3, 3)`` ``A`` (overwritten: diagonal = eigenvalues),
+    eigenvectors into the columns of ``V``; returns the column of the smallest eigenvalue.
+
+    Jacobi rather than a closed form: it is accurate to rounding for every eigenvector whose
+    eigenvalue is separated from the others (the closed forms lose digits when the two smallest
+    eigenvalues are close, which is common on flat patches), and 3 x 3 needs a few sweeps.
+    """
+    for i in range(3):
+        for j in range(3):
+            V[i, j] = 1.0 if i == j else 0.0
+    for _ in range(32):
+        off = A[0, 1] * A[0, 1] + A[0, 2] * A[0, 2] + A[1, 2] * A[1, 2]
+        diag = A[0, 0] * A[0, 0] + A[1, 1] * A[1, 1] + A[2, 2] * A[2, 2]
+        if not off > 1e-36 * diag:  # below rounding (also stops on zero or non-finite input)
+            break
+        for p, q in ((0, 1), (0, 2), (1, 2)):
+            apq = A[p, q]
+            if apq == 0.0:
+                continue
+            theta = (A[q, q] - A[p, p]) / (2.0 * apq)
+            t = 1.0 / (abs(theta) + math.sqrt(theta * theta + 1.0))
+            if theta < 0.0:
+                t = -t
+            c = 1.0 / math.sqrt(t * t + 1.0)
+            s = t * c
+            r = 3 - p - q  # the third index
+            arp, arq = A[r, p], A[r, q]
+            A[p, p] -= t * apq
+            A[q, q] += t * apq
+            A[p, q] = A[q, p] = 0.0
+            A[r, p] = A[p, r] = c * arp - s * arq
+            A[r, q] = A[q, r] = s * arp + c * arq
+            for i in range(3):
+                vp, vq = V[i, p], V[i, q]
+                V[i, p] = c * vp - s * vq
+                V[i, q] = s * vp + c * vq
+    smallest = 0
+    for e in range(1, 3):
+        if A[e, e] < A[smallest, smallest]:
+            smallest = e
+    return smallest
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _normals_kernel(
+    f: KDForest, k: int, viewpoint: np.ndarray, tree_of_task: np.ndarray, out: np.ndarray
+) -> None:
+    points, order, point_offset = f.points, f.order, f.point_offset
+    for task in prange(tree_of_task.shape[0]):
+        b = tree_of_task[task, 0]
+        start, stop = tree_of_task[task, 1], tree_of_task[task, 2]
+        kb = min(k, point_offset[b + 1] - point_offset[b])
+        best_d2 = np.empty(kb)
+        best = np.empty(kb, dtype=np.int64)
+        stack = np.empty(STACK_DEPTH, dtype=np.int64)
+        stack_d2 = np.empty(STACK_DEPTH)
+        A = np.empty((3, 3))
+        V = np.empty((3, 3))
+        limit = np.inf
+        for row in range(start, stop):
+            count = _own_knn(row, kb, limit, f, b, best_d2, best, stack, stack_d2)
+            # The next point (its spatial neighbour in tree order) has its k nearest within
+            # this point's k-th distance plus the step between them: a bound that prunes its
+            # search from the start (inflated past the rounding of the sum).
+            if row + 1 < stop:
+                dx = points[row + 1, 0] - points[row, 0]
+                dy = points[row + 1, 1] - points[row, 1]
+                dz = points[row + 1, 2] - points[row, 2]
+                reach = math.sqrt(best_d2[0]) + math.sqrt(dx * dx + dy * dy + dz * dz)
+                limit = reach * reach * (1.0 + 1e-9) if count == kb else np.inf
+            mx = my = mz = 0.0
+            for j in range(count):
+                mx += points[best[j], 0]
+                my += points[best[j], 1]
+                mz += points[best[j], 2]
+            mx /= count
+            my /= count
+            mz /= count
+            for i in range(3):
+                for j in range(3):
+                    A[i, j] = 0.0
+            for j in range(count):
+                dx = points[best[j], 0] - mx
+                dy = points[best[j], 1] - my
+                dz = points[best[j], 2] - mz
+                A[0, 0] += dx * dx
+                A[0, 1] += dx * dy
+                A[0, 2] += dx * dz
+                A[1, 1] += dy * dy
+                A[1, 2] += dy * dz
+                A[2, 2] += dz * dz
+            A[1, 0], A[2, 0], A[2, 1] = A[0, 1], A[0, 2], A[1, 2]
+            e = _smallest_eigenvector(A, V)
+            nx, ny, nz = V[0, e], V[1, e], V[2, e]
+            px, py, pz = points[row, 0], points[row, 1], points[row, 2]
+            toward = (
+                (viewpoint[b, 0] - px) * nx
+                + (viewpoint[b, 1] - py) * ny
+                + (viewpoint[b, 2] - pz) * nz
+            )
+            if toward < 0.0:  # face the viewpoint
+                nx, ny, nz = -nx, -ny, -nz
+            i = order[row]
+            out[b, i, 0], out[b, i, 1], out[b, i, 2] = nx, ny, nz
+
+
+def pca_normals(forest: KDForest, k: int, viewpoint: np.ndarray, size: int) -> np.ndarray:
+    """PCA normals of every tree point from its ``k`` nearest neighbours in its own cloud
+    (itself included; fewer when the cloud is smaller), flipped to face its cloud's viewpoint.
+
+    Args:
+        forest: built on the clouds (:func:`build_forest`).
+        k: neighbourhood size (>= 1).
+        viewpoint: ``(B, 3)`` float64.
+        size: ``N``, the padded cloud size of the output.
+    Returns:
+        ``(B, N, 3)`` float64 unit normals in each cloud's own order; padding rows are 0.
+    """
+    B = forest.batch
+    counts = np.diff(forest.point_offset)
+    tasks = [
+        (b, s, min(s + NORMALS_CHUNK, forest.point_offset[b + 1]))
+        for b in range(B)
+        for s in range(int(forest.point_offset[b]), int(forest.point_offset[b + 1]), NORMALS_CHUNK)
+    ]
+    table = np.array(tasks, dtype=np.int64).reshape(-1, 3)
+    out = np.zeros((B, size, 3))
+    if counts.size and counts.max() > 0:
+        viewpoint = np.ascontiguousarray(np.broadcast_to(viewpoint, (B, 3)), dtype=np.float64)
+        _normals_kernel(forest, max(1, int(k)), viewpoint, table, out)
+    return out
+
+
 # The process that started numba's thread pool (None: not started by us).
 _POOL_PID: int | None = None
 
@@ -543,6 +815,7 @@ __all__ = [
     "enclosing_node",
     "nearest",
     "parallel_unsafe_after_fork",
+    "pca_normals",
     "search_tree",
     "serial_twin",
     "set_threads",
