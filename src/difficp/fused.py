@@ -913,7 +913,10 @@ def _weigh_and_accumulate(
             w *= max(cosine, 0.0)
     ax, ay, az = px - c[0], py - c[1], pz - c[2]
     bx, by, bz = qx - c[0], qy - c[1], qz - c[2]
-    v = (px - qx, py - qy, pz - qz, ax, ay, az, bx, by, bz, mx, my, mz, nx, ny, nz)
+    # The per-correspondence values as fused_iteration lays them out; the last six (GICP's
+    # combined covariance, upper triangle) are the identity: projective targets carry none.
+    v = (px - qx, py - qy, pz - qz, ax, ay, az, bx, by, bz, mx, my, mz, nx, ny, nz,
+         1.0, 0.0, 0.0, 1.0, 0.0, 1.0)  # fmt: skip
     r = d if procrustes == 1 else _metric_residual(metric, d, v)
     if kernel != _NO_KERNEL:
         w *= _robust_weight(kernel, abs(r), kernel_scale)
