@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from difficp.geometry import points_to_pixels, transform_points
 if TYPE_CHECKING:
     from scipy.spatial import cKDTree
 
-SearchBackend = Literal["auto", "kdtree", "brute_force"]
+SearchBackend = Literal["auto", "kdtree", "compiled", "brute_force"]
 
 # Elements of the (queries x references) distance block computed at once by brute force.
 _BRUTE_FORCE_BLOCK = 1 << 22
@@ -83,20 +83,32 @@ class NeighborIndex:
     another cloud's point is answered again by its own cloud's tree: pairs never see each other.
     The brute-force backend searches each pair in coordinates centred on its cloud.
 
+    The compiled backend searches one numba KD-tree per cloud (:mod:`difficp.kdtree`), in
+    parallel over all queries: the search never needs a gradient (indices are not
+    differentiable; distances and weights are recomputed in PyTorch from the gathered points).
+
     Args:
         reference: ``(B, M, 3)`` reference points (not differentiated through).
         lengths: ``(B,)`` valid counts of a padded batch, or None.
-        backend: ``"kdtree"`` (scipy, CPU), ``"brute_force"`` (chunked matrix products; any
-            device) or ``"auto"`` (KD-tree on CPU, brute force on accelerators).
+        backend: ``"compiled"`` (numba KD forest, CPU), ``"kdtree"`` (scipy, CPU),
+            ``"brute_force"`` (tiled matrix products and top-k; any device) or ``"auto"``
+            (compiled on CPU, scipy in a forked child of a process that ran the compiled
+            kernels, brute force on accelerators).
     """
 
     def __init__(
         self, reference: Tensor, lengths: Tensor | None = None, backend: SearchBackend = "auto"
     ) -> None:
-        if backend not in ("auto", "kdtree", "brute_force"):
-            raise ValueError(f"backend must be 'auto', 'kdtree' or 'brute_force', got {backend!r}")
+        if backend not in ("auto", "kdtree", "compiled", "brute_force"):
+            raise ValueError(
+                f"backend must be 'auto', 'kdtree', 'compiled' or 'brute_force', got {backend!r}"
+            )
         if backend == "auto":
-            backend = "kdtree" if reference.device.type == "cpu" else "brute_force"
+            backend = "compiled" if reference.device.type == "cpu" else "brute_force"
+            if backend == "compiled" and _compiled_unsafe():
+                backend = "kdtree"
+        if backend == "compiled" and reference.device.type != "cpu":
+            raise ValueError("backend 'compiled' runs on the CPU; use 'brute_force' on devices")
         self.backend = backend
         # scipy's query threads and torch's OpenMP pool fight for cores when both run: measured
         # 10x slower ICP on 2 busy cores. Query threads pay off only for large queries.
@@ -109,6 +121,8 @@ class NeighborIndex:
         self._tree: cKDTree | None = None  # built on the first query (the fast path needs none)
         self._cloud_trees: dict[int, tuple[cKDTree, np.ndarray]] = {}
         self._centered: tuple[Tensor, Tensor] | None = None
+        self._forest = None  # difficp.kdtree.KDForest, built on the first compiled query
+        self._warm: dict[tuple[int, int, float | None], Any] = {}  # kdtree.KnnWarmStart
 
     def _build_tree(self) -> None:
         from scipy.spatial import cKDTree  # here: the compiled fast path needs no scipy
@@ -178,12 +192,47 @@ class NeighborIndex:
             raise ValueError(f"queries have batch {B}, the index was built for {self.batch}")
         if query_mask is None:
             query_mask = torch.ones(B, N, dtype=torch.bool, device=queries.device)
-        if self.backend == "kdtree":
+        if self.backend == "compiled":
+            index, found = self._query_forest(queries.detach(), k, max_distance)
+        elif self.backend == "kdtree":
             index, found = self._query_tree(queries.detach(), k, max_distance, workers)
         else:
             index, found = self._query_brute_force(queries.detach(), k, max_distance)
         found = found & query_mask[..., None] & (self.counts[:, None, None] > 0)
         return torch.where(found, index, torch.zeros_like(index)), found
+
+    def _query_forest(
+        self, queries: Tensor, k: int, max_distance: float | None
+    ) -> tuple[Tensor, Tensor]:
+        # Imported here: importing difficp must not load numba (~70 MB).
+        from difficp.kdtree import build_forest, knearest, knn_warm_start, set_threads
+
+        if self._forest is None:
+            threads = torch.get_num_threads()
+            set_threads(threads)
+            # Starting numba's OpenMP pool resets the process's OpenMP thread count, which
+            # PyTorch shares: keep the caller's torch.set_num_threads.
+            torch.set_num_threads(threads)
+            # Valid points first (prefix masks, as inputs.prepare_problem makes them): the
+            # forest takes counts. A mask with holes is compacted into a prefix first.
+            order = torch.argsort((~self.mask).to(torch.int8), dim=1, stable=True)
+            self._forest_order = order.cpu().numpy()
+            ref = torch.gather(self.reference, 1, order[..., None].expand(-1, -1, 3))
+            self._forest = build_forest(ref.cpu().double().numpy(), self.counts.cpu().numpy())
+        B, N, _ = queries.shape
+        # ICP asks again with queries that barely moved: keep each query's neighbours and how
+        # far it may move before they can change (kdtree.KnnWarmStart), per kind of question.
+        key = (N, k, max_distance)
+        if key not in self._warm:
+            self._warm[key] = knn_warm_start(B, N, k)
+        # Masked-out queries are answered too (cheap) and dropped by the caller's found mask.
+        q = queries.cpu().double().numpy()
+        row, _ = knearest(self._forest, q, k, None, max_distance, self._warm[key])
+        found = row >= 0
+        safe = np.maximum(row, 0)
+        index = np.take_along_axis(self._forest_order, safe.reshape(B, -1), axis=1)
+        index = torch.from_numpy(index.reshape(B, N, k)).to(queries.device)
+        return index, torch.from_numpy(found).to(queries.device)
 
     def _query_tree(
         self, queries: Tensor, k: int, max_distance: float | None, workers: int | None = None
@@ -276,6 +325,16 @@ class NeighborIndex:
             exact = (_gather(ref, index) - queries[:, :, None, :]).norm(dim=-1)
             found = found & (exact <= max_distance)
         return index, found
+
+
+def _compiled_unsafe() -> bool:
+    """Whether the compiled kernels must not run here: a forked child of a process whose
+    OpenMP pool they started (numba would terminate it). Checked without importing numba
+    when the compiled kernels were never loaded."""
+    import sys
+
+    kdtree = sys.modules.get("difficp.kdtree")
+    return kdtree is not None and kdtree.parallel_unsafe_after_fork()
 
 
 def spatial_order(points: Tensor, mask: Tensor | None = None, bits: int = 10) -> Tensor:
