@@ -297,8 +297,6 @@ class NeighborIndex:
     def _query_brute_force(
         self, queries: Tensor, k: int, max_distance: float | None
     ) -> tuple[Tensor, Tensor]:
-        B, N, _ = queries.shape
-        M = self.reference.shape[1]
         if self._centered is None or self._centered[0].dtype != queries.dtype:
             # |q|^2 - 2 q.r + |r|^2 cancels catastrophically for clouds far from the origin:
             # search in coordinates centred on each reference cloud instead.
@@ -308,23 +306,68 @@ class NeighborIndex:
             self._centered = ((ref64 - center).to(queries.dtype), center)
         ref, center = self._centered
         queries = (queries.double() - center).to(queries.dtype)
-        ref_sq = (ref * ref).sum(-1)
-        ref_sq = torch.where(self.mask, ref_sq, torch.full_like(ref_sq, math.inf))
-        chunk = max(1, _BRUTE_FORCE_BLOCK // max(1, B * M))
-        index_parts, dist_parts = [], []
-        for start in range(0, N, chunk):
-            q = queries[:, start : start + chunk]
-            d2 = (q * q).sum(-1, keepdim=True) - 2 * q @ ref.transpose(1, 2) + ref_sq[:, None, :]
-            d2_k, i_k = torch.topk(d2, k, dim=-1, largest=False)
-            index_parts.append(i_k)
-            dist_parts.append(d2_k)
-        index = torch.cat(index_parts, 1)
-        d2 = torch.cat(dist_parts, 1)
+        index, d2 = blocked_knn(queries, ref, self.mask, k)
         found = torch.isfinite(d2)
         if max_distance is not None:
             exact = (_gather(ref, index) - queries[:, :, None, :]).norm(dim=-1)
             found = found & (exact <= max_distance)
         return index, found
+
+
+def blocked_knn(
+    queries: Tensor, reference: Tensor, mask: Tensor, k: int, block: int = _BRUTE_FORCE_BLOCK
+) -> tuple[Tensor, Tensor]:
+    """Exact k nearest neighbours by brute force in bounded memory, for any device.
+
+    Queries are taken in chunks and the references in tiles, so no temporary exceeds about
+    ``block`` distances (100k x 100k points: 2^22 at a time, not 10^10); each tile's top-k is
+    merged into the running best. The expansion ``|q|^2 - 2 q.r + |r|^2`` (one matrix product)
+    only ranks the candidates: the kept neighbours' squared distances are then recomputed from
+    the differences and re-sorted, so they are as exact as a KD-tree's.
+
+    Args:
+        queries: ``(B, N, 3)``; reference: ``(B, M, 3)``, both best centred on the reference
+            (the expansion cancels far from the origin); mask: ``(B, M)`` bool of real points.
+        k: neighbours per query (at most M).
+        block: elements of one ``chunk x tile`` distance block.
+    Returns:
+        ``index`` ``(B, N, k)`` long and squared distances ``(B, N, k)`` (inf for missing
+        references), closest first.
+    """
+    B, N, _ = queries.shape
+    M = reference.shape[1]
+    ref_sq = (reference * reference).sum(-1)
+    ref_sq = torch.where(mask, ref_sq, torch.full_like(ref_sq, math.inf))
+    # Tiles of references at least 2k wide (the merge keeps k of k + tile), chunks of queries
+    # filling the rest of the block.
+    tile = min(M, max(2 * k, 4096, block // max(1, B * N)))
+    chunk = max(1, block // max(1, B * tile))
+    index_parts, dist_parts = [], []
+    for start in range(0, N, chunk):
+        q = queries[:, start : start + chunk]
+        q_sq = (q * q).sum(-1, keepdim=True)
+        best_d2 = best_i = None
+        for t0 in range(0, M, tile):
+            r = reference[:, t0 : t0 + tile]
+            d2 = q_sq - 2 * q @ r.transpose(1, 2) + ref_sq[:, None, t0 : t0 + tile]
+            kk = min(k, d2.shape[-1])
+            d2_k, i_k = torch.topk(d2, kk, dim=-1, largest=False)
+            i_k = i_k + t0
+            if best_d2 is None:
+                best_d2, best_i = d2_k, i_k
+            else:
+                merged_d2 = torch.cat([best_d2, d2_k], -1)
+                merged_i = torch.cat([best_i, i_k], -1)
+                best_d2, pos = torch.topk(merged_d2, min(k, merged_d2.shape[-1]), -1, False)
+                best_i = torch.gather(merged_i, -1, pos)
+        assert best_d2 is not None and best_i is not None
+        # Exact squared distances of the kept neighbours, closest first.
+        exact = ((_gather(reference, best_i) - q[:, :, None, :]) ** 2).sum(-1)
+        exact = torch.where(torch.isfinite(best_d2), exact, best_d2)
+        exact, order = torch.sort(exact, dim=-1, stable=True)
+        index_parts.append(torch.gather(best_i, -1, order))
+        dist_parts.append(exact)
+    return torch.cat(index_parts, 1), torch.cat(dist_parts, 1)
 
 
 def _compiled_unsafe() -> bool:
@@ -464,19 +507,22 @@ def soft_correspondences(
             raise ValueError("soft_correspondences with soft_k needs a NeighborIndex on the target")
         k = int(min(soft_k, int(target_mask.sum(1).min().clamp_min(1))))
         idx, found = index.query(source, k, query_mask=source_mask)
-        neighbours = _gather(target, idx)  # (B, N, k, 3)
-        d2 = ((source[:, :, None, :] - neighbours) ** 2).sum(-1)
-        logits = torch.where(found, -d2 / temperature, torch.full_like(d2, -math.inf))
-        any_found = found.any(-1)
-        logits = torch.where(any_found[..., None], logits, torch.zeros_like(logits))
-        w = torch.softmax(logits, dim=-1)
-        partner = (w[..., None] * neighbours).sum(-2)
+        from difficp.softmatch import topk_soft_match
+
+        # Normals and covariances ride along as more channels of the same weighted mean.
+        channels = [] if target_normals is None else [target_normals]
+        if target_covariances is not None:
+            channels.append(target_covariances.flatten(-2))
+        extra = torch.cat(channels, -1) if channels else None
+        partner, mixed = topk_soft_match(source, target, extra, temperature, idx, found)
         normals = None
         if target_normals is not None:
-            normals = _normalize((w[..., None] * _gather(target_normals, idx)).sum(-2))
+            assert mixed is not None
+            normals = _normalize(mixed[..., :3])
         if target_covariances is not None:
-            neighbour_cov = _gather(target_covariances.flatten(-2), idx)  # (B, N, k, 9)
-            covariances = (w[..., None] * neighbour_cov).sum(-2).unflatten(-1, (3, 3))
+            assert mixed is not None
+            covariances = mixed[..., -9:].unflatten(-1, (3, 3))
+        any_found = found.any(-1)
         valid = source_mask & any_found
     else:
         from difficp.softmatch import dense_soft_match
