@@ -216,7 +216,10 @@ class NeighborIndex:
             # Valid points first (prefix masks, as inputs.prepare_problem makes them): the
             # forest takes counts. A mask with holes is compacted into a prefix first.
             order = torch.argsort((~self.mask).to(torch.int8), dim=1, stable=True)
-            self._forest_order = order.cpu().numpy()
+            prefix = bool(
+                (self.mask == lengths_mask(self.counts, *self.mask.shape, self.mask.device)).all()
+            )
+            self._forest_order = None if prefix else order.cpu().numpy()
             ref = torch.gather(self.reference, 1, order[..., None].expand(-1, -1, 3))
             self._forest = build_forest(ref.cpu().double().numpy(), self.counts.cpu().numpy())
         B, N, _ = queries.shape
@@ -228,11 +231,11 @@ class NeighborIndex:
         # Masked-out queries are answered too (cheap) and dropped by the caller's found mask.
         q = queries.cpu().double().numpy()
         row, _ = knearest(self._forest, q, k, None, max_distance, self._warm[key])
-        found = row >= 0
-        safe = np.maximum(row, 0)
-        index = np.take_along_axis(self._forest_order, safe.reshape(B, -1), axis=1)
-        index = torch.from_numpy(index.reshape(B, N, k)).to(queries.device)
-        return index, torch.from_numpy(found).to(queries.device)
+        found = torch.from_numpy(row >= 0)
+        index = torch.from_numpy(row).clamp_min_(0)
+        if self._forest_order is not None:  # back to the cloud's own order
+            index = torch.gather(torch.from_numpy(self._forest_order), 1, index.reshape(B, -1))
+        return index.reshape(B, N, k).to(queries.device), found.to(queries.device)
 
     def _query_tree(
         self, queries: Tensor, k: int, max_distance: float | None, workers: int | None = None

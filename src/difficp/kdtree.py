@@ -733,7 +733,8 @@ def _knearest_batch(
                         best_row[j] = all_row[j]
             for j in range(k):
                 found = best_row[j] >= 0 and best_d2[j] < radius2
-                out_row[b, i, j] = best_row[j] if found else -1
+                # Index into the query's own cloud (forest rows are in tree order).
+                out_row[b, i, j] = f.order[best_row[j]] if found else -1
                 out_d2[b, i, j] = best_d2[j] if found else np.inf
 
 
@@ -789,10 +790,7 @@ def knearest(
     if B * N:
         chunks = min(B * N, 8 * numba.get_num_threads())
         _knearest_batch(queries, counts, radius2, forest, chunks, *warm, row, d2)
-    if forest.order.size == 0:  # every tree is empty
-        return np.full((B, N, k), -1, dtype=np.int64), np.full((B, N, k), np.inf)
-    index = np.where(row >= 0, forest.order[np.maximum(row, 0)], -1)
-    return index, d2
+    return row, d2
 
 
 # The process that started numba's thread pool (None: not started by us).

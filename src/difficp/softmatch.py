@@ -168,7 +168,7 @@ class _TopKSoftMatch(torch.autograd.Function):
         # and, as before, no gradient through its distances.
         any_found = found.any(-1, keepdim=True)
         W = torch.softmax(torch.where(any_found, logits, torch.zeros_like(logits)), dim=-1)
-        out = torch.einsum("bnk,bnkc->bnc", W, nb)
+        out = (W[..., None] * nb).sum(-2)
         ctx.save_for_backward(source, values, temperature, index, W, out, any_found)
         return out
 
@@ -181,12 +181,12 @@ class _TopKSoftMatch(torch.autograd.Function):
         diff = source[:, :, None, :] - nb[..., :3]
         # dL/dlogit_ij = W_ij (v_j . g_i - o_i . g_i); logit_ij = -|p_i - q_j|^2 / T
         g_logit = W * (
-            torch.einsum("bnkc,bnc->bnk", nb, grad_out) - (out * grad_out).sum(-1, keepdim=True)
+            (nb * grad_out[:, :, None, :]).sum(-1) - (out * grad_out).sum(-1, keepdim=True)
         )
         g_logit = torch.where(any_found, g_logit, torch.zeros_like(g_logit))
         g_source = None
         if ctx.needs_input_grad[0]:
-            g_source = (-2.0 / temperature) * torch.einsum("bnk,bnkd->bnd", g_logit, diff)
+            g_source = (-2.0 / temperature) * (g_logit[..., None] * diff).sum(-2)
         g_values = None
         if ctx.needs_input_grad[1]:
             g_nb = W[..., None] * grad_out[:, :, None, :]
