@@ -16,6 +16,7 @@ matrix products whose memory stays bounded.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -374,13 +375,21 @@ def blocked_knn(
 
 
 def _compiled_unsafe() -> bool:
-    """Whether the compiled kernels must not run here: a forked child of a process whose
-    OpenMP pool they started (numba would terminate it). Checked without importing numba
-    when the compiled kernels were never loaded."""
-    import sys
+    """Whether ``backend="auto"`` should not search with the compiled KD forest here: in a
+    forked child of a process whose OpenMP pool the compiled kernels started (numba would
+    terminate it), or before :func:`difficp.kdtree.knearest` is compiled (minutes on a first
+    use; ``difficp warmup``, which the fast path starts in the background, compiles it)."""
+    from difficp import kdtree  # here: importing difficp must not load numba
 
-    kdtree = sys.modules.get("difficp.kdtree")
-    return kdtree is not None and kdtree.parallel_unsafe_after_fork()
+    if kdtree.parallel_unsafe_after_fork():
+        return True
+    kernel = kdtree._knearest_batch
+    if kernel.signatures or os.environ.get("DIFFICP_COMPILE") == "now":
+        return False
+    try:
+        return not kernel._cache._cache_file._load_index()
+    except (AttributeError, OSError):  # no cache support (other numba): assume compiled
+        return False
 
 
 def spatial_order(points: Tensor, mask: Tensor | None = None, bits: int = 10) -> Tensor:
