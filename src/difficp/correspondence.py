@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from difficp.geometry import points_to_pixels, transform_points
 if TYPE_CHECKING:
     from scipy.spatial import cKDTree
 
-SearchBackend = Literal["auto", "kdtree", "brute_force"]
+SearchBackend = Literal["auto", "kdtree", "compiled", "brute_force"]
 
 # Elements of the (queries x references) distance block computed at once by brute force.
 _BRUTE_FORCE_BLOCK = 1 << 22
@@ -88,20 +88,32 @@ class NeighborIndex:
     another cloud's point is answered again by its own cloud's tree: pairs never see each other.
     The brute-force backend searches each pair in coordinates centred on its cloud.
 
+    The compiled backend searches one numba KD-tree per cloud (:mod:`difficp.kdtree`), in
+    parallel over all queries: the search never needs a gradient (indices are not
+    differentiable; distances and weights are recomputed in PyTorch from the gathered points).
+
     Args:
         reference: ``(B, M, 3)`` reference points (not differentiated through).
         lengths: ``(B,)`` valid counts of a padded batch, or None.
-        backend: ``"kdtree"`` (scipy, CPU), ``"brute_force"`` (chunked matrix products; any
-            device) or ``"auto"`` (KD-tree on CPU, brute force on accelerators).
+        backend: ``"compiled"`` (numba KD forest, CPU), ``"kdtree"`` (scipy, CPU),
+            ``"brute_force"`` (tiled matrix products and top-k; any device) or ``"auto"``
+            (compiled on CPU, scipy in a forked child of a process that ran the compiled
+            kernels, brute force on accelerators).
     """
 
     def __init__(
         self, reference: Tensor, lengths: Tensor | None = None, backend: SearchBackend = "auto"
     ) -> None:
-        if backend not in ("auto", "kdtree", "brute_force"):
-            raise ValueError(f"backend must be 'auto', 'kdtree' or 'brute_force', got {backend!r}")
+        if backend not in ("auto", "kdtree", "compiled", "brute_force"):
+            raise ValueError(
+                f"backend must be 'auto', 'kdtree', 'compiled' or 'brute_force', got {backend!r}"
+            )
         if backend == "auto":
-            backend = "kdtree" if reference.device.type == "cpu" else "brute_force"
+            backend = "compiled" if reference.device.type == "cpu" else "brute_force"
+            if backend == "compiled" and _compiled_unsafe():
+                backend = "kdtree"
+        if backend == "compiled" and reference.device.type != "cpu":
+            raise ValueError("backend 'compiled' runs on the CPU; use 'brute_force' on devices")
         self.backend = backend
         # scipy's query threads and torch's OpenMP pool fight for cores when both run: measured
         # 10x slower ICP on 2 busy cores. Query threads pay off only for large queries.
@@ -114,6 +126,8 @@ class NeighborIndex:
         self._tree: cKDTree | None = None  # built on the first query (the fast path needs none)
         self._cloud_trees: dict[int, tuple[cKDTree, np.ndarray]] = {}
         self._centered: tuple[Tensor, Tensor] | None = None
+        self._forest = None  # difficp.kdtree.KDForest, built on the first compiled query
+        self._warm: dict[tuple[int, int, float | None], Any] = {}  # kdtree.KnnWarmStart
 
     def _build_tree(self) -> None:
         from scipy.spatial import cKDTree  # here: the compiled fast path needs no scipy
@@ -183,12 +197,50 @@ class NeighborIndex:
             raise ValueError(f"queries have batch {B}, the index was built for {self.batch}")
         if query_mask is None:
             query_mask = torch.ones(B, N, dtype=torch.bool, device=queries.device)
-        if self.backend == "kdtree":
+        if self.backend == "compiled":
+            index, found = self._query_forest(queries.detach(), k, max_distance)
+        elif self.backend == "kdtree":
             index, found = self._query_tree(queries.detach(), k, max_distance, workers)
         else:
             index, found = self._query_brute_force(queries.detach(), k, max_distance)
         found = found & query_mask[..., None] & (self.counts[:, None, None] > 0)
         return torch.where(found, index, torch.zeros_like(index)), found
+
+    def _query_forest(
+        self, queries: Tensor, k: int, max_distance: float | None
+    ) -> tuple[Tensor, Tensor]:
+        # Imported here: importing difficp must not load numba (~70 MB).
+        from difficp.kdtree import build_forest, knearest, knn_warm_start, set_threads
+
+        if self._forest is None:
+            threads = torch.get_num_threads()
+            set_threads(threads)
+            # Starting numba's OpenMP pool resets the process's OpenMP thread count, which
+            # PyTorch shares: keep the caller's torch.set_num_threads.
+            torch.set_num_threads(threads)
+            # Valid points first (prefix masks, as inputs.prepare_problem makes them): the
+            # forest takes counts. A mask with holes is compacted into a prefix first.
+            order = torch.argsort((~self.mask).to(torch.int8), dim=1, stable=True)
+            prefix = bool(
+                (self.mask == lengths_mask(self.counts, *self.mask.shape, self.mask.device)).all()
+            )
+            self._forest_order = None if prefix else order.cpu().numpy()
+            ref = torch.gather(self.reference, 1, order[..., None].expand(-1, -1, 3))
+            self._forest = build_forest(ref.cpu().double().numpy(), self.counts.cpu().numpy())
+        B, N, _ = queries.shape
+        # ICP asks again with queries that barely moved: keep each query's neighbours and how
+        # far it may move before they can change (kdtree.KnnWarmStart), per kind of question.
+        key = (N, k, max_distance)
+        if key not in self._warm:
+            self._warm[key] = knn_warm_start(B, N, k)
+        # Masked-out queries are answered too (cheap) and dropped by the caller's found mask.
+        q = queries.cpu().double().numpy()
+        row, _ = knearest(self._forest, q, k, None, max_distance, self._warm[key])
+        found = torch.from_numpy(row >= 0)
+        index = torch.from_numpy(row).clamp_min_(0)
+        if self._forest_order is not None:  # back to the cloud's own order
+            index = torch.gather(torch.from_numpy(self._forest_order), 1, index.reshape(B, -1))
+        return index.reshape(B, N, k).to(queries.device), found.to(queries.device)
 
     def _query_tree(
         self, queries: Tensor, k: int, max_distance: float | None, workers: int | None = None
@@ -253,8 +305,6 @@ class NeighborIndex:
     def _query_brute_force(
         self, queries: Tensor, k: int, max_distance: float | None
     ) -> tuple[Tensor, Tensor]:
-        B, N, _ = queries.shape
-        M = self.reference.shape[1]
         if self._centered is None or self._centered[0].dtype != queries.dtype:
             # |q|^2 - 2 q.r + |r|^2 cancels catastrophically for clouds far from the origin:
             # search in coordinates centred on each reference cloud instead.
@@ -264,23 +314,82 @@ class NeighborIndex:
             self._centered = ((ref64 - center).to(queries.dtype), center)
         ref, center = self._centered
         queries = (queries.double() - center).to(queries.dtype)
-        ref_sq = (ref * ref).sum(-1)
-        ref_sq = torch.where(self.mask, ref_sq, torch.full_like(ref_sq, math.inf))
-        chunk = max(1, _BRUTE_FORCE_BLOCK // max(1, B * M))
-        index_parts, dist_parts = [], []
-        for start in range(0, N, chunk):
-            q = queries[:, start : start + chunk]
-            d2 = (q * q).sum(-1, keepdim=True) - 2 * q @ ref.transpose(1, 2) + ref_sq[:, None, :]
-            d2_k, i_k = torch.topk(d2, k, dim=-1, largest=False)
-            index_parts.append(i_k)
-            dist_parts.append(d2_k)
-        index = torch.cat(index_parts, 1)
-        d2 = torch.cat(dist_parts, 1)
+        index, d2 = blocked_knn(queries, ref, self.mask, k)
         found = torch.isfinite(d2)
         if max_distance is not None:
             exact = (_gather(ref, index) - queries[:, :, None, :]).norm(dim=-1)
             found = found & (exact <= max_distance)
         return index, found
+
+
+def blocked_knn(
+    queries: Tensor, reference: Tensor, mask: Tensor, k: int, block: int = _BRUTE_FORCE_BLOCK
+) -> tuple[Tensor, Tensor]:
+    """Exact k nearest neighbours by brute force in bounded memory, for any device.
+
+    Queries are taken in chunks and the references in tiles, so no temporary exceeds about
+    ``block`` distances (100k x 100k points: 2^22 at a time, not 10^10); each tile's top-k is
+    merged into the running best. The expansion ``|q|^2 - 2 q.r + |r|^2`` (one matrix product)
+    only ranks the candidates: the kept neighbours' squared distances are then recomputed from
+    the differences and re-sorted, so they are as exact as a KD-tree's.
+
+    Args:
+        queries: ``(B, N, 3)``; reference: ``(B, M, 3)``, both best centred on the reference
+            (the expansion cancels far from the origin); mask: ``(B, M)`` bool of real points.
+        k: neighbours per query (at most M).
+        block: elements of one ``chunk x tile`` distance block.
+    Returns:
+        ``index`` ``(B, N, k)`` long and squared distances ``(B, N, k)`` (inf for missing
+        references), closest first.
+    """
+    B, N, _ = queries.shape
+    M = reference.shape[1]
+    ref_sq = (reference * reference).sum(-1)
+    ref_sq = torch.where(mask, ref_sq, torch.full_like(ref_sq, math.inf))
+    # Tiles of references at least 2k wide (the merge keeps k of k + tile), chunks of queries
+    # filling the rest of the block.
+    tile = min(M, max(2 * k, 4096, block // max(1, B * N)))
+    chunk = max(1, block // max(1, B * tile))
+    index_parts, dist_parts = [], []
+    for start in range(0, N, chunk):
+        q = queries[:, start : start + chunk]
+        q_sq = (q * q).sum(-1, keepdim=True)
+        best_d2 = best_i = None
+        for t0 in range(0, M, tile):
+            r = reference[:, t0 : t0 + tile]
+            d2 = q_sq - 2 * q @ r.transpose(1, 2) + ref_sq[:, None, t0 : t0 + tile]
+            kk = min(k, d2.shape[-1])
+            d2_k, i_k = torch.topk(d2, kk, dim=-1, largest=False)
+            i_k = i_k + t0
+            if best_d2 is None:
+                best_d2, best_i = d2_k, i_k
+            else:
+                merged_d2 = torch.cat([best_d2, d2_k], -1)
+                merged_i = torch.cat([best_i, i_k], -1)
+                best_d2, pos = torch.topk(merged_d2, min(k, merged_d2.shape[-1]), -1, False)
+                best_i = torch.gather(merged_i, -1, pos)
+        assert best_d2 is not None and best_i is not None
+        # Exact squared distances of the kept neighbours, closest first.
+        exact = ((_gather(reference, best_i) - q[:, :, None, :]) ** 2).sum(-1)
+        exact = torch.where(torch.isfinite(best_d2), exact, best_d2)
+        exact, order = torch.sort(exact, dim=-1, stable=True)
+        index_parts.append(torch.gather(best_i, -1, order))
+        dist_parts.append(exact)
+    return torch.cat(index_parts, 1), torch.cat(dist_parts, 1)
+
+
+def _compiled_unsafe() -> bool:
+    """Whether ``backend="auto"`` should not search with the compiled KD forest here: in a
+    forked child of a process whose OpenMP pool the compiled kernels started (numba would
+    terminate it), or before :func:`difficp.kdtree.knearest` is compiled (minutes on a first
+    use; ``difficp warmup``, which the fast path starts in the background, compiles it)."""
+    from difficp import kdtree  # here: importing difficp must not load numba
+    from difficp.compile_cache import compile_or_fall_back, kernels_cached
+
+    if kdtree.parallel_unsafe_after_fork():
+        return True
+    kernels = (kdtree._knearest_batch, kdtree._build_forest)
+    return not compile_or_fall_back(kernels_cached(kernels))
 
 
 def spatial_order(points: Tensor, mask: Tensor | None = None, bits: int = 10) -> Tensor:
@@ -418,21 +527,28 @@ def soft_correspondences(
             raise ValueError("soft_correspondences with soft_k needs a NeighborIndex on the target")
         k = int(min(soft_k, int(target_mask.sum(1).min().clamp_min(1))))
         idx, found = index.query(source, k, query_mask=source_mask)
-        neighbours = _gather(target, idx)  # (B, N, k, 3)
-        d2 = ((source[:, :, None, :] - neighbours) ** 2).sum(-1)
-        logits = torch.where(found, -d2 / temperature, torch.full_like(d2, -math.inf))
-        any_found = found.any(-1)
-        logits = torch.where(any_found[..., None], logits, torch.zeros_like(logits))
-        w = torch.softmax(logits, dim=-1)
-        partner = (w[..., None] * neighbours).sum(-2)
+        from difficp.softmatch import topk_soft_match
+
+        # Normals and covariances ride along as more channels of the same weighted mean.
+        channels = [] if target_normals is None else [target_normals]
+        if target_covariances is not None:
+            channels.append(target_covariances.flatten(-2))
+        if target_features is not None:
+            channels.append(target_features)
+        extra = torch.cat(channels, -1) if channels else None
+        partner, mixed = topk_soft_match(source, target, extra, temperature, idx, found)
+        F = 0 if target_features is None else target_features.shape[-1]
+        if F:
+            assert mixed is not None
+            features, mixed = mixed[..., -F:], mixed[..., :-F]
         normals = None
         if target_normals is not None:
-            normals = _normalize((w[..., None] * _gather(target_normals, idx)).sum(-2))
+            assert mixed is not None
+            normals = _normalize(mixed[..., :3])
         if target_covariances is not None:
-            neighbour_cov = _gather(target_covariances.flatten(-2), idx)  # (B, N, k, 9)
-            covariances = (w[..., None] * neighbour_cov).sum(-2).unflatten(-1, (3, 3))
-        if target_features is not None:
-            features = (w[..., None] * _gather(target_features, idx)).sum(-2)
+            assert mixed is not None
+            covariances = mixed[..., -9:].unflatten(-1, (3, 3))
+        any_found = found.any(-1)
         valid = source_mask & any_found
     else:
         from difficp.softmatch import dense_soft_match, dense_soft_mean

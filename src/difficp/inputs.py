@@ -394,7 +394,7 @@ def prepare_problem(
         index = None
         if config.correspondence == "nearest" or config.soft_k is not None:
             index = NeighborIndex(tgt_points, t_lengths, search_backend)  # type: ignore[arg-type]
-            if index.backend == "kdtree" and N >= SPATIAL_ORDER_MIN_POINTS:
+            if index.backend in ("kdtree", "compiled") and N >= SPATIAL_ORDER_MIN_POINTS:
                 # Results do not depend on the order of the source points (they are summed),
                 # so reorder them once for faster queries in every iteration.
                 order = spatial_order(src, source_mask)

@@ -63,6 +63,12 @@ def warm_up() -> float:
         max_iterations=2,
         search_backend="compiled",
     )
+    # the k-nearest search of the differentiable path (difficp.kdtree.knearest)
+    from difficp.correspondence import NeighborIndex
+
+    NeighborIndex(torch.rand(1, 50, 3, generator=generator), backend="compiled").query(
+        torch.rand(1, 5, 3, generator=generator), 2
+    )
     return time.perf_counter() - start
 
 
