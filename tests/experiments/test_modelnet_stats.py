@@ -176,7 +176,11 @@ def test_a_run_stopped_early_tabulates_the_same_first_pairs_for_every_method(
         "true_rot5": 2,
         "true_rot5+icp": 2,
     }
-    assert "fewer cached for some methods" in (out / "results.md").read_text()
+    assert "the first 2 of 6 test pairs" in (out / "results.md").read_text()
     # 0 minutes: nothing computed, the cache tabulated
     again = _bench(tiny_root, out, "--methods", "icp", "--limit", "6", "--max-minutes", "0")
     assert again["methods"]["icp"]["pairs"] == 2 and "true_rot5+icp" in again["methods"]
+    # icp continued to all 6 pairs, the others not: rows of different sizes say so
+    mixed = _bench(tiny_root, out, "--methods", "icp", "--limit", "6")
+    assert mixed["methods"]["icp"]["pairs"] == 6 and mixed["methods"]["true_rot5"]["pairs"] == 2
+    assert "fewer cached for some methods" in (out / "results.md").read_text()

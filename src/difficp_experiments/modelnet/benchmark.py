@@ -519,12 +519,16 @@ def run_benchmark(cfg: BenchmarkConfig, out: Path) -> dict:
 def results_markdown(results: dict) -> str:
     """The results as a markdown table (DCP's six, isotropic errors, success, time)."""
     counts = {m["pairs"] for m in results["methods"].values() if "pairs" in m}
-    cover = (
-        f"{results['pairs']} test pairs"
-        if counts <= {results["pairs"]}
-        else f"the first {results['pairs']} test pairs requested, fewer cached for some "
-        "methods (column `pairs`: each row's metrics are on its first `pairs` pairs)"
-    )
+    n = results["pairs"]
+    if counts <= {n}:
+        cover = f"{n} test pairs"
+    elif len(counts) == 1:
+        cover = f"the first {counts.pop()} of {n} test pairs (a run stopped early)"
+    else:
+        cover = (
+            f"the first {n} test pairs requested, fewer cached for some methods (column "
+            "`pairs`: each row's metrics are on its first `pairs` pairs)"
+        )
     head = (
         f"ModelNet registration: dataset `{results['dataset']}`, protocol "
         f"`{results['protocol']}`, {cover}.\n\n"
