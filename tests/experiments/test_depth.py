@@ -278,14 +278,17 @@ def test_summary_and_plot(tmp_path) -> None:
     init = torch.rand(40, generator=g) * 1.4
     errors = {
         k: torch.rand(40, generator=g) * 0.5
-        for k in ("nn", "nn_icp", "nn_then_icp", "icp_projective", "icp_nearest")
+        for k in ("nn", "nn_icp", "nn_then_icp", "icp_projective", "icp_nearest", "icp_schedule")
     }
     errors["icp_nearest"][:20] = 0.0  # clearly the better variant
     m = summarize(errors, init)
-    assert set(m["methods"]) == set(METHODS)
-    assert m["methods"]["icp"]["variant"] == "nearest"
+    assert list(m["methods"]) == list(METHODS)
+    # the icp row is the stronger schedule from identity; the weaker point-to-plane is kept
+    assert m["methods"]["icp"]["variant"] == "schedule"
+    assert m["methods"]["icp_point_to_plane"]["variant"] == "nearest"
+    source = {"icp": "icp_schedule", "icp_point_to_plane": "icp_nearest"}
     for name, d in m["methods"].items():
-        e = errors[name] if name != "icp" else errors["icp_nearest"]
+        e = errors[source.get(name, name)]
         assert d["success_3cm"] == pytest.approx((e < 0.03).float().mean().item())
         assert d["success_30cm"] == pytest.approx((e < 0.30).float().mean().item())
         assert len(d["bins"]) == len(BIN_EDGES) - 1
@@ -319,7 +322,7 @@ def test_cli_eval_committed_checkpoint(tmp_path, data_dir) -> None:
     ]
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["methods"]) == {"nn", "icp", "nn_icp", "nn_then_icp"}
+    assert set(metrics["methods"]) == {"nn", "icp", "icp_point_to_plane", "nn_icp", "nn_then_icp"}
     for m in metrics["methods"].values():
         assert 0.0 <= m["success_3cm"] <= m["success_30cm"] <= 1.0
         assert sum(b["n"] for b in m["bins"]) == 6

@@ -40,7 +40,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--methods",
         default=None,
         help="comma-separated methods (icp, open3d_icp, open3d_fgr, pointnetlk, dcp_v1, "
-        "dcp_v2, dcp_v2_e2e, each optionally with +icp); default: all",
+        "dcp_v2, dcp_v2_e2e, and the calibration rows true_rotA = the true pose turned by A "
+        "degrees, each optionally with +icp; 'calibration' stands for true_rot5,10,20,30 "
+        "with and without +icp); default: all but the calibration rows",
     )
     p.add_argument("--limit", type=int, default=None, help="use only the first N test pairs")
     p.add_argument("--out", required=True, help="output directory")
@@ -66,6 +68,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--icp-max-iterations", type=int, default=50)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--force", action="store_true", help="recompute cached methods")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="start no new chunk of pairs after this long, then tabulate what is cached "
+        "(each row says how many pairs it covers); 0: only tabulate",
+    )
     p.set_defaults(func=run_modelnet)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
@@ -73,6 +82,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_modelnet(args: argparse.Namespace) -> int:
     from difficp.datadir import require_data_dir
     from difficp_experiments.modelnet.benchmark import (
+        CALIBRATION_METHODS,
         DEFAULT_METHODS,
         BenchmarkConfig,
         parse_methods,
@@ -83,7 +93,9 @@ def run_modelnet(args: argparse.Namespace) -> int:
         data_dir=require_data_dir(args.data_dir, needs="the ModelNet benchmark"),
         dataset=args.dataset,
         protocol=args.protocol,
-        methods=parse_methods(args.methods or DEFAULT_METHODS),
+        methods=parse_methods(
+            (args.methods or DEFAULT_METHODS).replace("calibration", CALIBRATION_METHODS)
+        ),
         limit=args.limit,
         seed=args.seed,
         batch_size=args.batch_size,
@@ -94,6 +106,7 @@ def run_modelnet(args: argparse.Namespace) -> int:
         icp_max_iterations=args.icp_max_iterations,
         threads=args.threads,
         force=args.force,
+        max_minutes=args.max_minutes,
     )
     results = run_benchmark(cfg, Path(args.out))
     print((Path(args.out) / "results.md").read_text())

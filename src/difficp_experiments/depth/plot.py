@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-COLOURS = {"nn": "tab:blue", "icp": "tab:orange", "nn_icp": "tab:green", "nn_then_icp": "tab:red"}
+COLOURS = {
+    "nn": "tab:blue",
+    "icp": "tab:orange",
+    "icp_point_to_plane": "tab:gray",
+    "nn_icp": "tab:green",
+    "nn_then_icp": "tab:red",
+}
 LABELS = {
     "nn": "nn",
-    "icp": "icp",
+    "icp": "icp (refinement schedule from identity)",
+    "icp_point_to_plane": "icp point-to-plane (weaker)",
     "nn_icp": "nn_icp (end to end)",
     "nn_then_icp": "nn_then_icp (ICP at test only)",
 }

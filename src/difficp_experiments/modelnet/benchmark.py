@@ -8,7 +8,9 @@ Methods (comma-separated names):
     ``dcp_v1``       DCP-v1 with the official ModelNet40 weights;
     ``dcp_v2``       DCP-v2 trained here (``difficp train dcp``);
     ``dcp_v2_e2e``   DCP-v2 fine-tuned end to end through difficp's soft ICP;
-    ``X+icp``        method X's estimate refined by difficp ICP (nearest, SVD) at test time.
+    ``X+icp``        method X's estimate refined by difficp ICP (nearest, SVD) at test time;
+    ``true_rotA``    calibration: the true pose with its rotation turned by exactly ``A`` degrees
+                     about a random axis (per pair, seeded), so ``true_rotA+icp`` shows ICP's basin.
 
 Each method's per-pair estimates and timings are cached in ``OUT/raw/<method>/<key>/``, keyed by
 everything that changes them (dataset, protocol, seed, method options, weights, code version:
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -35,7 +38,13 @@ from tqdm import tqdm
 import difficp
 from difficp._atomic import AtomicFiles, atomic_open, atomic_write_text
 from difficp_experiments.modelnet.data import NUM_CLASSES, ModelNetPairs, load_modelnet
-from difficp_experiments.modelnet.metrics import all_metrics
+from difficp_experiments.modelnet.metrics import (
+    SUCCESS_ROT_DEG,
+    SUCCESS_TRANS,
+    all_metrics,
+    isotropic_errors,
+)
+from difficp_experiments.modelnet.stats import method_statistics, paired_tests
 
 BASE_METHODS = ("icp", "open3d_icp", "open3d_fgr", "pointnetlk", "dcp_v1", "dcp_v2", "dcp_v2_e2e")
 LEARNED = ("pointnetlk", "dcp_v1", "dcp_v2", "dcp_v2_e2e")
@@ -44,6 +53,41 @@ DEFAULT_METHODS = (
     "dcp_v2,dcp_v2+icp,dcp_v2_e2e,dcp_v2_e2e+icp"
 )
 SIX = ("MSE_R", "RMSE_R", "MAE_R", "MSE_t", "RMSE_t", "MAE_t")
+# Calibration rows: ``true_rot10`` is the true pose turned by 10 degrees (see perturbed_truth).
+CALIBRATION = re.compile(r"true_rot(\d+(?:\.\d+)?)")
+CALIBRATION_METHODS = ",".join(f"true_rot{a},true_rot{a}+icp" for a in (5, 10, 20, 30))
+
+
+def calibration_angle(name: str) -> float | None:
+    """The perturbation in degrees of calibration method ``name`` (``true_rot10`` -> 10.0)."""
+    match = CALIBRATION.fullmatch(name.removesuffix("+icp"))
+    return float(match.group(1)) if match else None
+
+
+def perturbed_truth(
+    R_gt: np.ndarray, t_gt: np.ndarray, index: np.ndarray, angle_deg: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The true pose with its rotation turned by exactly ``angle_deg`` about a random axis.
+
+    ``R = dR @ R_gt``, ``t = t_gt``: the aligned source is rotated about the target frame's
+    origin (the shapes are centred, so roughly about the target's centre); the geodesic rotation
+    error is ``angle_deg`` and the translation error 0. The axis of pair ``i`` comes from
+    ``default_rng([seed, 7, i, round(1000 * angle_deg)])``, the same for every method and run.
+
+    Args:
+        R_gt: ``(B, 3, 3)``; t_gt: ``(B, 3)``; index: ``(B,)`` pair indices.
+    Returns:
+        ``R (B, 3, 3)``, ``t (B, 3)`` float64.
+    """
+    from scipy.spatial.transform import Rotation
+
+    axes = []
+    for i in np.asarray(index).tolist():
+        rng = np.random.default_rng([seed, 7, int(i), round(1000 * angle_deg)])
+        v = rng.standard_normal(3)
+        axes.append(v / np.linalg.norm(v))
+    dR = Rotation.from_rotvec(np.radians(angle_deg) * np.stack(axes)).as_matrix()
+    return dR @ np.asarray(R_gt, np.float64), np.asarray(t_gt, np.float64).copy()
 
 
 @dataclass
@@ -52,6 +96,8 @@ class BenchmarkConfig:
 
     ``refine_*`` set the test-time difficp refinement of ``X+icp``; ``icp_*`` the ``icp`` and
     ``open3d_icp`` baselines (``icp_max_distance=None``: no rejection, plain ICP).
+    ``max_minutes``: start no new chunk after this long (0: only tabulate what is cached); the
+    table then covers, per method, the pairs cached so far.
     """
 
     data_dir: Path
@@ -69,6 +115,7 @@ class BenchmarkConfig:
     refine_max_iterations: int = 50
     threads: int | None = None
     force: bool = False
+    max_minutes: float | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -77,10 +124,10 @@ def parse_methods(spec: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     names = [m.strip() for m in (spec.split(",") if isinstance(spec, str) else spec) if m.strip()]
     for name in names:
         base = name.removesuffix("+icp")
-        if base not in BASE_METHODS:
+        if base not in BASE_METHODS and calibration_angle(base) is None:
             raise ValueError(
-                f"unknown method {name!r}; base methods are {BASE_METHODS}, "
-                "each optionally followed by '+icp'"
+                f"unknown method {name!r}; base methods are {BASE_METHODS} and the "
+                "calibration rows true_rotA (A in degrees), each optionally followed by '+icp'"
             )
     return tuple(names)
 
@@ -101,13 +148,17 @@ def test_pairs(cfg: BenchmarkConfig) -> ModelNetPairs:
 def batches(
     pairs: ModelNetPairs, n: int, size: int, first: int = 0
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Stacked batches of pairs ``first .. n-1``: ``source (B,N,3)``, ``target (B,M,3)``, ..."""
+    """Stacked batches of pairs ``first .. n-1``: ``source (B,N,3)``, ``target (B,M,3)``,
+    ``rotation (B,3,3)``, ``translation (B,3)``, ``index (B,)``."""
     for start in range(first, n, size):
-        items = [pairs[i] for i in range(start, min(n, start + size))]
-        yield {
+        stop = min(n, start + size)
+        items = [pairs[i] for i in range(start, stop)]
+        batch = {
             k: torch.stack([it[k] for it in items])
             for k in ("source", "target", "rotation", "translation")
         }
+        batch["index"] = torch.arange(start, stop)
+        yield batch
 
 
 def _to_transform(R: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -165,6 +216,15 @@ class MethodRunner:
     def estimate(self, name: str, batch: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
         """``(R (B,3,3), t (B,3))`` of base method ``name`` on ``batch``."""
         src, tgt = batch["source"], batch["target"]
+        angle = calibration_angle(name)
+        if angle is not None:  # calibration: reads the ground truth on purpose
+            return perturbed_truth(
+                batch["rotation"].double().numpy(),
+                batch["translation"].double().numpy(),
+                batch["index"].numpy(),
+                angle,
+                self.cfg.seed,
+            )
         if name == "icp":
             cfg = icp_config(self.cfg.icp_max_distance, self.cfg.icp_max_iterations)
             T = difficp.icp(src, tgt, config=cfg).transform.double().numpy()
@@ -245,6 +305,8 @@ def method_key(cfg: BenchmarkConfig, method: str, test_shapes: int) -> dict:
         )
     elif base in ("dcp_v2", "dcp_v2_e2e"):
         key["weights"] = _file_digest(getattr(cfg, base))
+    elif calibration_angle(base) is not None:
+        key["calibration"] = {"angle_deg": calibration_angle(base), "version": 1}
     if method.endswith("+icp"):
         key = {
             "base": key,
@@ -294,13 +356,18 @@ def _write_chunk(path: Path, key: dict, start: int, result: dict[str, np.ndarray
 
 
 def cached_estimates(out: Path, method: str, key: dict, n: int) -> dict[str, np.ndarray] | None:
-    """``method``'s cached estimates of the first ``n`` pairs under ``key``, or None unless every
-    pair is cached."""
+    """``method``'s cached estimates of the longest run of complete chunks from pair 0 (at most
+    ``n`` pairs) under ``key``, or None when pair 0's chunk is missing."""
     folder = _cache_dir(out, method, key)
-    parts = [_read_chunk(folder / f"{a:06d}.npz", key, a, b) for a, b in _chunks(n)]
-    if not parts or any(p is None for p in parts):
+    parts = []
+    for a, b in _chunks(n):
+        part = _read_chunk(folder / f"{a:06d}.npz", key, a, b)
+        if part is None:
+            break
+        parts.append(part)
+    if not parts:
         return None
-    return {k: np.concatenate([p[k] for p in parts]) for k in ("R", "t", "seconds")}  # type: ignore[index]
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("R", "t", "seconds")}
 
 
 @dataclass(frozen=True)
@@ -351,24 +418,30 @@ def _method_chunk(run: _Run, method: str, start: int, stop: int) -> dict[str, np
     return part
 
 
-def run_method(
-    cfg: BenchmarkConfig, runner: MethodRunner, pairs: ModelNetPairs, n: int, method: str, out: Path
-) -> dict[str, np.ndarray]:
-    """Estimates of ``method`` on the first ``n`` pairs, from the cache or computed (and cached).
+def run_methods(
+    cfg: BenchmarkConfig,
+    runner: MethodRunner,
+    pairs: ModelNetPairs,
+    n: int,
+    methods: tuple[str, ...],
+    out: Path,
+) -> None:
+    """Estimates of ``methods`` on the first ``n`` pairs, from the cache or computed (and cached).
 
-    The cache (``out/raw/<method>/<key digest>/<first pair>.npz``) is keyed by
-    :func:`method_key` and holds :data:`CACHE_CHUNK` pairs per file, each written atomically,
-    so an interrupted run resumes at the first missing chunk and a file cut short is recomputed.
+    Chunk by chunk, every method in turn, so that a run stopped early (``cfg.max_minutes``, or
+    killed) leaves all methods on the same pairs (paired comparisons need them). The cache
+    (``out/raw/<method>/<key digest>/<first pair>.npz``) is keyed by :func:`method_key` and
+    holds :data:`CACHE_CHUNK` pairs per file, each written atomically, so an interrupted run
+    resumes at the first missing chunk and a file cut short is recomputed.
     """
+    start_time = time.monotonic()
     chunks = _chunks(n)
     run = _Run(cfg, runner, pairs, out)
-    parts = [
-        _method_chunk(run, method, a, b)
-        for a, b in tqdm(
-            chunks, desc=f"{cfg.protocol}:{method}", unit="chunk", disable=len(chunks) < 2
-        )
-    ]
-    return {k: np.concatenate([p[k] for p in parts]) for k in ("R", "t", "seconds")}
+    for a, b in tqdm(chunks, desc=cfg.protocol, unit="chunk", disable=len(chunks) < 2):
+        if cfg.max_minutes is not None and time.monotonic() - start_time >= 60 * cfg.max_minutes:
+            break
+        for method in methods:
+            _method_chunk(run, method, a, b)
 
 
 def ground_truth(pairs: ModelNetPairs, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -386,8 +459,7 @@ def run_benchmark(cfg: BenchmarkConfig, out: Path) -> dict:
     pairs = test_pairs(cfg)
     n = len(pairs) if cfg.limit is None else min(cfg.limit, len(pairs))
     runner = MethodRunner(cfg)
-    for method in cfg.methods:
-        run_method(cfg, runner, pairs, n, method, out)
+    run_methods(cfg, runner, pairs, n, cfg.methods, out)
     R_gt, t_gt = ground_truth(pairs, n)
     results: dict = {
         "dataset": cfg.dataset,
@@ -398,17 +470,36 @@ def run_benchmark(cfg: BenchmarkConfig, out: Path) -> dict:
     }
     # This run's methods, and those of earlier runs into the same folder whose estimates are
     # cached under this run's key (same pairs, options and code) for all n pairs.
+    # A table may cover fewer than n pairs per method (a run stopped early): each row says how
+    # many, and always the first ones.
     order = {m: i for i, m in enumerate(DEFAULT_METHODS.split(","))}
     found = {p.name.replace("_plus_", "+") for p in (out / "raw").glob("*") if p.is_dir()}
-    known = {m for m in found if m.removesuffix("+icp") in BASE_METHODS}
-    names = sorted(set(cfg.methods) | known, key=lambda m: (order.get(m, len(order)), m))
+    known = {
+        m
+        for m in found
+        if m.removesuffix("+icp") in BASE_METHODS or calibration_angle(m) is not None
+    }
+
+    def rank(m: str) -> tuple:
+        angle = calibration_angle(m)
+        return (order.get(m, len(order)), angle or 0.0, m.endswith("+icp"), m)
+
+    names = sorted(set(cfg.methods) | known, key=rank)
+    success: dict[str, np.ndarray] = {}
+    results["statistics"] = {}  # per method: bootstrap intervals (kept apart from the metrics)
     for name in names:
         est = cached_estimates(out, name, method_key(cfg, name, len(pairs)), n)
         if est is None:
             continue  # not run under this key (other seed, protocol, options, ...)
-        metrics = all_metrics(est["R"], est["t"], R_gt, t_gt)
+        m = len(est["R"])
+        metrics = all_metrics(est["R"], est["t"], R_gt[:m], t_gt[:m])
+        metrics["pairs"] = m
         metrics["seconds_per_pair"] = float(est["seconds"].mean())
         results["methods"][name] = metrics
+        rot, trans = isotropic_errors(est["R"], est["t"], R_gt[:m], t_gt[:m])
+        success[name] = (rot < SUCCESS_ROT_DEG) & (trans < SUCCESS_TRANS)
+        results["statistics"][name] = method_statistics(rot, trans, success[name])
+    results["paired_tests"] = paired_tests(success)
     results["settings"] = {
         "icp_max_iterations": cfg.icp_max_iterations,
         "icp_max_distance": cfg.icp_max_distance,
@@ -424,12 +515,24 @@ def run_benchmark(cfg: BenchmarkConfig, out: Path) -> dict:
 
 def results_markdown(results: dict) -> str:
     """The results as a markdown table (DCP's six, isotropic errors, success, time)."""
+    counts = {m["pairs"] for m in results["methods"].values() if "pairs" in m}
+    n = results["pairs"]
+    if counts <= {n}:
+        cover = f"{n} test pairs"
+    elif len(counts) == 1:
+        cover = f"the first {counts.pop()} of {n} test pairs (a run stopped early)"
+    else:
+        cover = (
+            f"the first {n} test pairs requested, fewer cached for some methods (column "
+            "`pairs`: each row's metrics are on its first `pairs` pairs)"
+        )
     head = (
         f"ModelNet registration: dataset `{results['dataset']}`, protocol "
-        f"`{results['protocol']}`, {results['pairs']} test pairs.\n\n"
+        f"`{results['protocol']}`, {cover}.\n\n"
     )
     cols = [
         "method",
+        "pairs",
         "MSE(R)",
         "RMSE(R)",
         "MAE(R)",
@@ -445,6 +548,7 @@ def results_markdown(results: dict) -> str:
     for name, m in results["methods"].items():
         row = [
             f"`{name}`",
+            str(m.get("pairs", results["pairs"])),
             f"{m['MSE_R']:.4g}",
             f"{m['RMSE_R']:.4g}",
             f"{m['MAE_R']:.4g}",
@@ -462,4 +566,55 @@ def results_markdown(results: dict) -> str:
         "translations in unit-sphere units; success = rot err < 1 deg and trans err < 0.01; "
         "time per pair on one CPU thread.\n"
     )
-    return head + "\n".join(lines) + "\n" + foot
+    return head + "\n".join(lines) + "\n" + foot + statistics_markdown(results)
+
+
+def _ci(m: dict, key: str, fmt: str, scale: float = 1.0) -> str:
+    if key not in m:
+        return "n/a"
+    lo, hi = (scale * v for v in m[key])
+    return f"[{lo:{fmt}}, {hi:{fmt}}]"
+
+
+def statistics_markdown(results: dict) -> str:
+    """Medians and success with bootstrap 95% intervals, and the paired McNemar tests."""
+    cis = results.get("statistics", {})
+    if not cis:
+        return ""
+    boot = next(iter(cis.values()))["bootstrap"]
+    lines = [
+        "",
+        f"Medians and success rate with percentile-bootstrap 95% intervals ({boot['resamples']} "
+        f"resamples of the pairs, seed {boot['seed']}):",
+        "",
+        "| method | pairs | median rot err (deg) [95% CI] | median trans err [95% CI] "
+        "| success [95% CI] |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in results["methods"].items():
+        c = cis.get(name, {})
+        lines.append(
+            f"| `{name}` | {m.get('pairs', results['pairs'])} "
+            f"| {m['rot_err_deg_median']:.3g} {_ci(c, 'rot_err_deg_median_ci', '.3g')} "
+            f"| {m['trans_err_median']:.3g} {_ci(c, 'trans_err_median_ci', '.3g')} "
+            f"| {100 * m['success_rate']:.1f}% {_ci(c, 'success_rate_ci', '.1f', 100.0)} |"
+        )
+    tests = results.get("paired_tests", [])
+    if tests:
+        lines += [
+            "",
+            "Paired McNemar tests on success (same pairs; `A only`: pairs where A succeeds and "
+            "B fails; exact two-sided binomial test below 25 discordant pairs, else chi-square "
+            "with continuity correction):",
+            "",
+            "| A | B | pairs | success A | success B | A only | B only | test | p |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for t in tests:
+            n = t["pairs"]
+            sa, sb = t["both"] + t["a_only"], t["both"] + t["b_only"]
+            lines.append(
+                f"| `{t['a']}` | `{t['b']}` | {n} | {100 * sa / n:.1f}% | {100 * sb / n:.1f}% "
+                f"| {t['a_only']} | {t['b_only']} | {t['test']} | {t['p_value']:.2g} |"
+            )
+    return "\n".join(lines) + "\n"
