@@ -153,7 +153,7 @@ def _compiled_applies(points: Tensor, viewpoint: Tensor | None) -> bool:
     if kdtree.parallel_unsafe_after_fork():
         return False
     # in a fresh environment: the PyTorch path while `difficp warmup` compiles in the background
-    return compile_or_fall_back(kernels_cached((kdtree.pca_normals, kdtree._build_forest)))
+    return compile_or_fall_back(kernels_cached((kdtree._normals_kernel, kdtree._build_forest)))
 
 
 def _compiled_normals(pts: Tensor, k: int, viewpoint: Tensor, lengths: Tensor | None) -> Tensor:
