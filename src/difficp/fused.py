@@ -893,24 +893,14 @@ def _weigh_and_accumulate(
     if d < max_distance:
         sums[task, INLIERS] += 1.0
         sums[task, INLIER_SQ] += d2
-    w = 1.0
-    if max_distance < np.inf:
-        w = _keep(rejection, max_distance - d, rejection_t)
-    if weight_distance == 1:
-        w *= max(1.0 - d / max_distance, 0.0)
+    w = _distance_weight(d, max_distance, rejection, rejection_t, weight_distance)
     mx = my = mz = nx = ny = nz = 0.0
     if int_options[7] == 1:
         nx, ny, nz = n
     if int_options[6] == 1:
-        ux, uy, uz = u
-        mx = R[0, 0] * ux + R[0, 1] * uy + R[0, 2] * uz
-        my = R[1, 0] * ux + R[1, 1] * uy + R[1, 2] * uz
-        mz = R[2, 0] * ux + R[2, 1] * uy + R[2, 2] * uz
+        mx, my, mz = _rotate(R, u)
         cosine = mx * nx + my * ny + mz * nz
-        if cos_min > -np.inf:
-            w *= _keep(rejection, cosine - cos_min, rejection_t)
-        if weight_normal == 1:
-            w *= max(cosine, 0.0)
+        w = _normal_weight(w, cosine, cos_min, rejection, rejection_t, weight_normal)
     ax, ay, az = px - c[0], py - c[1], pz - c[2]
     bx, by, bz = qx - c[0], qy - c[1], qz - c[2]
     # The per-correspondence values as fused_iteration lays them out; the last six (GICP's
@@ -924,18 +914,7 @@ def _weigh_and_accumulate(
         return
     sums[task, WEIGHTED] += 1.0
     if procrustes == 1:
-        sums[task, MOMENTS] += w
-        sums[task, MOMENTS + 1] += w * ax
-        sums[task, MOMENTS + 2] += w * ay
-        sums[task, MOMENTS + 3] += w * az
-        sums[task, MOMENTS + 4] += w * bx
-        sums[task, MOMENTS + 5] += w * by
-        sums[task, MOMENTS + 6] += w * bz
-        k = MOMENTS + 7
-        for qv in (bx, by, bz):
-            for pv in (ax, ay, az):
-                sums[task, k] += w * qv * pv
-                k += 1
+        _add_moments(sums, task, w, v)
     else:
         _metric_accumulate(metric, sums, task, NORMAL_EQ, J, w, v)
 

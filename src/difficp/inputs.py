@@ -319,6 +319,141 @@ def _missing_normals(name: str) -> ValueError:
     )
 
 
+@dataclass
+class _Source:
+    """The checked source side of a problem, in the order the search will visit it."""
+
+    points: Tensor  # (B, N, 3)
+    normals: Tensor | None
+    lengths: Tensor | None
+    mask: Tensor  # (B, N) bool
+    covariances: Tensor | None  # (B, N, 3, 3), metric "gicp"
+    colors: Tensor | None  # (B, N, 3), metric "colored"
+
+    def reordered(self, order: Tensor) -> _Source:
+        """The same cloud with its points (and their attributes) taken in ``order``."""
+
+        def take(t: Tensor | None) -> Tensor | None:
+            return None if t is None else _take(t.flatten(2), order).unflatten(2, t.shape[2:])
+
+        return _Source(
+            _take(self.points, order),
+            take(self.normals),
+            self.lengths,
+            self.mask,
+            take(self.covariances),
+            take(self.colors),
+        )
+
+
+def _check_covariance_inputs(
+    config: ICPConfig, source_covariances: object, target_covariances: object
+) -> None:
+    """Covariances are given only when the metric reads them."""
+    if config.needs_covariances:
+        return
+    for name, value in (
+        ("source_covariances", source_covariances),
+        ("target_covariances", target_covariances),
+    ):
+        if value is not None:
+            raise ValueError(f"{name} are only used by metric='gicp', not {config.metric!r}")
+
+
+def _prepare_source(
+    source: object,
+    config: ICPConfig,
+    source_lengths: object,
+    source_normals: object,
+    source_covariances: object,
+    source_colors: object,
+) -> tuple[_Source, bool]:
+    """The checked, batched source cloud and whether it was given unbatched."""
+    src, unbatched = _batched_points("source", source)
+    B, N, _ = src.shape
+    normals = _normals("source_normals", source_normals, src, unbatched)
+    if config.needs_source_normals and normals is None:
+        raise _missing_normals("source_normals")
+    lengths = _lengths("source_lengths", source_lengths, B, N, src.device)
+    mask = lengths_mask(lengths, B, N, src.device)
+    colors = (
+        None if source_colors is None else _colors("source_colors", source_colors, src, unbatched)
+    )
+    if config.needs_source_normals:
+        assert normals is not None
+        _check_normal_lengths("source_normals", normals, mask)
+    covariances = None
+    if source_covariances is not None:
+        covariances = _covariances("source_covariances", source_covariances, src, mask, unbatched)
+    elif config.needs_covariances:
+        covariances = estimate_covariances(src, config.covariance_k, lengths)
+    return _Source(src, normals, lengths, mask, covariances, colors), unbatched
+
+
+def _point_target(
+    target: object,
+    source: _Source,
+    config: ICPConfig,
+    target_lengths: object,
+    target_normals: object,
+    target_covariances: object,
+    target_colors: object,
+    search_backend: str,
+) -> tuple[PointTarget, _Source, Tensor | None]:
+    """The checked target cloud with its neighbour index, the source reordered for the search
+    (when that pays) and the source's colour features (metric "colored", else None)."""
+    src = source.points
+    B, N, _ = src.shape
+    device = src.device
+    tgt_points, tgt_unbatched = _batched_points("target", target)
+    if tgt_points.device != device:
+        raise ValueError(f"target is on {tgt_points.device} but source on {device}; move one")
+    dtype = torch.promote_types(src.dtype, tgt_points.dtype)
+    tgt_points = _expand_batch("target", tgt_points.to(dtype), B)
+    M = tgt_points.shape[1]
+    tgt_normals = _normals("target_normals", target_normals, tgt_points, tgt_unbatched)
+    if tgt_normals is not None:
+        tgt_normals = _expand_batch("target_normals", tgt_normals, B)
+    if config.needs_target_normals and tgt_normals is None:
+        raise _missing_normals("target_normals")
+    t_lengths = _lengths("target_lengths", target_lengths, B, M, device)
+    tgt_mask = lengths_mask(t_lengths, B, M, device)
+    if config.needs_target_normals:
+        assert tgt_normals is not None
+        _check_normal_lengths("target_normals", tgt_normals, tgt_mask)
+    index = None
+    if config.correspondence == "nearest" or config.soft_k is not None:
+        index = NeighborIndex(tgt_points, t_lengths, search_backend)  # type: ignore[arg-type]
+        if index.backend in ("kdtree", "compiled") and N >= SPATIAL_ORDER_MIN_POINTS:
+            # Results do not depend on the order of the source points (they are summed),
+            # so reorder them once for faster queries in every iteration.
+            source = source.reordered(spatial_order(src, source.mask))
+    tgt_cov = None
+    if target_covariances is not None:
+        tgt_cov = _covariances(
+            "target_covariances", target_covariances, tgt_points, tgt_mask, tgt_unbatched
+        )
+    elif config.needs_covariances:
+        tgt_cov = estimate_covariances(tgt_points, config.covariance_k, t_lengths, index=index)
+    source_features = target_features = None
+    if config.needs_colors:
+        assert tgt_normals is not None and source.colors is not None
+        tgt_colors = _colors("target_colors", target_colors, tgt_points, tgt_unbatched)
+        source_features, target_features = _color_features(
+            config,
+            source.colors.to(dtype),
+            tgt_colors,
+            tgt_points,
+            tgt_normals,
+            t_lengths,
+            index,
+        )
+    tgt = PointTarget(
+        tgt_points, tgt_normals, tgt_mask, index, covariances=tgt_cov, features=target_features
+    )
+    return tgt, source, source_features
+
+
 def prepare_problem(
     source: object,
     target: object,
@@ -338,102 +473,45 @@ def prepare_problem(
 ) -> Problem:
     """Validate and batch every input of :func:`difficp.icp` (see there for shapes)."""
     _check_colors(config, source_colors, target_colors)
-    if not config.needs_covariances:
-        for name, value in (
-            ("source_covariances", source_covariances),
-            ("target_covariances", target_covariances),
-        ):
-            if value is not None:
-                raise ValueError(f"{name} are only used by metric='gicp', not {config.metric!r}")
+    _check_covariance_inputs(config, source_covariances, target_covariances)
     result_dtype = _input_dtype(source, target, config)
-    src, unbatched = _batched_points("source", source)
-    B, N, _ = src.shape
-    device = src.device
-    src_normals = _normals("source_normals", source_normals, src, unbatched)
-    if config.needs_source_normals and src_normals is None:
-        raise _missing_normals("source_normals")
-    s_lengths = _lengths("source_lengths", source_lengths, B, N, device)
-    source_mask = lengths_mask(s_lengths, B, N, device)
-    src_colors = source_features = None
-    if source_colors is not None:
-        src_colors = _colors("source_colors", source_colors, src, unbatched)
-    if config.needs_source_normals:
-        assert src_normals is not None
-        _check_normal_lengths("source_normals", src_normals, source_mask)
-    src_cov = None
-    if source_covariances is not None:
-        src_cov = _covariances(
-            "source_covariances", source_covariances, src, source_mask, unbatched
-        )
-    elif config.needs_covariances:
-        src_cov = estimate_covariances(src, config.covariance_k, s_lengths)
-
+    src, unbatched = _prepare_source(
+        source, config, source_lengths, source_normals, source_covariances, source_colors
+    )
+    B = src.points.shape[0]
+    source_features = None
+    tgt: PointTarget | DepthTarget
     if config.correspondence == "projective":
-        tgt = _depth_target(target, intrinsics, target_pose, target_normals, B, src)
-        dtype = src.dtype
+        tgt = _depth_target(target, intrinsics, target_pose, target_normals, B, src.points)
+        dtype = src.points.dtype
     else:
         if intrinsics is not None:
             raise ValueError("intrinsics is only used with correspondence='projective'")
-        tgt_points, tgt_unbatched = _batched_points("target", target)
-        if tgt_points.device != device:
-            raise ValueError(f"target is on {tgt_points.device} but source on {device}; move one")
-        dtype = torch.promote_types(src.dtype, tgt_points.dtype)
-        tgt_points = _expand_batch("target", tgt_points.to(dtype), B)
-        M = tgt_points.shape[1]
-        tgt_normals = _normals("target_normals", target_normals, tgt_points, tgt_unbatched)
-        if tgt_normals is not None:
-            tgt_normals = _expand_batch("target_normals", tgt_normals, B)
-        if config.needs_target_normals and tgt_normals is None:
-            raise _missing_normals("target_normals")
-        t_lengths = _lengths("target_lengths", target_lengths, B, M, device)
-        if config.needs_target_normals:
-            assert tgt_normals is not None
-            _check_normal_lengths(
-                "target_normals", tgt_normals, lengths_mask(t_lengths, B, M, device)
-            )
-        index = None
-        if config.correspondence == "nearest" or config.soft_k is not None:
-            index = NeighborIndex(tgt_points, t_lengths, search_backend)  # type: ignore[arg-type]
-            if index.backend in ("kdtree", "compiled") and N >= SPATIAL_ORDER_MIN_POINTS:
-                # Results do not depend on the order of the source points (they are summed),
-                # so reorder them once for faster queries in every iteration.
-                order = spatial_order(src, source_mask)
-                src = _take(src, order)
-                src_normals = None if src_normals is None else _take(src_normals, order)
-                if src_cov is not None:
-                    src_cov = _take(src_cov.flatten(-2), order).unflatten(-1, (3, 3))
-                src_colors = None if src_colors is None else _take(src_colors, order)
-        tgt_mask = lengths_mask(t_lengths, B, M, device)
-        tgt_cov = None
-        if target_covariances is not None:
-            tgt_cov = _covariances(
-                "target_covariances", target_covariances, tgt_points, tgt_mask, tgt_unbatched
-            )
-        elif config.needs_covariances:
-            tgt_cov = estimate_covariances(tgt_points, config.covariance_k, t_lengths, index=index)
-        target_features = None
-        if config.needs_colors:
-            assert tgt_normals is not None and src_colors is not None
-            tgt_colors = _colors("target_colors", target_colors, tgt_points, tgt_unbatched)
-            source_features, target_features = _color_features(
-                config, src_colors.to(dtype), tgt_colors, tgt_points, tgt_normals, t_lengths, index
-            )
-        tgt = PointTarget(
-            tgt_points, tgt_normals, tgt_mask, index, covariances=tgt_cov, features=target_features
+        tgt, src, source_features = _point_target(
+            target,
+            src,
+            config,
+            target_lengths,
+            target_normals,
+            target_covariances,
+            target_colors,
+            search_backend,
         )
-    src = src.to(dtype)
-    src_normals = None if src_normals is None else src_normals.to(dtype)
-    src_cov = None if src_cov is None else src_cov.to(dtype)
+        dtype = tgt.points.dtype
+
+    def cast(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.to(dtype)
+
     return Problem(
-        source=src,
-        source_normals=src_normals,
-        source_mask=source_mask,
-        source_counts=source_mask.sum(1),
+        source=src.points.to(dtype),
+        source_normals=cast(src.normals),
+        source_mask=src.mask,
+        source_counts=src.mask.sum(1),
         target=tgt,
-        init=_init(init, B, dtype, device),
+        init=_init(init, B, dtype, src.points.device),
         unbatched=unbatched,
         result_dtype=result_dtype,
-        source_covariances=src_cov,
+        source_covariances=cast(src.covariances),
         source_features=source_features,
     )
 

@@ -470,21 +470,15 @@ def _nearest_batch(
             out_d2[b, i] = d2 if best >= 0 else np.inf
 
 
-def nearest(
+def _checked_queries(
     forest: KDForest,
     queries: np.ndarray,
-    query_counts: np.ndarray | None = None,
-    max_distance: float | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest neighbour of each query in its own cloud's tree (a plain, cold search).
-
-    Args:
-        queries: ``(B, N, 3)``; cloud ``b`` uses its first ``query_counts[b]`` (all if None).
-        max_distance: only neighbours closer than this count.
-    Returns:
-        ``index`` ``(B, N)`` int64 into each cloud (-1: none found) and ``distance`` ``(B, N)``
-        (inf: none found).
-    """
+    query_counts: np.ndarray | None,
+    max_distance: float | None,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """The arguments of :func:`nearest` / :func:`knearest`, checked: ``queries`` ``(B, N, 3)``
+    float64 contiguous, ``counts`` ``(B,)`` int64 (all ``N`` when None) and the squared radius
+    (inf without ``max_distance``)."""
     queries = np.ascontiguousarray(queries, dtype=np.float64)
     if queries.ndim != 3 or queries.shape[2] != 3:
         raise ValueError(f"queries must be (B, N, 3), got {queries.shape}")
@@ -501,6 +495,26 @@ def nearest(
     if max_distance is not None and not float(max_distance) > 0:
         raise ValueError(f"max_distance must be positive (or None), got {max_distance}")
     radius2 = np.inf if max_distance is None else float(max_distance) ** 2
+    return queries, counts, radius2
+
+
+def nearest(
+    forest: KDForest,
+    queries: np.ndarray,
+    query_counts: np.ndarray | None = None,
+    max_distance: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest neighbour of each query in its own cloud's tree (a plain, cold search).
+
+    Args:
+        queries: ``(B, N, 3)``; cloud ``b`` uses its first ``query_counts[b]`` (all if None).
+        max_distance: only neighbours closer than this count.
+    Returns:
+        ``index`` ``(B, N)`` int64 into each cloud (-1: none found) and ``distance`` ``(B, N)``
+        (inf: none found).
+    """
+    queries, counts, radius2 = _checked_queries(forest, queries, query_counts, max_distance)
+    B, N, _ = queries.shape
     row = np.empty((B, N), dtype=np.int64)
     d2 = np.empty((B, N))
     _nearest_batch(queries, counts, radius2, forest, row, d2)
@@ -1032,23 +1046,10 @@ def knearest(
         ``index`` ``(B, N, k)`` int64 into each cloud (-1: none found) and squared distances
         ``(B, N, k)`` (inf: none found).
     """
-    queries = np.ascontiguousarray(queries, dtype=np.float64)
-    if queries.ndim != 3 or queries.shape[2] != 3:
-        raise ValueError(f"queries must be (B, N, 3), got {queries.shape}")
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
+    queries, counts, radius2 = _checked_queries(forest, queries, query_counts, max_distance)
     B, N, _ = queries.shape
-    if forest.batch != B:
-        raise ValueError(f"queries have batch {B}, the forest was built for {forest.batch}")
-    counts = (
-        np.full(B, N, dtype=np.int64)
-        if query_counts is None
-        else np.asarray(query_counts, dtype=np.int64)
-    )
-    if counts.shape != (B,) or (B and (counts.min() < 0 or counts.max() > N)):
-        raise ValueError(f"query_counts must be (B,) in [0, {N}], got {counts.tolist()}")
-    if max_distance is not None and not float(max_distance) > 0:
-        raise ValueError(f"max_distance must be positive (or None), got {max_distance}")
     if warm is None:
         warm = knn_warm_start(B, N, k)
     elif warm.rows.shape[:2] != (B, N) or warm.rows.shape[2] <= k:
@@ -1056,7 +1057,6 @@ def knearest(
             f"warm start is for {warm.rows.shape[:2]} queries and at most "
             f"{warm.rows.shape[2] - 1} neighbours, not {(B, N)} and {k}"
         )
-    radius2 = np.inf if max_distance is None else float(max_distance) ** 2
     row = np.empty((B, N, k), dtype=np.int64)
     d2 = np.empty((B, N, k))
     if B * N:
