@@ -4,9 +4,13 @@ an import of the fast path that leaves roma / torch._dynamo / scipy.spatial unlo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,8 +97,9 @@ def test_serial_whole_loop_matches_the_lock_step_iterations(
 
 
 def test_auto_runs_pytorch_while_the_fast_path_compiles_in_the_background(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
+    monkeypatch.setattr(compile_cache, "lock_path", lambda: tmp_path / "compile.lock")
     p = make_pair(3, n=200)
     started: list[list[str]] = []
 
@@ -120,7 +125,8 @@ def test_auto_runs_pytorch_while_the_fast_path_compiles_in_the_background(
         first = difficp.icp(p["source"], p["target"], max_distance=0.1)
         difficp.icp(p["source"], p["target"], max_distance=0.1)
     assert chosen == []  # the PyTorch path, twice
-    assert len(started) == 1 and started[0][-2:] == ["difficp.commands.warmup", "--quiet"]
+    assert len(started) == 1
+    assert started[0][-3:] == ["difficp.commands.warmup", "--quiet", "--background"]
     assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
     assert "background" in caplog.records[0].message
     # DIFFICP_COMPILE=now compiles here; search_backend="compiled" always runs the fast path
@@ -133,6 +139,55 @@ def test_auto_runs_pytorch_while_the_fast_path_compiles_in_the_background(
     monkeypatch.setenv("DIFFICP_COMPILE", "later")
     with pytest.raises(ValueError, match="DIFFICP_COMPILE"):
         difficp.icp(p["source"], p["target"], max_distance=0.1)
+
+
+@contextlib.contextmanager
+def _lock_held_elsewhere(path: Path) -> Iterator[None]:
+    """Hold ``path`` with flock through another open file, as another process would."""
+    fcntl = pytest.importorskip("fcntl")
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def test_one_compile_at_a_time_per_installation(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # a fresh install hit by many processes at once must not start a compile in each
+    lock = tmp_path / "compile.lock"
+    monkeypatch.setattr(compile_cache, "lock_path", lambda: lock)
+    started: list[list[str]] = []
+    monkeypatch.setattr(
+        compile_cache.subprocess, "Popen", lambda command, **kwargs: started.append(command)
+    )
+    monkeypatch.setattr(compile_cache, "_background", None)
+    monkeypatch.setenv("DIFFICP_COMPILE", "background")
+    assert not compile_cache.compile_running()
+    with _lock_held_elsewhere(lock):
+        assert compile_cache.compile_running()
+        assert compile_cache.compile_or_fall_back(False) is False
+        assert started == []  # another process compiles: start nothing, run PyTorch
+        # the background warmup a racing process started exits without compiling
+        monkeypatch.setattr(warmup, "warm_up", lambda: pytest.fail("compiled twice"))
+        assert warmup.main(["--quiet", "--background"]) == 0
+        # DIFFICP_COMPILE=now waits for the other compile instead of compiling beside it
+        monkeypatch.setenv("DIFFICP_COMPILE", "now")
+        answer: list[bool] = []
+        waiter = threading.Thread(
+            target=lambda: answer.append(compile_cache.compile_or_fall_back(False))
+        )
+        waiter.start()
+        waiter.join(timeout=0.3)
+        assert waiter.is_alive() and answer == []
+    waiter.join(timeout=30)
+    assert answer == [True]
+    assert not compile_cache.compile_running()
+    monkeypatch.setenv("DIFFICP_COMPILE", "background")
+    assert compile_cache.compile_or_fall_back(False) is False
+    assert len(started) == 1  # the lock is free: this process starts the one compile
 
 
 def test_warmup_command(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:

@@ -27,9 +27,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "no later difficp.icp call waits for it. Takes 1-3 minutes once; cached on disk."
         ),
     )
-    p.add_argument("--quiet", action="store_true", help="print nothing")
+    _add_options(p)
     p.set_defaults(func=run)
     return p
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="print nothing")
+    parser.add_argument(
+        "--background",
+        action="store_true",
+        help="exit at once if another process is already compiling (what difficp.icp starts)",
+    )
 
 
 def warm_up() -> float:
@@ -73,7 +82,14 @@ def warm_up() -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    seconds = warm_up()
+    from difficp.compile_cache import compile_lock
+
+    # one compile per installation at a time; a second `difficp warmup` waits, then finds the
+    # cache and returns in seconds
+    with compile_lock(wait=not args.background) as held:
+        if not held:
+            return 0
+        seconds = warm_up()
     if not args.quiet:
         print(f"difficp: the ICP fast path is compiled ({seconds:.1f} s)")
     return 0
@@ -82,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m difficp.commands.warmup``: what :func:`difficp.fused.compile_now` starts."""
     parser = argparse.ArgumentParser(prog="difficp warmup")
-    parser.add_argument("--quiet", action="store_true")
+    _add_options(parser)
     return run(parser.parse_args(argv))
 
 
