@@ -1,5 +1,7 @@
 """Point-cloud normals by PCA of the k nearest neighbours (depth-map normals are
-:func:`difficp.geometry.depth_normals`).
+:func:`difficp.geometry.depth_normals`), and Generalized-ICP's covariances from the same
+neighbourhoods (:func:`estimate_covariances`: compiled as :func:`difficp.kdtree.gicp_covariances`
+on the CPU, on the forest the ICP search then reuses; PyTorch elsewhere).
 
 Two paths compute the same normals: a compiled one on the KD-forest of the ICP fast path
 (:func:`difficp.kdtree.pca_normals`: neighbours, covariance and a 3 x 3 Jacobi eigen-solve in one
