@@ -3,6 +3,8 @@ Open3D parity and bad input."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hypothesis.strategies as st
 import numpy as np
 import pytest
@@ -165,7 +167,7 @@ def test_covariances_of_an_index_with_holes_come_back_in_the_cloud_order() -> No
     assert torch.equal(holes[~mask[0]], eye.expand(int((~mask).sum()), 3, 3))
 
 
-def test_covariance_path_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_covariance_path_choice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Compiled on the CPU; the PyTorch path for an index of another backend and, with
     DIFFICP_COMPILE=background, until the kernel is cached (a warmup starts in the background)."""
     calls: list[str] = []
@@ -189,10 +191,11 @@ def test_covariance_path_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(compile_cache, "kernels_cached", lambda kernels: False)
     monkeypatch.setattr(compile_cache.subprocess, "Popen", FakePopen)
     monkeypatch.setattr(compile_cache, "_background", None)
+    monkeypatch.setattr(compile_cache, "lock_path", lambda: tmp_path / "compile.lock")
     monkeypatch.setenv("DIFFICP_COMPILE", "background")
     fallback = difficp.estimate_covariances(p)
     assert calls == ["_compiled_covariances", "_torch_covariances", "_torch_covariances"]
-    assert len(started) == 1 and started[0][-2:] == ["difficp.commands.warmup", "--quiet"]
+    assert len(started) == 1 and "difficp.commands.warmup" in started[0]
     ok = _well_defined(p[None], 20, torch.tensor([len(p)]))[0]
     torch.testing.assert_close(fast[ok], fallback[ok], atol=1e-9, rtol=0)
 
