@@ -3,11 +3,18 @@ Open3D parity and bad input."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import hypothesis.strategies as st
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
 
 import difficp
+from difficp import compile_cache, fused, kdtree
+from difficp import normals as normals_module
+from difficp.correspondence import NeighborIndex
 from difficp.geometry import invert_transform, rotation_angle_deg, se3_exp
 
 from conftest import make_pair
@@ -52,6 +59,171 @@ def test_regularize_covariances_of_degenerate_neighbourhoods_is_positive_definit
     cov = difficp.regularize_covariances(raw)
     values = torch.linalg.eigvalsh(cov)
     torch.testing.assert_close(values, torch.tensor([[1e-3, 1, 1]] * 2).double())
+
+
+# The compiled covariances (difficp.kdtree.gicp_covariances) against the PyTorch path. They are
+# compared where the normal is well defined: the two smallest eigenvalues of the neighbourhood
+# apart (elsewhere the direction is free and either answer is right).
+
+
+def _well_defined(points: torch.Tensor, k: int, lengths: torch.Tensor) -> torch.Tensor:
+    """``(B, N)`` bool: the two smallest eigenvalues of each k-neighbourhood's scatter differ by
+    more than 1% of the largest (neighbours by brute force)."""
+    B, N, _ = points.shape
+    ok = torch.zeros(B, N, dtype=torch.bool)
+    for b in range(B):
+        n = int(lengths[b])
+        p = points[b, :n].double()
+        idx = torch.cdist(p, p).topk(min(k, n), largest=False).indices
+        nb = p[idx] - p[idx].mean(1, keepdim=True)
+        values = torch.linalg.eigvalsh(nb.transpose(1, 2) @ nb)
+        ok[b, :n] = (values[:, 1] - values[:, 0]) > 1e-2 * values[:, 2]
+    return ok
+
+
+@st.composite
+def covariance_batches(draw: st.DrawFn) -> dict:
+    """A padded batch of noisy surface patches at several scales and offsets, and a k (some
+    clouds smaller than it)."""
+    B = draw(st.integers(1, 3))
+    N = draw(st.integers(3, 300))
+    lengths = draw(st.lists(st.integers(3, N), min_size=B, max_size=B))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    uv = torch.rand(B, N, 2, generator=g, dtype=torch.float64)
+    height = 0.2 * torch.sin(4 * uv[..., :1]) * torch.cos(3 * uv[..., 1:])
+    noise = 0.002 * torch.randn(B, N, 3, generator=g, dtype=torch.float64)
+    pts = torch.cat([uv, height], -1) + noise
+    pts = pts * draw(st.sampled_from([1e-3, 1.0, 1e3])) + draw(st.sampled_from([0.0, 50.0]))
+    return {"points": pts, "lengths": torch.tensor(lengths), "k": draw(st.integers(3, 40))}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(covariance_batches())
+def test_compiled_covariances_equal_the_pytorch_path(case: dict) -> None:
+    pts, lengths = case["points"], case["lengths"]
+    N = pts.shape[1]
+    k = min(case["k"], int(lengths.min()))  # as estimate_covariances clips it
+    fast = normals_module._compiled_covariances(pts, k, 1e-3, lengths, None)
+    ref = normals_module._torch_covariances(pts, k, 1e-3, lengths, None)
+    valid = torch.arange(N)[None] < lengths[:, None]
+    eye = torch.eye(3, dtype=torch.float64)
+    assert torch.equal(fast[~valid], eye.expand(int((~valid).sum()), 3, 3))  # padding
+    ok = _well_defined(pts, k, lengths)
+    np.testing.assert_allclose(fast[ok].numpy(), ref[ok].numpy(), atol=1e-9, rtol=0)
+    # everywhere valid: symmetric, eigenvalues (1e-3, 1, 1)
+    assert torch.equal(fast, fast.transpose(-1, -2))
+    values = torch.linalg.eigvalsh(fast[valid])
+    np.testing.assert_allclose(values.numpy(), [[1e-3, 1.0, 1.0]] * int(valid.sum()), atol=1e-12)
+
+
+def test_real_scan_covariances_equal_the_pytorch_path(data_dir) -> None:
+    """A 3DMatch fragment (3903 points), k = 20, through estimate_covariances: the same
+    covariances on both paths."""
+    from difficp.io import read_point_cloud
+
+    cloud = read_point_cloud(data_dir / "scans" / "open3d_3dmatch_pair" / "feature_cloud_bin_0.pcd")
+    pts = torch.as_tensor(np.asarray(cloud.points), dtype=torch.float64)
+    fast = difficp.estimate_covariances(pts)
+    ref = normals_module._torch_covariances(pts[None], 20, 1e-3, None, None)[0]
+    ok = _well_defined(pts[None], 20, torch.tensor([len(pts)]))[0]
+    assert ok.float().mean() > 0.9
+    np.testing.assert_allclose(fast[ok].numpy(), ref[ok].numpy(), atol=1e-9, rtol=0)
+
+
+def test_float32_covariances_agree_with_the_pytorch_path() -> None:
+    p = make_pair(2, n=1000)["source"].float()
+    fast = difficp.estimate_covariances(p)
+    ref = normals_module._torch_covariances(p[None], 20, 1e-3, None, None)[0]
+    assert fast.dtype == torch.float32
+    assert ((fast - ref).abs().amax((-1, -2)) < 1e-4).float().mean() > 0.99
+
+
+def test_k_above_the_smallest_cloud_uses_its_size_for_every_cloud() -> None:
+    """k is clipped to the smallest cloud of the batch (on both paths): here 5 for both."""
+    g = torch.Generator().manual_seed(1)
+    pts = torch.rand(2, 12, 3, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([12, 5])
+    batched = difficp.estimate_covariances(pts, k=50, lengths=lengths)
+    ref = normals_module._torch_covariances(pts, 5, 1e-3, lengths, None)
+    torch.testing.assert_close(batched, ref, atol=1e-9, rtol=0)
+    torch.testing.assert_close(batched[0], difficp.estimate_covariances(pts[0], k=5))
+    with pytest.raises(ValueError, match="epsilon"):
+        difficp.estimate_covariances(pts, epsilon=0.0)
+
+
+def test_covariances_of_an_index_with_holes_come_back_in_the_cloud_order() -> None:
+    """An index whose mask is not a prefix (its forest is compacted): each point still gets its
+    own covariance (holes: the identity)."""
+    p = make_pair(3, n=200)["source"]
+    mask = torch.ones(1, len(p), dtype=torch.bool)
+    mask[0, ::7] = False
+    index = NeighborIndex(p[None], backend="compiled")
+    index.mask, index.counts = mask, mask.sum(1)
+    holes = normals_module._compiled_covariances(p[None], 10, 1e-3, None, index)[0]
+    dense = difficp.estimate_covariances(p[mask[0]], k=10)
+    torch.testing.assert_close(holes[mask[0]], dense, atol=1e-12, rtol=0)
+    eye = torch.eye(3, dtype=p.dtype)
+    assert torch.equal(holes[~mask[0]], eye.expand(int((~mask).sum()), 3, 3))
+
+
+def test_covariance_path_choice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Compiled on the CPU; the PyTorch path for an index of another backend and, with
+    DIFFICP_COMPILE=background, until the kernel is cached (a warmup starts in the background)."""
+    calls: list[str] = []
+    for name in ("_compiled_covariances", "_torch_covariances"):
+        original = getattr(normals_module, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(normals_module, name, spy)
+    p = make_pair(4, n=300)["source"]
+    fast = difficp.estimate_covariances(p)
+    difficp.estimate_covariances(p, index=NeighborIndex(p[None], backend="kdtree"))
+    started: list[list[str]] = []
+
+    class FakePopen:
+        def __init__(self, command: list[str], **kwargs) -> None:
+            started.append(command)
+
+    monkeypatch.setattr(compile_cache, "kernels_cached", lambda kernels: False)
+    monkeypatch.setattr(compile_cache.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(compile_cache, "_background", None)
+    monkeypatch.setattr(compile_cache, "lock_path", lambda: tmp_path / "compile.lock")
+    monkeypatch.setenv("DIFFICP_COMPILE", "background")
+    fallback = difficp.estimate_covariances(p)
+    assert calls == ["_compiled_covariances", "_torch_covariances", "_torch_covariances"]
+    assert len(started) == 1 and "difficp.commands.warmup" in started[0]
+    ok = _well_defined(p[None], 20, torch.tensor([len(p)]))[0]
+    torch.testing.assert_close(fast[ok], fallback[ok], atol=1e-9, rtol=0)
+
+
+def test_icp_estimates_covariances_on_the_search_forest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """metric="gicp" builds two forests (source and target covariances) and searches the
+    target's: no third one; the result is that of the PyTorch covariances."""
+    built: list[int] = []
+    original = kdtree.build_forest
+
+    def spy(clouds, counts, parallel=True):
+        built.append(int(np.sum(counts)))
+        return original(clouds, counts, parallel)
+
+    monkeypatch.setattr(kdtree, "build_forest", spy)
+    monkeypatch.setattr(fused, "build_forest", spy)
+    p = make_pair(5, n=1500, noise=0.003, overlap=0.8)
+    src, tgt = p["source"], p["target"]
+    result = difficp.icp(src, tgt, metric="gicp", max_distance=0.1, differentiation="none")
+    assert sorted(built) == sorted([len(src), len(tgt)])
+    cs = normals_module._torch_covariances(src[None], 20, 1e-3, None, None)[0]
+    ct = normals_module._torch_covariances(tgt[None], 20, 1e-3, None, None)[0]
+    ref = difficp.icp(
+        src, tgt, metric="gicp", max_distance=0.1, differentiation="none",
+        source_covariances=cs, target_covariances=ct,
+    )  # fmt: skip
+    torch.testing.assert_close(result.transform, ref.transform, atol=1e-9, rtol=0)
+    assert torch.equal(result.iterations, ref.iterations)
 
 
 # ---------------------------------------------------------------------------------------------

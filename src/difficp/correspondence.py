@@ -127,6 +127,7 @@ class NeighborIndex:
         self._cloud_trees: dict[int, tuple[cKDTree, np.ndarray]] = {}
         self._centered: tuple[Tensor, Tensor] | None = None
         self._forest = None  # difficp.kdtree.KDForest, built on the first compiled query
+        self._forest_order: np.ndarray | None = None
         self._warm: dict[tuple[int, int, float | None], Any] = {}  # kdtree.KnnWarmStart
 
     def _build_tree(self) -> None:
@@ -206,13 +207,14 @@ class NeighborIndex:
         found = found & query_mask[..., None] & (self.counts[:, None, None] > 0)
         return torch.where(found, index, torch.zeros_like(index)), found
 
-    def _query_forest(
-        self, queries: Tensor, k: int, max_distance: float | None
-    ) -> tuple[Tensor, Tensor]:
-        # Imported here: importing difficp must not load numba (~70 MB).
-        from difficp.kdtree import build_forest, knearest, knn_warm_start, set_threads
-
+    def compiled_forest(self) -> tuple[Any, np.ndarray | None]:
+        """The numba KD-forest of the reference clouds (:class:`difficp.kdtree.KDForest`, built
+        on the first call; the compiled backend's search structure, shared with the covariance
+        estimate and the fused ICP kernel) and ``order`` ``(B, M)``: each forest cloud's point
+        ``j`` is the reference's point ``order[b, j]`` (None: the identity, for prefix masks)."""
         if self._forest is None:
+            from difficp.kdtree import build_forest, set_threads
+
             threads = torch.get_num_threads()
             set_threads(threads)
             # Starting numba's OpenMP pool resets the process's OpenMP thread count, which
@@ -220,13 +222,31 @@ class NeighborIndex:
             torch.set_num_threads(threads)
             # Valid points first (prefix masks, as inputs.prepare_problem makes them): the
             # forest takes counts. A mask with holes is compacted into a prefix first.
-            order = torch.argsort((~self.mask).to(torch.int8), dim=1, stable=True)
             prefix = bool(
                 (self.mask == lengths_mask(self.counts, *self.mask.shape, self.mask.device)).all()
             )
-            self._forest_order = None if prefix else order.cpu().numpy()
-            ref = torch.gather(self.reference, 1, order[..., None].expand(-1, -1, 3))
+            ref = self.reference
+            self._forest_order = None
+            if not prefix:
+                order = torch.argsort((~self.mask).to(torch.int8), dim=1, stable=True)
+                self._forest_order = order.cpu().numpy()
+                ref = torch.gather(ref, 1, order[..., None].expand(-1, -1, 3))
             self._forest = build_forest(ref.cpu().double().numpy(), self.counts.cpu().numpy())
+        return self._forest, self._forest_order
+
+    def built_forest(self) -> Any:
+        """The forest of :meth:`compiled_forest` if it is built already and in the clouds' own
+        order (a prefix mask), else None: for the fused ICP kernel, which builds its own
+        otherwise."""
+        return self._forest if self._forest is not None and self._forest_order is None else None
+
+    def _query_forest(
+        self, queries: Tensor, k: int, max_distance: float | None
+    ) -> tuple[Tensor, Tensor]:
+        # Imported here: importing difficp must not load numba (~70 MB).
+        from difficp.kdtree import knearest, knn_warm_start
+
+        self.compiled_forest()
         B, N, _ = queries.shape
         # ICP asks again with queries that barely moved: keep each query's neighbours and how
         # far it may move before they can change (kdtree.KnnWarmStart), per kind of question.

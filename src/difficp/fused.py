@@ -368,8 +368,13 @@ class FusedSteps:
         B, N = self.source.shape[:2]
         # a small problem runs serially (see run_loop), its trees too
         self.serial = B * N <= SERIAL_POINTS
-        points = _numpy(target.points)
-        self.forest: KDForest = build_forest(points, target_counts, parallel=not self.serial)
+        # the target's forest, if the covariance estimate built it already (metric "gicp")
+        shared = None if target.index is None else target.index.built_forest()
+        self.forest: KDForest = (
+            shared
+            if shared is not None
+            else build_forest(_numpy(target.points), target_counts, parallel=not self.serial)
+        )
         self.source_normals = np.zeros((1, 1, 3))
         if config.needs_source_normals:
             assert problem.source_normals is not None

@@ -797,6 +797,108 @@ def pca_normals(forest: KDForest, k: int, viewpoint: np.ndarray, size: int) -> n
 
 
 @njit(inline="always", error_model="numpy")
+def _scatter(points: np.ndarray, rows: np.ndarray, count: int, A: np.ndarray) -> None:
+    """The scatter matrix of ``points[rows[:count]]`` about their mean into the ``(3, 3)``
+    ``A`` (two passes: centred before the products, no cancellation far from the origin)."""
+    mx = my = mz = 0.0
+    for j in range(count):
+        mx += points[rows[j], 0]
+        my += points[rows[j], 1]
+        mz += points[rows[j], 2]
+    mx /= count
+    my /= count
+    mz /= count
+    for i in range(3):
+        for j in range(3):
+            A[i, j] = 0.0
+    for j in range(count):
+        dx = points[rows[j], 0] - mx
+        dy = points[rows[j], 1] - my
+        dz = points[rows[j], 2] - mz
+        A[0, 0] += dx * dx
+        A[0, 1] += dx * dy
+        A[0, 2] += dx * dz
+        A[1, 1] += dy * dy
+        A[1, 2] += dy * dz
+        A[2, 2] += dz * dz
+    A[1, 0], A[2, 0], A[2, 1] = A[0, 1], A[0, 2], A[1, 2]
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _covariances_kernel(
+    f: KDForest, k: int, epsilon: float, tree_of_task: np.ndarray, out: np.ndarray
+) -> None:
+    points, order, point_offset = f.points, f.order, f.point_offset
+    for task in prange(tree_of_task.shape[0]):
+        b = tree_of_task[task, 0]
+        start, stop = tree_of_task[task, 1], tree_of_task[task, 2]
+        kb = min(k, point_offset[b + 1] - point_offset[b])
+        best_d2 = np.empty(kb)
+        best = np.empty(kb, dtype=np.int64)
+        stack = np.empty(STACK_DEPTH, dtype=np.int64)
+        stack_d2 = np.empty(STACK_DEPTH)
+        A = np.empty((3, 3))
+        V = np.empty((3, 3))
+        limit = np.inf
+        for row in range(start, stop):
+            count = _own_knn(row, kb, limit, f, b, best_d2, best, stack, stack_d2)
+            # the next point's k nearest lie within this one's k-th distance plus the step
+            # between them (as in _normals_kernel)
+            if row + 1 < stop:
+                dx = points[row + 1, 0] - points[row, 0]
+                dy = points[row + 1, 1] - points[row, 1]
+                dz = points[row + 1, 2] - points[row, 2]
+                reach = math.sqrt(best_d2[0]) + math.sqrt(dx * dx + dy * dy + dz * dz)
+                limit = reach * reach * (1.0 + 1e-9) if count == kb else np.inf
+            _scatter(points, best, count, A)
+            e = _smallest_eigenvector(A, V)
+            nx, ny, nz = V[0, e], V[1, e], V[2, e]
+            # I - (1 - epsilon) n n^T = V diag(epsilon, 1, 1) V^T, n the smallest eigenvector
+            # (difficp.normals.regularize_covariances)
+            s = 1.0 - epsilon
+            C = out[b, order[row]]
+            C[0, 0] = 1.0 - s * nx * nx
+            C[1, 1] = 1.0 - s * ny * ny
+            C[2, 2] = 1.0 - s * nz * nz
+            C[0, 1] = C[1, 0] = -s * nx * ny
+            C[0, 2] = C[2, 0] = -s * nx * nz
+            C[1, 2] = C[2, 1] = -s * ny * nz
+
+
+def _tasks(forest: KDForest) -> np.ndarray:
+    """``(tasks, 3)`` int64 rows ``(cloud, first tree row, stop)``: every cloud's tree points
+    in chunks of :data:`NORMALS_CHUNK` consecutive rows (spatial neighbours)."""
+    tasks = [
+        (b, s, min(s + NORMALS_CHUNK, forest.point_offset[b + 1]))
+        for b in range(forest.batch)
+        for s in range(int(forest.point_offset[b]), int(forest.point_offset[b + 1]), NORMALS_CHUNK)
+    ]
+    return np.array(tasks, dtype=np.int64).reshape(-1, 3)
+
+
+def gicp_covariances(forest: KDForest, k: int, epsilon: float, size: int) -> np.ndarray:
+    """Generalized-ICP covariances of every tree point from its ``k`` nearest neighbours in its
+    own cloud (itself included; fewer when the cloud is smaller): ``I - (1 - epsilon) n n^T``
+    with ``n`` the smallest eigenvector of the neighbourhood's covariance
+    (:func:`difficp.normals.estimate_covariances` on the KD-forest).
+
+    Args:
+        forest: built on the clouds (:func:`build_forest`).
+        k: neighbourhood size (>= 1).
+        epsilon: variance along the normal, in (0, 1].
+        size: ``N``, the padded cloud size of the output.
+    Returns:
+        ``(B, N, 3, 3)`` float64 in each cloud's own order; padding rows are the identity.
+    """
+    B = forest.batch
+    out = np.zeros((B, size, 3, 3))
+    out[:, :, 0, 0] = out[:, :, 1, 1] = out[:, :, 2, 2] = 1.0
+    if forest.points.shape[0]:
+        _covariances_kernel(forest, max(1, int(k)), float(epsilon), _tasks(forest), out)
+    return out
+
+
+@njit(inline="always", error_model="numpy")
 def _scan_leaf_k(
     x: float,
     y: float,
@@ -1097,6 +1199,7 @@ __all__ = [
     "KnnWarmStart",
     "build_forest",
     "enclosing_node",
+    "gicp_covariances",
     "knearest",
     "knn_warm_start",
     "nearest",

@@ -1,5 +1,7 @@
 """Point-cloud normals by PCA of the k nearest neighbours (depth-map normals are
-:func:`difficp.geometry.depth_normals`).
+:func:`difficp.geometry.depth_normals`), and Generalized-ICP's covariances from the same
+neighbourhoods (:func:`estimate_covariances`: compiled as :func:`difficp.kdtree.gicp_covariances`
+on the CPU, on the forest the ICP search then reuses; PyTorch elsewhere).
 
 Two paths compute the same normals: a compiled one on the KD-forest of the ICP fast path
 (:func:`difficp.kdtree.pca_normals`: neighbours, covariance and a 3 x 3 Jacobi eigen-solve in one
@@ -109,34 +111,16 @@ def estimate_covariances(
     pts = points[None] if unbatched else points
     if pts.dim() != 3 or pts.shape[-1] != 3:
         raise ValueError(f"points must have shape (N, 3) or (B, N, 3), got {tuple(points.shape)}")
+    if not 0 < epsilon <= 1:
+        raise ValueError(f"epsilon must be in (0, 1], got {epsilon}")
     B, N, _ = pts.shape
     with torch.no_grad():
         mask = lengths_mask(lengths, B, N, pts.device)
-        if index is None:
-            index = NeighborIndex(pts, lengths)
         k = min(k, int(mask.sum(1).min()))
-        # As many query threads as torch uses (scipy's default for large queries is every
-        # core, which fights the caller's thread budget).
-        idx, found = index.query(pts, k, query_mask=mask, workers=torch.get_num_threads())
-        p64 = pts.detach().double()
-        # Neighbours relative to their query point (small numbers: no cancellation in the
-        # second moments), as k slices of (B, N, 3): elementwise products, no batched 3x3 bmm.
-        rel = _gather(p64, idx) - p64[:, :, None, :]  # (B, N, k, 3)
-        w = found.double()
-        count = w.sum(2).clamp_min(1)
-        x, y, z = (rel[..., i] * w for i in range(3))
-        m = [t.sum(2) / count for t in (x, y, z)]
-        s = [
-            (a * b).sum(2) / count - m[i] * m[j]
-            for (i, a), (j, b) in (((0, x), (0, x)), ((0, x), (1, y)), ((0, x), (2, z)),
-                                   ((1, y), (1, y)), ((1, y), (2, z)), ((2, z), (2, z)))
-        ]  # fmt: skip
-        raw = torch.stack([s[0], s[1], s[2], s[1], s[3], s[4], s[2], s[4], s[5]], -1).unflatten(
-            -1, (3, 3)
-        )
-        cov = regularize_covariances(raw, epsilon)
-        eye = torch.eye(3, dtype=cov.dtype, device=cov.device)
-        cov = torch.where(mask[..., None, None], cov, eye).to(pts.dtype)
+        if k >= 1 and _compiled_covariances_apply(pts, index):
+            cov = _compiled_covariances(pts, k, epsilon, lengths, index)
+        else:
+            cov = _torch_covariances(pts, k, epsilon, lengths, index)
     return cov[0] if unbatched else cov
 
 
@@ -154,6 +138,72 @@ def _compiled_applies(points: Tensor, viewpoint: Tensor | None) -> bool:
         return False
     # in a fresh environment: the PyTorch path while `difficp warmup` compiles in the background
     return compile_or_fall_back(kernels_cached((kdtree._normals_kernel, kdtree._build_forest)))
+
+
+def _torch_covariances(
+    pts: Tensor, k: int, epsilon: float, lengths: Tensor | None, index: NeighborIndex | None
+) -> Tensor:
+    """:func:`estimate_covariances` of ``pts`` ``(B, N, 3)`` in PyTorch (any device), ``k`` at
+    most the smallest cloud's size: ``(B, N, 3, 3)`` in ``pts.dtype``."""
+    B, N, _ = pts.shape
+    mask = lengths_mask(lengths, B, N, pts.device)
+    if index is None:
+        index = NeighborIndex(pts, lengths)
+    # As many query threads as torch uses (scipy's default for large queries is every
+    # core, which fights the caller's thread budget).
+    idx, found = index.query(pts, k, query_mask=mask, workers=torch.get_num_threads())
+    p64 = pts.detach().double()
+    # Neighbours relative to their query point (small numbers: no cancellation in the
+    # second moments), as k slices of (B, N, 3): elementwise products, no batched 3x3 bmm.
+    rel = _gather(p64, idx) - p64[:, :, None, :]  # (B, N, k, 3)
+    w = found.double()
+    count = w.sum(2).clamp_min(1)
+    x, y, z = (rel[..., i] * w for i in range(3))
+    m = [t.sum(2) / count for t in (x, y, z)]
+    s = [
+        (a * b).sum(2) / count - m[i] * m[j]
+        for (i, a), (j, b) in (((0, x), (0, x)), ((0, x), (1, y)), ((0, x), (2, z)),
+                               ((1, y), (1, y)), ((1, y), (2, z)), ((2, z), (2, z)))
+    ]  # fmt: skip
+    raw = torch.stack([s[0], s[1], s[2], s[1], s[3], s[4], s[2], s[4], s[5]], -1).unflatten(
+        -1, (3, 3)
+    )
+    cov = regularize_covariances(raw, epsilon)
+    eye = torch.eye(3, dtype=cov.dtype, device=cov.device)
+    return torch.where(mask[..., None, None], cov, eye).to(pts.dtype)
+
+
+def _compiled_covariances_apply(points: Tensor, index: NeighborIndex | None) -> bool:
+    """Whether :func:`estimate_covariances` runs on the KD-forest: on the CPU, unless the
+    caller's index searches with another backend (``search_backend="kdtree"`` keeps the
+    PyTorch path), in a process that may start numba's pool, once the kernel is compiled."""
+    if points.device.type != "cpu" or (index is not None and index.backend != "compiled"):
+        return False
+    from difficp import kdtree  # numba only when it runs
+    from difficp.compile_cache import compile_or_fall_back, kernels_cached
+
+    if kdtree.parallel_unsafe_after_fork():
+        return False
+    return compile_or_fall_back(kernels_cached((kdtree._covariances_kernel, kdtree._build_forest)))
+
+
+def _compiled_covariances(
+    pts: Tensor, k: int, epsilon: float, lengths: Tensor | None, index: NeighborIndex | None
+) -> Tensor:
+    """:func:`estimate_covariances` of ``pts`` ``(B, N, 3)`` on the compiled KD-forest (that of
+    ``index`` when given, which the ICP search reuses): ``(B, N, 3, 3)`` in ``pts.dtype``."""
+    from difficp.kdtree import gicp_covariances
+
+    N = pts.shape[1]
+    if index is None:
+        index = NeighborIndex(pts.detach(), lengths, "compiled")
+    forest, order = index.compiled_forest()
+    cov = torch.from_numpy(gicp_covariances(forest, k, epsilon, N))
+    if order is not None:  # forest cloud b's point j is the cloud's point order[b, j]
+        cov = torch.empty_like(cov).scatter_(
+            1, torch.from_numpy(order)[..., None, None].expand(-1, -1, 3, 3), cov
+        )
+    return cov.to(pts.dtype)
 
 
 def _compiled_normals(pts: Tensor, k: int, viewpoint: Tensor, lengths: Tensor | None) -> Tensor:

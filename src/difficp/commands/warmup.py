@@ -58,6 +58,8 @@ def warm_up() -> float:
         difficp.icp(source, target, max_distance=0.1, max_iterations=2, search_backend="compiled")
     # normals on the KD-forest (difficp.estimate_normals on the CPU)
     difficp.estimate_normals(torch.rand(200, 3, generator=generator, dtype=torch.float64), k=8)
+    # and Generalized-ICP's covariances (difficp.estimate_covariances, metric="gicp")
+    difficp.estimate_covariances(torch.rand(200, 3, generator=generator, dtype=torch.float64), k=8)
     # a depth-map target (projective correspondences): its own kernel
     depth = torch.full((32, 32), 2.0, dtype=torch.float64)
     intrinsics = torch.tensor([[30.0, 0, 16], [0, 30.0, 16], [0, 0, 1]], dtype=torch.float64)
