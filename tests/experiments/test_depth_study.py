@@ -25,6 +25,7 @@ from difficp_experiments.depth.render import DepthRenderer  # noqa: E402
 from difficp_experiments.depth.study import (  # noqa: E402
     arm_loss,
     outcome_flips,
+    reevaluate,
     run_study,
     summarize_study,
     train_arm,
@@ -165,6 +166,11 @@ def test_resumed_study_matches_uninterrupted(tmp_path, renderer) -> None:
         assert a["errors"] == b["errors"] and a["weight_change"] == b["weight_change"]
     assert [(r["seed"], r["arm"]) for r in resumed["runs"]] == [(0, "pose"), (0, "icp")]
     assert [r["raw"] for r in resumed["runs"]] == [r["raw"] for r in full["runs"]]
+    # Re-evaluating from the final checkpoints (same code) reproduces the records.
+    again = reevaluate(_start(), test, SCENE, tmp_path / "b", progress=False, log=lambda s: None)
+    assert [(r["raw"], r["icp"]) for r in again["runs"]] == [
+        (r["raw"], r["icp"]) for r in full["runs"]
+    ]
     # Two invocations recorded; the tables exist.
     assert len(resumed["study"]["invocations"]) == 2
     assert "| icp vs pose | +ICP | 3cm |" in (tmp_path / "b" / "tables.md").read_text()

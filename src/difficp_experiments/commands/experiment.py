@@ -149,6 +149,12 @@ def run_study(args: argparse.Namespace) -> int:
     test = DepthPairs(renderer, scene, args.test_seed, TEST, args.test_n)
     cache = out / "cache" / f"test_seed{args.test_seed}_n{args.test_n}_icp{scene.icp_res}.pt"
     test_data = load_or_build(cache, test, progress=not args.no_progress)
+    if args.reevaluate:
+        from difficp_experiments.depth.study import reevaluate
+
+        metrics = reevaluate(start, test_data, scene, out, progress=not args.no_progress)
+        print(f"wrote {out / 'metrics.json'} and {out / 'tables.md'} ({len(metrics['runs'])} runs)")
+        return 0
     config = StageConfig(
         epochs=args.epochs,
         steps=args.steps,
@@ -305,5 +311,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     study.add_argument(
         "--report-only", action="store_true", help="only tabulate what has finished in OUT"
+    )
+    study.add_argument(
+        "--reevaluate",
+        action="store_true",
+        help="evaluate the finished arms again from their final checkpoints (no training)",
     )
     study.set_defaults(func=run_study)

@@ -246,6 +246,50 @@ def run_study(
     return tabulate(out)
 
 
+def reevaluate(
+    start: PoseCNN,
+    test_data: dict[str, Tensor],
+    scene: SceneConfig,
+    out: Path,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Evaluate the start network and every finished arm again, with the code as it is now.
+
+    Each arm's weights come from its last training checkpoint (``seed<s>/checkpoints/<arm>.pt``,
+    which must be its final epoch); its record keeps its history and gets new ``errors``,
+    ``weight_change`` and ``eval_seconds``. For re-scoring a finished study after a change of the
+    test-time ICP without training again. Returns :func:`tabulate`'s metrics.
+    """
+    from difficp._atomic import load_checkpoint
+    from difficp_experiments.depth.evaluate import network_errors
+
+    out = Path(out)
+    t0 = time.time()
+    errors = network_errors(start, test_data, scene, progress=progress)
+    atomic_write_text(
+        out / "start.json",
+        json.dumps({"errors": _errors_json(errors), "eval_seconds": time.time() - t0}),
+    )
+    for path in sorted(out.glob("seed*/*.json")):
+        rec = json.loads(path.read_text())
+        state = load_checkpoint(path.parent / "checkpoints" / f"{rec['arm']}.pt")
+        if state["epoch"] + 1 != rec["history"]["config"]["epochs"]:
+            raise ValueError(f"the checkpoint of {path} is not its final epoch")
+        model = copy_model(start)
+        model.load_state_dict(state["model"])
+        t0 = time.time()
+        errors = network_errors(model, test_data, scene, progress=progress)
+        rec.update(
+            errors=_errors_json(errors),
+            weight_change=weight_change(model, start),
+            eval_seconds=time.time() - t0,
+        )
+        atomic_write_text(path, json.dumps(rec))
+        log(f"[study] re-evaluated seed {rec['seed']} {rec['arm']}")
+    return tabulate(out)
+
+
 def _arm_order(arm: str) -> int:
     return ARMS.index(arm) if arm in ARMS else len(ARMS)
 
