@@ -235,3 +235,20 @@ def test_summary_counts_flips_and_pairs_arms_on_a_toy_case() -> None:
     assert c["mcnemar"]["0"]["a_only"] == 2 and c["mcnemar"]["0"]["b_only"] == 1
     lo, hi = c["success_difference_ci"]
     assert lo <= 1 / 6 <= hi
+
+
+def test_cli_report_only_tabulates_partial_results(tmp_path) -> None:
+    from difficp.cli import main
+
+    errors = {"raw": [0.01, 0.2, 0.5], "icp": [0.01, 0.01, 0.5]}
+    (tmp_path / "start.json").write_text(json.dumps({"errors": errors, "eval_seconds": 1.0}))
+    (tmp_path / "seed0").mkdir()
+    history = {"epochs": [{}], "config": {"steps": 2}, "seconds": 3.0}
+    rec = {"seed": 0, "arm": "icp", "weight_change": 0.02, "history": history}
+    rec.update(train_seconds=3.0, eval_seconds=1.0, errors=errors)
+    (tmp_path / "seed0" / "icp.json").write_text(json.dumps(rec))
+    args = ["experiment", "depth", "study", "--out", str(tmp_path), "--report-only"]
+    assert main(args) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert list(metrics["arms"]) == ["icp"] and metrics["comparisons"] == []
+    assert (tmp_path / "study.png").stat().st_size > 1000

@@ -26,6 +26,7 @@ require("matplotlib", "tqdm", "open3d")
 DEFAULT_OUT = Path("results") / "depth"
 CHECKPOINT_NAME = "pose_cnn.pt"
 FIGURE_NAME = "success_vs_initial_distance.png"
+STUDY_FIGURE_NAME = "study.png"
 
 
 def committed_checkpoint() -> Path:
@@ -120,6 +121,18 @@ def run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study_written(out: Path, metrics: dict) -> int:
+    from difficp_experiments.depth.plot import plot_study
+
+    plot_study(metrics, out / STUDY_FIGURE_NAME)
+    print((out / "tables.md").read_text())
+    print(
+        f"wrote {out / 'metrics.json'}, {out / 'tables.md'} and {out / STUDY_FIGURE_NAME} "
+        f"({len(metrics['runs'])} runs)"
+    )
+    return 0
+
+
 def run_study(args: argparse.Namespace) -> int:
     from difficp_experiments.depth.study import ARMS, tabulate
 
@@ -128,8 +141,7 @@ def run_study(args: argparse.Namespace) -> int:
         metrics = tabulate(out)
         if not metrics:
             raise FileNotFoundError(f"nothing to tabulate in {out} (no start.json)")
-        print(f"wrote {out / 'metrics.json'} and {out / 'tables.md'} ({len(metrics['runs'])} runs)")
-        return 0
+        return _study_written(out, metrics)
 
     from difficp.datadir import require_data_dir
     from difficp_experiments.depth.data import TEST, DepthPairs, load_or_build, open_renderer
@@ -153,8 +165,7 @@ def run_study(args: argparse.Namespace) -> int:
         from difficp_experiments.depth.study import reevaluate
 
         metrics = reevaluate(start, test_data, scene, out, progress=not args.no_progress)
-        print(f"wrote {out / 'metrics.json'} and {out / 'tables.md'} ({len(metrics['runs'])} runs)")
-        return 0
+        return _study_written(out, metrics)
     config = StageConfig(
         epochs=args.epochs,
         steps=args.steps,
@@ -182,9 +193,7 @@ def run_study(args: argparse.Namespace) -> int:
             "torch_threads": args.threads,
         },
     )
-    print((out / "tables.md").read_text())
-    print(f"wrote {out / 'metrics.json'} and {out / 'tables.md'} ({len(metrics['runs'])} runs)")
-    return 0
+    return _study_written(out, metrics)
 
 
 def _common(p: argparse.ArgumentParser, seed: int | None, out: Path = DEFAULT_OUT) -> None:
