@@ -3,6 +3,7 @@
 difficp experiment depth train --data-dir D --out results/depth [--seed 0] [--resume]
 difficp experiment depth eval  --data-dir D --out DIR --n 500 --seed 1 [--checkpoint P]
 difficp experiment depth plot  --out DIR
+difficp experiment depth study --data-dir D --out results/depth/study [--seeds 0,1,2] [--resume]
 
 Paths are relative to the current directory: ``--out`` defaults to ``results/depth`` and
 ``--checkpoint`` to ``results/depth/pose_cnn.pt``, the repository's committed results when run
@@ -25,6 +26,7 @@ require("matplotlib", "tqdm", "open3d")
 DEFAULT_OUT = Path("results") / "depth"
 CHECKPOINT_NAME = "pose_cnn.pt"
 FIGURE_NAME = "success_vs_initial_distance.png"
+STUDY_FIGURE_NAME = "study.png"
 
 
 def committed_checkpoint() -> Path:
@@ -119,10 +121,86 @@ def run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser, seed: int) -> None:
+def _study_written(out: Path, metrics: dict) -> int:
+    from difficp_experiments.depth.plot import plot_study
+
+    plot_study(metrics, out / STUDY_FIGURE_NAME)
+    print((out / "tables.md").read_text())
+    print(
+        f"wrote {out / 'metrics.json'}, {out / 'tables.md'} and {out / STUDY_FIGURE_NAME} "
+        f"({len(metrics['runs'])} runs)"
+    )
+    return 0
+
+
+def run_study(args: argparse.Namespace) -> int:
+    from difficp_experiments.depth.study import ARMS, tabulate
+
+    out = Path(args.out)
+    if args.report_only:
+        metrics = tabulate(out)
+        if not metrics:
+            raise FileNotFoundError(f"nothing to tabulate in {out} (no start.json)")
+        return _study_written(out, metrics)
+
+    from difficp.datadir import require_data_dir
+    from difficp_experiments.depth.data import TEST, DepthPairs, load_or_build, open_renderer
+    from difficp_experiments.depth.study import run_study as study
+    from difficp_experiments.depth.train import StageConfig, load_final
+
+    _threads(args.threads)
+    data_dir = require_data_dir(args.data_dir, needs="the body mesh")
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    arms = tuple(args.arms.split(","))
+    unknown = set(arms) - set(ARMS)
+    if unknown:
+        raise ValueError(f"unknown arms {sorted(unknown)}; expected some of {ARMS}")
+    nets, scene, _ = load_final(Path(args.start))
+    start = nets[args.start_net]
+    renderer = open_renderer(data_dir)
+    test = DepthPairs(renderer, scene, args.test_seed, TEST, args.test_n)
+    cache = out / "cache" / f"test_seed{args.test_seed}_n{args.test_n}_icp{scene.icp_res}.pt"
+    test_data = load_or_build(cache, test, progress=not args.no_progress)
+    if args.reevaluate:
+        from difficp_experiments.depth.study import reevaluate
+
+        metrics = reevaluate(start, test_data, scene, out, progress=not args.no_progress)
+        return _study_written(out, metrics)
+    config = StageConfig(
+        epochs=args.epochs,
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        val_size=args.val_size,
+    )
+    metrics = study(
+        start,
+        renderer,
+        scene,
+        test_data,
+        out,
+        config,
+        seeds=seeds,
+        arms=arms,
+        icp_iterations=(args.train_p2p_iters, args.train_sym_iters),
+        pose_weight=args.pose_weight,
+        resume=args.resume,
+        progress=not args.no_progress,
+        info={
+            "start": f"{args.start}:{args.start_net}",
+            "test_seed": args.test_seed,
+            "torch_threads": args.threads,
+        },
+    )
+    return _study_written(out, metrics)
+
+
+def _common(p: argparse.ArgumentParser, seed: int | None, out: Path = DEFAULT_OUT) -> None:
     p.add_argument("--data-dir", default=None, help="data directory (default: $DIFFICP_DATA)")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (%(default)s)")
-    p.add_argument("--seed", type=int, default=seed, help="random seed (%(default)s)")
+    p.add_argument("--out", default=str(out), help="output directory (%(default)s)")
+    if seed is not None:
+        p.add_argument("--seed", type=int, default=seed, help="random seed (%(default)s)")
     p.add_argument(
         "--threads",
         type=int,
@@ -197,3 +275,55 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     plot = actions.add_parser("plot", help="plot OUT/metrics.json to a PNG")
     plot.add_argument("--out", default=str(DEFAULT_OUT), help="directory of metrics.json")
     plot.set_defaults(func=run_plot)
+
+    study = actions.add_parser(
+        "study",
+        help="matched-budget fine-tuning study: pose loss vs loss through ICP vs both",
+        description="Fine-tune the start network three ways (arms pose, icp, both) with the same "
+        "steps, batch, learning-rate schedule and training samples per seed, then evaluate each "
+        "on the same test samples raw and refined by ICP. Writes OUT/metrics.json and "
+        "OUT/tables.md, rewritten after every finished arm.",
+    )
+    _common(study, seed=None, out=DEFAULT_OUT / "study")
+    study.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (%(default)s)")
+    study.add_argument("--arms", default=",".join(("pose", "icp", "both")), help="(%(default)s)")
+    study.add_argument(
+        "--start",
+        default=str(committed_checkpoint()),
+        help="checkpoint holding the start network (%(default)s)",
+    )
+    study.add_argument("--start-net", default="nn", help="network in --start (%(default)s)")
+    study.add_argument("--epochs", type=int, default=6, help="epochs per arm (%(default)s)")
+    study.add_argument("--steps", type=int, default=100, help="batches per epoch (%(default)s)")
+    study.add_argument("--batch", type=int, default=32, help="batch size (%(default)s)")
+    study.add_argument("--lr", type=float, default=2e-4, help="initial learning rate (%(default)s)")
+    study.add_argument(
+        "--min-lr", type=float, default=1e-5, help="cosine schedule floor (%(default)s)"
+    )
+    study.add_argument("--val-size", type=int, default=256, help="validation samples (%(default)s)")
+    study.add_argument(
+        "--train-p2p-iters",
+        type=int,
+        default=3,
+        help="soft point-to-point iterations (%(default)s)",
+    )
+    study.add_argument(
+        "--train-sym-iters", type=int, default=2, help="soft symmetric iterations (%(default)s)"
+    )
+    study.add_argument(
+        "--pose-weight", type=float, default=1.0, help="pose-loss weight of arm both (%(default)s)"
+    )
+    study.add_argument("--test-n", type=int, default=500, help="test samples (%(default)s)")
+    study.add_argument("--test-seed", type=int, default=1, help="test seed (%(default)s)")
+    study.add_argument(
+        "--resume", action="store_true", help="skip finished arms, continue unfinished ones"
+    )
+    study.add_argument(
+        "--report-only", action="store_true", help="only tabulate what has finished in OUT"
+    )
+    study.add_argument(
+        "--reevaluate",
+        action="store_true",
+        help="evaluate the finished arms again from their final checkpoints (no training)",
+    )
+    study.set_defaults(func=run_study)

@@ -66,6 +66,29 @@ def method_errors(
     return {k: torch.cat(v) for k, v in out.items()}
 
 
+@torch.no_grad()
+def network_errors(
+    net: PoseCNN,
+    data: dict[str, Tensor],
+    scene: SceneConfig,
+    chunk: int = 64,
+    progress: bool = True,
+) -> dict[str, Tensor]:
+    """``(N,)`` errors (body RMSE, m) of one network on ``data``: ``raw`` (the network alone) and
+    ``icp`` (its estimate refined by :func:`refine_schedule`, the ``nn_then_icp`` method)."""
+    net = net.eval()
+    refine = refine_schedule()
+    out: dict[str, list[Tensor]] = {"raw": [], "icp": []}
+    n = data["depth"].shape[0]
+    for i in tqdm(range(0, n, chunk), desc="evaluate", disable=not progress, leave=False):
+        b = {k: v[i : i + chunk] for k, v in data.items()}
+        T = net(b["depth"])
+        refined = run_schedule(make_clouds(b["icp_depth"], scene), b["icp_depth"], scene, refine, T)
+        out["raw"].append(rmse_between(b["body"], T, b["transform"]))
+        out["icp"].append(rmse_between(b["body"], refined, b["transform"]))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
 def success_bins(errors: np.ndarray, init: np.ndarray) -> list[dict]:
     """Per initial-distance bin: edges, count and success rates (None for an empty bin)."""
     rows = []

@@ -61,3 +61,54 @@ def plot_metrics(metrics: dict, path: Path, title: str | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_study(metrics: dict, path: Path) -> None:
+    """Plot the matched-budget study (:func:`~difficp_experiments.depth.study.tabulate`'s
+    metrics) to ``path`` (PNG): success at 3 cm, network alone (left) and + test-time ICP
+    (right); one point per seed with its bootstrap 95% interval over the test samples, the start
+    network as a horizontal line with its interval as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(metrics["arms"])
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4), dpi=120)
+    titles = ("network alone", "+ test-time ICP")
+    for ax, kind, title in zip(axes, ("raw", "icp"), titles, strict=True):
+        start = metrics["start"][kind]
+        lo, hi = start["success_3cm_ci"]
+        ax.axhspan(100 * lo, 100 * hi, color="0.85", label="start network (95% CI)")
+        ax.axhline(100 * start["success_3cm"], color="0.4", lw=1)
+        for x, arm in enumerate(arms):
+            rows = [r for r in metrics["runs"] if r["arm"] == arm]
+            for j, r in enumerate(rows):
+                d = r[kind]
+                y = 100 * d["success_3cm"]
+                err = [[y - 100 * d["success_3cm_ci"][0]], [100 * d["success_3cm_ci"][1] - y]]
+                ax.errorbar(
+                    x + 0.12 * (j - (len(rows) - 1) / 2),
+                    y,
+                    yerr=err,
+                    fmt="o",
+                    color=f"C{x}",
+                    ms=4,
+                    capsize=2,
+                )
+        ax.set_xticks(range(len(arms)), arms)
+        ax.set_xlim(-0.6, len(arms) - 0.4)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel("success at 3 cm (%)")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(
+        f"Matched-budget fine-tuning from nn, n = {metrics.get('n', '?')} test samples, "
+        "one point per seed",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)

@@ -52,19 +52,48 @@ class StageConfig:
     val_size: int = 256
 
 
+LossFn = Callable[[PoseCNN, dict[str, Tensor]], Tensor]
+
+
 @dataclass
 class Stage:
-    """What a stage trains and how it scores a batch: ``loss_fn(model, batch) -> (B,)`` errors."""
+    """What a stage trains and how it scores a batch: ``loss_fn(model, batch) -> (B,)`` errors.
+
+    ``offset``: index of the stage's first training sample; epoch ``e``, step ``s`` uses samples
+    ``offset + (e * steps + s) * batch + [0, batch)``. Stages with the same offset, seed and
+    config therefore see the same samples in the same order, whatever their ``loss_fn``.
+    ``val_fn``: the per-epoch validation error (default: ``loss_fn``), e.g. the network's own pose
+    error so that stages trained with different losses are validated alike.
+    """
 
     name: str
     model: PoseCNN
-    loss_fn: Callable[[PoseCNN, dict[str, Tensor]], Tensor]
+    loss_fn: LossFn
     config: StageConfig
+    offset: int = 0
+    val_fn: LossFn | None = None
 
 
 def nn_loss(model: PoseCNN, batch: dict[str, Tensor]) -> Tensor:
     """Pose loss of the network alone: ``(B,)`` RMSE of the body under estimate vs truth."""
     return rmse_between(batch["body"], model(batch["depth"]), batch["transform"])
+
+
+def make_icp_loss(
+    scene: SceneConfig, schedule: list, pose_weight: float = 1.0, max_points: int | None = 512
+) -> LossFn:
+    """Loss through the differentiable ICP ``schedule``: ``(B,)`` body RMSE of the post-ICP
+    estimate, plus ``pose_weight`` times :func:`nn_loss` (none when 0)."""
+    from difficp_experiments.depth.methods import nn_icp_forward
+
+    def icp_loss(model: PoseCNN, batch: dict[str, Tensor]) -> Tensor:
+        T = nn_icp_forward(model, batch, scene, schedule, max_points=max_points)
+        loss = rmse_between(batch["body"], T, batch["transform"])
+        if pose_weight:
+            loss = loss + pose_weight * nn_loss(model, batch)
+        return loss
+
+    return icp_loss
 
 
 def _checkpoint_path(out: Path, name: str) -> Path:
@@ -107,6 +136,7 @@ def run_stage(
         start_epoch = state["epoch"] + 1
         torch.set_rng_state(state["torch_rng"])
         log(f"[{stage.name}] resumed after epoch {start_epoch} from {ckpt}")
+    val_fn = stage.val_fn or stage.loss_fn
     val = collate(
         [DepthPairs(renderer, scene, seed, VAL, cfg.val_size)[i] for i in range(cfg.val_size)]
     )
@@ -118,7 +148,7 @@ def run_stage(
             seed,
             TRAIN,
             cfg.steps * cfg.batch,
-            offset=STAGE_OFFSET[stage.name] + epoch * cfg.steps * cfg.batch,
+            offset=stage.offset + epoch * cfg.steps * cfg.batch,
         )
         model.train()
         losses = []
@@ -142,7 +172,7 @@ def run_stage(
         with torch.no_grad():
             err = torch.cat(
                 [
-                    stage.loss_fn(model, {k: v[i : i + 64] for k, v in val.items()})
+                    val_fn(model, {k: v[i : i + 64] for k, v in val.items()})
                     for i in range(0, cfg.val_size, 64)
                 ]
             )
@@ -229,7 +259,7 @@ def train_depth(
        ``icp_iterations`` = (point-to-point, symmetric) unrolled soft iterations.
     """
     from difficp_experiments.depth.data import open_renderer
-    from difficp_experiments.depth.methods import nn_icp_forward, train_schedule
+    from difficp_experiments.depth.methods import train_schedule
 
     torch.manual_seed(seed)
     scene = scene or SceneConfig()
@@ -245,18 +275,10 @@ def train_depth(
             stage, renderer, scene, out, seed, resume=resume, progress=progress, log=log
         )
 
-    hist_nn = train(Stage("nn", net, nn_loss, nn_config))
+    hist_nn = train(Stage("nn", net, nn_loss, nn_config, offset=STAGE_OFFSET["nn"]))
     fine = copy_model(net)
-    schedule = train_schedule(*icp_iterations)
-
-    def icp_loss(model: PoseCNN, batch: dict[str, Tensor]) -> Tensor:
-        T = nn_icp_forward(model, batch, scene, schedule)
-        loss = rmse_between(batch["body"], T, batch["transform"])
-        if pose_weight:
-            loss = loss + pose_weight * nn_loss(model, batch)
-        return loss
-
-    hist_icp = train(Stage("nn_icp", fine, icp_loss, icp_config))
+    icp_loss = make_icp_loss(scene, train_schedule(*icp_iterations), pose_weight)
+    hist_icp = train(Stage("nn_icp", fine, icp_loss, icp_config, offset=STAGE_OFFSET["nn_icp"]))
     info = {
         "seed": seed,
         "icp_iterations": list(icp_iterations),
