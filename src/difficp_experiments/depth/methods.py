@@ -73,11 +73,18 @@ def refine_schedule() -> list[difficp.ICPConfig]:
     iterations with a 10 cm gate (precise). Chosen on validation samples: from the ``nn``
     estimate, point-to-plane alone made a fifth of the pairs that were within 30 cm worse than
     30 cm; this schedule kept almost all of them and tripled the 3 cm successes.
+
+    The symmetric stage weighs each correspondence by the agreement of its normals
+    (``weight_normal``): the depth-map normals face the camera, so a pair with opposite normals
+    is a wrong match. Until the symmetric metric learnt to orient the source normal to the
+    target's (for clouds whose normals are flipped as a whole), its plain sum ``n_p + n_q``
+    did that weighting implicitly; without it the schedule scored 78.9% at 3 cm on 256
+    validation samples, with it 90.6% (``max_normal_angle`` 60 / 80 degrees: 90.2 / 91.4%).
     """
     common = {"correspondence": "nearest", "max_iterations": 30, "differentiation": "none"}
     return [
         difficp.ICPConfig(metric="point_to_point", max_distance=0.5, **common),
-        difficp.ICPConfig(metric="symmetric", max_distance=0.1, **common),
+        difficp.ICPConfig(metric="symmetric", max_distance=0.1, weight_normal=True, **common),
     ]
 
 
