@@ -587,29 +587,33 @@ def _heap_offer(
     if count < k:
         if d > limit:
             return count
-        j = count  # a new leaf, sifted up
-        count += 1
-        while j > 0:
+        j = count
+        while j > 0:  # sift up
             up = (j - 1) // 2
             if heap_d2[up] >= d:
                 break
-            heap_d2[j], heap[j] = heap_d2[up], heap[up]
+            heap_d2[j] = heap_d2[up]
+            heap[j] = heap[up]
             j = up
-    else:
-        if d >= heap_d2[0]:
-            return count
-        j = 0  # replaces the worst, sifted down
-        while True:
-            child = 2 * j + 1
-            if child >= k:
-                break
-            if child + 1 < k and heap_d2[child + 1] > heap_d2[child]:
-                child += 1
-            if heap_d2[child] <= d:
-                break
-            heap_d2[j], heap[j] = heap_d2[child], heap[child]
-            j = child
-    heap_d2[j], heap[j] = d, i
+        heap_d2[j] = d
+        heap[j] = i
+        return count + 1
+    if d >= heap_d2[0]:
+        return count
+    j = 0
+    while True:  # replace the worst and sift down
+        child = 2 * j + 1
+        if child >= k:
+            break
+        if child + 1 < k and heap_d2[child + 1] > heap_d2[child]:
+            child += 1
+        if heap_d2[child] <= d:
+            break
+        heap_d2[j] = heap_d2[child]
+        heap[j] = heap[child]
+        j = child
+    heap_d2[j] = d
+    heap[j] = i
     return count
 
 
