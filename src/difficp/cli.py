@@ -19,7 +19,7 @@ import importlib.metadata
 import re
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from difficp import __version__
 
@@ -27,7 +27,8 @@ from difficp import __version__
 GROUP = "difficp.commands"
 
 #: One-line help of the commands this distribution registers, for ``difficp --help`` (which must
-#: not import the command modules to read it). Other plugins are listed by their distribution.
+#: not import the command modules to read it) and for their own parsers (:func:`add_command`).
+#: Other plugins are listed by their distribution.
 HELP: dict[str, str] = {
     "register": "register two point-cloud files by ICP",
     "warmup": "compile the ICP fast path ahead (once per installation)",
@@ -36,6 +37,13 @@ HELP: dict[str, str] = {
     "benchmark": "run a registration benchmark (modelnet)",
     "train": "train a learned registration model (dcp)",
 }
+
+
+def add_command(subparsers: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """Add this distribution's sub-command ``name`` to ``subparsers`` (from
+    ``add_subparsers``) with its one-line help from :data:`HELP`, so that ``difficp --help``
+    and the command's own parser say the same; ``kwargs`` go to ``add_parser``."""
+    return subparsers.add_parser(name, help=HELP[name], **kwargs)
 
 
 def entry_points() -> list[importlib.metadata.EntryPoint]:

@@ -25,6 +25,7 @@ import hashlib
 import math
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -211,17 +212,7 @@ def fused_iteration(
                 px - qx, py - qy, pz - qz, ax, ay, az, bx, by, bz, mx, my, mz, nx, ny, nz,
                 c00, c01, c02, c11, c12, c22,
             )  # fmt: skip
-            r = d if procrustes == 1 else _metric_residual(metric, d, v)  # svd: point_to_point
-            if kernel != _NO_KERNEL:
-                w *= _robust_weight(kernel, abs(r), kernel_scale)
-            if w < _TINY_WEIGHT:  # subnormal weights count as 0 (difficp.registration.weigh)
-                continue
-            sums[task, WEIGHTED] += 1.0
-
-            if procrustes == 1:
-                _add_moments(sums, task, w, v)
-            else:
-                _metric_accumulate(metric, sums, task, NORMAL_EQ, J, w, v)
+            _robust_accumulate(sums, task, J, w, d, v, metric, procrustes, kernel, kernel_scale)
 
 
 @njit(inline="always", error_model="numpy")
@@ -304,6 +295,35 @@ def _normal_weight(
 
 
 @njit(inline="always", error_model="numpy")
+def _robust_accumulate(
+    sums: np.ndarray,
+    task: int,
+    J: np.ndarray,
+    w: float,
+    d: float,
+    v: tuple,
+    metric: int,
+    procrustes: int,
+    kernel: int,
+    kernel_scale: float,
+) -> None:
+    """Scale the weight ``w`` of one correspondence (distance ``d``, values ``v`` as
+    :func:`fused_iteration` lays them out) by the robust kernel of its residual and add it to
+    task ``task``'s row of ``sums``: Procrustes moments, or the metric's normal equations
+    (``J``: scratch ``(6,)``)."""
+    r = d if procrustes == 1 else _metric_residual(metric, d, v)  # svd: point_to_point
+    if kernel != _NO_KERNEL:
+        w *= _robust_weight(kernel, abs(r), kernel_scale)
+    if w < _TINY_WEIGHT:  # subnormal weights count as 0 (difficp.registration.weigh)
+        return
+    sums[task, WEIGHTED] += 1.0
+    if procrustes == 1:
+        _add_moments(sums, task, w, v)
+    else:
+        _metric_accumulate(metric, sums, task, NORMAL_EQ, J, w, v)
+
+
+@njit(inline="always", error_model="numpy")
 def _add_moments(sums: np.ndarray, task: int, w: float, v: tuple) -> None:
     """Adds the weighted Procrustes moments of ``a = v[3:6]``, ``b = v[6:9]`` (see MOMENTS)."""
     ax, ay, az, bx, by, bz = v[3:9]
@@ -350,21 +370,11 @@ class FusedSteps:
     dtype = torch.float64
 
     def __init__(self, problem: Problem, config: ICPConfig) -> None:
-        reason = fused_supported(problem, config)
-        if reason is not None:
-            raise ValueError(f"the compiled ICP path cannot run this problem: {reason}")
+        self._prepare_source(problem, config)
         target = problem.target
         assert isinstance(target, PointTarget)
-        self.procrustes = config.strategies.solver.compiled_sums == "moments"
-        threads = torch.get_num_threads()
-        set_threads(threads)
-        # Starting numba's OpenMP pool resets the process's OpenMP thread count, which PyTorch
-        # shares: keep the caller's torch.set_num_threads.
-        torch.set_num_threads(threads)
         # Padded clouds keep their valid points first (prefix masks), so counts describe them.
         target_counts = target.mask.sum(1).cpu().numpy()
-        self.source = _numpy(problem.source)
-        self.source_counts = problem.source_counts.cpu().numpy().astype(np.int64)
         B, N = self.source.shape[:2]
         # a small problem runs serially (see run_loop), its trees too
         self.serial = B * N <= SERIAL_POINTS
@@ -375,10 +385,6 @@ class FusedSteps:
             if shared is not None
             else build_forest(_numpy(target.points), target_counts, parallel=not self.serial)
         )
-        self.source_normals = np.zeros((1, 1, 3))
-        if config.needs_source_normals:
-            assert problem.source_normals is not None
-            self.source_normals = _numpy(problem.source_normals)
         self.target_normals = np.zeros((1, 3))
         if target.normals is not None:
             normals = _numpy(target.normals)
@@ -395,40 +401,58 @@ class FusedSteps:
             self.target_covariances = np.ascontiguousarray(
                 _numpy(target.covariances)[cloud, f.order]
             )
-        self.source_mean = (self.source * (problem.source_mask.cpu().numpy()[..., None])).sum(
-            1
-        ) / np.maximum(self.source_counts, 1)[:, None]
-        self.source_radius = source_radius(problem).double().numpy()
         self.partner = np.full((B, N), -1, dtype=np.int64)
         self.anchor = np.zeros((B, N, 3))
         self.safe2 = np.zeros((B, N))
-        self.tasks = (N + CHUNK - 1) // CHUNK
-        md = None if config.max_distance is None else _scalar(config.max_distance)
-        hard_radius = md is not None and config.rejection == "hard"
-        angle = config.max_normal_angle
-        self.options = np.array(
-            [
-                md**2 if hard_radius else np.inf,
-                np.inf if md is None else md,
-                _scalar(config.rejection_temperature),
-                -np.inf if angle is None else math.cos(math.radians(_scalar(angle))),
-                _scalar(config.kernel_scale),
-            ]
-        )
-        self.int_options = np.array(
-            [
-                METRICS.code(config.metric),
-                int(self.procrustes),
-                REJECTIONS.code(config.rejection),
-                int(bool(config.weight_distance)),
-                int(bool(config.weight_normal)),
-                KERNELS.code(config.robust_kernel),
-                int(config.needs_source_normals),
-                int(config.needs_target_normals),
-                int(config.needs_covariances),
-            ],
-            dtype=np.int64,
-        )
+
+    def _prepare_source(self, problem: Problem, config: ICPConfig) -> None:
+        """What every compiled kernel needs whatever the target: the check that it can run, the
+        thread pool, the source as float64 arrays (points ``(B, N, 3)``, normals, counts
+        ``(B,)``, centroid ``(B, 3)``, radius ``(B,)``), the task count and the options."""
+        reason = fused_supported(problem, config)
+        if reason is not None:
+            raise ValueError(f"the compiled ICP path cannot run this problem: {reason}")
+        self.procrustes = config.strategies.solver.compiled_sums == "moments"
+        threads = torch.get_num_threads()
+        set_threads(threads)
+        # Starting numba's OpenMP pool resets the process's OpenMP thread count, which PyTorch
+        # shares: keep the caller's torch.set_num_threads.
+        torch.set_num_threads(threads)
+        self.source = _numpy(problem.source)
+        self.source_counts = problem.source_counts.cpu().numpy().astype(np.int64)
+        self.source_normals = np.zeros((1, 1, 3))
+        if config.needs_source_normals:
+            assert problem.source_normals is not None
+            self.source_normals = _numpy(problem.source_normals)
+        mask = problem.source_mask.cpu().numpy()[..., None]
+        self.source_mean = (self.source * mask).sum(1) / np.maximum(self.source_counts, 1)[:, None]
+        self.source_radius = source_radius(problem).double().numpy()
+        self.tasks = (self.source.shape[1] + CHUNK - 1) // CHUNK
+        self.options, self.int_options = _kernel_options(config, self.procrustes)
+
+    def _pose(self, transform: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``transform`` ``(B, 4, 4)`` as the kernels take it: rotations ``(B, 3, 3)``,
+        translations ``(B, 3)``, the moved source centroids ``(B, 3)`` and zeroed per-task sums
+        ``(B * tasks, SUM_WIDTH)``."""
+        T = transform.numpy()
+        R = np.ascontiguousarray(T[:, :3, :3])
+        t = np.ascontiguousarray(T[:, :3, 3])
+        # Procrustes moments and normal equations about the moved source centroid stay
+        # accurate for clouds far from the origin.
+        center = np.einsum("bij,bj->bi", R, self.source_mean) + t
+        sums = np.zeros((T.shape[0] * self.tasks, SUM_WIDTH))
+        return R, t, center, sums
+
+    def _reduce(
+        self, sums: np.ndarray, center: np.ndarray
+    ) -> tuple[Tensor, Tensor, tuple[np.ndarray, np.ndarray]]:
+        """Fitness ``(B,)``, inlier RMSE ``(B,)`` and the state of :meth:`step` from the
+        per-task ``sums`` of a kernel."""
+        sums = sums.reshape(center.shape[0], self.tasks, SUM_WIDTH).sum(1)
+        count = sums[:, INLIERS]
+        fitness = count / np.maximum(self.source_counts, 1)
+        rmse = np.where(count > 0, np.sqrt(sums[:, INLIER_SQ] / np.maximum(count, 1)), 0.0)
+        return torch.from_numpy(fitness), torch.from_numpy(rmse), (sums, center)
 
     def evaluate(
         self, transform: Tensor, active: Tensor
@@ -437,14 +461,7 @@ class FusedSteps:
 
         Returns fitness ``(B,)``, inlier RMSE ``(B,)`` and the state :meth:`step` needs.
         """
-        T = transform.numpy()
-        B = T.shape[0]
-        R = np.ascontiguousarray(T[:, :3, :3])
-        t = np.ascontiguousarray(T[:, :3, 3])
-        # Procrustes moments and normal equations about the moved source centroid stay
-        # accurate for clouds far from the origin.
-        center = np.einsum("bij,bj->bi", R, self.source_mean) + t
-        sums = np.zeros((B * self.tasks, SUM_WIDTH))
+        R, t, center, sums = self._pose(transform)
         fused_iteration(
             self.source,
             self.source_normals,
@@ -464,11 +481,7 @@ class FusedSteps:
             self.source_covariances,
             self.target_covariances,
         )
-        sums = sums.reshape(B, self.tasks, SUM_WIDTH).sum(1)
-        count = sums[:, INLIERS]
-        fitness = count / np.maximum(self.source_counts, 1)
-        rmse = np.where(count > 0, np.sqrt(sums[:, INLIER_SQ] / np.maximum(count, 1)), 0.0)
-        return torch.from_numpy(fitness), torch.from_numpy(rmse), (sums, center)
+        return self._reduce(sums, center)
 
     def run_loop(
         self, init: Tensor, config: ICPConfig, tolerance: Tensor | None, min_iterations: int
@@ -487,8 +500,7 @@ class FusedSteps:
         iterations = np.empty(B, dtype=np.int64)
         converged = np.empty(B, dtype=np.bool_)
         history = np.empty((B, config.max_iterations + 1))
-        filled = _serial_loop(
-            T,
+        problem = _SerialProblem(
             self.source,
             self.source_normals,
             self.source_counts,
@@ -502,6 +514,12 @@ class FusedSteps:
             self.options,
             self.int_options,
             self.tasks,
+            self.source_covariances,
+            self.target_covariances,
+        )
+        filled = _serial_loop(
+            T,
+            problem,
             tolerance_,
             float(config.relative_fitness),
             int(min_iterations),
@@ -510,8 +528,6 @@ class FusedSteps:
             iterations,
             converged,
             history,
-            self.source_covariances,
-            self.target_covariances,
         )
         return LoopResult(
             value=torch.from_numpy(T),
@@ -619,61 +635,71 @@ _fused_iteration_serial = serial_twin(fused_iteration)
 _solve_updates_serial = serial_twin(_solve_updates)
 
 
+class _SerialProblem(NamedTuple):
+    """The arrays of a :class:`FusedSteps` that :func:`_serial_loop` runs on (those of
+    :func:`fused_iteration`, plus the centroids and radii of the sources): one argument instead
+    of fifteen. ``partner``, ``anchor`` and ``safe2`` are updated in place."""
+
+    source: np.ndarray
+    source_normals: np.ndarray
+    source_counts: np.ndarray
+    source_mean: np.ndarray
+    source_radius: np.ndarray
+    partner: np.ndarray
+    anchor: np.ndarray
+    safe2: np.ndarray
+    target_normals: np.ndarray
+    forest: KDForest
+    options: np.ndarray
+    int_options: np.ndarray
+    tasks: int
+    source_covariances: np.ndarray
+    target_covariances: np.ndarray
+
+
 @njit(cache=True, error_model="numpy")
 def _evaluate_serial(
     T: np.ndarray,
     active: np.ndarray,
-    source: np.ndarray,
-    source_normals: np.ndarray,
-    source_counts: np.ndarray,
-    source_mean: np.ndarray,
-    partner: np.ndarray,
-    anchor: np.ndarray,
-    safe2: np.ndarray,
-    target_normals: np.ndarray,
-    forest: KDForest,
-    options: np.ndarray,
-    int_options: np.ndarray,
-    tasks: int,
+    p: _SerialProblem,
     fitness: np.ndarray,
     rmse: np.ndarray,
     sums: np.ndarray,
     center: np.ndarray,
-    source_covariances: np.ndarray,
-    target_covariances: np.ndarray,
 ) -> None:
     """:meth:`FusedSteps.evaluate` at ``T`` ``(B, 4, 4)``: fitness and RMSE ``(B,)``, the pairs'
     ``sums`` ``(B, SUM_WIDTH)`` and their ``center`` ``(B, 3)``, written into the arguments."""
     B = T.shape[0]
     R = np.ascontiguousarray(T[:, :3, :3])
     t = np.ascontiguousarray(T[:, :3, 3])
+    mean, tasks = p.source_mean, p.tasks
     for b in range(B):
         for i in range(3):
             center[b, i] = (
-                R[b, i, 0] * source_mean[b, 0]
-                + R[b, i, 1] * source_mean[b, 1]
-                + R[b, i, 2] * source_mean[b, 2]
+                R[b, i, 0] * mean[b, 0]
+                + R[b, i, 1] * mean[b, 1]
+                + R[b, i, 2] * mean[b, 2]
                 + t[b, i]
             )
     task_sums = np.zeros((B * tasks, SUM_WIDTH))
     _fused_iteration_serial(
-        source,
-        source_normals,
-        source_counts,
+        p.source,
+        p.source_normals,
+        p.source_counts,
         R,
         t,
         center,
-        partner,
-        anchor,
-        safe2,
-        target_normals,
-        forest,
+        p.partner,
+        p.anchor,
+        p.safe2,
+        p.target_normals,
+        p.forest,
         active,
-        options,
-        int_options,
+        p.options,
+        p.int_options,
         task_sums,
-        source_covariances,
-        target_covariances,
+        p.source_covariances,
+        p.target_covariances,
     )
     for b in range(B):
         # the tasks' rows added in order, as numpy's sum over them does
@@ -681,7 +707,7 @@ def _evaluate_serial(
         for k in range(1, tasks):
             sums[b] += task_sums[b * tasks + k]
         count = sums[b, INLIERS]
-        fitness[b] = count / max(source_counts[b], 1)
+        fitness[b] = count / max(p.source_counts[b], 1)
         rmse[b] = math.sqrt(sums[b, INLIER_SQ] / max(count, 1.0)) if count > 0 else 0.0
 
 
@@ -711,19 +737,7 @@ def _orthonormalized_product(update: np.ndarray, T: np.ndarray, out: np.ndarray)
 @njit(cache=True, error_model="numpy")
 def _serial_loop(
     T: np.ndarray,
-    source: np.ndarray,
-    source_normals: np.ndarray,
-    source_counts: np.ndarray,
-    source_mean: np.ndarray,
-    source_radius: np.ndarray,
-    partner: np.ndarray,
-    anchor: np.ndarray,
-    safe2: np.ndarray,
-    target_normals: np.ndarray,
-    forest: KDForest,
-    options: np.ndarray,
-    int_options: np.ndarray,
-    tasks: int,
+    p: _SerialProblem,
     tolerance: np.ndarray,
     relative_fitness: float,
     min_iterations: int,
@@ -732,8 +746,6 @@ def _serial_loop(
     iterations: np.ndarray,
     converged: np.ndarray,
     history: np.ndarray,
-    source_covariances: np.ndarray,
-    target_covariances: np.ndarray,
 ) -> int:
     """:func:`difficp.loop.run_loop` over the :class:`FusedSteps` of a small problem, in one
     call: the same lock-step iterations, stopping rule and outputs. ``T`` ``(B, 4, 4)`` (the
@@ -749,13 +761,9 @@ def _serial_loop(
     update = np.empty((B, 4, 4))
     moved = np.empty((4, 4))
     far = np.empty(B, dtype=np.bool_)
-    metric, procrustes = int_options[0], int_options[1]
-    args = (source, source_normals, source_counts, source_mean, partner, anchor, safe2)
-    covariances = (source_covariances, target_covariances)
-    _evaluate_serial(
-        T, active, *args, target_normals, forest, options, int_options, tasks,
-        fitness, rmse, sums, center, *covariances,
-    )  # fmt: skip
+    metric, procrustes = p.int_options[0], p.int_options[1]
+    radius = p.source_radius
+    _evaluate_serial(T, active, p, fitness, rmse, sums, center)
     history[:, 0] = rmse
     filled = 1
     iterations[:] = 0
@@ -764,9 +772,9 @@ def _serial_loop(
         for b in range(B):
             c = center[b]
             far[b] = math.sqrt(c[0] * c[0] + c[1] * c[1] + c[2] * c[2]) > (
-                FAR_FROM_ORIGIN * source_radius[b]
+                FAR_FROM_ORIGIN * radius[b]
             )
-        _solve_updates_serial(sums, center, source_radius, far, metric, procrustes, update)
+        _solve_updates_serial(sums, center, radius, far, metric, procrustes, update)
         any_active = False
         for b in range(B):
             # too few weighted correspondences: the pair stops with its last good transform
@@ -777,10 +785,7 @@ def _serial_loop(
                 any_active = True
         if not any_active:
             break
-        _evaluate_serial(
-            T, active, *args, target_normals, forest, options, int_options, tasks,
-            new_fitness, new_rmse, sums, center, *covariances,
-        )  # fmt: skip
+        _evaluate_serial(T, active, p, new_fitness, new_rmse, sums, center)
         any_active = False
         for b in range(B):
             if active[b]:
@@ -912,16 +917,7 @@ def _weigh_and_accumulate(
     # combined covariance, upper triangle) are the identity: projective targets carry none.
     v = (px - qx, py - qy, pz - qz, ax, ay, az, bx, by, bz, mx, my, mz, nx, ny, nz,
          1.0, 0.0, 0.0, 1.0, 0.0, 1.0)  # fmt: skip
-    r = d if procrustes == 1 else _metric_residual(metric, d, v)
-    if kernel != _NO_KERNEL:
-        w *= _robust_weight(kernel, abs(r), kernel_scale)
-    if w < _TINY_WEIGHT:
-        return
-    sums[task, WEIGHTED] += 1.0
-    if procrustes == 1:
-        _add_moments(sums, task, w, v)
-    else:
-        _metric_accumulate(metric, sums, task, NORMAL_EQ, J, w, v)
+    _robust_accumulate(sums, task, J, w, d, v, metric, procrustes, kernel, kernel_scale)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -1016,15 +1012,9 @@ class FusedProjectiveSteps(FusedSteps):
     """
 
     def __init__(self, problem: Problem, config: ICPConfig) -> None:
-        reason = fused_supported(problem, config)
-        if reason is not None:
-            raise ValueError(f"the compiled ICP path cannot run this problem: {reason}")
+        self._prepare_source(problem, config)
         target = problem.target
         assert isinstance(target, DepthTarget)
-        self.procrustes = config.strategies.solver.compiled_sums == "moments"
-        threads = torch.get_num_threads()
-        set_threads(threads)
-        torch.set_num_threads(threads)  # see FusedSteps: numba's pool resets PyTorch's count
         B, H, W, _ = target.points.shape
         self.shape = np.array([H, W], dtype=np.int64)
         self.target_points = _numpy(target.points).reshape(B, H * W, 3)
@@ -1038,30 +1028,13 @@ class FusedProjectiveSteps(FusedSteps):
         self.intrinsics = np.ascontiguousarray(
             np.stack([K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2]], axis=1)
         )
-        self.source = _numpy(problem.source)
-        self.source_counts = problem.source_counts.cpu().numpy().astype(np.int64)
-        N = self.source.shape[1]
-        self.source_normals = np.zeros((1, 1, 3))
-        if config.needs_source_normals:
-            assert problem.source_normals is not None
-            self.source_normals = _numpy(problem.source_normals)
-        mask = problem.source_mask.cpu().numpy()[..., None]
-        self.source_mean = (self.source * mask).sum(1) / np.maximum(self.source_counts, 1)[:, None]
-        self.source_radius = source_radius(problem).double().numpy()
-        self.tasks = (N + CHUNK - 1) // CHUNK
-        self.options, self.int_options = _kernel_options(config, self.procrustes)
         self.serial = False  # the serial whole loop (FusedSteps.run_loop) searches KD-trees
 
     def evaluate(
         self, transform: Tensor, active: Tensor
     ) -> tuple[Tensor, Tensor, tuple[np.ndarray, np.ndarray]]:
         """As :meth:`FusedSteps.evaluate`, by projection."""
-        T = transform.numpy()
-        B = T.shape[0]
-        R = np.ascontiguousarray(T[:, :3, :3])
-        t = np.ascontiguousarray(T[:, :3, 3])
-        center = np.einsum("bij,bj->bi", R, self.source_mean) + t
-        sums = np.zeros((B * self.tasks, SUM_WIDTH))
+        R, t, center, sums = self._pose(transform)
         projective_iteration(
             self.source,
             self.source_normals,
@@ -1080,16 +1053,12 @@ class FusedProjectiveSteps(FusedSteps):
             self.int_options,
             sums,
         )
-        sums = sums.reshape(B, self.tasks, SUM_WIDTH).sum(1)
-        count = sums[:, INLIERS]
-        fitness = count / np.maximum(self.source_counts, 1)
-        rmse = np.where(count > 0, np.sqrt(sums[:, INLIER_SQ] / np.maximum(count, 1)), 0.0)
-        return torch.from_numpy(fitness), torch.from_numpy(rmse), (sums, center)
+        return self._reduce(sums, center)
 
 
 def _kernel_options(config: ICPConfig, procrustes: bool) -> tuple[np.ndarray, np.ndarray]:
     """The ``options`` / ``int_options`` arrays of the fused kernels (layout: see
-    :func:`fused_iteration`); what :class:`FusedSteps` builds inline."""
+    :func:`fused_iteration`; :func:`projective_iteration` reads the first eight integer options)."""
     md = None if config.max_distance is None else _scalar(config.max_distance)
     hard_radius = md is not None and config.rejection == "hard"
     angle = config.max_normal_angle
@@ -1112,6 +1081,7 @@ def _kernel_options(config: ICPConfig, procrustes: bool) -> tuple[np.ndarray, np
             KERNELS.code(config.robust_kernel),
             int(config.needs_source_normals),
             int(config.needs_target_normals),
+            int(config.needs_covariances),
         ],
         dtype=np.int64,
     )

@@ -290,6 +290,80 @@ def _box_distance2(
 
 
 @njit(inline="always", error_model="numpy")
+def _point_distance2(f: KDForest, row: int, x: float, y: float, z: float) -> float:
+    """Squared distance from ``(x, y, z)`` to row ``row`` of ``f.points``."""
+    dx = f.points[row, 0] - x
+    dy = f.points[row, 1] - y
+    dz = f.points[row, 2] - z
+    return dx * dx + dy * dy + dz * dz
+
+
+@njit(inline="always", error_model="numpy")
+def _within(d2: float, bound: float, inclusive: bool) -> bool:
+    """Whether a node or point at squared distance ``d2`` can still hold an answer."""
+    return d2 <= bound if inclusive else d2 < bound
+
+
+@njit(inline="always", error_model="numpy")
+def _start_search(
+    x: float, y: float, z: float, f: KDForest, node: int, stack: np.ndarray, stack_d2: np.ndarray
+) -> int:
+    """Put ``node`` (global) alone on the depth-first stack; returns the stack's height (1)."""
+    stack[0] = node
+    stack_d2[0] = _box_distance2(x, y, z, f.node_low, f.node_high, node)
+    return 1
+
+
+@njit(inline="always", error_model="numpy")
+def _next_leaf(
+    x: float,
+    y: float,
+    z: float,
+    f: KDForest,
+    node_base: int,
+    bound: float,
+    inclusive: bool,
+    stack: np.ndarray,
+    stack_d2: np.ndarray,
+    top: int,
+) -> tuple[int, int]:
+    """The depth-first descent every search of this module shares: pop nodes off ``stack`` /
+    ``stack_d2`` (global nodes with their box distances; ``top`` entries) until a leaf within
+    ``bound`` (``<=`` with ``inclusive``, else ``<``), pushing the children within it of each
+    inner node, the nearer last so that it is visited first.
+
+    Returns ``(leaf, top)``: the leaf (global; -1 when the stack ran out) and the new height.
+    The caller scans the leaf, tightens its bound and calls again: the bound only changes
+    between leaves, so pruning is the same as a loop written out in full.
+    """
+    low, high = f.node_low, f.node_high
+    while top > 0:
+        top -= 1
+        if not _within(stack_d2[top], bound, inclusive):
+            continue
+        node = stack[top]
+        first = f.node_child[node]
+        if first < 0:
+            return node, top
+        a = node_base + first
+        b = a + 1
+        da = _box_distance2(x, y, z, low, high, a)
+        db = _box_distance2(x, y, z, low, high, b)
+        if da > db:  # visit the nearer child first: push it last
+            a, b = b, a
+            da, db = db, da
+        if _within(db, bound, inclusive):
+            stack[top] = b
+            stack_d2[top] = db
+            top += 1
+        if _within(da, bound, inclusive):
+            stack[top] = a
+            stack_d2[top] = da
+            top += 1
+    return -1, 0
+
+
+@njit(inline="always", error_model="numpy")
 def _scan_leaf(
     x: float,
     y: float,
@@ -306,10 +380,7 @@ def _scan_leaf(
     for i in range(point_base + f.node_start[leaf], point_base + f.node_end[leaf]):
         if i == i1 or i == i2:  # noqa: SIM109 (already an answer: a leaf seen again)
             continue
-        dx = f.points[i, 0] - x
-        dy = f.points[i, 1] - y
-        dz = f.points[i, 2] - z
-        d = dx * dx + dy * dy + dz * dz
+        d = _point_distance2(f, i, x, y, z)
         if d < d1:
             d2, i2 = d1, i1
             d1, i1 = d, i
@@ -346,41 +417,14 @@ def search_tree(
     """
     point_base = f.point_offset[tree]
     node_base = f.node_offset[tree]
-    low, high = f.node_low, f.node_high
     node = node_base if first_node < 0 else first_node
-    bound = d2 if second else d1
-    first_d2 = _box_distance2(x, y, z, low, high, node)
-    if first_d2 >= bound:
-        return d1, i1, d2, i2
-    stack[0] = node
-    stack_d2[0] = first_d2
-    top = 1
-    while top > 0:
-        top -= 1
-        if stack_d2[top] >= bound:
-            continue
-        node = stack[top]
-        first = f.node_child[node]
-        if first < 0:
-            d1, i1, d2, i2 = _scan_leaf(x, y, z, f, point_base, node, d1, i1, d2, i2)
-            bound = d2 if second else d1
-            continue
-        a = node_base + first
-        b = a + 1
-        da = _box_distance2(x, y, z, low, high, a)
-        db = _box_distance2(x, y, z, low, high, b)
-        if da > db:  # visit the nearer child first: push it last
-            a, b = b, a
-            da, db = db, da
-        if db < bound:
-            stack[top] = b
-            stack_d2[top] = db
-            top += 1
-        if da < bound:
-            stack[top] = a
-            stack_d2[top] = da
-            top += 1
-    return d1, i1, d2, i2
+    top = _start_search(x, y, z, f, node, stack, stack_d2)
+    while True:
+        bound = d2 if second else d1
+        leaf, top = _next_leaf(x, y, z, f, node_base, bound, False, stack, stack_d2, top)
+        if leaf < 0:
+            return d1, i1, d2, i2
+        d1, i1, d2, i2 = _scan_leaf(x, y, z, f, point_base, leaf, d1, i1, d2, i2)
 
 
 @njit(cache=True, inline="always", error_model="numpy")
@@ -592,41 +636,16 @@ def _knn_subtree(
     """The ``k`` nearest points within squared distance ``limit`` in the subtree of ``node``
     (global), into the max-heap ``heap_d2`` / ``heap`` (rows of ``f.points``); returns how many
     were found."""
-    low, high = f.node_low, f.node_high
     count = 0
-    stack[0] = node
-    stack_d2[0] = _box_distance2(x, y, z, low, high, node)
-    top = 1
-    while top > 0:
-        top -= 1
+    top = _start_search(x, y, z, f, node, stack, stack_d2)
+    while True:
         bound = heap_d2[0] if count == k else limit
-        if stack_d2[top] > bound:
-            continue
-        node = stack[top]
-        first = f.node_child[node]
-        if first < 0:
-            for i in range(point_base + f.node_start[node], point_base + f.node_end[node]):
-                dx = f.points[i, 0] - x
-                dy = f.points[i, 1] - y
-                dz = f.points[i, 2] - z
-                count = _heap_offer(dx * dx + dy * dy + dz * dz, i, heap_d2, heap, count, k, limit)
-            continue
-        a = node_base + first
-        b = a + 1
-        da = _box_distance2(x, y, z, low, high, a)
-        db = _box_distance2(x, y, z, low, high, b)
-        if da > db:  # visit the nearer child first: push it last
-            a, b = b, a
-            da, db = db, da
-        if db <= bound:
-            stack[top] = b
-            stack_d2[top] = db
-            top += 1
-        if da <= bound:
-            stack[top] = a
-            stack_d2[top] = da
-            top += 1
-    return count
+        leaf, top = _next_leaf(x, y, z, f, node_base, bound, True, stack, stack_d2, top)
+        if leaf < 0:
+            return count
+        for i in range(point_base + f.node_start[leaf], point_base + f.node_end[leaf]):
+            d = _point_distance2(f, i, x, y, z)
+            count = _heap_offer(d, i, heap_d2, heap, count, k, limit)
 
 
 @njit(inline="always", error_model="numpy")
@@ -899,33 +918,17 @@ def gicp_covariances(forest: KDForest, k: int, epsilon: float, size: int) -> np.
 
 
 @njit(inline="always", error_model="numpy")
-def _scan_leaf_k(
-    x: float,
-    y: float,
-    z: float,
-    f: KDForest,
-    point_base: int,
-    leaf: int,
-    best_d2: np.ndarray,
-    best_row: np.ndarray,
-) -> None:
-    """Insert the points of ``leaf`` closer than ``best_d2[-1]`` into the sorted ``best_d2`` /
-    ``best_row`` (squared distances, rows of ``f.points``; -1 where not yet found)."""
-    k = best_d2.shape[0]
-    for i in range(point_base + f.node_start[leaf], point_base + f.node_end[leaf]):
-        dx = f.points[i, 0] - x
-        dy = f.points[i, 1] - y
-        dz = f.points[i, 2] - z
-        d = dx * dx + dy * dy + dz * dz
-        if d >= best_d2[k - 1]:
-            continue
-        j = k - 1
-        while j > 0 and best_d2[j - 1] > d:  # insertion sort: k is small (soft_k <= ~64)
-            best_d2[j] = best_d2[j - 1]
-            best_row[j] = best_row[j - 1]
-            j -= 1
-        best_d2[j] = d
-        best_row[j] = i
+def _insert(d: float, r: int, best_d2: np.ndarray, best_row: np.ndarray) -> None:
+    """Insert ``(d, r)`` into the sorted ``best_d2`` / ``best_row`` if closer than the last."""
+    m = best_d2.shape[0] - 1
+    if d >= best_d2[m]:
+        return
+    while m > 0 and best_d2[m - 1] > d:  # insertion sort: k is small (soft_k <= ~64)
+        best_d2[m] = best_d2[m - 1]
+        best_row[m] = best_row[m - 1]
+        m -= 1
+    best_d2[m] = d
+    best_row[m] = r
 
 
 @njit(inline="always", error_model="numpy")
@@ -946,39 +949,15 @@ def _search_tree_k(
     the subtree of ``first_node`` (global), which must hold every such point."""
     point_base = f.point_offset[tree]
     node_base = f.node_offset[tree]
-    low, high = f.node_low, f.node_high
-    k = best_d2.shape[0]
-    first_d2 = _box_distance2(x, y, z, low, high, first_node)
-    if first_d2 >= best_d2[k - 1]:
-        return
-    stack[0] = first_node
-    stack_d2[0] = first_d2
-    top = 1
-    while top > 0:
-        top -= 1
-        if stack_d2[top] >= best_d2[k - 1]:
-            continue
-        node = stack[top]
-        first = f.node_child[node]
-        if first < 0:
-            _scan_leaf_k(x, y, z, f, point_base, node, best_d2, best_row)
-            continue
-        a = node_base + first
-        b = a + 1
-        da = _box_distance2(x, y, z, low, high, a)
-        db = _box_distance2(x, y, z, low, high, b)
-        if da > db:  # visit the nearer child first: push it last
-            a, b = b, a
-            da, db = db, da
-        bound = best_d2[k - 1]
-        if db < bound:
-            stack[top] = b
-            stack_d2[top] = db
-            top += 1
-        if da < bound:
-            stack[top] = a
-            stack_d2[top] = da
-            top += 1
+    last = best_d2.shape[0] - 1
+    top = _start_search(x, y, z, f, first_node, stack, stack_d2)
+    while True:
+        bound = best_d2[last]
+        leaf, top = _next_leaf(x, y, z, f, node_base, bound, False, stack, stack_d2, top)
+        if leaf < 0:
+            return
+        for i in range(point_base + f.node_start[leaf], point_base + f.node_end[leaf]):
+            _insert(_point_distance2(f, i, x, y, z), i, best_d2, best_row)
 
 
 class KnnWarmStart(NamedTuple):
@@ -1018,17 +997,90 @@ def knn_warm_start(batch: int, queries: int, k: int) -> KnnWarmStart:
 
 
 @njit(inline="always", error_model="numpy")
-def _insert(d: float, r: int, best_d2: np.ndarray, best_row: np.ndarray) -> None:
-    """Insert ``(d, r)`` into the sorted ``best_d2`` / ``best_row`` if closer than the last."""
-    m = best_d2.shape[0] - 1
-    if d >= best_d2[m]:
-        return
-    while m > 0 and best_d2[m - 1] > d:  # insertion sort: k is small (soft_k <= ~64)
-        best_d2[m] = best_d2[m - 1]
-        best_row[m] = best_row[m - 1]
-        m -= 1
-    best_d2[m] = d
-    best_row[m] = r
+def _kept_neighbours(
+    x: float,
+    y: float,
+    z: float,
+    f: KDForest,
+    rows: np.ndarray,
+    anchor: np.ndarray,
+    reach: float,
+    best_d2: np.ndarray,
+    best_row: np.ndarray,
+) -> bool:
+    """Whether a query now at ``(x, y, z)`` keeps its stored neighbours without a search:
+    ``rows`` ``(n,)`` (closest first, -1: none), found at ``anchor`` ``(3,)`` with every point
+    within ``reach`` of it stored (see :class:`KnnWarmStart`). When it has moved less than
+    ``reach`` they are sorted into ``best_d2`` / ``best_row`` (length ``k``) on the way."""
+    dx = x - anchor[0]
+    dy = y - anchor[1]
+    dz = z - anchor[2]
+    delta = math.sqrt(dx * dx + dy * dy + dz * dz)
+    if not delta < reach:  # (NaN: not kept)
+        return False
+    count = 0
+    for r in rows:
+        if r < 0:
+            break
+        _insert(_point_distance2(f, r, x, y, z), r, best_d2, best_row)
+        count += 1
+    # Every point not stored is farther than reach - delta: the k nearest stored points are
+    # the k nearest (all of them when reach is inf).
+    k = best_d2.shape[0]
+    return reach == np.inf or (count >= k and math.sqrt(best_d2[k - 1]) + delta < reach)
+
+
+@njit(inline="always", error_model="numpy")
+def _stored_bound(
+    x: float, y: float, z: float, f: KDForest, rows: np.ndarray, radius2: float
+) -> float:
+    """A squared search radius that holds the stored neighbours ``rows`` of a query at
+    ``(x, y, z)`` strictly inside (so that the search finds them again: no duplicates), at most
+    ``radius2`` (which it is whenever fewer than were asked for are stored)."""
+    far = 0.0
+    for r in rows:
+        if r < 0:
+            far = radius2
+            break
+        far = max(far, _point_distance2(f, r, x, y, z))
+    return min(far * (1.0 + 1e-9) + 1e-300, radius2)
+
+
+@njit(inline="always", error_model="numpy")
+def _search_and_store(
+    x: float,
+    y: float,
+    z: float,
+    f: KDForest,
+    tree: int,
+    radius2: float,
+    rows: np.ndarray,
+    anchor: np.ndarray,
+    all_d2: np.ndarray,
+    all_row: np.ndarray,
+    stack: np.ndarray,
+    stack_d2: np.ndarray,
+) -> float:
+    """Search the ``n = len(rows)`` nearest points of tree ``tree`` to ``(x, y, z)`` into
+    ``all_d2`` / ``all_row`` and store them as the query's new warm start (``rows``,
+    ``anchor``), bounded by (and starting from the lowest node enclosing) its previously
+    stored neighbours when it has any. Returns the new reach."""
+    n = rows.shape[0]
+    last = rows[0]
+    first = f.node_offset[tree]
+    bound = radius2
+    if last >= 0:
+        bound = _stored_bound(x, y, z, f, rows, radius2)
+        if bound < np.inf:
+            leaf = f.node_offset[tree] + f.point_leaf[last]
+            first = enclosing_node(x, y, z, math.sqrt(bound), leaf, f, tree)
+    all_d2[:] = bound
+    all_row[:] = -1
+    _search_tree_k(x, y, z, f, tree, all_d2, all_row, stack, stack_d2, first)
+    anchor[0], anchor[1], anchor[2] = x, y, z
+    rows[:] = all_row
+    # bound == radius2 whenever fewer than n were found (seeds lie inside it).
+    return math.sqrt(all_d2[n - 1] if all_row[n - 1] >= 0 else bound)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -1065,57 +1117,14 @@ def _knearest_batch(
             best_row[:] = -1
             if i < query_counts[b] and f.point_offset[b + 1] > f.point_offset[b]:
                 x, y, z = queries[b, i, 0], queries[b, i, 1], queries[b, i, 2]
-                last = warm_rows[b, i, 0]
-                kept = False
-                if last >= 0:
-                    dx = x - warm_anchor[b, i, 0]
-                    dy = y - warm_anchor[b, i, 1]
-                    dz = z - warm_anchor[b, i, 2]
-                    delta = math.sqrt(dx * dx + dy * dy + dz * dz)
-                    if delta < warm_reach[b, i]:
-                        count = 0
-                        for j in range(n):
-                            r = warm_rows[b, i, j]
-                            if r < 0:
-                                break
-                            dx = f.points[r, 0] - x
-                            dy = f.points[r, 1] - y
-                            dz = f.points[r, 2] - z
-                            _insert(dx * dx + dy * dy + dz * dz, r, best_d2, best_row)
-                            count += 1
-                        # Every point not stored is farther than reach - delta: the k nearest
-                        # stored points are the k nearest (all of them when reach is inf).
-                        kept = warm_reach[b, i] == np.inf or (
-                            count >= k and math.sqrt(best_d2[k - 1]) + delta < warm_reach[b, i]
-                        )
+                rows, anchor = warm_rows[b, i], warm_anchor[b, i]
+                kept = rows[0] >= 0 and _kept_neighbours(
+                    x, y, z, f, rows, anchor, warm_reach[b, i], best_d2, best_row
+                )
                 if not kept:
-                    first = f.node_offset[b]
-                    bound = radius2
-                    if last >= 0:
-                        # The stored points bound the search: every one of them lies strictly
-                        # inside the bound, so the search finds them again (no duplicates),
-                        # and it starts from the lowest node enclosing that ball.
-                        far = 0.0
-                        for j in range(n):
-                            r = warm_rows[b, i, j]
-                            if r < 0:
-                                far = radius2
-                                break
-                            dx = f.points[r, 0] - x
-                            dy = f.points[r, 1] - y
-                            dz = f.points[r, 2] - z
-                            far = max(far, dx * dx + dy * dy + dz * dz)
-                        bound = min(far * (1.0 + 1e-9) + 1e-300, radius2)
-                        if bound < np.inf:
-                            leaf = f.node_offset[b] + f.point_leaf[last]
-                            first = enclosing_node(x, y, z, math.sqrt(bound), leaf, f, b)
-                    all_d2[:] = bound
-                    all_row[:] = -1
-                    _search_tree_k(x, y, z, f, b, all_d2, all_row, stack, stack_d2, first)
-                    warm_anchor[b, i, 0], warm_anchor[b, i, 1], warm_anchor[b, i, 2] = x, y, z
-                    warm_rows[b, i, :] = all_row
-                    # bound == radius2 whenever fewer than n were found (seeds lie inside it).
-                    warm_reach[b, i] = math.sqrt(all_d2[n - 1] if all_row[n - 1] >= 0 else bound)
+                    warm_reach[b, i] = _search_and_store(
+                        x, y, z, f, b, radius2, rows, anchor, all_d2, all_row, stack, stack_d2
+                    )
                     for j in range(k):
                         best_d2[j] = all_d2[j] if all_row[j] >= 0 else np.inf
                         best_row[j] = all_row[j]

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
+from difficp.cli import add_command
 from difficp.config import CORRESPONDENCES, METRICS, ROBUST_KERNELS, SOLVERS
 
 if TYPE_CHECKING:
@@ -51,9 +52,9 @@ CONFIG_OPTIONS = (
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``register`` sub-command on ``subparsers`` (from ``add_subparsers``)."""
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "register",
-        help="register two point-cloud files by ICP",
         description=(
             "Register SOURCE onto TARGET by ICP and print the 4x4 transform that maps source "
             "points into the target frame (target ~ R @ source + t). Files: .ply, .pcd, .xyz, "

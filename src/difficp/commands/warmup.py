@@ -16,12 +16,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from difficp.cli import add_command
+
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``warmup`` sub-command on ``subparsers`` (from ``add_subparsers``)."""
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "warmup",
-        help="compile the ICP fast path ahead (once per installation)",
         description=(
             "Compile the compiled (numba) ICP fast path for small and large problems, so that "
             "no later difficp.icp call waits for it. Takes 1-3 minutes once; cached on disk."

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from difficp.cli import add_command
 from difficp_experiments.commands import add_dataset_options, require
 
 # ModelNet is read from HDF5; tqdm shows progress. (Open3D is needed only by the open3d_*
@@ -20,7 +21,8 @@ require("h5py", "tqdm")
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``benchmark`` and its ``modelnet`` sub-command."""
-    parser = subparsers.add_parser("benchmark", help="run a registration benchmark (modelnet)")
+    parser = add_command(subparsers, "benchmark")
+    # (without BENCHMARK, difficp.cli.main prints this parser's help and exits with 2)
     sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     p = sub.add_parser(
         "modelnet",
@@ -76,7 +78,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(each row says how many pairs it covers); 0: only tabulate",
     )
     p.set_defaults(func=run_modelnet)
-    parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
 
 def run_modelnet(args: argparse.Namespace) -> int:

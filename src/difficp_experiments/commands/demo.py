@@ -11,6 +11,7 @@ import argparse
 import sys
 from typing import Any
 
+from difficp.cli import add_command
 from difficp_experiments.commands import require
 
 # Both demos draw their figure with matplotlib: fail here, before parsing, with the extra to
@@ -22,9 +23,9 @@ KINDS = ("rigid", "nonrigid")
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``demo`` sub-command on ``subparsers`` (from ``add_subparsers``)."""
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "demo",
-        help="run a built-in demo (no data needed)",
         description=(
             "Run a built-in registration demo on procedural data and write a picture and "
             "metrics to --out. 'rigid' (default): two partial noisy scans of a procedural "

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from difficp._atomic import atomic_write_text
+from difficp.cli import add_command
 from difficp_experiments.commands import require
 
 # Training and evaluation render depth maps with Open3D and show progress with tqdm; the figure
@@ -211,7 +212,7 @@ def _common(p: argparse.ArgumentParser, seed: int | None, out: Path = DEFAULT_OU
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("experiment", help="run a paper experiment (depth, ...)")
+    parser = add_command(subparsers, "experiment")
     experiments = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
     depth = experiments.add_parser(
         "depth", help="pose CNN + differentiable ICP on rendered depth maps of a body"

@@ -17,6 +17,7 @@ import argparse
 import os
 from typing import TYPE_CHECKING
 
+from difficp.cli import add_command
 from difficp_experiments.commands import add_dataset_options, require
 
 require("h5py")  # ModelNet is read from HDF5
@@ -31,7 +32,8 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``train`` and its ``dcp`` sub-command."""
-    parser = subparsers.add_parser("train", help="train a learned registration model (dcp)")
+    parser = add_command(subparsers, "train")
+    # (without MODEL, difficp.cli.main prints this parser's help and exits with 2)
     sub = parser.add_subparsers(dest="model", metavar="MODEL")
     p = sub.add_parser(
         "dcp",
@@ -100,7 +102,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit-shapes", type=int, default=None, help="use only N training shapes")
     p.add_argument("--resume", action="store_true", help="continue from the saved state")
     p.set_defaults(func=run_dcp)
-    parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

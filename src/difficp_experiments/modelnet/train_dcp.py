@@ -58,6 +58,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -546,39 +547,15 @@ def _train_loop(cfg: TrainConfig, resume: bool, d: Dist) -> nn.Module:
         "world_size": d.world,
     }
     if resume:
-        # Rank 0 reads the state and hands it to the others: no shared file system needed.
-        saved = load_state(cfg.out) if lead else None
-        if d.world > 1:
-            box = [saved]
-            dist.broadcast_object_list(box, src=0)
-            saved = box[0]
-        if saved is not None:
-            _config_from_state(cfg, saved.get("train", {}))
-            if saved["progress"].get("world_size", 1) != d.world:
-                # The step index counts global batches of world * batch_size shapes.
-                raise ValueError(
-                    f"resuming with {d.world} processes a run saved with "
-                    f"{saved['progress'].get('world_size', 1)}; keep the process count"
-                )
-            _dcp(model).load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            progress.update(saved["progress"])
-            if lead:
-                print(f"resumed at epoch {progress['epoch']} step {progress['steps']}", flush=True)
+        _resume(cfg, d, model, optimizer, progress)
     if d.world > 1:
         ddp_kwargs = {"device_ids": [d.device.index]} if d.device.type == "cuda" else {}
         model = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
 
     log = paths["log"].open("a") if lead else None
-
-    def write(record: dict) -> None:
-        if log is not None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            print(json.dumps(record), flush=True)
-
+    run = _Run(cfg, d, model, optimizer, progress, vpairs, log, paths)
     if lead:
-        write(
+        run.write(
             {
                 "kind": "start",
                 "resume": resume,
@@ -591,21 +568,96 @@ def _train_loop(cfg: TrainConfig, resume: bool, d: Dist) -> nn.Module:
                 "config": _plain(asdict(cfg)),
             }
         )
+    with _StopFlag() as flag:
+        run.train(tr_pts, tr_lab, n_steps, flag)
+    if log is not None:
+        log.close()
+    if d.world > 1:
+        dist.barrier()  # the files are complete before any rank returns
+    return _inner(model)
 
-    def run_validation() -> None:
-        if not vpairs:
+
+def _resume(
+    cfg: TrainConfig, d: Dist, model: nn.Module, optimizer: torch.optim.Optimizer, progress: dict
+) -> None:
+    """Load the saved run of ``cfg.out`` (if any) into ``model``, ``optimizer`` and
+    ``progress``, after checking that it was saved with the same options and process count."""
+    lead = d.rank == 0
+    # Rank 0 reads the state and hands it to the others: no shared file system needed.
+    saved = load_state(cfg.out) if lead else None
+    if d.world > 1:
+        box = [saved]
+        dist.broadcast_object_list(box, src=0)
+        saved = box[0]
+    if saved is None:
+        return
+    _config_from_state(cfg, saved.get("train", {}))
+    if saved["progress"].get("world_size", 1) != d.world:
+        # The step index counts global batches of world * batch_size shapes.
+        raise ValueError(
+            f"resuming with {d.world} processes a run saved with "
+            f"{saved['progress'].get('world_size', 1)}; keep the process count"
+        )
+    _dcp(model).load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    progress.update(saved["progress"])
+    if lead:
+        print(f"resumed at epoch {progress['epoch']} step {progress['steps']}", flush=True)
+
+
+class _Run:
+    """One rank's training run: steps through the epochs, logs, validates and saves.
+
+    ``progress`` (epoch, step, seconds, best validation) is what the checkpoints keep; only
+    rank 0 (``lead``) writes the log and the files.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        d: Dist,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        progress: dict,
+        vpairs: list,
+        log: TextIO | None,
+        paths: dict[str, Path],
+    ) -> None:
+        self.cfg, self.d, self.model, self.optimizer = cfg, d, model, optimizer
+        self.progress, self.vpairs, self.log, self.paths = progress, vpairs, log, paths
+        self.lead = d.rank == 0
+        self.running: list[float] = []  # losses since the last train record
+
+    def write(self, record: dict) -> None:
+        if self.log is not None:
+            self.log.write(json.dumps(record) + "\n")
+            self.log.flush()
+            print(json.dumps(record), flush=True)
+
+    def save(self) -> None:
+        """Sync the buffers (a collective: every rank calls it) and save the state (rank 0)."""
+        _sync_buffers(self.model, self.d)
+        if self.lead:
+            save_checkpoint(self.cfg.out, self.model, self.optimizer, self.cfg, self.progress)
+        self.last_save = time.perf_counter()
+
+    def validate(self) -> None:
+        """Validate, keep the best model (best.pt) and log the result."""
+        if not self.vpairs:
             return
-        _sync_buffers(model, d)
+        progress = self.progress
+        _sync_buffers(self.model, self.d)
         tic = time.perf_counter()
-        result = validate(model, vpairs, cfg, d)
+        result = validate(self.model, self.vpairs, self.cfg, self.d)
         best = progress["best_val_rmse_r"]
         is_best = best is None or result["val_rmse_r"] < best
         if is_best:
             progress["best_val_rmse_r"] = result["val_rmse_r"]
             progress["best_step"] = progress["steps"]
-            if lead:
-                _atomic.save_checkpoint(_model_payload(model, cfg, progress), paths["best"], False)
-        write(
+            if self.lead:
+                payload = _model_payload(self.model, self.cfg, progress)
+                _atomic.save_checkpoint(payload, self.paths["best"], False)
+        self.write(
             {
                 "kind": "val",
                 "step": progress["steps"],
@@ -616,83 +668,24 @@ def _train_loop(cfg: TrainConfig, resume: bool, d: Dist) -> nn.Module:
             }
         )
 
-    def save() -> None:
-        if lead:
-            save_checkpoint(cfg.out, model, optimizer, cfg, progress)
-
-    start_time = time.perf_counter() - progress["seconds"]
-    budget = None if cfg.max_minutes is None else 60.0 * cfg.max_minutes
-    last_save = time.perf_counter()
-    running: list[float] = []
-    with _StopFlag() as flag:
+    def train(self, tr_pts: np.ndarray, tr_lab: np.ndarray, n_steps: int, flag: _StopFlag) -> None:
+        """Run the epochs left (until done, stopped or out of time), then validate the final
+        model (unless that was just done), save and log the stop."""
+        cfg, progress = self.cfg, self.progress
+        self.start_time = time.perf_counter() - progress["seconds"]
+        self.last_save = time.perf_counter()
         stop = False
         while progress["epoch"] < cfg.epochs and not stop:
-            lr = learning_rate(cfg, progress["epoch"])
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            set_train_mode(model, cfg.freeze_embedding)
-            batches = rank_batches(
-                tr_pts, tr_lab, cfg, progress["epoch"], d.rank, d.world, progress["step_in_epoch"]
-            )
-            for batch in batches:
-                batch = {k: v.to(d.device) for k, v in batch.items()}
-                if cfg.cycle:
-                    R, t, R_ba, t_ba = _forward_both(model, batch)
-                    loss = dcp_loss(R, t, batch["rotation"], batch["translation"])
-                    loss = loss + 0.1 * cycle_loss(R, t, R_ba, t_ba)
-                else:
-                    R, t = model(batch["source"], batch["target"])
-                    loss = dcp_loss(R, t, batch["rotation"], batch["translation"])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                running.append(loss.item())
-                progress["step_in_epoch"] += 1
-                progress["steps"] += 1
-                progress["seconds"] = time.perf_counter() - start_time
-                if progress["steps"] % cfg.log_every == 0:
-                    mean_loss = _all_sum([float(np.mean(running))], d)[0] / d.world
-                    running = []
-                    write(
-                        {
-                            "kind": "train",
-                            "step": progress["steps"],
-                            "epoch": progress["epoch"],
-                            "epoch_fraction": round(progress["step_in_epoch"] / n_steps, 4),
-                            "loss": mean_loss,
-                            "lr": lr,
-                            "seconds": round(progress["seconds"], 1),
-                        }
-                    )
-                if cfg.val_every and progress["steps"] % cfg.val_every == 0:
-                    run_validation()
-                    set_train_mode(model, cfg.freeze_embedding)
-                # Every rank must take the same decisions to stop (a signal, the time budget, the
-                # step cap) and to save (saving syncs buffers, a collective): clocks differ.
-                over = (budget is not None and progress["seconds"] > budget) or flag.raised
-                over = over or (cfg.max_steps is not None and progress["steps"] >= cfg.max_steps)
-                due = bool(cfg.save_every) and progress["steps"] % (cfg.save_every or 1) == 0
-                due = due or time.perf_counter() - last_save > 60.0 * cfg.save_minutes
-                votes = _all_sum([float(over), float(due)], d)
-                stop = votes[0] > 0
-                if votes[1] > 0:
-                    _sync_buffers(model, d)
-                    save()
-                    last_save = time.perf_counter()
-                if stop:
-                    break
+            stop = self._epoch(tr_pts, tr_lab, n_steps, flag)
             if not stop:
                 progress["epoch"] += 1
                 progress["step_in_epoch"] = 0
-                _sync_buffers(model, d)
-                save()
-                last_save = time.perf_counter()
+                self.save()
         finished = progress["epoch"] >= cfg.epochs
         if finished and (not cfg.val_every or progress["steps"] % cfg.val_every):
-            run_validation()  # the final model's validation, unless it was just done
-        _sync_buffers(model, d)
-        save()
-        write(
+            self.validate()  # the final model's validation, unless it was just done
+        self.save()
+        self.write(
             {
                 "kind": "stop",
                 "steps": progress["steps"],
@@ -700,11 +693,78 @@ def _train_loop(cfg: TrainConfig, resume: bool, d: Dist) -> nn.Module:
                 "seconds": round(progress["seconds"], 1),
             }
         )
-    if log is not None:
-        log.close()
-    if d.world > 1:
-        dist.barrier()  # the files are complete before any rank returns
-    return _inner(model)
+
+    def _epoch(self, tr_pts: np.ndarray, tr_lab: np.ndarray, n_steps: int, flag: _StopFlag) -> bool:
+        """The rest of the current epoch; True when the run has to stop before its end."""
+        cfg, d, progress = self.cfg, self.d, self.progress
+        lr = learning_rate(cfg, progress["epoch"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        set_train_mode(self.model, cfg.freeze_embedding)
+        batches = rank_batches(
+            tr_pts, tr_lab, cfg, progress["epoch"], d.rank, d.world, progress["step_in_epoch"]
+        )
+        for batch in batches:
+            self._step({k: v.to(d.device) for k, v in batch.items()})
+            if progress["steps"] % cfg.log_every == 0:
+                self._log_train(lr, n_steps)
+            if cfg.val_every and progress["steps"] % cfg.val_every == 0:
+                self.validate()
+                set_train_mode(self.model, cfg.freeze_embedding)
+            stop, due = self._votes(flag)
+            if due:
+                self.save()
+            if stop:
+                return True
+        return False
+
+    def _step(self, batch: dict[str, Tensor]) -> None:
+        """One optimiser step on ``batch``."""
+        model, progress = self.model, self.progress
+        if self.cfg.cycle:
+            R, t, R_ba, t_ba = _forward_both(model, batch)
+            loss = dcp_loss(R, t, batch["rotation"], batch["translation"])
+            loss = loss + 0.1 * cycle_loss(R, t, R_ba, t_ba)
+        else:
+            R, t = model(batch["source"], batch["target"])
+            loss = dcp_loss(R, t, batch["rotation"], batch["translation"])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.running.append(loss.item())
+        progress["step_in_epoch"] += 1
+        progress["steps"] += 1
+        progress["seconds"] = time.perf_counter() - self.start_time
+
+    def _log_train(self, lr: float, n_steps: int) -> None:
+        """The mean loss over every rank since the last record."""
+        progress = self.progress
+        mean_loss = _all_sum([float(np.mean(self.running))], self.d)[0] / self.d.world
+        self.running = []
+        self.write(
+            {
+                "kind": "train",
+                "step": progress["steps"],
+                "epoch": progress["epoch"],
+                "epoch_fraction": round(progress["step_in_epoch"] / n_steps, 4),
+                "loss": mean_loss,
+                "lr": lr,
+                "seconds": round(progress["seconds"], 1),
+            }
+        )
+
+    def _votes(self, flag: _StopFlag) -> tuple[bool, bool]:
+        """Whether to stop (a signal, the time budget, the step cap) and whether a save is
+        due. Every rank must take the same decisions (saving syncs buffers, a collective)
+        and clocks differ: any rank's vote counts for all."""
+        cfg, progress = self.cfg, self.progress
+        budget = None if cfg.max_minutes is None else 60.0 * cfg.max_minutes
+        over = (budget is not None and progress["seconds"] > budget) or flag.raised
+        over = over or (cfg.max_steps is not None and progress["steps"] >= cfg.max_steps)
+        due = bool(cfg.save_every) and progress["steps"] % (cfg.save_every or 1) == 0
+        due = due or time.perf_counter() - self.last_save > 60.0 * cfg.save_minutes
+        votes = _all_sum([float(over), float(due)], self.d)
+        return votes[0] > 0, votes[1] > 0
 
 
 def _forward_both(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, ...]:
