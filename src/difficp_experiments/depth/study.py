@@ -343,8 +343,25 @@ def summarize_study(start: dict, runs: dict[tuple[int, str], dict]) -> dict:
     in seed-mean success rate with its bootstrap interval over samples.
     """
     err0 = {k: np.asarray(v) for k, v in start["errors"].items()}
-    table: dict = {"start": {k: _describe(err0[k]) for k in KINDS}, "runs": [], "arms": {}}
-    success: dict[tuple[int, str, str, str], np.ndarray] = {}
+    rows, success = _run_rows(err0, runs)
+    table: dict = {"start": {k: _describe(err0[k]) for k in KINDS}, "runs": rows}
+    table["arms"] = {arm: _arm_summary(rows, arm, success) for arm in ARMS if _has_arm(rows, arm)}
+    table["comparisons"] = _comparisons(runs, success)
+    table["bootstrap"] = {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "level": 0.95}
+    table["n"] = int(err0["raw"].size)
+    return table
+
+
+# per (seed, arm, kind, threshold): the (N,) boolean success of every test sample
+_Success = dict[tuple[int, str, str, str], np.ndarray]
+
+
+def _run_rows(
+    err0: dict[str, np.ndarray], runs: dict[tuple[int, str], dict]
+) -> tuple[list[dict], _Success]:
+    """One row per finished (seed, arm), in seed then arm order, and the per-sample successes."""
+    rows: list[dict] = []
+    success: _Success = {}
     for (seed, arm), rec in sorted(runs.items(), key=lambda kv: (kv[0][0], _arm_order(kv[0][1]))):
         err = {k: np.asarray(v) for k, v in rec["errors"].items()}
         row: dict = {
@@ -361,30 +378,41 @@ def summarize_study(start: dict, runs: dict[tuple[int, str], dict]) -> dict:
             for name, thr in THRESHOLDS.items():
                 row[k]["flips"][name] = outcome_flips(err0[k] < thr, err[k] < thr)
                 success[(seed, arm, k, name)] = err[k] < thr
-        table["runs"].append(row)
-    for arm in ARMS:
-        rows = [r for r in table["runs"] if r["arm"] == arm]
-        if not rows:
-            continue
-        agg: dict = {"seeds": [r["seed"] for r in rows], "weight_change": None}
-        agg["weight_change"] = _spread([r["weight_change"] for r in rows])
-        for k in KINDS:
-            agg[k] = {"median_error_m": _spread([r[k]["median_error_m"] for r in rows])}
-            for name in THRESHOLDS:
-                key = f"success_{name}"
-                per_sample = np.mean([success[(r["seed"], arm, k, name)] for r in rows], axis=0)
-                agg[k][key] = {**_spread([r[k][key] for r in rows]), "ci": _mean_ci(per_sample)}
-                agg[k][f"flips_{name}"] = {
-                    d: _spread([r[k]["flips"][name][d] for r in rows]) for d in ("gained", "lost")
-                }
-        table["arms"][arm] = agg
+        rows.append(row)
+    return rows, success
+
+
+def _has_arm(rows: list[dict], arm: str) -> bool:
+    return any(r["arm"] == arm for r in rows)
+
+
+def _arm_summary(all_rows: list[dict], arm: str, success: _Success) -> dict:
+    """Mean / std / min / max over the arm's seeds, and the seed-mean success's interval."""
+    rows = [r for r in all_rows if r["arm"] == arm]
+    agg: dict = {"seeds": [r["seed"] for r in rows]}
+    agg["weight_change"] = _spread([r["weight_change"] for r in rows])
+    for k in KINDS:
+        agg[k] = {"median_error_m": _spread([r[k]["median_error_m"] for r in rows])}
+        for name in THRESHOLDS:
+            key = f"success_{name}"
+            per_sample = np.mean([success[(r["seed"], arm, k, name)] for r in rows], axis=0)
+            agg[k][key] = {**_spread([r[k][key] for r in rows]), "ci": _mean_ci(per_sample)}
+            agg[k][f"flips_{name}"] = {
+                d: _spread([r[k]["flips"][name][d] for r in rows]) for d in ("gained", "lost")
+            }
+    return agg
+
+
+def _comparisons(runs: dict[tuple[int, str], dict], success: _Success) -> list[dict]:
+    """For each of :data:`COMPARISONS` over the seeds both arms finished: the seed-mean success
+    difference with its bootstrap interval over samples, and a McNemar test per seed."""
     comparisons = []
     for a, b in COMPARISONS:
         seeds = sorted(s for s, arm in runs if arm == a and (s, b) in runs)
-        if not seeds:
-            continue
         for k in KINDS:
             for name in THRESHOLDS:
+                if not seeds:
+                    continue
                 diff = np.mean(
                     [
                         success[(s, a, k, name)].astype(float)
@@ -408,10 +436,7 @@ def summarize_study(start: dict, runs: dict[tuple[int, str], dict]) -> dict:
                         },
                     }
                 )
-    table["comparisons"] = comparisons
-    table["bootstrap"] = {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "level": 0.95}
-    table["n"] = int(err0["raw"].size)
-    return table
+    return comparisons
 
 
 def _pct(x: float) -> str:
