@@ -725,96 +725,6 @@ def _smallest_eigenvector(A: np.ndarray, V: np.ndarray) -> int:
     return smallest
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
-def _normals_kernel(
-    f: KDForest, k: int, viewpoint: np.ndarray, tree_of_task: np.ndarray, out: np.ndarray
-) -> None:
-    points, order, point_offset = f.points, f.order, f.point_offset
-    for task in prange(tree_of_task.shape[0]):
-        b = tree_of_task[task, 0]
-        start, stop = tree_of_task[task, 1], tree_of_task[task, 2]
-        kb = min(k, point_offset[b + 1] - point_offset[b])
-        best_d2 = np.empty(kb)
-        best = np.empty(kb, dtype=np.int64)
-        stack = np.empty(STACK_DEPTH, dtype=np.int64)
-        stack_d2 = np.empty(STACK_DEPTH)
-        A = np.empty((3, 3))
-        V = np.empty((3, 3))
-        limit = np.inf
-        for row in range(start, stop):
-            count = _own_knn(row, kb, limit, f, b, best_d2, best, stack, stack_d2)
-            # The next point (its spatial neighbour in tree order) has its k nearest within
-            # this point's k-th distance plus the step between them: a bound that prunes its
-            # search from the start (inflated past the rounding of the sum).
-            if row + 1 < stop:
-                dx = points[row + 1, 0] - points[row, 0]
-                dy = points[row + 1, 1] - points[row, 1]
-                dz = points[row + 1, 2] - points[row, 2]
-                reach = math.sqrt(best_d2[0]) + math.sqrt(dx * dx + dy * dy + dz * dz)
-                limit = reach * reach * (1.0 + 1e-9) if count == kb else np.inf
-            mx = my = mz = 0.0
-            for j in range(count):
-                mx += points[best[j], 0]
-                my += points[best[j], 1]
-                mz += points[best[j], 2]
-            mx /= count
-            my /= count
-            mz /= count
-            for i in range(3):
-                for j in range(3):
-                    A[i, j] = 0.0
-            for j in range(count):
-                dx = points[best[j], 0] - mx
-                dy = points[best[j], 1] - my
-                dz = points[best[j], 2] - mz
-                A[0, 0] += dx * dx
-                A[0, 1] += dx * dy
-                A[0, 2] += dx * dz
-                A[1, 1] += dy * dy
-                A[1, 2] += dy * dz
-                A[2, 2] += dz * dz
-            A[1, 0], A[2, 0], A[2, 1] = A[0, 1], A[0, 2], A[1, 2]
-            e = _smallest_eigenvector(A, V)
-            nx, ny, nz = V[0, e], V[1, e], V[2, e]
-            px, py, pz = points[row, 0], points[row, 1], points[row, 2]
-            toward = (
-                (viewpoint[b, 0] - px) * nx
-                + (viewpoint[b, 1] - py) * ny
-                + (viewpoint[b, 2] - pz) * nz
-            )
-            if toward < 0.0:  # face the viewpoint
-                nx, ny, nz = -nx, -ny, -nz
-            i = order[row]
-            out[b, i, 0], out[b, i, 1], out[b, i, 2] = nx, ny, nz
-
-
-def pca_normals(forest: KDForest, k: int, viewpoint: np.ndarray, size: int) -> np.ndarray:
-    """PCA normals of every tree point from its ``k`` nearest neighbours in its own cloud
-    (itself included; fewer when the cloud is smaller), flipped to face its cloud's viewpoint.
-
-    Args:
-        forest: built on the clouds (:func:`build_forest`).
-        k: neighbourhood size (>= 1).
-        viewpoint: ``(B, 3)`` float64.
-        size: ``N``, the padded cloud size of the output.
-    Returns:
-        ``(B, N, 3)`` float64 unit normals in each cloud's own order; padding rows are 0.
-    """
-    B = forest.batch
-    counts = np.diff(forest.point_offset)
-    tasks = [
-        (b, s, min(s + NORMALS_CHUNK, forest.point_offset[b + 1]))
-        for b in range(B)
-        for s in range(int(forest.point_offset[b]), int(forest.point_offset[b + 1]), NORMALS_CHUNK)
-    ]
-    table = np.array(tasks, dtype=np.int64).reshape(-1, 3)
-    out = np.zeros((B, size, 3))
-    if counts.size and counts.max() > 0:
-        viewpoint = np.ascontiguousarray(np.broadcast_to(viewpoint, (B, 3)), dtype=np.float64)
-        _normals_kernel(forest, max(1, int(k)), viewpoint, table, out)
-    return out
-
-
 @njit(inline="always", error_model="numpy")
 def _scatter(points: np.ndarray, rows: np.ndarray, count: int, A: np.ndarray) -> None:
     """The scatter matrix of ``points[rows[:count]]`` about their mean into the ``(3, 3)``
@@ -843,9 +753,39 @@ def _scatter(points: np.ndarray, rows: np.ndarray, count: int, A: np.ndarray) ->
     A[1, 0], A[2, 0], A[2, 1] = A[0, 1], A[0, 2], A[1, 2]
 
 
+@njit(inline="always", error_model="numpy")
+def _row_neighbours(
+    row: int,
+    stop: int,
+    kb: int,
+    limit: float,
+    f: KDForest,
+    b: int,
+    best_d2: np.ndarray,
+    best: np.ndarray,
+    stack: np.ndarray,
+    stack_d2: np.ndarray,
+) -> tuple[int, float]:
+    """The ``kb`` nearest of tree point ``row`` (:func:`_own_knn` within ``limit``) and the
+    bound for the next row of its task: the next point (its spatial neighbour in tree order) has
+    its k nearest within this point's k-th distance plus the step between them, a bound that
+    prunes its search from the start (inflated past the rounding of the sum). Returns
+    ``(count, next_limit)``."""
+    points = f.points
+    count = _own_knn(row, kb, limit, f, b, best_d2, best, stack, stack_d2)
+    next_limit = np.inf
+    if row + 1 < stop and count == kb:
+        dx = points[row + 1, 0] - points[row, 0]
+        dy = points[row + 1, 1] - points[row, 1]
+        dz = points[row + 1, 2] - points[row, 2]
+        reach = math.sqrt(best_d2[0]) + math.sqrt(dx * dx + dy * dy + dz * dz)
+        next_limit = reach * reach * (1.0 + 1e-9)
+    return count, next_limit
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
-def _covariances_kernel(
-    f: KDForest, k: int, epsilon: float, tree_of_task: np.ndarray, out: np.ndarray
+def _normals_kernel(
+    f: KDForest, k: int, viewpoint: np.ndarray, tree_of_task: np.ndarray, out: np.ndarray
 ) -> None:
     points, order, point_offset = f.points, f.order, f.point_offset
     for task in prange(tree_of_task.shape[0]):
@@ -860,28 +800,43 @@ def _covariances_kernel(
         V = np.empty((3, 3))
         limit = np.inf
         for row in range(start, stop):
-            count = _own_knn(row, kb, limit, f, b, best_d2, best, stack, stack_d2)
-            # the next point's k nearest lie within this one's k-th distance plus the step
-            # between them (as in _normals_kernel)
-            if row + 1 < stop:
-                dx = points[row + 1, 0] - points[row, 0]
-                dy = points[row + 1, 1] - points[row, 1]
-                dz = points[row + 1, 2] - points[row, 2]
-                reach = math.sqrt(best_d2[0]) + math.sqrt(dx * dx + dy * dy + dz * dz)
-                limit = reach * reach * (1.0 + 1e-9) if count == kb else np.inf
+            count, limit = _row_neighbours(
+                row, stop, kb, limit, f, b, best_d2, best, stack, stack_d2
+            )
             _scatter(points, best, count, A)
             e = _smallest_eigenvector(A, V)
             nx, ny, nz = V[0, e], V[1, e], V[2, e]
-            # I - (1 - epsilon) n n^T = V diag(epsilon, 1, 1) V^T, n the smallest eigenvector
-            # (difficp.normals.regularize_covariances)
-            s = 1.0 - epsilon
-            C = out[b, order[row]]
-            C[0, 0] = 1.0 - s * nx * nx
-            C[1, 1] = 1.0 - s * ny * ny
-            C[2, 2] = 1.0 - s * nz * nz
-            C[0, 1] = C[1, 0] = -s * nx * ny
-            C[0, 2] = C[2, 0] = -s * nx * nz
-            C[1, 2] = C[2, 1] = -s * ny * nz
+            px, py, pz = points[row, 0], points[row, 1], points[row, 2]
+            toward = (
+                (viewpoint[b, 0] - px) * nx
+                + (viewpoint[b, 1] - py) * ny
+                + (viewpoint[b, 2] - pz) * nz
+            )
+            if toward < 0.0:  # face the viewpoint
+                nx, ny, nz = -nx, -ny, -nz
+            i = order[row]
+            out[b, i, 0], out[b, i, 1], out[b, i, 2] = nx, ny, nz
+
+
+def pca_normals(forest: KDForest, k: int, viewpoint: np.ndarray, size: int) -> np.ndarray:
+    """PCA normals of every tree point from its ``k`` nearest neighbours in its own cloud
+    (itself included; fewer when the cloud is smaller), flipped to face its cloud's viewpoint.
+
+    Args:
+        forest: built on the clouds (:func:`build_forest`).
+        k: neighbourhood size (>= 1).
+        viewpoint: ``(B, 3)`` float64.
+        size: ``N``, the padded cloud size of the output.
+    Returns:
+        ``(B, N, 3)`` float64 unit normals in each cloud's own order; padding rows are 0.
+    """
+    B = forest.batch
+    counts = np.diff(forest.point_offset)
+    out = np.zeros((B, size, 3))
+    if counts.size and counts.max() > 0:
+        viewpoint = np.ascontiguousarray(np.broadcast_to(viewpoint, (B, 3)), dtype=np.float64)
+        _normals_kernel(forest, max(1, int(k)), viewpoint, _tasks(forest), out)
+    return out
 
 
 def _tasks(forest: KDForest) -> np.ndarray:
@@ -909,12 +864,11 @@ def gicp_covariances(forest: KDForest, k: int, epsilon: float, size: int) -> np.
     Returns:
         ``(B, N, 3, 3)`` float64 in each cloud's own order; padding rows are the identity.
     """
-    B = forest.batch
-    out = np.zeros((B, size, 3, 3))
-    out[:, :, 0, 0] = out[:, :, 1, 1] = out[:, :, 2, 2] = 1.0
-    if forest.points.shape[0]:
-        _covariances_kernel(forest, max(1, int(k)), float(epsilon), _tasks(forest), out)
-    return out
+    # the normals' kernel gives n (its orientation cancels in n n^T); I - (1 - epsilon) n n^T
+    # = V diag(epsilon, 1, 1) V^T (difficp.normals.regularize_covariances); padding rows have
+    # n = 0 and so get the identity
+    n = pca_normals(forest, k, np.zeros((forest.batch, 3)), size)
+    return np.eye(3) - (1.0 - float(epsilon)) * (n[..., :, None] * n[..., None, :])
 
 
 @njit(inline="always", error_model="numpy")

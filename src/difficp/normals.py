@@ -131,12 +131,18 @@ def _compiled_applies(points: Tensor, viewpoint: Tensor | None) -> bool:
     wants_grad = points.requires_grad or (viewpoint is not None and viewpoint.requires_grad)
     if torch.is_grad_enabled() and wants_grad:
         return False
+    return _pca_kernel_ready()
+
+
+def _pca_kernel_ready() -> bool:
+    """Whether the KD-forest's PCA kernel (normals and covariances) may run in this process:
+    compiled (or cached), and not in a forked child whose parent started numba's pool. In a
+    fresh environment: False while `difficp warmup` compiles it in the background."""
     from difficp import kdtree  # numba only when it runs
     from difficp.compile_cache import compile_or_fall_back, kernels_cached
 
     if kdtree.parallel_unsafe_after_fork():
         return False
-    # in a fresh environment: the PyTorch path while `difficp warmup` compiles in the background
     return compile_or_fall_back(kernels_cached((kdtree._normals_kernel, kdtree._build_forest)))
 
 
@@ -179,12 +185,7 @@ def _compiled_covariances_apply(points: Tensor, index: NeighborIndex | None) -> 
     PyTorch path), in a process that may start numba's pool, once the kernel is compiled."""
     if points.device.type != "cpu" or (index is not None and index.backend != "compiled"):
         return False
-    from difficp import kdtree  # numba only when it runs
-    from difficp.compile_cache import compile_or_fall_back, kernels_cached
-
-    if kdtree.parallel_unsafe_after_fork():
-        return False
-    return compile_or_fall_back(kernels_cached((kdtree._covariances_kernel, kdtree._build_forest)))
+    return _pca_kernel_ready()
 
 
 def _compiled_covariances(
