@@ -818,6 +818,17 @@ def _normals_kernel(
             out[b, i, 0], out[b, i, 1], out[b, i, 2] = nx, ny, nz
 
 
+def _tasks(forest: KDForest) -> np.ndarray:
+    """``(tasks, 3)`` int64 rows ``(cloud, first tree row, stop)``: every cloud's tree points
+    in chunks of :data:`NORMALS_CHUNK` consecutive rows (spatial neighbours)."""
+    tasks = [
+        (b, s, min(s + NORMALS_CHUNK, forest.point_offset[b + 1]))
+        for b in range(forest.batch)
+        for s in range(int(forest.point_offset[b]), int(forest.point_offset[b + 1]), NORMALS_CHUNK)
+    ]
+    return np.array(tasks, dtype=np.int64).reshape(-1, 3)
+
+
 def pca_normals(forest: KDForest, k: int, viewpoint: np.ndarray, size: int) -> np.ndarray:
     """PCA normals of every tree point from its ``k`` nearest neighbours in its own cloud
     (itself included; fewer when the cloud is smaller), flipped to face its cloud's viewpoint.
@@ -837,17 +848,6 @@ def pca_normals(forest: KDForest, k: int, viewpoint: np.ndarray, size: int) -> n
         viewpoint = np.ascontiguousarray(np.broadcast_to(viewpoint, (B, 3)), dtype=np.float64)
         _normals_kernel(forest, max(1, int(k)), viewpoint, _tasks(forest), out)
     return out
-
-
-def _tasks(forest: KDForest) -> np.ndarray:
-    """``(tasks, 3)`` int64 rows ``(cloud, first tree row, stop)``: every cloud's tree points
-    in chunks of :data:`NORMALS_CHUNK` consecutive rows (spatial neighbours)."""
-    tasks = [
-        (b, s, min(s + NORMALS_CHUNK, forest.point_offset[b + 1]))
-        for b in range(forest.batch)
-        for s in range(int(forest.point_offset[b]), int(forest.point_offset[b + 1]), NORMALS_CHUNK)
-    ]
-    return np.array(tasks, dtype=np.int64).reshape(-1, 3)
 
 
 def gicp_covariances(forest: KDForest, k: int, epsilon: float, size: int) -> np.ndarray:

@@ -50,8 +50,8 @@ from difficp_experiments.depth.train import (
 from difficp_experiments.modelnet.stats import (
     BOOTSTRAP_RESAMPLES,
     BOOTSTRAP_SEED,
-    bootstrap_ci,
     mcnemar,
+    mean_ci,
     median_ci,
     rate_ci,
 )
@@ -315,11 +315,6 @@ def _spread(values: list[float]) -> dict:
     }
 
 
-def _mean_ci(x: np.ndarray) -> list[float]:
-    """Bootstrap 95% interval (over samples) of the mean of per-sample values ``(n,)``."""
-    return list(bootstrap_ci(x, lambda rows: rows.mean(axis=-1)))
-
-
 def load_runs(out: Path) -> tuple[dict | None, dict[tuple[int, str], dict]]:
     """``(start record or None, {(seed, arm): finished record})`` found under ``out``."""
     out = Path(out)
@@ -396,7 +391,7 @@ def _arm_summary(all_rows: list[dict], arm: str, success: _Success) -> dict:
         for name in THRESHOLDS:
             key = f"success_{name}"
             per_sample = np.mean([success[(r["seed"], arm, k, name)] for r in rows], axis=0)
-            agg[k][key] = {**_spread([r[k][key] for r in rows]), "ci": _mean_ci(per_sample)}
+            agg[k][key] = {**_spread([r[k][key] for r in rows]), "ci": list(mean_ci(per_sample))}
             agg[k][f"flips_{name}"] = {
                 d: _spread([r[k]["flips"][name][d] for r in rows]) for d in ("gained", "lost")
             }
@@ -429,7 +424,7 @@ def _comparisons(runs: dict[tuple[int, str], dict], success: _Success) -> list[d
                         "threshold": name,
                         "seeds": seeds,
                         "success_difference": float(diff.mean()),
-                        "success_difference_ci": _mean_ci(diff),
+                        "success_difference_ci": list(mean_ci(diff)),
                         "mcnemar": {
                             str(s): mcnemar(success[(s, a, k, name)], success[(s, b, k, name)])
                             for s in seeds

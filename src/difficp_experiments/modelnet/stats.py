@@ -67,9 +67,14 @@ def median_ci(sample: np.ndarray, **kwargs) -> tuple[float, float]:
     return bootstrap_ci(sample, _median, **kwargs)
 
 
+def mean_ci(sample: np.ndarray, **kwargs) -> tuple[float, float]:
+    """:func:`bootstrap_ci` of the mean of ``(n,)`` per-sample values."""
+    return bootstrap_ci(sample, _mean, **kwargs)
+
+
 def rate_ci(successes: np.ndarray, **kwargs) -> tuple[float, float]:
     """:func:`bootstrap_ci` of a success rate (mean of ``(n,)`` booleans)."""
-    return bootstrap_ci(np.asarray(successes, dtype=bool), _mean, **kwargs)
+    return mean_ci(np.asarray(successes, dtype=bool), **kwargs)
 
 
 def mcnemar(success_a: np.ndarray, success_b: np.ndarray) -> dict:
