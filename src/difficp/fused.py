@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
+import numba
 import numpy as np
 import torch
 from numba import njit, prange
@@ -44,7 +45,6 @@ from difficp.kdtree import (
     KDForest,
     build_forest,
     parallel_unsafe_after_fork,
-    serial_twin,
     set_threads,
     warm_two_nearest,
 )
@@ -517,18 +517,23 @@ class FusedSteps:
             self.source_covariances,
             self.target_covariances,
         )
-        filled = _serial_loop(
-            T,
-            problem,
-            tolerance_,
-            float(config.relative_fitness),
-            int(min_iterations),
-            fitness,
-            rmse,
-            iterations,
-            converged,
-            history,
-        )
+        threads = numba.get_num_threads()
+        set_threads(1)  # per calling thread in numba: other threads keep theirs
+        try:
+            filled = _serial_loop(
+                T,
+                problem,
+                tolerance_,
+                float(config.relative_fitness),
+                int(min_iterations),
+                fitness,
+                rmse,
+                iterations,
+                converged,
+                history,
+            )
+        finally:
+            set_threads(threads)
         return LoopResult(
             value=torch.from_numpy(T),
             fitness=torch.from_numpy(fitness),
@@ -626,13 +631,13 @@ def _solve_updates(
 # Small problems: the whole loop in one compiled call
 # ----------------------------------------------------------------------------------------------
 
-# Up to this many source points in all (B * N), a call runs the whole loop in one serial
-# compiled function: no thread pool (starting it for every kernel cost 20-40 ms per call for 100
-# points on 2 busy cores) and no PyTorch between iterations (~25 small calls, 0.3 ms).
+# Up to this many source points in all (B * N), a call runs the whole loop in one compiled
+# function on the calling thread: no thread pool to wake (waking it for every kernel cost 20-40
+# ms per call for 100 points on 2 busy cores) and no PyTorch between iterations (~25 small calls,
+# 0.3 ms). Its kernels are the parallel ones run with one thread, not serial twins compiled
+# without ``parallel``: those paid NumPy-array reference counting (atomic increments) for every
+# point, 300-400 ns per point against 30 in the parallel kernels' outlined loop bodies.
 SERIAL_POINTS = 4096
-
-_fused_iteration_serial = serial_twin(fused_iteration)
-_solve_updates_serial = serial_twin(_solve_updates)
 
 
 class _SerialProblem(NamedTuple):
@@ -682,7 +687,7 @@ def _evaluate_serial(
                 + t[b, i]
             )
     task_sums = np.zeros((B * tasks, SUM_WIDTH))
-    _fused_iteration_serial(
+    fused_iteration(
         p.source,
         p.source_normals,
         p.source_counts,
@@ -774,7 +779,7 @@ def _serial_loop(
             far[b] = math.sqrt(c[0] * c[0] + c[1] * c[1] + c[2] * c[2]) > (
                 FAR_FROM_ORIGIN * radius[b]
             )
-        _solve_updates_serial(sums, center, radius, far, metric, procrustes, update)
+        _solve_updates(sums, center, radius, far, metric, procrustes, update)
         any_active = False
         for b in range(B):
             # too few weighted correspondences: the pair stops with its last good transform
