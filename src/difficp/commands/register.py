@@ -36,6 +36,13 @@ from difficp.config import CORRESPONDENCES, METRICS, ROBUST_KERNELS, SOLVERS
 if TYPE_CHECKING:
     from difficp.loop import Progress
 
+DESCRIPTION = (
+    "Register SOURCE onto TARGET by ICP and print the 4x4 transform that maps source "
+    "points into the target frame (target ~ R @ source + t). Files: .ply, .pcd, .xyz, "
+    ".xyzn, .txt (3 or 6 columns), .npy. Normals missing from a file are estimated "
+    "(PCA of the k nearest neighbours) when the metric needs them."
+)
+
 DTYPES = ("float32", "float64")
 # The flags that set the ICPConfig option of the same name.
 CONFIG_OPTIONS = (
@@ -52,16 +59,7 @@ CONFIG_OPTIONS = (
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``register`` sub-command on ``subparsers`` (from ``add_subparsers``)."""
-    p = add_command(
-        subparsers,
-        "register",
-        description=(
-            "Register SOURCE onto TARGET by ICP and print the 4x4 transform that maps source "
-            "points into the target frame (target ~ R @ source + t). Files: .ply, .pcd, .xyz, "
-            ".xyzn, .txt (3 or 6 columns), .npy. Normals missing from a file are estimated "
-            "(PCA of the k nearest neighbours) when the metric needs them."
-        ),
-    )
+    p = add_command(subparsers, "register", DESCRIPTION, run)
     p.add_argument("source", metavar="SOURCE", help="point cloud to move")
     p.add_argument("target", metavar="TARGET", help="point cloud to move it onto")
     p.add_argument(
@@ -177,7 +175,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="torch CPU threads (default: torch's choice; 1 is often fastest for small clouds "
         "on a busy machine)",
     )
-    p.set_defaults(func=run)
     return p
 
 
