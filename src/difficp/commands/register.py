@@ -147,11 +147,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "0.05:0.1:30,0.025:0.05:20,none:0.02:14 ('none': full resolution / the option's "
         "value); normals are estimated per stage; the printed fitness is the last stage's",
     )
-    p.add_argument("--init", metavar="FILE", help="initial transform (4x4 text)")
-    p.add_argument("--out", metavar="FILE", help="write the transform here (4x4 text)")
-    p.add_argument(
-        "--aligned", metavar="FILE", help="write the transformed source here (.ply/.pcd/...)"
-    )
+    for flag, meaning in (
+        ("--init", "initial transform (4x4 text)"),
+        ("--out", "write the transform here (4x4 text)"),
+        ("--aligned", "write the transformed source here (.ply/.pcd/...)"),
+    ):
+        p.add_argument(flag, metavar="FILE", help=meaning)
     p.add_argument(
         "--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)"
     )
