@@ -575,7 +575,7 @@ def _writers(
     """``[(path, writer)]`` of ``--out`` (the ``(4, 4)`` ``matrix``) and ``--aligned`` (the
     source moved by ``T``), for :func:`write_outputs`."""
     from difficp.geometry import rotate_vectors, transform_points
-    from difficp.io import point_cloud_writer, transform_writer
+    from difficp.io import PointCloudData, point_cloud_writer, transform_writer
 
     outputs = []
     if args.out:
@@ -584,7 +584,8 @@ def _writers(
         moved = transform_points(points, T)
         nrm = None if normals is None else rotate_vectors(normals, T)
         # Each format's own precision (float32 for PCD, which Open3D's binary reader needs).
-        outputs.append((args.aligned, point_cloud_writer(args.aligned, moved, nrm, colors)))
+        cloud = PointCloudData.checked(moved, nrm, colors)
+        outputs.append((args.aligned, point_cloud_writer(args.aligned, cloud)))
     return outputs
 
 
