@@ -18,7 +18,7 @@ import importlib
 import importlib.metadata
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from difficp import __version__
@@ -39,11 +39,22 @@ HELP: dict[str, str] = {
 }
 
 
-def add_command(subparsers: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+def add_command(
+    subparsers: Any,
+    name: str,
+    description: str | None = None,
+    func: Callable[[argparse.Namespace], int] | None = None,
+    **kwargs: Any,
+) -> argparse.ArgumentParser:
     """Add this distribution's sub-command ``name`` to ``subparsers`` (from
     ``add_subparsers``) with its one-line help from :data:`HELP`, so that ``difficp --help``
-    and the command's own parser say the same; ``kwargs`` go to ``add_parser``."""
-    return subparsers.add_parser(name, help=HELP[name], **kwargs)
+    and the command's own parser say the same, and ``description`` for its own ``--help``;
+    :func:`main` calls ``func`` (when given) with the parsed arguments. ``kwargs`` go to
+    ``add_parser``."""
+    parser = subparsers.add_parser(name, help=HELP[name], description=description, **kwargs)
+    if func is not None:
+        parser.set_defaults(func=func)
+    return parser
 
 
 def entry_points() -> list[importlib.metadata.EntryPoint]:

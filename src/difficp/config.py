@@ -326,25 +326,29 @@ class ICPConfig:
         """Whether normals weigh or reject correspondences."""
         return bool(self.weight_normal) or self.max_normal_angle is not None
 
+    def _metric_needs(self, what: str) -> bool:
+        """The metric's ``needs_<what>`` flag (False where its class does not declare it)."""
+        return bool(getattr(METRIC_REGISTRY[self.metric], f"needs_{what}", False))
+
     @property
     def needs_source_normals(self) -> bool:
         """Whether the source must carry normals (the metric's, or any normal criterion)."""
-        return METRIC_REGISTRY[self.metric].needs_source_normals or self.uses_normal_criteria
-
-    @property
-    def needs_covariances(self) -> bool:
-        """Whether the metric reads per-point covariances (``"gicp"``)."""
-        return bool(getattr(METRIC_REGISTRY[self.metric], "needs_covariances", False))
+        return self._metric_needs("source_normals") or self.uses_normal_criteria
 
     @property
     def needs_target_normals(self) -> bool:
         """Whether the target must carry normals (the metric's, or any normal criterion)."""
-        return METRIC_REGISTRY[self.metric].needs_target_normals or self.uses_normal_criteria
+        return self._metric_needs("target_normals") or self.uses_normal_criteria
+
+    @property
+    def needs_covariances(self) -> bool:
+        """Whether the metric reads per-point covariances (``"gicp"``)."""
+        return self._metric_needs("covariances")
 
     @property
     def needs_colors(self) -> bool:
         """Whether the metric reads ``source_colors`` / ``target_colors`` (``"colored"``)."""
-        return bool(getattr(METRIC_REGISTRY[self.metric], "needs_colors", False))
+        return self._metric_needs("colors")
 
     @property
     def resolved_color_radius(self) -> float | None:

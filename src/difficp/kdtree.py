@@ -578,6 +578,40 @@ NORMALS_CHUNK = 512
 
 
 @njit(inline="always", error_model="numpy")
+def _heap_set(heap_d2: np.ndarray, heap: np.ndarray, j: int, d: float, i: int) -> None:
+    """Slot ``j`` of the heap holds point ``i`` at squared distance ``d``."""
+    heap_d2[j] = d
+    heap[j] = i
+
+
+@njit(inline="always", error_model="numpy")
+def _heap_sift(
+    d: float, i: int, heap_d2: np.ndarray, heap: np.ndarray, j: int, size: int, up: bool
+) -> None:
+    """Put point ``i`` at squared distance ``d`` into the max-heap ``heap_d2[:size]`` /
+    ``heap[:size]`` through the free slot ``j``: the slot moves up while its parent is nearer
+    than ``d`` (``up``), or down while its farther child is farther than ``d``."""
+    while True:
+        if up:
+            if j == 0:
+                break
+            other = (j - 1) // 2
+            if heap_d2[other] >= d:
+                break
+        else:
+            other = 2 * j + 1
+            if other >= size:
+                break
+            if other + 1 < size and heap_d2[other + 1] > heap_d2[other]:
+                other += 1
+            if heap_d2[other] <= d:
+                break
+        _heap_set(heap_d2, heap, j, heap_d2[other], heap[other])
+        j = other
+    _heap_set(heap_d2, heap, j, d, i)
+
+
+@njit(inline="always", error_model="numpy")
 def _heap_offer(
     d: float, i: int, heap_d2: np.ndarray, heap: np.ndarray, count: int, k: int, limit: float
 ) -> int:
@@ -587,33 +621,11 @@ def _heap_offer(
     if count < k:
         if d > limit:
             return count
-        j = count
-        while j > 0:  # sift up
-            up = (j - 1) // 2
-            if heap_d2[up] >= d:
-                break
-            heap_d2[j] = heap_d2[up]
-            heap[j] = heap[up]
-            j = up
-        heap_d2[j] = d
-        heap[j] = i
+        _heap_sift(d, i, heap_d2, heap, count, k, True)  # a new leaf, sifted up
         return count + 1
     if d >= heap_d2[0]:
         return count
-    j = 0
-    while True:  # replace the worst and sift down
-        child = 2 * j + 1
-        if child >= k:
-            break
-        if child + 1 < k and heap_d2[child + 1] > heap_d2[child]:
-            child += 1
-        if heap_d2[child] <= d:
-            break
-        heap_d2[j] = heap_d2[child]
-        heap[j] = heap[child]
-        j = child
-    heap_d2[j] = d
-    heap[j] = i
+    _heap_sift(d, i, heap_d2, heap, 0, k, False)  # replaces the worst, sifted down
     return count
 
 

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from difficp.config import ICPConfig
+from difficp.config import ICPConfig, resolve_config
 from difficp.loop import ICPResult, Progress, ProgressCallback
 from difficp.normals import estimate_normals
 from difficp.registration import icp
@@ -412,9 +412,7 @@ def multiscale_icp(
             :func:`voxel_downsample` rejects.
     """
     checked = _check_stages(stages)
-    config = config or ICPConfig()
-    if overrides:
-        config = config.replace(**overrides)
+    config = resolve_config(config, overrides)
     _check_multiscale_inputs(source, target, normals_k)
     unbatched = source.dim() == 2
     clouds = (

@@ -36,6 +36,13 @@ from difficp.config import CORRESPONDENCES, METRICS, ROBUST_KERNELS, SOLVERS
 if TYPE_CHECKING:
     from difficp.loop import Progress
 
+DESCRIPTION = (
+    "Register SOURCE onto TARGET by ICP and print the 4x4 transform that maps source "
+    "points into the target frame (target ~ R @ source + t). Files: .ply, .pcd, .xyz, "
+    ".xyzn, .txt (3 or 6 columns), .npy. Normals missing from a file are estimated "
+    "(PCA of the k nearest neighbours) when the metric needs them."
+)
+
 DTYPES = ("float32", "float64")
 # The flags that set the ICPConfig option of the same name.
 CONFIG_OPTIONS = (
@@ -52,16 +59,7 @@ CONFIG_OPTIONS = (
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``register`` sub-command on ``subparsers`` (from ``add_subparsers``)."""
-    p = add_command(
-        subparsers,
-        "register",
-        description=(
-            "Register SOURCE onto TARGET by ICP and print the 4x4 transform that maps source "
-            "points into the target frame (target ~ R @ source + t). Files: .ply, .pcd, .xyz, "
-            ".xyzn, .txt (3 or 6 columns), .npy. Normals missing from a file are estimated "
-            "(PCA of the k nearest neighbours) when the metric needs them."
-        ),
-    )
+    p = add_command(subparsers, "register", DESCRIPTION, run)
     p.add_argument("source", metavar="SOURCE", help="point cloud to move")
     p.add_argument("target", metavar="TARGET", help="point cloud to move it onto")
     p.add_argument(
@@ -149,11 +147,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "0.05:0.1:30,0.025:0.05:20,none:0.02:14 ('none': full resolution / the option's "
         "value); normals are estimated per stage; the printed fitness is the last stage's",
     )
-    p.add_argument("--init", metavar="FILE", help="initial transform (4x4 text)")
-    p.add_argument("--out", metavar="FILE", help="write the transform here (4x4 text)")
-    p.add_argument(
-        "--aligned", metavar="FILE", help="write the transformed source here (.ply/.pcd/...)"
-    )
+    for flag, meaning in (
+        ("--init", "initial transform (4x4 text)"),
+        ("--out", "write the transform here (4x4 text)"),
+        ("--aligned", "write the transformed source here (.ply/.pcd/...)"),
+    ):
+        p.add_argument(flag, metavar="FILE", help=meaning)
     p.add_argument(
         "--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)"
     )
@@ -177,7 +176,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="torch CPU threads (default: torch's choice; 1 is often fastest for small clouds "
         "on a busy machine)",
     )
-    p.set_defaults(func=run)
     return p
 
 
@@ -577,7 +575,7 @@ def _writers(
     """``[(path, writer)]`` of ``--out`` (the ``(4, 4)`` ``matrix``) and ``--aligned`` (the
     source moved by ``T``), for :func:`write_outputs`."""
     from difficp.geometry import rotate_vectors, transform_points
-    from difficp.io import point_cloud_writer, transform_writer
+    from difficp.io import PointCloudData, point_cloud_writer, transform_writer
 
     outputs = []
     if args.out:
@@ -586,7 +584,8 @@ def _writers(
         moved = transform_points(points, T)
         nrm = None if normals is None else rotate_vectors(normals, T)
         # Each format's own precision (float32 for PCD, which Open3D's binary reader needs).
-        outputs.append((args.aligned, point_cloud_writer(args.aligned, moved, nrm, colors)))
+        cloud = PointCloudData.checked(moved, nrm, colors)
+        outputs.append((args.aligned, point_cloud_writer(args.aligned, cloud)))
     return outputs
 
 

@@ -18,19 +18,16 @@ from typing import Any
 
 from difficp.cli import add_command
 
+DESCRIPTION = (
+    "Compile the compiled (numba) ICP fast path for small and large problems, so that "
+    "no later difficp.icp call waits for it. Takes 1-3 minutes once; cached on disk."
+)
+
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``warmup`` sub-command on ``subparsers`` (from ``add_subparsers``)."""
-    p = add_command(
-        subparsers,
-        "warmup",
-        description=(
-            "Compile the compiled (numba) ICP fast path for small and large problems, so that "
-            "no later difficp.icp call waits for it. Takes 1-3 minutes once; cached on disk."
-        ),
-    )
+    p = add_command(subparsers, "warmup", DESCRIPTION, run)
     _add_options(p)
-    p.set_defaults(func=run)
     return p
 
 

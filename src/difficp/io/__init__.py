@@ -37,7 +37,6 @@ from difficp.io.cloud import (
     POINT_CLOUD_EXTENSIONS,
     PathLike,
     PointCloudData,
-    as_array,
     check_readable,
     extension,
 )
@@ -109,27 +108,21 @@ def write_point_cloud(
             ``.xyz``/``.txt``/``.npy`` always keep float64.
     """
     path = Path(path)
-    write = point_cloud_writer(path, points, normals, colors, ascii=ascii, double=double)
+    extension(path)  # an unknown extension is named before a bad array
+    cloud = PointCloudData.checked(points, normals, colors)
+    write = point_cloud_writer(path, cloud, ascii=ascii, double=double)
     with atomic_open(path) as f:
         write(f)
 
 
 def point_cloud_writer(
-    path: PathLike,
-    points: Any,
-    normals: Any = None,
-    colors: Any = None,
-    *,
-    ascii: bool = False,
-    double: bool | None = None,
+    path: PathLike, cloud: PointCloudData, *, ascii: bool = False, double: bool | None = None
 ) -> Callable[[IO[bytes]], None]:
-    """Check the arguments of :func:`write_point_cloud` and return the function that writes
-    them, in ``path``'s format, to a binary file object (for writing several files at once with
-    :class:`difficp._atomic.AtomicFiles`)."""
+    """The function that writes ``cloud`` (from :meth:`PointCloudData.checked`) as
+    :func:`write_point_cloud` does, in ``path``'s format, to a binary file object (for writing
+    several files at once with :class:`difficp._atomic.AtomicFiles`)."""
     ext = extension(Path(path))
-    pts = as_array("points", points)
-    nrm = None if normals is None else as_array("normals", normals, pts.shape[0])
-    col = None if colors is None else as_array("colors", colors, pts.shape[0])
+    pts, nrm, col = cloud.points, cloud.normals, cloud.colors
 
     def write(f: IO[bytes]) -> None:
         if ext == ".ply":

@@ -28,6 +28,15 @@ class PointCloudData:
     normals: np.ndarray | None = None
     colors: np.ndarray | None = None
 
+    @classmethod
+    def checked(cls, points: Any, normals: Any = None, colors: Any = None) -> PointCloudData:
+        """The cloud of ``(N, 3)`` arrays (numpy, torch or nested lists) to be written, as
+        float64; ``ValueError`` naming the argument for a wrong shape or row count."""
+        pts = as_array("points", points)
+        nrm = None if normals is None else as_array("normals", normals, pts.shape[0])
+        col = None if colors is None else as_array("colors", colors, pts.shape[0])
+        return cls(pts, nrm, col)
+
     def __len__(self) -> int:
         return int(self.points.shape[0])
 

@@ -60,6 +60,12 @@ CORRESPONDENCES: Registry[Correspondence] = Registry("correspondence")
 _ONLY_HARD = "only hard (nearest-neighbour or projective) correspondences are compiled"
 
 
+def _carried(t: Any) -> dict[str, Tensor | None]:
+    """The per-point values of a :class:`~difficp.inputs.PointTarget` that its points' partners
+    carry along (gathered by a hard search, mixed by a soft one)."""
+    return {"target_covariances": t.covariances, "target_features": t.features}
+
+
 @CORRESPONDENCES.register("nearest")
 class Nearest(Correspondence):
     """Hard nearest neighbour (exact; not differentiable in the choice of partner)."""
@@ -67,14 +73,7 @@ class Nearest(Correspondence):
     def find(self, moved: Tensor, target: Any, mask: Tensor, o: MatchOptions) -> Correspondences:
         t = target  # a PointTarget with its neighbour index
         return nearest_correspondences(
-            moved,
-            t.points,
-            t.index,
-            mask,
-            t.normals,
-            o.radius,
-            target_covariances=t.covariances,
-            target_features=t.features,
+            moved, t.points, t.index, mask, t.normals, o.radius, **_carried(t)
         )
 
 
@@ -86,18 +85,16 @@ class Soft(Correspondence):
 
     def find(self, moved: Tensor, target: Any, mask: Tensor, o: MatchOptions) -> Correspondences:
         t = target  # a PointTarget (its index serves the top-k search)
-        k, temperature = o.soft_k, o.temperature
         return soft_correspondences(
             moved,
             t.points,
-            temperature,
+            o.temperature,
             mask,
             t.mask,
             t.normals,
-            k,
+            o.soft_k,
             t.index,
-            target_covariances=t.covariances,
-            target_features=t.features,
+            **_carried(t),
         )
 
 

@@ -11,33 +11,26 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from difficp.cli import add_command
-from difficp_experiments.commands import add_dataset_options, require
+from difficp_experiments.commands import add_dataset_options, add_subcommand, require
 
 # ModelNet is read from HDF5; tqdm shows progress. (Open3D is needed only by the open3d_*
 # methods, which say so themselves.)
 require("h5py", "tqdm")
 
+MODELNET_HELP = "ModelNet pairs: DCP, PointNetLK, FGR, ICP and difficp refinement"
+DESCRIPTION = (
+    "Evaluate registration methods on deterministic ModelNet test pairs and "
+    "write OUT/results.json and OUT/results.md (per-method estimates are cached "
+    "in OUT/raw/, keyed by dataset, protocol, seed, method options and code version, so "
+    "methods can be added in later runs and an interrupted run resumes)."
+)
+PROTOCOLS = ("clean", "unseen", "noise", "noise_independent", "partial")
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``benchmark`` and its ``modelnet`` sub-command."""
-    parser = add_command(subparsers, "benchmark")
-    # (without BENCHMARK, difficp.cli.main prints this parser's help and exits with 2)
-    sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
-    p = sub.add_parser(
-        "modelnet",
-        help="ModelNet pairs: DCP, PointNetLK, FGR, ICP and difficp refinement",
-        description="Evaluate registration methods on deterministic ModelNet test pairs and "
-        "write OUT/results.json and OUT/results.md (per-method estimates are cached "
-        "in OUT/raw/, keyed by dataset, protocol, seed, method options and code version, so "
-        "methods can be added in later runs and an interrupted run resumes).",
-    )
-    add_dataset_options(p)
-    p.add_argument(
-        "--protocol",
-        default="clean",
-        choices=["clean", "unseen", "noise", "noise_independent", "partial"],
-    )
+    p = add_subcommand(subparsers, "benchmark", "modelnet", MODELNET_HELP, DESCRIPTION, "benchmark")
+    add_dataset_options(p, PROTOCOLS)
     p.add_argument(
         "--methods",
         default=None,

@@ -18,22 +18,20 @@ from difficp_experiments.commands import require
 # install, rather than after the registration has run.
 require("matplotlib")
 
+DESCRIPTION = (
+    "Run a built-in registration demo on procedural data and write a picture and "
+    "metrics to --out. 'rigid' (default): two partial noisy scans of a procedural "
+    "terrain with a known pose (20 degrees, 10% of the size), registered by ICP; "
+    "writes DIR/demo.png and DIR/metrics.json. 'nonrigid': a deformed limb "
+    "registered by non-rigid ICP (difficp.nonrigid)."
+)
+
 KINDS = ("rigid", "nonrigid")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``demo`` sub-command on ``subparsers`` (from ``add_subparsers``)."""
-    p = add_command(
-        subparsers,
-        "demo",
-        description=(
-            "Run a built-in registration demo on procedural data and write a picture and "
-            "metrics to --out. 'rigid' (default): two partial noisy scans of a procedural "
-            "terrain with a known pose (20 degrees, 10% of the size), registered by ICP; "
-            "writes DIR/demo.png and DIR/metrics.json. 'nonrigid': a deformed limb "
-            "registered by non-rigid ICP (difficp.nonrigid)."
-        ),
-    )
+    p = add_command(subparsers, "demo", DESCRIPTION, run)
     p.add_argument(
         "kind", nargs="?", choices=KINDS, default="rigid", help="which demo (default: %(default)s)"
     )
@@ -56,7 +54,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=20000,
         help="terrain samples per scan before cropping to its footprint (default: %(default)s)",
     )
-    p.set_defaults(func=run)
     return p
 
 

@@ -17,10 +17,19 @@ import argparse
 import os
 from typing import TYPE_CHECKING
 
-from difficp.cli import add_command
-from difficp_experiments.commands import add_dataset_options, require
+from difficp_experiments.commands import add_dataset_options, add_subcommand, require
 
 require("h5py")  # ModelNet is read from HDF5
+
+DCP_HELP = "DCP-v2 on ModelNet, or end-to-end through difficp ICP (runs under torchrun too)"
+DESCRIPTION = (
+    "Train DCP-v2 (DGCNN from the DCP-v1 weights, DCP's transformer, SVD head) "
+    "on the train split minus a validation part (mode v2), or fine-tune a DCP through "
+    "differentiable soft ICP with the loss on the refined pose (mode e2e). OUT is a "
+    "directory (model.pt, best.pt, state.pt, log.jsonl) or a .pt path (OUT, OUT's "
+    ".best.pt, .state and .log.jsonl siblings). Under `torchrun --nproc_per_node N` "
+    "it trains with DistributedDataParallel (gloo on CPU, NCCL on GPU)."
+)
 
 if TYPE_CHECKING:
     from difficp_experiments.modelnet.train_dcp import TrainConfig
@@ -32,25 +41,11 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``train`` and its ``dcp`` sub-command."""
-    parser = add_command(subparsers, "train")
-    # (without MODEL, difficp.cli.main prints this parser's help and exits with 2)
-    sub = parser.add_subparsers(dest="model", metavar="MODEL")
-    p = sub.add_parser(
-        "dcp",
-        help="DCP-v2 on ModelNet, or end-to-end through difficp ICP (runs under torchrun too)",
-        description="Train DCP-v2 (DGCNN from the DCP-v1 weights, DCP's transformer, SVD head) "
-        "on the train split minus a validation part (mode v2), or fine-tune a DCP through "
-        "differentiable soft ICP with the loss on the refined pose (mode e2e). OUT is a "
-        "directory (model.pt, best.pt, state.pt, log.jsonl) or a .pt path (OUT, OUT's "
-        ".best.pt, .state and .log.jsonl siblings). Under `torchrun --nproc_per_node N` "
-        "it trains with DistributedDataParallel (gloo on CPU, NCCL on GPU).",
-    )
-    add_dataset_options(p)
-    p.add_argument(
-        "--protocol",
-        default="clean",
-        choices=["clean", "noise", "unseen"],
-        help="training pairs; unseen: train on the first half of the classes only",
+    p = add_subcommand(subparsers, "train", "dcp", DCP_HELP, DESCRIPTION, "model")
+    add_dataset_options(
+        p,
+        ("clean", "noise", "unseen"),
+        "training pairs; unseen: train on the first half of the classes only",
     )
     p.add_argument("--mode", default="v2", choices=["v2", "e2e"])
     p.add_argument("--init", default=None, help="e2e: DCP checkpoint to start from")

@@ -237,31 +237,29 @@ def _rigid_demo(
         max_iterations=max_iterations,
         differentiation="none",
     )
+
+    def register(stage: difficp.ICPConfig, count: int | None = None, init: Any = None) -> Any:
+        """ICP of the first ``count`` points (None: all) with the normals ``stage`` reads."""
+        return difficp.icp(
+            src[:count],
+            tgt[:count],
+            init=init,
+            source_normals=src_n[:count] if stage.needs_source_normals else None,
+            target_normals=tgt_n[:count] if stage.needs_target_normals else None,
+            config=stage,
+        )
+
     # The first fast-path call in a fresh environment compiles it (cached on disk afterwards):
     # run one tiny registration first so that the ICP time below is the registration's own.
     t_compile = time.perf_counter()
-    difficp.icp(
-        src[:64],
-        tgt[:64],
-        source_normals=src_n[:64] if config.needs_source_normals else None,
-        target_normals=tgt_n[:64] if config.needs_target_normals else None,
-        config=config.replace(max_iterations=1),
-    )
+    register(config.replace(max_iterations=1), 64)
     warmup_seconds = time.perf_counter() - t_compile
     t0 += warmup_seconds  # normals before, registration after: neither includes the warm-up
     transform = torch.eye(4, dtype=dtype)
     iterations = 0
     converged = False
     for share in SCHEDULE:
-        stage = config.replace(max_distance=share * size)
-        res = difficp.icp(
-            src,
-            tgt,
-            init=transform,
-            source_normals=src_n if stage.needs_source_normals else None,
-            target_normals=tgt_n if stage.needs_target_normals else None,
-            config=stage,
-        )
+        res = register(config.replace(max_distance=share * size), init=transform)
         transform = res.transform.detach().reshape(-1, 4, 4)[0]
         iterations += int(res.iterations.reshape(-1)[0])
         converged = bool(res.converged.reshape(-1)[0])
