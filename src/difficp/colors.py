@@ -15,6 +15,13 @@
 Neighbours are Open3D's hybrid search (``KDTreeSearchParamHybrid(2 * max_distance, 30)`` in
 ``registration_colored_icp``): the ``k`` nearest within ``radius``. Everything is differentiable
 in the colours, points and normals (the choice of neighbours is not).
+
+Two paths fit the same gradients (to rounding): on the CPU, when no gradient is asked for, a
+compiled one on the KD-forest of the ICP fast path (:func:`difficp.kdtree.intensity_gradients`:
+neighbours, sums and a 3 x 3 Cholesky solve in one parallel pass, no ``(B, M, k)``
+intermediate; the rule of :func:`difficp.estimate_normals`), and the PyTorch one (batched
+products and solves) for other devices, for inputs that require grad, and for an index of
+another search backend.
 """
 
 from __future__ import annotations
@@ -54,6 +61,9 @@ def intensity_gradients(
     Returns:
         ``(B, M, 3)`` gradients, differentiable in ``points``, ``normals`` and ``values``.
     """
+    if _compiled_applies(points, normals, values, index):
+        with torch.no_grad():
+            return _compiled_gradients(points, normals, values, k, radius, lengths, index)
     if index is None:
         index = NeighborIndex(points, lengths)
     k = int(max(1, min(k, int(index.counts.min().clamp_min(1)))))
@@ -81,6 +91,64 @@ def intensity_gradients(
     A = torch.where(usable[..., None, None], A, eye)
     gradient = torch.linalg.solve(A, rhs)
     return torch.where(usable[..., None], gradient, torch.zeros_like(gradient))
+
+
+def _compiled_applies(
+    points: Tensor, normals: Tensor, values: Tensor, index: NeighborIndex | None
+) -> bool:
+    """Whether :func:`intensity_gradients` runs on the compiled KD-forest: on the CPU, when no
+    input asks for a gradient, unless the caller's index searches with another backend
+    (``search_backend="kdtree"`` keeps the PyTorch path), in a process that may start numba's
+    pool, once the kernel is compiled (or ``DIFFICP_COMPILE=now``)."""
+    if points.device.type != "cpu" or points.numel() == 0:
+        return False
+    if index is not None and index.backend != "compiled":
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (points, normals, values)):
+        return False
+    return _gradient_kernel_ready()
+
+
+def _gradient_kernel_ready() -> bool:
+    """Whether the KD-forest's colour-gradient kernel may run in this process: compiled (or
+    cached), and not in a forked child whose parent started numba's pool. In a fresh
+    environment: False while `difficp warmup` compiles it in the background."""
+    from difficp import kdtree  # numba only when it runs
+    from difficp.compile_cache import compile_or_fall_back, kernels_cached
+
+    if kdtree.parallel_unsafe_after_fork():
+        return False
+    kernels = (kdtree._intensity_gradient_kernel, kdtree._build_forest)
+    return compile_or_fall_back(kernels_cached(kernels))
+
+
+def _compiled_gradients(
+    points: Tensor,
+    normals: Tensor,
+    values: Tensor,
+    k: int,
+    radius: float | None,
+    lengths: Tensor | None,
+    index: NeighborIndex | None,
+) -> Tensor:
+    """:func:`intensity_gradients` on the compiled KD-forest (that of ``index`` when given,
+    which the ICP search then reuses): ``(B, M, 3)`` in ``points.dtype``."""
+    import numpy as np
+
+    from difficp.kdtree import intensity_gradients as forest_gradients
+
+    if index is None:
+        index = NeighborIndex(points.detach(), lengths, "compiled")
+    B, M, _ = points.shape
+    k = int(max(1, min(k, int(index.counts.min().clamp_min(1)))))  # as the PyTorch path
+    forest, order = index.compiled_forest()
+    # each tree point's position in its cloud (through the compaction of a mask with holes)
+    cloud = np.repeat(np.arange(B), np.diff(forest.point_offset))
+    column = forest.order if order is None else order[cloud, forest.order]
+    n = normals.detach().double().numpy()[cloud, column]
+    v = values.detach().double().numpy()[cloud, column]
+    out = forest_gradients(forest, n, v, k, radius, M, column)
+    return torch.from_numpy(out).to(points.dtype)
 
 
 def colored_features(

@@ -883,6 +883,166 @@ def gicp_covariances(forest: KDForest, k: int, epsilon: float, size: int) -> np.
     return np.eye(3) - (1.0 - float(epsilon)) * (n[..., :, None] * n[..., None, :])
 
 
+# ----------------------------------------------------------------------------------------------
+# Colored ICP's intensity gradients on the tangent planes, from the same neighbourhoods
+# ----------------------------------------------------------------------------------------------
+
+# Open3D fits a colour gradient only where its hybrid search finds at least this many points,
+# the point itself included (difficp.colors.MIN_NEIGHBOURS; numba cannot read that module).
+_GRADIENT_MIN_NEIGHBOURS = 4
+
+
+@njit(inline="always", error_model="numpy")
+def _tangent_gradient(
+    f: KDForest,
+    row: int,
+    rows: np.ndarray,
+    count: int,
+    normals: np.ndarray,
+    values: np.ndarray,
+) -> tuple[float, float, float]:
+    """The intensity gradient ``d`` of tree point ``row`` on its tangent plane from its
+    neighbours ``rows[:count]`` (itself among them, any order; rows of ``f.points`` / ``normals`` ``(P, 3)``
+    / ``values`` ``(P,)``): :func:`difficp.colors.intensity_gradients`' least squares
+    ``(sum_j a_j a_j^T + (K - 1)^2 n n^T) d = sum_j a_j b_j`` with ``a_j`` the offset to
+    neighbour ``j`` projected onto the plane and ``b_j`` its intensity difference, solved by a
+    3 x 3 Cholesky factorisation; ``(0, 0, 0)`` with fewer than 4 points or where it fails
+    (not positive definite: where the PyTorch fit's ``cholesky_ex`` reports a failure)."""
+    points = f.points
+    # Open3D skips the first neighbour found, the point itself (or a duplicate of it): its
+    # offset is exactly 0, so it adds nothing to the sums below and only the count drops it
+    used = count - 1
+    if used + 1 < _GRADIENT_MIN_NEIGHBOURS:
+        return 0.0, 0.0, 0.0
+    qx, qy, qz = points[row, 0], points[row, 1], points[row, 2]
+    nx, ny, nz = normals[row, 0], normals[row, 1], normals[row, 2]
+    value = values[row]
+    a00 = a01 = a02 = a11 = a12 = a22 = 0.0
+    g0 = g1 = g2 = 0.0
+    for j in range(count):
+        r = rows[j]
+        ox, oy, oz = points[r, 0] - qx, points[r, 1] - qy, points[r, 2] - qz
+        along = ox * nx + oy * ny + oz * nz
+        ax, ay, az = ox - along * nx, oy - along * ny, oz - along * nz
+        diff = values[r] - value
+        a00 += ax * ax
+        a01 += ax * ay
+        a02 += ax * az
+        a11 += ay * ay
+        a12 += ay * az
+        a22 += az * az
+        g0 += ax * diff
+        g1 += ay * diff
+        g2 += az * diff
+    c2 = float(used) * float(used)
+    a00 += c2 * nx * nx
+    a01 += c2 * nx * ny
+    a02 += c2 * nx * nz
+    a11 += c2 * ny * ny
+    a12 += c2 * ny * nz
+    a22 += c2 * nz * nz
+    # A = L L^T; "not > 0" also refuses NaN pivots, as LAPACK's potrf does
+    if not a00 > 0.0:
+        return 0.0, 0.0, 0.0
+    l00 = math.sqrt(a00)
+    l10, l20 = a01 / l00, a02 / l00
+    p1 = a11 - l10 * l10
+    if not p1 > 0.0:
+        return 0.0, 0.0, 0.0
+    l11 = math.sqrt(p1)
+    l21 = (a12 - l20 * l10) / l11
+    p2 = a22 - l20 * l20 - l21 * l21
+    if not p2 > 0.0:
+        return 0.0, 0.0, 0.0
+    l22 = math.sqrt(p2)
+    y0 = g0 / l00  # L y = g, then L^T d = y
+    y1 = (g1 - l10 * y0) / l11
+    y2 = (g2 - l20 * y0 - l21 * y1) / l22
+    d2 = y2 / l22
+    d1 = (y1 - l21 * d2) / l11
+    d0 = (y0 - l10 * d1 - l20 * d2) / l00
+    return d0, d1, d2
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _intensity_gradient_kernel(
+    f: KDForest,
+    k: int,
+    radius2: float,
+    normals: np.ndarray,
+    values: np.ndarray,
+    column: np.ndarray,
+    tree_of_task: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    # the tasks of _normals_kernel: chunks of consecutive tree rows, each row's search bounded
+    # by the previous row's (_row_neighbours) and by the radius (inclusive: radius2 is already
+    # the largest squared distance that counts)
+    point_offset = f.point_offset
+    for task in prange(tree_of_task.shape[0]):
+        b = tree_of_task[task, 0]
+        start, stop = tree_of_task[task, 1], tree_of_task[task, 2]
+        kb = min(k, point_offset[b + 1] - point_offset[b])
+        best_d2 = np.empty(kb)
+        best = np.empty(kb, dtype=np.int64)
+        stack = np.empty(STACK_DEPTH, dtype=np.int64)
+        stack_d2 = np.empty(STACK_DEPTH)
+        limit = radius2
+        for row in range(start, stop):
+            count, limit = _row_neighbours(
+                row, stop, kb, limit, f, b, best_d2, best, stack, stack_d2
+            )
+            limit = min(limit, radius2)
+            d0, d1, d2 = _tangent_gradient(f, row, best, count, normals, values)
+            i = column[row]
+            out[b, i, 0], out[b, i, 1], out[b, i, 2] = d0, d1, d2
+
+
+def intensity_gradients(
+    forest: KDForest,
+    normals: np.ndarray,
+    values: np.ndarray,
+    k: int,
+    radius: float | None,
+    size: int,
+    column: np.ndarray | None = None,
+) -> np.ndarray:
+    """Colored ICP's tangent-plane intensity gradients of every tree point from its ``k``
+    nearest neighbours closer than ``radius`` in its own cloud (itself included): the compiled
+    :func:`difficp.colors.intensity_gradients`, one parallel pass on the forest.
+
+    Args:
+        forest: built on the clouds (:func:`build_forest`).
+        normals: ``(P, 3)`` float64 unit normals of the tree points, in forest order.
+        values: ``(P,)`` float64 intensities, in forest order.
+        k: neighbours searched, the point itself included (>= 1).
+        radius: only neighbours strictly closer count (None: no radius).
+        size: ``M``, the padded cloud size of the output.
+        column: ``(P,)`` int64 output position of each tree point in its cloud (default: the
+            forest's ``order``).
+    Returns:
+        ``(B, M, 3)`` float64 gradients; rows no tree point maps to are 0.
+    """
+    B = forest.batch
+    out = np.zeros((B, size, 3))
+    if forest.points.shape[0] == 0:
+        return out
+    # strictly closer than radius, as knearest: the largest squared distance below radius^2
+    radius2 = np.inf if radius is None else float(np.nextafter(float(radius) ** 2, 0.0))
+    column = forest.order if column is None else np.ascontiguousarray(column, dtype=np.int64)
+    _intensity_gradient_kernel(
+        forest,
+        max(1, int(k)),
+        radius2,
+        np.ascontiguousarray(normals, dtype=np.float64),
+        np.ascontiguousarray(values, dtype=np.float64),
+        column,
+        _tasks(forest),
+        out,
+    )
+    return out
+
+
 @njit(inline="always", error_model="numpy")
 def _insert(d: float, r: int, best_d2: np.ndarray, best_row: np.ndarray) -> None:
     """Insert ``(d, r)`` into the sorted ``best_d2`` / ``best_row`` if closer than the last."""
@@ -1175,6 +1335,7 @@ __all__ = [
     "build_forest",
     "enclosing_node",
     "gicp_covariances",
+    "intensity_gradients",
     "knearest",
     "knn_warm_start",
     "nearest",

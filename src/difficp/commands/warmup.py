@@ -59,6 +59,12 @@ def warm_up() -> float:
     difficp.estimate_normals(torch.rand(200, 3, generator=generator, dtype=torch.float64), k=8)
     # and Generalized-ICP's covariances (difficp.estimate_covariances, metric="gicp")
     difficp.estimate_covariances(torch.rand(200, 3, generator=generator, dtype=torch.float64), k=8)
+    # and colored ICP's intensity gradients (difficp.colors.intensity_gradients, metric="colored")
+    from difficp.colors import intensity_gradients
+
+    cloud = torch.rand(1, 200, 3, generator=generator, dtype=torch.float64)
+    normals = torch.nn.functional.normalize(torch.rand(1, 200, 3, generator=generator), dim=-1)
+    intensity_gradients(cloud, normals.double(), cloud[..., 0], k=8)
     # a depth-map target (projective correspondences): its own kernel
     depth = torch.full((32, 32), 2.0, dtype=torch.float64)
     intrinsics = torch.tensor([[30.0, 0, 16], [0, 30.0, 16], [0, 0, 1]], dtype=torch.float64)
