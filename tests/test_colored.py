@@ -3,14 +3,18 @@ gradients, gradients through it, batching and the errors of bad colour input."""
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import difficp
+from difficp import colors as colors_module
 from difficp.colors import intensity, intensity_gradients
+from difficp.correspondence import NeighborIndex
 from difficp.geometry import invert_transform, se3_exp, transform_points
 
 from conftest import make_pair
@@ -345,7 +349,163 @@ def test_cli_reads_colours_from_the_files(tmp_path, capsys, voxel: list[str]) ->
 # ---------------------------------------------------------------------------------------------
 
 
-def test_compiled_path_refuses_with_its_reason() -> None:
-    p = _colored_pair(12, n=300)
-    with pytest.raises(ValueError, match="no per-point colour features"):
-        _run(p, search_backend="compiled", differentiation="none")
+@st.composite
+def gradient_batches(draw: st.DrawFn) -> dict:
+    """A padded batch of noisy, textured surface patches with unit normals at several scales and
+    offsets, a k (some clouds smaller than it) and a radius (or none)."""
+    B = draw(st.integers(1, 3))
+    N = draw(st.integers(4, 300))
+    lengths = draw(st.lists(st.integers(1, N), min_size=B, max_size=B))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    uv = torch.rand(B, N, 2, generator=g, dtype=torch.float64)
+    u, v = uv[..., 0], uv[..., 1]
+    height = 0.2 * torch.sin(4 * u) * torch.cos(3 * v)
+    slope = torch.stack([-0.8 * torch.cos(4 * u) * torch.cos(3 * v),
+                         0.6 * torch.sin(4 * u) * torch.sin(3 * v), torch.ones_like(u)], -1)  # fmt: skip
+    normals = torch.nn.functional.normalize(slope, dim=-1)
+    points = torch.cat([uv, height[..., None]], -1)
+    points = points + 0.002 * torch.randn(B, N, 3, generator=g, dtype=torch.float64)
+    values = intensity(_paint(points.reshape(-1, 3))).reshape(B, N)
+    scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    points = (points + draw(st.sampled_from([0.0, 50.0]))) * scale
+    radius = draw(st.one_of(st.none(), st.floats(0.03, 0.5)))
+    return {
+        "points": points,
+        "normals": normals,
+        "values": values,
+        "lengths": torch.tensor(lengths),
+        "k": draw(st.integers(1, 40)),
+        "radius": None if radius is None else radius * scale,
+        "scale": scale,
+    }
+
+
+def _condition(case: dict) -> torch.Tensor:
+    """``(B, N)`` condition number of each point's least-squares system (neighbours by brute
+    force; inf for padding and where it has no 4 points). The fit mixes units (offsets squared
+    in the plane, the unitless ``(K - 1)^2`` along the normal), so it is ill-conditioned for
+    clouds at scales far from 1, where both paths are only as close as that allows."""
+    pts, normals, lengths = case["points"], case["normals"], case["lengths"]
+    B, N, _ = pts.shape
+    out = torch.full((B, N), torch.inf, dtype=torch.float64)
+    for b in range(B):
+        n = int(lengths[b])
+        k = min(case["k"], int(lengths.min()))
+        p, nrm = pts[b, :n], normals[b, :n]
+        d, idx = torch.cdist(p, p).topk(k, largest=False)
+        found = d < (torch.inf if case["radius"] is None else case["radius"])
+        offset = p[idx] - p[:, None]
+        a = (offset - (offset * nrm[:, None]).sum(-1, keepdim=True) * nrm[:, None]) * found[
+            ..., None
+        ]
+        count = (found.sum(1) - 1).double()
+        A = a.transpose(1, 2) @ a + count[:, None, None] ** 2 * nrm[:, :, None] * nrm[:, None, :]
+        values = torch.linalg.eigvalsh(A)
+        cond = values[:, 2] / values[:, 0]
+        out[b, :n] = torch.where((count >= 3) & (values[:, 0] > 0), cond, torch.inf)
+    return out
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(gradient_batches())
+def test_compiled_gradients_equal_the_pytorch_path(case: dict) -> None:
+    # The compiled fit (the default on the CPU without gradients) against the PyTorch one (an
+    # index of the scipy backend keeps it): the same numbers to rounding where the system is
+    # well conditioned, zero on both where it has too few points; padding zero.
+    pts, lengths = case["points"], case["lengths"]
+    args = (pts, case["normals"], case["values"], case["k"], case["radius"], lengths)
+    fast = colors_module._compiled_gradients(*args, None)
+    ref = intensity_gradients(*args, index=NeighborIndex(pts, lengths, "kdtree"))
+    assert torch.isfinite(fast).all()
+    cond = _condition(case)
+    # gradients are in intensity per unit length: compared in units of the cloud's scale
+    ok = cond < 1e6
+    np.testing.assert_allclose(
+        (fast[ok] * case["scale"]).numpy(), (ref[ok] * case["scale"]).numpy(), atol=1e-9, rtol=0
+    )
+    few = torch.isinf(cond)  # padding, fewer than 4 points (or a singular system)
+    assert not fast[few].any() and not ref[few].any()
+
+
+def test_real_scan_gradients_equal_the_pytorch_path(data_dir) -> None:
+    """The 3DMatch target fragment (3458 points), Open3D's neighbourhoods for max_distance
+    5 cm (30 within 10 cm): the same gradients on both paths."""
+    cloud = difficp.io.read_point_cloud(
+        data_dir / "scans" / "open3d_3dmatch_pair" / "feature_cloud_bin_1.pcd"
+    )
+    pts = torch.from_numpy(cloud.points)[None]
+    normals = torch.from_numpy(cloud.normals)[None]
+    values = intensity(torch.from_numpy(cloud.colors))[None]
+    fast = colors_module._compiled_gradients(pts, normals, values, 30, 0.1, None, None)
+    ref = intensity_gradients(
+        pts, normals, values, 30, 0.1, index=NeighborIndex(pts, None, "kdtree")
+    )
+    assert (ref.abs().amax(-1) > 1e-3).float().mean() > 0.5  # most points fit a gradient
+    np.testing.assert_allclose(fast.numpy(), ref.numpy(), atol=1e-9, rtol=0)
+
+
+def test_gradient_path_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled on the CPU without gradients (on the index's forest, which the ICP search then
+    reuses); PyTorch for inputs that require grad (the fit is then differentiable) and for an
+    index of another backend."""
+    calls: list[str] = []
+    original = colors_module._compiled_gradients
+
+    def spy(*args, **kwargs):
+        calls.append("compiled")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(colors_module, "_compiled_gradients", spy)
+    p = _colored_pair(13, n=300)
+    pts, normals = p["target"][None], p["target_normals"][None]
+    values = intensity(p["target_colors"])[None]
+    index = NeighborIndex(pts, None, "compiled")
+    fast = intensity_gradients(pts, normals, values, 10, 0.3, index=index)
+    assert calls == ["compiled"] and index.built_forest() is not None
+    leaf = values.clone().requires_grad_(True)
+    differentiable = intensity_gradients(pts, normals, leaf, 10, 0.3)
+    assert calls == ["compiled"] and differentiable.requires_grad
+    torch.testing.assert_close(differentiable.detach(), fast, atol=1e-9, rtol=0)
+    with torch.no_grad():  # nothing to differentiate: compiled again
+        intensity_gradients(pts, normals, leaf, 10, 0.3)
+    assert calls == ["compiled", "compiled"]
+    intensity_gradients(pts, normals, values, 10, 0.3, index=NeighborIndex(pts, None, "kdtree"))
+    assert len(calls) == 2
+
+
+def test_compiled_path_matches_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole fast path ("auto" without gradients: the compiled colour fit on the search
+    forest, then the fused loop) against the PyTorch path ("kdtree"), on a padded batch."""
+    used: list[str] = []
+    registration = importlib.import_module("difficp.registration")
+    original = registration.run_loop
+
+    def spy(steps, *args, **kwargs):
+        used.append(type(steps).__name__)
+        return original(steps, *args, **kwargs)
+
+    monkeypatch.setattr(registration, "run_loop", spy)
+    pairs = [_colored_pair(14, n=500, noise=0.003), _colored_pair(15, n=400, noise=0.003)]
+
+    def stack(key: str) -> torch.Tensor:
+        size = max(len(q[key]) for q in pairs)
+        return torch.stack(
+            [torch.nn.functional.pad(q[key], (0, 0, 0, size - len(q[key]))) for q in pairs]
+        )
+
+    inputs = {
+        "source_lengths": torch.tensor([len(q["source"]) for q in pairs]),
+        "target_lengths": torch.tensor([len(q["target"]) for q in pairs]),
+        **{key: stack(key) for key in ("target_normals", "source_colors", "target_colors")},
+    }
+    runs = [
+        difficp.icp(stack("source"), stack("target"), metric="colored", max_distance=0.1,
+                    differentiation="none", search_backend=backend, **inputs)
+        for backend in ("auto", "kdtree")
+    ]  # fmt: skip
+    assert used == ["FusedSteps", "ReferenceSteps"]
+    fast, ref = runs
+    torch.testing.assert_close(fast.transform, ref.transform, atol=1e-9, rtol=0)
+    assert torch.equal(fast.fitness, ref.fitness)
+    assert torch.equal(fast.iterations, ref.iterations)
+    assert (fast.iterations >= 2).all()

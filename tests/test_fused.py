@@ -140,6 +140,54 @@ def test_every_metric_and_solver_matches_reference(
     assert float(result.fitness) > 0.5
 
 
+def _paint(points: torch.Tensor) -> torch.Tensor:
+    """A smooth RGB texture in [0.1, 0.9] of positions ``(..., 3)`` (metric "colored")."""
+    phase = torch.tensor([0.0, 1.0, 2.0], dtype=points.dtype)
+    x, y, z = points[..., :1], points[..., 1:2], points[..., 2:]
+    return 0.5 + 0.4 * torch.sin(4 * x + 3 * y - 2 * z + phase)
+
+
+@pytest.mark.parametrize("serial_points", [10**9, 0], ids=["serial-loop", "parallel-iterations"])
+@pytest.mark.parametrize("metric", [m.name for m in METRICS if m.fused_reason is None])
+def test_every_compiled_metric_matches_reference_on_a_padded_batch(
+    monkeypatch: pytest.MonkeyPatch, steps_used: list[str], metric: str, serial_points: int
+) -> None:
+    # Every metric with compiled twins (the registry's, with the inputs it needs: GICP's
+    # covariances, colored's colours) on a padded batch of two pairs, through the serial whole
+    # loop and through the lock-step parallel iterations.
+    monkeypatch.setattr(fused, "SERIAL_POINTS", serial_points)
+    pairs = [_pair(11, n=900), _pair(12, n=700)]
+
+    def stack(rows: list[torch.Tensor]) -> torch.Tensor:  # padded to the longest
+        size = max(len(r) for r in rows)
+        return torch.stack([torch.nn.functional.pad(r, (0, 0, 0, size - len(r))) for r in rows])
+
+    def side(key: str) -> list[torch.Tensor]:
+        return [q[key] for q in pairs]
+
+    inputs = {
+        "source_lengths": torch.tensor([len(r) for r in side("source")]),
+        "target_lengths": torch.tensor([len(r) for r in side("target")]),
+        "source_normals": stack(side("source_normals")),
+        "target_normals": stack(side("target_normals")),
+    }
+    if METRICS[metric].needs_colors:
+        # both sides painted on the surface as it was before the target was moved
+        inputs["source_colors"] = stack([_paint(r) for r in side("source")])
+        inputs["target_colors"] = stack(
+            [_paint(transform_points(q["target"], q["transform"].inverse())) for q in pairs]
+        )
+    options = {"metric": metric, "max_distance": 0.1, "return_history": True}
+    runs = [
+        difficp.icp(stack(side("source")), stack(side("target")), search_backend=backend,
+                    **inputs, **options)
+        for backend in ("compiled", "kdtree")
+    ]  # fmt: skip
+    assert steps_used == ["FusedSteps", "ReferenceSteps"]
+    _assert_same(*runs)
+    assert (runs[0].iterations >= 2).all() and (runs[0].fitness > 0.5).all()
+
+
 OPTION_CASES = {
     "hard-distance": {"max_distance": 0.05},
     "soft-distance": {"max_distance": 0.05, "rejection": "soft", "rejection_temperature": 0.01},
@@ -480,8 +528,12 @@ def test_compiled_twins_match_metric_residuals_and_normal_equations(metric: str,
     # the combined covariance of metric "gicp": symmetric positive definite
     F = rng.normal(size=(3, 3))
     C = F @ F.T + 0.1 * np.eye(3)
-    upper = C[np.triu_indices(3)]
-    v = tuple(float(x) for x in (*(p - q), *(p - c), *(q - c), *m, *n, *upper))
+    extras = C[np.triu_indices(3)]
+    # the colour features of metric "colored" (s I_p; sqrt(lambda), s I_q, s d_q) in their place
+    source_f, partner_f = rng.random(1), np.concatenate([rng.random(2), rng.normal(size=3)])
+    if METRICS[metric].needs_colors:
+        extras = np.concatenate([source_f, partner_f])
+    v = tuple(float(x) for x in (*(p - q), *(p - c), *(q - c), *m, *n, *extras))
     r = compile_twin(METRICS[metric].compiled_residual)(d, v)
     sums, J = np.zeros((2, 40)), np.full(6, np.nan)
     compile_twin(METRICS[metric].compiled_accumulate)(sums, 1, 5, J, w, v)
@@ -491,6 +543,8 @@ def test_compiled_twins_match_metric_residuals_and_normal_equations(metric: str,
         torch.ones(1, 1, dtype=torch.bool),
         torch.tensor([[d]], dtype=torch.float64),
         torch.from_numpy(C)[None, None],
+        torch.from_numpy(partner_f)[None, None],
+        torch.from_numpy(source_f)[None, None],
     )
     source, normals = torch.from_numpy(p - c)[None, None], torch.from_numpy(m)[None, None]
     ref_r = METRICS[metric].residuals(source, normals, corr)[0, 0].numpy()

@@ -104,6 +104,8 @@ def fused_iteration(
     sums: np.ndarray,
     source_covariances: np.ndarray,
     target_covariances: np.ndarray,
+    source_features: np.ndarray,
+    target_features: np.ndarray,
 ) -> None:
     """Correspond, weigh and accumulate every source point of every active pair.
 
@@ -124,11 +126,16 @@ def fused_iteration(
             kernel scale]``.
         int_options: int64 ``[metric code (METRICS.code), procrustes (1) or normal equations
             (0), rejection code (REJECTIONS.code), weight_distance, weight_normal, robust kernel
-            code (KERNELS.code), uses source normals, uses target normals, uses covariances]``.
+            code (KERNELS.code), uses source normals, uses target normals, uses covariances,
+            uses colour features]``.
         sums: ``(B * tasks_per_pair, SUM_WIDTH)`` zeros; task rows get their sums.
         source_covariances, target_covariances: ``(B, N, 3, 3)`` and ``(P, 3, 3)`` in forest
             order (metric ``"gicp"``; any values when unused): the twins get the upper
             triangle of ``C = S_q + R S_p R^T``.
+        source_features, target_features: ``(B, N)`` and ``(P, 5)`` in forest order, the colour
+            terms of metric ``"colored"`` (:func:`difficp.colors.colored_features`; any values
+            when unused): the twins get the source's ``s I_p`` and its partner's
+            ``sqrt(lambda), s I_q, s d_q``.
     """
     radius2, max_distance, rejection_t, cos_min, kernel_scale = (
         options[0],
@@ -146,7 +153,7 @@ def fused_iteration(
         int_options[5],
     )
     uses_normals, uses_target_normals = int_options[6] == 1, int_options[7] == 1
-    uses_covariances = int_options[8] == 1
+    uses_covariances, uses_features = int_options[8] == 1, int_options[9] == 1
     B, N = source.shape[0], source.shape[1]
     tasks = (N + CHUNK - 1) // CHUNK
     for task in prange(B * tasks):
@@ -193,7 +200,13 @@ def fused_iteration(
             # p and q centred on c (conditioning of the sums)
             ax, ay, az = px - c[0], py - c[1], pz - c[2]
             bx, by, bz = qx - c[0], qy - c[1], qz - c[2]
+            # the metric's six extra values: GICP's combined covariance, or colored's features
             c00 = c01 = c02 = c11 = c12 = c22 = 0.0
+            if uses_features:
+                c00 = source_features[b, i]
+                c01, c02 = target_features[best, 0], target_features[best, 1]
+                c11, c12 = target_features[best, 2], target_features[best, 3]
+                c22 = target_features[best, 4]
             if uses_covariances:
                 # C = S_q + R S_p R^T (difficp.registration.combined_covariances)
                 S = source_covariances[b, i]
@@ -401,6 +414,14 @@ class FusedSteps:
             self.target_covariances = np.ascontiguousarray(
                 _numpy(target.covariances)[cloud, f.order]
             )
+        self.source_features = np.zeros((1, 1))
+        self.target_features = np.zeros((1, 5))
+        if config.needs_colors:
+            assert problem.source_features is not None and target.features is not None
+            self.source_features = _numpy(problem.source_features[..., 0])
+            f = self.forest
+            cloud = np.repeat(np.arange(B), np.diff(f.point_offset))
+            self.target_features = np.ascontiguousarray(_numpy(target.features)[cloud, f.order])
         self.partner = np.full((B, N), -1, dtype=np.int64)
         self.anchor = np.zeros((B, N, 3))
         self.safe2 = np.zeros((B, N))
@@ -480,6 +501,8 @@ class FusedSteps:
             sums,
             self.source_covariances,
             self.target_covariances,
+            self.source_features,
+            self.target_features,
         )
         return self._reduce(sums, center)
 
@@ -516,6 +539,8 @@ class FusedSteps:
             self.tasks,
             self.source_covariances,
             self.target_covariances,
+            self.source_features,
+            self.target_features,
         )
         threads = numba.get_num_threads()
         set_threads(1)  # per calling thread in numba: other threads keep theirs
@@ -660,6 +685,8 @@ class _SerialProblem(NamedTuple):
     tasks: int
     source_covariances: np.ndarray
     target_covariances: np.ndarray
+    source_features: np.ndarray
+    target_features: np.ndarray
 
 
 @njit(cache=True, error_model="numpy")
@@ -705,6 +732,8 @@ def _evaluate_serial(
         task_sums,
         p.source_covariances,
         p.target_covariances,
+        p.source_features,
+        p.target_features,
     )
     for b in range(B):
         # the tasks' rows added in order, as numpy's sum over them does
@@ -919,7 +948,8 @@ def _weigh_and_accumulate(
     ax, ay, az = px - c[0], py - c[1], pz - c[2]
     bx, by, bz = qx - c[0], qy - c[1], qz - c[2]
     # The per-correspondence values as fused_iteration lays them out; the last six (GICP's
-    # combined covariance, upper triangle) are the identity: projective targets carry none.
+    # combined covariance, upper triangle) are the identity: projective targets carry none
+    # (nor colour features: metric "colored" needs point-cloud targets).
     v = (px - qx, py - qy, pz - qz, ax, ay, az, bx, by, bz, mx, my, mz, nx, ny, nz,
          1.0, 0.0, 0.0, 1.0, 0.0, 1.0)  # fmt: skip
     _robust_accumulate(sums, task, J, w, d, v, metric, procrustes, kernel, kernel_scale)
@@ -1087,6 +1117,7 @@ def _kernel_options(config: ICPConfig, procrustes: bool) -> tuple[np.ndarray, np
             int(config.needs_source_normals),
             int(config.needs_target_normals),
             int(config.needs_covariances),
+            int(config.needs_colors),
         ],
         dtype=np.int64,
     )

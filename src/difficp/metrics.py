@@ -137,8 +137,10 @@ class PointToPoint(RigidStepMetric):
 
         Every metric's twins take ``d = |p - q|`` and ``v``, the 21 floats ``r = p - q``,
         ``a = p - c``, ``b = q - c`` (centred on the pair's centre ``c``), ``m`` / ``n`` the
-        moved source / target normals, and the upper triangle of the combined covariance ``C``
-        (GICP; zeros otherwise) (a tuple: numba keeps it in registers)."""
+        moved source / target normals, and six values of the metric's own (zeros for the
+        others): the upper triangle of the combined covariance ``C`` (GICP), or the colour
+        features ``s I_p``, ``sqrt(lambda)``, ``s I_q``, ``s d_q`` (colored) (a tuple: numba
+        keeps it in registers)."""
         return d
 
     @staticmethod
@@ -395,10 +397,6 @@ class Colored(RigidStepMetric):
 
     residual_dim = 2
     needs_colors = True
-    fused_reason = (
-        "the compiled kernel carries no per-point colour features (metric 'colored' runs on "
-        "the PyTorch path)"
-    )
 
     @staticmethod
     def _terms(source: Tensor, corr: Correspondences) -> tuple[Tensor, ...]:
@@ -428,6 +426,40 @@ class Colored(RigidStepMetric):
         plane = geometric * torch.cat([torch.cross(source, n, dim=-1), n], dim=-1)
         photometric = torch.cat([torch.cross(source, d, dim=-1), d], dim=-1)
         return torch.stack([plane, photometric], dim=-2)
+
+    @staticmethod
+    def compiled_residual(d: float, v: tuple) -> float:
+        """Twin of :meth:`residuals` (see :meth:`PointToPoint.compiled_residual`; ``v[15:21]``
+        holds ``s I_p, sqrt(lambda), s I_q, s d_q``): the norm of the two rows (what the
+        robust kernel weighs)."""
+        plane, photometric, _, _, _ = _colored_rows(v)
+        return math.sqrt(plane * plane + photometric * photometric)
+
+    @staticmethod
+    def compiled_accumulate(
+        sums: np.ndarray, row: int, k0: int, J: np.ndarray, w: float, v: tuple
+    ) -> None:
+        """Twin of :meth:`jacobian` / :meth:`residuals`: rows ``[a x sqrt(lambda) n,
+        sqrt(lambda) n]`` and ``[a x (-P d), -P d]``."""
+        plane, photometric, dx, dy, dz = _colored_rows(v)
+        g = v[16]
+        a = v[3:6]
+        _lever_row(sums, row, k0, J, w, a, (g * v[12], g * v[13], g * v[14]), plane)
+        _lever_row(sums, row, k0, J, w, a, (dx, dy, dz), photometric)
+
+
+@compiled_helper
+def _colored_rows(v: tuple) -> tuple:
+    """Colored ICP's two residuals of one correspondence and the photometric row's derivative
+    in ``p``, ``-P d`` (compiled helper of its twins): ``(plane, photometric, dx, dy, dz)``
+    (plain floats: numba's parallel analysis refused nested tuples here)."""
+    rx, ry, rz, nx, ny, nz = v[0], v[1], v[2], v[12], v[13], v[14]
+    gx, gy, gz = v[18], v[19], v[20]
+    rn = rx * nx + ry * ny + rz * nz
+    gn = gx * nx + gy * ny + gz * nz
+    dx, dy, dz = gn * nx - gx, gn * ny - gy, gn * nz - gz  # -P d
+    photometric = v[15] - v[17] + (rx * dx + ry * dy + rz * dz)
+    return v[16] * rn, photometric, dx, dy, dz
 
 
 def get_metric(name: str) -> Metric:
