@@ -9,7 +9,9 @@ back to the reference path (gradients).
 
 from __future__ import annotations
 
+import functools
 import importlib
+from collections.abc import Callable
 
 import hypothesis.strategies as st
 import numpy as np
@@ -37,7 +39,7 @@ from difficp.solvers import (
     solve_normal_equations,
     weighted_procrustes,
 )
-from difficp.strategies.compiled import compile_twin
+from difficp.strategies.compiled import compile_twin as compile_twin_uncached
 from difficp.strategies.correspondences import CORRESPONDENCES
 from difficp.strategies.kernels import KERNELS
 from difficp.strategies.rejection import REJECTIONS
@@ -47,6 +49,15 @@ from conftest import METRIC_SOLVER_COMBOS, make_pair
 
 FUSED_COMBOS = [(metric, solver) for metric, solver in METRIC_SOLVER_COMBOS if solver != "lm"]
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@functools.cache
+def compile_twin(twin: Callable) -> Callable:
+    """One compiled function per twin for the whole module: hypothesis runs each test body up to
+    60 times, and compiling a twin costs ~1 s (it was ~10 CPU-minutes of the suite)."""
+    return compile_twin_uncached(twin)
+
+
 # Every registered robust kernel (None is the unweighted case the other tests run).
 KERNEL_NAMES = [name for name in KERNELS.names if name is not None]
 
