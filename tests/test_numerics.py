@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import roma
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 
 import difficp
 from difficp import fused
@@ -65,6 +65,9 @@ def test_a_drifted_pair_does_not_match_another_pairs_target(backend: str, option
     offset=st.sampled_from([0.1, 10.0, 1000.0]),
     soft=st.booleans(),
 )
+# All soft partners of pair 1 fall on one target point in the first iteration: a rank-one
+# cross-covariance of 1e-12, whose undamped derivative (1e11) magnified rounding differences.
+@example(seed=6, backend="auto", differentiation="unroll", offset=0.1, soft=True)
 @SETTINGS
 def test_batched_equals_per_pair_for_any_backend_init_and_gradient_mode(
     seed: int, backend: str, differentiation: str, offset: float, soft: bool

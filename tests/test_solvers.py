@@ -8,7 +8,12 @@ import torch
 from difficp.correspondence import Correspondences
 from difficp.geometry import make_transform, random_rotation, transform_points, unit_vectors
 from difficp.metrics import METRICS, Symmetric
-from difficp.solvers import gauss_newton_update, lu_solve, weighted_procrustes
+from difficp.solvers import (
+    damped_unit_vectors,
+    gauss_newton_update,
+    lu_solve,
+    weighted_procrustes,
+)
 
 
 def test_lu_solve_solves_and_gradchecks_for_non_symmetric_matrices() -> None:
@@ -34,6 +39,54 @@ def test_weighted_procrustes_recovers_transform_and_ignores_zero_weights() -> No
     q[:, :10] += 5.0  # corrupted partners get weight 0
     w[:, :10] = 0
     torch.testing.assert_close(weighted_procrustes(p, q, w), T)
+
+
+def _collinear_pair(scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Points on a line and their partners on another line, ``scale`` times the unit size."""
+    t = torch.linspace(-1, 1, 12, dtype=torch.float64)[:, None]
+    p = t * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64) * scale
+    q = t * torch.tensor([-2.0, 1.0, 0.5], dtype=torch.float64) * scale + 0.3
+    return p[None], q[None]
+
+
+def test_collinear_procrustes_is_exactly_differentiable_at_ordinary_scales() -> None:
+    p, q = _collinear_pair(1.0)
+    w = torch.rand(1, 12, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.5
+    T = weighted_procrustes(p, q, w)
+    # Rank one: the rotation takes the source line's direction onto the target line's.
+    d_p = (p[0, -1] - p[0, 0]) / (p[0, -1] - p[0, 0]).norm()
+    d_q = (q[0, -1] - q[0, 0]) / (q[0, -1] - q[0, 0]).norm()
+    torch.testing.assert_close(T[0, :3, :3] @ d_p, d_q)
+    assert torch.autograd.gradcheck(
+        lambda a, b: weighted_procrustes(a, b, w), (p.requires_grad_(), q.requires_grad_())
+    )
+
+
+def test_collinear_procrustes_gradient_is_bounded_when_the_cross_covariance_is_tiny() -> None:
+    # Soft partners that all sit on one target point, apart from weights of ~1e-11, give a
+    # rank-one cross-covariance of ~1e-12: the exact derivative of its direction is ~1e12.
+    p, q = _collinear_pair(1.0)
+    q = q.detach() * 1e-11
+    p = p.requires_grad_()
+    q = q.requires_grad_()
+    T = weighted_procrustes(p, q, torch.ones(1, 12, dtype=torch.float64))
+    (T * torch.arange(16, dtype=torch.float64).reshape(4, 4)).sum().backward()
+    assert torch.isclose(T[0, :3, :3].det(), torch.ones((), dtype=torch.float64))
+    # Damped: |H| / eps^2 instead of 1 / |H| per unit of H (~1e-11 / 1e-12 against ~1e11).
+    assert p.grad is not None and q.grad is not None
+    assert p.grad.abs().max() < 1e3 and q.grad.abs().max() < 1e3
+
+
+def test_damped_unit_vectors_are_exact_above_eps_and_bounded_below() -> None:
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(damped_unit_vectors(x, 1e-6), x / x.norm(dim=-1, keepdim=True))
+    assert torch.autograd.gradcheck(lambda v: damped_unit_vectors(v, 1e-9), (x.requires_grad_(),))
+    tiny = (x.detach() * 1e-12).requires_grad_()
+    (
+        damped_unit_vectors(tiny, 1e-6) * torch.randn(5, 3, generator=g, dtype=torch.float64)
+    ).sum().backward()
+    assert tiny.grad is not None and tiny.grad.norm(dim=-1).max() <= 3 / (2 * 1e-6)
 
 
 @pytest.mark.parametrize("case", ["collinear", "planar", "duplicated", "single_point"])

@@ -164,7 +164,7 @@ def weighted_procrustes(
         offset = (q_mean - p_mean)[:, 0].norm(dim=-1)
         size = p_mean[:, 0].norm(dim=-1) + offset + spread
         noise = PROCRUSTES_NOISE * torch.finfo(H.dtype).eps * size * (offset + spread)
-    R = minimal_motion_rotation(H, R, noise)
+    R = minimal_motion_rotation(H, R, noise, gradient_eps)
     t = q_mean[:, 0] - (R @ p_mean[:, 0, :, None])[..., 0]
     return make_transform(R, t)
 
@@ -174,13 +174,18 @@ def weighted_procrustes(
 PROCRUSTES_NOISE = 100.0
 
 
-def minimal_motion_rotation(H: Tensor, R: Tensor, noise: Tensor) -> Tensor:
+def minimal_motion_rotation(
+    H: Tensor, R: Tensor, noise: Tensor, gradient_eps: float = SVD_GRADIENT_EPS
+) -> Tensor:
     """``R`` ``(B, 3, 3)``, except where the cross-covariance ``H`` ``(B, 3, 3)`` leaves the
     Procrustes rotation undetermined: singular values at or below ``noise`` ``(B,)``.
 
     Rank one (``H ~ s u v^T``: collinear points), every rotation with ``R v = u`` maximises
     ``trace(R^T H)``; we take the smallest one, about ``v x u``. Rank zero (coincident points):
-    the identity. Differentiable (finite gradients) in ``H``.
+    the identity. Differentiable in ``H``, with the derivative of ``u`` and ``v`` (``1 / s``)
+    damped as the SVD's (``s / (s^2 + gradient_eps^2)``): a rank-one ``H`` of size ``1e-12`` (soft
+    partners all on one target point, apart from weights of ``1e-11``) otherwise gives gradients
+    of ``1e11``, and rounding differences between equal problems become visible in them.
     """
     with torch.no_grad():
         s = torch.linalg.svdvals(H)
@@ -192,10 +197,37 @@ def minimal_motion_rotation(H: Tensor, R: Tensor, noise: Tensor) -> Tensor:
     if bool(line.any()):
         # The column of H with the largest norm is s u v_j; H^T u then gives v (same sign).
         column = H.detach().norm(dim=1).argmax(-1)
-        u = unit_vectors(torch.gather(H, 2, column[:, None, None].expand(-1, 3, 1))[..., 0])
-        v = unit_vectors((H.transpose(1, 2) @ u[..., None])[..., 0])
+        u = damped_unit_vectors(
+            torch.gather(H, 2, column[:, None, None].expand(-1, 3, 1))[..., 0], gradient_eps
+        )
+        v = damped_unit_vectors((H.transpose(1, 2) @ u[..., None])[..., 0], gradient_eps)
         R = torch.where(line[:, None, None], rotation_between(v, u), R)
     return torch.where(zero[:, None, None], eye, R)
+
+
+class _DampedUnitVectors(torch.autograd.Function):
+    """``x / |x|`` ``(B, 3)``; backward ``(I - x^ x^T) g |x| / (|x|^2 + eps^2)`` instead of
+    ``/ |x|``: the exact derivative where ``|x| >> eps``, bounded by ``1 / (2 eps)`` below."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        unit = unit_vectors(x)
+        ctx.save_for_backward(x, unit)
+        ctx.eps = eps
+        return unit
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        x, unit = ctx.saved_tensors
+        n = x.norm(dim=-1, keepdim=True)
+        tangent = grad - unit * (unit * grad).sum(-1, keepdim=True)
+        return tangent * (n / (n * n + ctx.eps**2)), None
+
+
+def damped_unit_vectors(x: Tensor, eps: float) -> Tensor:
+    """``x`` ``(B, 3)`` normalised (as :func:`~difficp.geometry.unit_vectors`), with its
+    derivative damped below ``|x| ~ eps`` as the Procrustes SVD's (``gradient_eps``)."""
+    return _DampedUnitVectors.apply(x, eps)
 
 
 def compiled_procrustes(
