@@ -122,3 +122,33 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(data_root, tmp_
     assert [r["step"] for r in vals] == [2, 4] and all(r["val_pairs"] == 3 for r in vals)
     with pytest.raises(ValueError, match="differ"):
         run_training(replace(cfg, ff_dims=32), resume=True)
+
+
+def test_a_run_continues_on_another_machine_from_its_model_file_alone(data_root, tmp_path):
+    # Only model.pt travels (float16 weights + progress): the step count, schedule and data
+    # order continue; the weights start from the file's; Adam starts afresh.
+    first = _tiny(data_root, tmp_path / "here", max_steps=2, val_pairs=0)
+    trained = run_training(first)
+    carried = tmp_path / "carried.pt"
+    carried.write_bytes((tmp_path / "here" / "model.pt").read_bytes())
+    there = replace(first, out=str(tmp_path / "there"), resume_weights=str(carried), max_steps=2)
+    torch.manual_seed(7)  # another process: other initial weights, which the file replaces
+    same = run_training(there, resume=True)  # already at step 2: loads and stops
+    for (name, a), b in zip(trained.state_dict().items(), same.state_dict().values(), strict=True):
+        if a.is_floating_point():
+            torch.testing.assert_close(b, a.half().float(), rtol=0, atol=0, msg=name)
+    run_training(replace(there, max_steps=4), resume=True)
+    assert load_state(tmp_path / "there")["progress"]["steps"] == 4
+    records = [json.loads(x) for x in (tmp_path / "there" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [3, 4]
+    with pytest.raises(ValueError, match="differ"):
+        run_training(replace(there, out=str(tmp_path / "elsewhere"), ff_dims=32), resume=True)
+    (tmp_path / "not_a_model.pt").write_bytes(b"")
+    torch.save({"model": {}}, tmp_path / "not_a_model.pt")
+    with pytest.raises(ValueError, match="not a model file"):
+        run_training(
+            replace(
+                there, out=str(tmp_path / "x"), resume_weights=str(tmp_path / "not_a_model.pt")
+            ),
+            resume=True,
+        )

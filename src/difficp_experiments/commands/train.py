@@ -96,6 +96,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
     p.add_argument("--limit-shapes", type=int, default=None, help="use only N training shapes")
     p.add_argument("--resume", action="store_true", help="continue from the saved state")
+    p.add_argument(
+        "--resume-weights",
+        default=None,
+        metavar="MODEL",
+        help="with --resume and no state in --out: continue from this model file (model.pt: "
+        "its weights, step and schedule; a fresh optimiser), e.g. one carried from another machine",
+    )
     p.set_defaults(func=run_dcp)
 
 
@@ -142,6 +149,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         save_every=args.save_every,
         threads=args.threads,
         limit_shapes=args.limit_shapes,
+        resume_weights=args.resume_weights,
     )
 
 
