@@ -252,3 +252,23 @@ def test_cli_report_only_tabulates_partial_results(tmp_path) -> None:
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert list(metrics["arms"]) == ["icp"] and metrics["comparisons"] == []
     assert (tmp_path / "study.png").stat().st_size > 1000
+
+
+def test_a_scratch_start_is_a_fresh_network_of_the_checkpoint_architecture() -> None:
+    from difficp_experiments.depth.study import start_network
+
+    trained = _start()
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(1.0)  # unlike any fresh initialisation
+    nets = {"nn": trained}
+    assert start_network(nets, SCENE, "nn") is trained
+    fresh = start_network(nets, SCENE, "scratch", scratch_seed=3)
+    again = start_network(nets, SCENE, "scratch", scratch_seed=3)
+    other = start_network(nets, SCENE, "scratch", scratch_seed=4)
+    assert fresh.config() == trained.config()
+    assert torch.equal(_params(fresh), _params(again))  # the same start for every arm and seed
+    assert not torch.equal(_params(fresh), _params(other))
+    assert not torch.allclose(_params(fresh), _params(trained))
+    with pytest.raises(ValueError, match="no network 'nn_x'"):
+        start_network(nets, SCENE, "nn_x")

@@ -146,6 +146,7 @@ def run_study(args: argparse.Namespace) -> int:
 
     from difficp.datadir import require_data_dir
     from difficp_experiments.depth.data import TEST, DepthPairs, load_or_build, open_renderer
+    from difficp_experiments.depth.study import SCRATCH, start_network
     from difficp_experiments.depth.study import run_study as study
     from difficp_experiments.depth.train import StageConfig, load_final
 
@@ -157,7 +158,7 @@ def run_study(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown arms {sorted(unknown)}; expected some of {ARMS}")
     nets, scene, _ = load_final(Path(args.start))
-    start = nets[args.start_net]
+    start = start_network(nets, scene, args.start_net, args.scratch_seed)
     renderer = open_renderer(data_dir)
     test = DepthPairs(renderer, scene, args.test_seed, TEST, args.test_n)
     cache = out / "cache" / f"test_seed{args.test_seed}_n{args.test_n}_icp{scene.icp_res}.pt"
@@ -189,7 +190,8 @@ def run_study(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=not args.no_progress,
         info={
-            "start": f"{args.start}:{args.start_net}",
+            "start": f"{args.start}:{args.start_net}"
+            + (f" (seed {args.scratch_seed})" if args.start_net == SCRATCH else ""),
             "test_seed": args.test_seed,
             "torch_threads": args.threads,
         },
@@ -293,7 +295,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=str(committed_checkpoint()),
         help="checkpoint holding the start network (%(default)s)",
     )
-    study.add_argument("--start-net", default="nn", help="network in --start (%(default)s)")
+    study.add_argument(
+        "--start-net",
+        default="nn",
+        help="network in --start (%(default)s), or 'scratch': a freshly initialised network "
+        "of its architecture (training from scratch)",
+    )
+    study.add_argument(
+        "--scratch-seed", type=int, default=0, help="init seed of --start-net scratch (%(default)s)"
+    )
     study.add_argument("--epochs", type=int, default=6, help="epochs per arm (%(default)s)")
     study.add_argument("--steps", type=int, default=100, help="batches per epoch (%(default)s)")
     study.add_argument("--batch", type=int, default=32, help="batch size (%(default)s)")

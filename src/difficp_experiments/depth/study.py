@@ -65,6 +65,27 @@ KINDS = ("raw", "icp")  # the network alone; refined by the test-time ICP schedu
 COMPARISONS = (("icp", "pose"), ("both", "pose"))
 
 
+# ``start_network`` name of a fresh network: the study then trains from scratch
+SCRATCH = "scratch"
+
+
+def start_network(
+    nets: dict[str, PoseCNN], scene: SceneConfig, name: str, scratch_seed: int = 0
+) -> PoseCNN:
+    """The study's start: ``nets[name]`` of a checkpoint, or for ``name == "scratch"`` a
+    freshly initialised network of the same architecture (PyTorch's default init under
+    ``scratch_seed``), the same for every arm and seed, so that the arms train from scratch."""
+    if name == SCRATCH:
+        torch.manual_seed(scratch_seed)
+        reference = next(iter(nets.values()))
+        return PoseCNN(scene.intrinsics(scene.cnn_res), **reference.config()).eval()
+    if name not in nets:
+        raise ValueError(
+            f"no network {name!r}: the checkpoint holds {sorted(nets)}, or {SCRATCH!r}"
+        )
+    return nets[name]
+
+
 def arm_loss(arm: str, scene: SceneConfig, schedule: list, pose_weight: float = 1.0) -> LossFn:
     """The training loss of ``arm``; the arms differ in nothing else."""
     if arm == "pose":
@@ -458,8 +479,11 @@ def markdown_tables(metrics: dict) -> str:
         return [f"{_pct(d['success_3cm'])} {_ci(d['success_3cm_ci'])}", _pct(d["success_30cm"])]
 
     s = metrics["start"]
+    # study.json names the start "<checkpoint>:<network>[ (seed s)]"
+    start_name = str(metrics.get("study", {}).get("meta", {}).get("start", ":nn"))
+    start_name = start_name.rsplit(":", 1)[-1]
     lines.append(
-        "| start (`nn`) | – | "
+        f"| start (`{start_name}`) | – | "
         + " | ".join(cells(s["raw"]))
         + f" | {100 * s['raw']['median_error_m']:.1f} | "
         + " | ".join(cells(s["icp"]))
