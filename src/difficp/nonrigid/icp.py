@@ -200,7 +200,7 @@ class NonrigidSteps:
         self.problem = problem
         self.config = config
         self.model = model
-        self.metric = get_metric(config.metric)
+        self.metric = config.strategies.metric
         self.schedule = schedule
         self.point_weight = point_weight
         self.source_weights = source_weights
