@@ -59,6 +59,8 @@ class Metric(Protocol):
     # How far the linearisation point moves when both sides are centred on c: p moves by c
     # (1), symmetric's p + q by 2c (2). See difficp.solvers._step_to_transform.
     centre_factor: float
+    # The solver of ICPConfig(solver=None).
+    default_solver: str
 
     def residuals(
         self, source: Tensor, source_normals: Tensor | None, corr: Correspondences
@@ -88,6 +90,7 @@ class RigidStepMetric:
     needs_source_normals = False
     needs_target_normals = True
     centre_factor = 1.0
+    default_solver = "linear"
     # Per-point covariances (source and target), read by metric "gicp".
     needs_covariances = False
     # Whether it reads colour features (Correspondences.features / source_features).
@@ -104,6 +107,7 @@ class RigidStepMetric:
 @METRICS.register("point_to_point")
 class PointToPoint(RigidStepMetric):
     residual_dim = 3
+    default_solver = "svd"
     needs_target_normals = False
 
     def residuals(
