@@ -615,9 +615,16 @@ def test_every_strategy_has_a_compiled_twin_or_a_reason(registry: str, name: str
         "solver": SOLVERS,
     }[registry][name]
     reason = getattr(strategy, "fused_reason", None)
+    # A correspondence's twin is the search the fused kernel runs for it (nearest: the KD forest
+    # of difficp.kdtree; projective: its pixel choice); the kernel has no slot for a new one, so
+    # a new correspondence needs a fused_reason until the kernel gets its twin.
+    correspondence_twins = {"nearest": [], "projective": ["compiled_pixel"]}
+    if registry == "correspondence" and reason is None:
+        assert name in correspondence_twins, (
+            f"correspondence {name!r}: no compiled twin and no fused_reason"
+        )
     twins = {
-        # nearest: the KD forest search of difficp.kdtree; projective: its pixel choice
-        "correspondence": ["compiled_pixel"] if name == "projective" else [],
+        "correspondence": correspondence_twins.get(name, []),
         "rejection": ["compiled_keep"],
         "robust_kernel": ["compiled_weight"],
         "metric": ["compiled_residual", "compiled_accumulate", "compiled_step_to_transform"],

@@ -129,7 +129,7 @@ class AtomicFiles:
     def __enter__(self) -> AtomicFiles:
         return self
 
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+    def __exit__(self, exc_type: object, _exc: object, _tb: object) -> None:
         if exc_type is None:
             self.commit()
         else:
@@ -170,7 +170,7 @@ def save_checkpoint(obj: Any, path: PathLike, keep_previous: bool = True) -> Non
     ``obj`` must hold only tensors and plain Python types (dict, list, tuple, str, int, float,
     bool, None), so that :func:`load_checkpoint` can read it with ``weights_only=True``.
     """
-    import torch
+    import torch  # here: the atomic writes of difficp.io do not load PyTorch
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -191,7 +191,7 @@ def save_checkpoint(obj: Any, path: PathLike, keep_previous: bool = True) -> Non
 
 
 def _load(path: Path, map_location: Any) -> Any:
-    import torch
+    import torch  # here: as in save_checkpoint
 
     return torch.load(path, map_location=map_location, weights_only=True)
 

@@ -26,9 +26,11 @@ another search backend.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from difficp.compile_cache import compile_or_fall_back, kernels_cached
 from difficp.correspondence import NeighborIndex, _gather
 
 # Open3D fits a gradient only where the hybrid search finds at least this many points (the
@@ -113,8 +115,7 @@ def _gradient_kernel_ready() -> bool:
     """Whether the KD-forest's colour-gradient kernel may run in this process: compiled (or
     cached), and not in a forked child whose parent started numba's pool. In a fresh
     environment: False while `difficp warmup` compiles it in the background."""
-    from difficp import kdtree  # numba only when it runs
-    from difficp.compile_cache import compile_or_fall_back, kernels_cached
+    from difficp import kdtree  # here: numba only when it runs
 
     if kdtree.parallel_unsafe_after_fork():
         return False
@@ -133,9 +134,7 @@ def _compiled_gradients(
 ) -> Tensor:
     """:func:`intensity_gradients` on the compiled KD-forest (that of ``index`` when given,
     which the ICP search then reuses): ``(B, M, 3)`` in ``points.dtype``."""
-    import numpy as np
-
-    from difficp.kdtree import intensity_gradients as forest_gradients
+    from difficp.kdtree import intensity_gradients as forest_gradients  # here: numba when run
 
     if index is None:
         index = NeighborIndex(points.detach(), lengths, "compiled")

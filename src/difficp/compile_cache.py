@@ -63,7 +63,7 @@ def compile_lock(wait: bool) -> Iterator[bool]:
     """
     global _holding_lock
     try:
-        import fcntl
+        import fcntl  # here: POSIX only (Windows: ImportError, no lock)
 
         handle = open(lock_path(), "a+b")  # noqa: SIM115 -- closed in the finally below
     except (ImportError, OSError):

@@ -293,7 +293,7 @@ class ICPConfig:
         object.__setattr__(
             self, "color_neighbors", _integer("color_neighbors", self.color_neighbors, 1)
         )
-        if self.needs_colors and self.correspondence == "projective":
+        if self.needs_colors and CORRESPONDENCE_REGISTRY[self.correspondence].depth_target:
             raise ValueError(
                 "ICPConfig.metric='colored' needs point-cloud targets with colours; it does not "
                 "run with correspondence='projective' (use 'nearest' or 'soft')"
@@ -308,7 +308,7 @@ class ICPConfig:
         object.__setattr__(self, "lm_steps", _integer("lm_steps", self.lm_steps, 1))
         # A plane through a point needs at least 3 neighbours (the point included).
         object.__setattr__(self, "covariance_k", _integer("covariance_k", self.covariance_k, 3))
-        if self.needs_covariances and self.correspondence == "projective":
+        if self.needs_covariances and CORRESPONDENCE_REGISTRY[self.correspondence].depth_target:
             raise ValueError(
                 f"ICPConfig.metric={self.metric!r} needs point-cloud covariances, which a "
                 "depth-map target (correspondence='projective') has none of; use "
@@ -326,7 +326,7 @@ class ICPConfig:
         """The solver in use: ``solver``, or the metric's default when it is None."""
         if self.solver is not None:
             return self.solver
-        return "svd" if self.metric == "point_to_point" else "linear"
+        return METRIC_REGISTRY[self.metric].default_solver
 
     @property
     def uses_normal_criteria(self) -> bool:
@@ -383,7 +383,7 @@ class ICPConfig:
         """What the correspondence search reads (step 2); not cached: a learnt (tensor)
         ``max_distance`` changes in place."""
         radius = None
-        if self.max_distance is not None and self.rejection == "hard":
+        if self.max_distance is not None and REJECTION_REGISTRY[self.rejection].bounds_search:
             radius = float(torch.as_tensor(self.max_distance).detach())
         return MatchOptions(radius, self.temperature, self.soft_k, self.needs_target_normals)
 

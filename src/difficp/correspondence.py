@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from difficp.compile_cache import compile_or_fall_back, kernels_cached
 from difficp.geometry import points_to_pixels, transform_points
+from difficp.softmatch import dense_soft_match, dense_soft_mean, topk_soft_match
 
 if TYPE_CHECKING:
     from scipy.spatial import cKDTree
@@ -165,7 +167,7 @@ class NeighborIndex:
     def _cloud_tree(self, b: int) -> tuple[cKDTree, np.ndarray]:
         """The KD-tree of cloud ``b`` alone (built when first needed) and its point indices."""
         if b not in self._cloud_trees:
-            from scipy.spatial import cKDTree
+            from scipy.spatial import cKDTree  # here: the compiled fast path needs no scipy
 
             mask = self.mask[b].cpu().numpy()
             ref = self.reference[b].cpu().double().numpy()[mask]
@@ -213,7 +215,7 @@ class NeighborIndex:
         estimate and the fused ICP kernel) and ``order`` ``(B, M)``: each forest cloud's point
         ``j`` is the reference's point ``order[b, j]`` (None: the identity, for prefix masks)."""
         if self._forest is None:
-            from difficp.kdtree import build_forest, set_threads
+            from difficp.kdtree import build_forest, set_threads  # here: numba only when used
 
             threads = torch.get_num_threads()
             set_threads(threads)
@@ -404,7 +406,6 @@ def _compiled_unsafe() -> bool:
     terminate it), or before :func:`difficp.kdtree.knearest` is compiled (minutes on a first
     use; ``difficp warmup``, which the fast path starts in the background, compiles it)."""
     from difficp import kdtree  # here: importing difficp must not load numba
-    from difficp.compile_cache import compile_or_fall_back, kernels_cached
 
     if kdtree.parallel_unsafe_after_fork():
         return True
@@ -433,20 +434,6 @@ def spatial_order(points: Tensor, mask: Tensor | None = None, bits: int = 10) ->
             code |= ((grid[..., axis] >> bit) & 1) << (3 * bit + axis)
     code = torch.where(valid, code, torch.full_like(code, 1 << (3 * bits)))
     return torch.argsort(code, dim=1, stable=True)
-
-
-def knn_indices(
-    query: Tensor,
-    reference: Tensor,
-    k: int,
-    query_lengths: Tensor | None = None,
-    reference_lengths: Tensor | None = None,
-    backend: SearchBackend = "auto",
-) -> Tensor:
-    """``(B, N, k)`` indices of the ``k`` nearest ``reference`` points of each ``query`` point."""
-    index = NeighborIndex(reference, reference_lengths, backend)
-    mask = lengths_mask(query_lengths, query.shape[0], query.shape[1], query.device)
-    return index.query(query, k, query_mask=mask)[0]
 
 
 def _partner_normals(normals: Tensor | None, index: Tensor) -> Tensor | None:
@@ -547,8 +534,6 @@ def soft_correspondences(
             raise ValueError("soft_correspondences with soft_k needs a NeighborIndex on the target")
         k = int(min(soft_k, int(target_mask.sum(1).min().clamp_min(1))))
         idx, found = index.query(source, k, query_mask=source_mask)
-        from difficp.softmatch import topk_soft_match
-
         # Normals and covariances ride along as more channels of the same weighted mean.
         channels = [] if target_normals is None else [target_normals]
         if target_covariances is not None:
@@ -571,8 +556,6 @@ def soft_correspondences(
         any_found = found.any(-1)
         valid = source_mask & any_found
     else:
-        from difficp.softmatch import dense_soft_match, dense_soft_mean
-
         if target_covariances is None:
             partner, normals = dense_soft_match(
                 source, target, target_normals, temperature, target_mask

@@ -1099,7 +1099,7 @@ def _kernel_options(config: ICPConfig, procrustes: bool) -> tuple[np.ndarray, np
     """The ``options`` / ``int_options`` arrays of the fused kernels (layout: see
     :func:`fused_iteration`; :func:`projective_iteration` reads the first eight integer options)."""
     md = None if config.max_distance is None else _scalar(config.max_distance)
-    hard_radius = md is not None and config.rejection == "hard"
+    hard_radius = md is not None and config.strategies.rejection.bounds_search
     angle = config.max_normal_angle
     options = np.array(
         [

@@ -68,6 +68,17 @@ def twist_to_transform(twist: Tensor) -> Tensor:
     return make_transform(R, twist[..., 3:])
 
 
+def twist_to_transform_twin(step: np.ndarray, out: np.ndarray) -> None:
+    """Compiled twin of :func:`twist_to_transform` (plain Python that :mod:`difficp.fused`
+    compiles): ``step`` ``(6,)`` into ``out`` ``(4, 4)`` (its last row untouched)."""
+    ca, cb, cg = math.cos(step[0]), math.cos(step[1]), math.cos(step[2])
+    sa, sb, sg = math.sin(step[0]), math.sin(step[1]), math.sin(step[2])
+    out[0, 0], out[0, 1], out[0, 2] = cg * cb, cg * sb * sa - sg * ca, cg * sb * ca + sg * sa
+    out[1, 0], out[1, 1], out[1, 2] = sg * cb, sg * sb * sa + cg * ca, sg * sb * ca - cg * sa
+    out[2, 0], out[2, 1], out[2, 2] = -sb, cb * sa, cb * ca
+    out[0, 3], out[1, 3], out[2, 3] = step[3], step[4], step[5]
+
+
 def skew(v: Tensor) -> Tensor:
     """``(..., 3)`` -> ``(..., 3, 3)`` cross-product matrix ``[v]x``."""
     z = torch.zeros_like(v[..., 0])
@@ -166,6 +177,12 @@ def rotation_between(v: Tensor, u: Tensor) -> Tensor:
 
 
 @compiled_helper
+def skew_twin(v: np.ndarray) -> np.ndarray:
+    """Compiled twin of :func:`skew` for one ``(3,)`` vector: ``(3, 3)`` ``[v]x``."""
+    return np.array([[0.0, -v[2], v[1]], [v[2], 0.0, -v[0]], [-v[1], v[0], 0.0]])
+
+
+@compiled_helper
 def norm3_twin(v: np.ndarray) -> float:
     """``|v|`` of a ``(3,)`` array (compiled helper)."""
     return math.sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2])
@@ -174,8 +191,7 @@ def norm3_twin(v: np.ndarray) -> float:
 @compiled_helper
 def _small_rotation_twin(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``I + K + K^2 / (1 + a.b)``, ``K = [a x b]x`` (compiled helper of the twin below)."""
-    k = np.cross(a, b)
-    K = np.array([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
+    K = skew_twin(np.cross(a, b))
     c = max(a[0] * b[0] + a[1] * b[1] + a[2] * b[2], 0.0)
     return np.eye(3) + K + (K @ K) / (1.0 + c)
 

@@ -422,7 +422,7 @@ def _point_target(
         assert tgt_normals is not None
         _check_normal_lengths("target_normals", tgt_normals, tgt_mask)
     index = None
-    if config.correspondence == "nearest" or config.soft_k is not None:
+    if config.strategies.correspondence.needs_index(config.soft_k):
         index = NeighborIndex(tgt_points, t_lengths, search_backend)  # type: ignore[arg-type]
         if index.backend in ("kdtree", "compiled") and N >= SPATIAL_ORDER_MIN_POINTS:
             # Results do not depend on the order of the source points (they are summed),
@@ -481,7 +481,7 @@ def prepare_problem(
     B = src.points.shape[0]
     source_features = None
     tgt: PointTarget | DepthTarget
-    if config.correspondence == "projective":
+    if config.strategies.correspondence.depth_target:
         tgt = _depth_target(target, intrinsics, target_pose, target_normals, B, src.points)
         dtype = src.points.dtype
     else:
@@ -551,7 +551,8 @@ def _float_dtype(value: object) -> torch.dtype | None:
 def _input_dtype(source: object, target: object, config: ICPConfig) -> torch.dtype | None:
     """The dtype results are returned in: the promoted float dtype of the inputs (None when
     they are not float tensors / arrays; validation reports that)."""
-    inputs = (source, target) if config.correspondence != "projective" else (source,)
+    depth_map = config.strategies.correspondence.depth_target  # depths do not set the dtype
+    inputs = (source,) if depth_map else (source, target)
     dtypes = [d for d in map(_float_dtype, inputs) if d is not None]
     if not dtypes:
         return None

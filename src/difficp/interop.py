@@ -149,7 +149,7 @@ def to_open3d(
 ) -> Any:
     """An Open3D point cloud (legacy ``geometry.PointCloud``, or ``t.geometry.PointCloud`` with
     ``tensor_api=True``) from ``(N, 3)`` points and optional normals / colours (detached)."""
-    import open3d as o3d
+    import open3d as o3d  # here: optional (not a requirement of difficp)
 
     pts, nrm, col = _numpy(points), _numpy(normals), _numpy(colors)
     if tensor_api:
@@ -169,7 +169,7 @@ def to_open3d(
 
 def to_trimesh(points: Tensor | np.ndarray, colors: Tensor | np.ndarray | None = None) -> Any:
     """A ``trimesh.PointCloud`` from ``(N, 3)`` points and optional RGB colours in ``[0, 1]``."""
-    import trimesh
+    import trimesh  # here: optional (not a requirement of difficp)
 
     pts, col = _numpy(points), _numpy(colors)
     rgba = None if col is None else np.concatenate([col, np.ones((len(col), 1))], 1) * 255

@@ -26,7 +26,7 @@ norm of one correspondence, for the robust kernel), ``compiled_accumulate`` (its
 normal-equation terms) and ``compiled_step_to_transform``. Twins are plain
 Python on floats and numpy arrays; :mod:`difficp.fused` compiles them with numba and dispatches
 by ``METRICS.code(name)``, so this module does not import numba. A metric the compiled path
-cannot run sets ``compiled = False`` and ``fused_reason``.
+cannot run sets ``fused_reason`` (why not).
 """
 
 from __future__ import annotations
@@ -39,17 +39,14 @@ import torch
 from torch import Tensor
 
 from difficp.correspondence import Correspondences
-from difficp.geometry import make_transform, twist_to_transform
+from difficp.geometry import (
+    make_transform,
+    skew,
+    skew_twin,
+    twist_to_transform,
+    twist_to_transform_twin,
+)
 from difficp.strategies.registry import Registry, compiled_helper
-
-
-def _skew(v: Tensor) -> Tensor:
-    """``(..., 3)`` -> ``(..., 3, 3)`` cross-product matrix ``[v]x``."""
-    z = torch.zeros_like(v[..., 0])
-    x, y, w = v.unbind(-1)
-    return torch.stack(
-        [torch.stack([z, -w, y], -1), torch.stack([w, z, -x], -1), torch.stack([-y, x, z], -1)], -2
-    )
 
 
 class Metric(Protocol):
@@ -62,6 +59,8 @@ class Metric(Protocol):
     # How far the linearisation point moves when both sides are centred on c: p moves by c
     # (1), symmetric's p + q by 2c (2). See difficp.solvers._step_to_transform.
     centre_factor: float
+    # The solver of ICPConfig(solver=None).
+    default_solver: str
 
     def residuals(
         self, source: Tensor, source_normals: Tensor | None, corr: Correspondences
@@ -83,17 +82,6 @@ class Metric(Protocol):
 METRICS: Registry[Metric] = Registry("metric")
 
 
-def _euler_update(step: np.ndarray, out: np.ndarray) -> None:
-    """Compiled twin of :func:`difficp.geometry.twist_to_transform`: ``R = Rz Ry Rx``,
-    ``t = v``; ``step`` ``(6,)`` into ``out`` ``(4, 4)`` (its last row untouched)."""
-    ca, cb, cg = math.cos(step[0]), math.cos(step[1]), math.cos(step[2])
-    sa, sb, sg = math.sin(step[0]), math.sin(step[1]), math.sin(step[2])
-    out[0, 0], out[0, 1], out[0, 2] = cg * cb, cg * sb * sa - sg * ca, cg * sb * ca + sg * sa
-    out[1, 0], out[1, 1], out[1, 2] = sg * cb, sg * sb * sa + cg * ca, sg * sb * ca - cg * sa
-    out[2, 0], out[2, 1], out[2, 2] = -sb, cb * sa, cb * ca
-    out[0, 3], out[1, 3], out[2, 3] = step[3], step[4], step[5]
-
-
 class RigidStepMetric:
     """Defaults of a metric whose solved step ``x = (omega, v)`` is the twist
     ``p -> R(omega) p + v`` (:func:`~difficp.geometry.twist_to_transform`)."""
@@ -102,6 +90,7 @@ class RigidStepMetric:
     needs_source_normals = False
     needs_target_normals = True
     centre_factor = 1.0
+    default_solver = "linear"
     # Per-point covariances (source and target), read by metric "gicp".
     needs_covariances = False
     # Whether it reads colour features (Correspondences.features / source_features).
@@ -112,12 +101,13 @@ class RigidStepMetric:
     def step_to_transform(self, step: Tensor) -> Tensor:
         return twist_to_transform(step)
 
-    compiled_step_to_transform = staticmethod(_euler_update)
+    compiled_step_to_transform = staticmethod(twist_to_transform_twin)
 
 
 @METRICS.register("point_to_point")
 class PointToPoint(RigidStepMetric):
     residual_dim = 3
+    default_solver = "svd"
     needs_target_normals = False
 
     def residuals(
@@ -129,7 +119,7 @@ class PointToPoint(RigidStepMetric):
         self, source: Tensor, source_normals: Tensor | None, corr: Correspondences
     ) -> Tensor:
         eye = torch.eye(3, dtype=source.dtype, device=source.device).expand(*source.shape[:2], 3, 3)
-        return torch.cat([-_skew(source), eye], dim=-1)
+        return torch.cat([-skew(source), eye], dim=-1)
 
     @staticmethod
     def compiled_residual(d: float, v: tuple) -> float:
@@ -231,8 +221,7 @@ def _symmetric_update(step: np.ndarray, out: np.ndarray) -> None:
     angle = math.sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2])
     R_half = np.eye(3)
     if angle >= 1e-300:
-        k = v / angle
-        K = np.array([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
+        K = skew_twin(v / angle)
         R_half = R_half + math.sin(angle) * K + (1.0 - math.cos(angle)) * (K @ K)
     translation = R_half @ (step[3:] * math.cos(theta))
     out[:3, :3] = R_half @ R_half
@@ -341,7 +330,7 @@ class GeneralizedICP(RigidStepMetric):
     ) -> Tensor:
         L = _whitening(corr)
         eye = torch.eye(3, dtype=source.dtype, device=source.device).expand(*source.shape[:2], 3, 3)
-        J = torch.cat([-_skew(source), eye], dim=-1)
+        J = torch.cat([-skew(source), eye], dim=-1)
         return torch.linalg.solve_triangular(L, J, upper=False)
 
     @staticmethod

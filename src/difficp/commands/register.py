@@ -26,15 +26,29 @@ import re
 import sys
 import time
 from functools import partial
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 import numpy as np
+import torch
 
+import difficp
+from difficp._atomic import AtomicFiles, check_writable
 from difficp.cli import add_command
-from difficp.config import CORRESPONDENCES, METRICS, ROBUST_KERNELS, SOLVERS
-
-if TYPE_CHECKING:
-    from difficp.loop import Progress
+from difficp.config import CORRESPONDENCES, METRICS, ROBUST_KERNELS, SOLVERS, ICPConfig
+from difficp.geometry import depth_to_points, rotate_vectors, transform_points
+from difficp.io import (
+    POINT_CLOUD_EXTENSIONS,
+    PointCloudData,
+    point_cloud_writer,
+    read_depth,
+    read_intrinsics,
+    read_point_cloud,
+    read_transform,
+    transform_writer,
+)
+from difficp.loop import Progress
+from difficp.normals import estimate_normals
+from difficp.sampling import multiscale_icp, parse_scales, voxel_downsample
 
 DESCRIPTION = (
     "Register SOURCE onto TARGET by ICP and print the 4x4 transform that maps source "
@@ -184,7 +198,6 @@ class InputError(Exception):
 
 
 def _device(name: str) -> Any:
-    import torch
 
     try:
         device = torch.device(name)
@@ -204,7 +217,6 @@ def _is_depth_image(path: str) -> bool:
 
 
 def _intrinsics(args: argparse.Namespace) -> Any:
-    from difficp.io import read_intrinsics
 
     if not args.intrinsics:
         raise InputError(
@@ -222,7 +234,6 @@ def _intrinsics(args: argparse.Namespace) -> Any:
 
 
 def _read_depth(path: str, role: str, args: argparse.Namespace) -> Any:
-    from difficp.io import read_depth
 
     try:
         depth = read_depth(path, args.depth_scale)
@@ -235,19 +246,12 @@ def _read_depth(path: str, role: str, args: argparse.Namespace) -> Any:
 
 def _depth_cloud(depth: Any, K: Any, stride: int) -> Any:
     """The valid pixels of a depth image as a point cloud (every ``stride``-th one)."""
-    import torch
-
-    from difficp.geometry import depth_to_points
-    from difficp.io import PointCloudData
-
     points = depth_to_points(torch.from_numpy(depth), torch.from_numpy(K)).numpy()
     return PointCloudData(points[depth > 0][::stride])
 
 
 def _stages(args: argparse.Namespace) -> list[Any] | None:
     """The multi-scale stages of ``--scales`` (None without it); checks ``--voxel-size``."""
-    from difficp.sampling import parse_scales
-
     if args.voxel_size is not None and not (math.isfinite(args.voxel_size) and args.voxel_size > 0):
         raise InputError(f"--voxel-size must be a positive number, got {args.voxel_size}")
     if args.scales is None:
@@ -264,8 +268,6 @@ def _stages(args: argparse.Namespace) -> list[Any] | None:
 
 def _downsample(cloud: Any, voxel_size: float, dtype: Any, device: Any) -> tuple[Any, Any]:
     """``(points, normals)`` tensors of ``cloud`` with one mean point per voxel."""
-    from difficp.sampling import voxel_downsample
-
     points, normals = cloud.to_torch(dtype, device)
     grid = voxel_downsample(points, voxel_size, normals=normals)
     return grid.points, grid.normals
@@ -274,10 +276,6 @@ def _downsample(cloud: Any, voxel_size: float, dtype: Any, device: Any) -> tuple
 def _colors(cloud: Any, voxel_size: float | None, dtype: Any, device: Any) -> Any:
     """The cloud's ``(N, 3)`` colours in [0, 1] as a tensor (averaged per voxel when
     ``voxel_size`` is given, in the order of :func:`_downsample`'s points), or None."""
-    import torch
-
-    from difficp.sampling import voxel_downsample
-
     if cloud.colors is None:
         return None
     colors = torch.as_tensor(cloud.colors, dtype=dtype, device=device)
@@ -325,7 +323,6 @@ def _load_input(path: str, role: str, args: argparse.Namespace) -> tuple[Any, An
 
 
 def _load(path: str, role: str) -> Any:
-    from difficp.io import read_point_cloud
 
     try:
         raw = read_point_cloud(path)
@@ -345,8 +342,6 @@ def _load(path: str, role: str) -> Any:
 
 def _check_scale(cloud: Any, role: str, path: str, dtype: Any) -> None:
     """Refuse coordinates whose squared distances overflow the computation dtype."""
-    import torch
-
     largest = float(abs(cloud.points).max())
     # ICP squares distances (and sums three squares, and differences of two points): keep a
     # margin of 1e3 under the square root of the largest finite number.
@@ -362,7 +357,7 @@ def _check_scale(cloud: Any, role: str, path: str, dtype: Any) -> None:
 
 def _point_spacing(points: np.ndarray, sample: int = 2000) -> float:
     """Median distance from a point to its nearest neighbour (on a sample of the points)."""
-    from scipy.spatial import cKDTree
+    from scipy.spatial import cKDTree  # here: scipy only for this estimate (~0.3 s to load)
 
     rng = np.random.default_rng(0)
     queries = points if len(points) <= sample else points[rng.choice(len(points), sample, False)]
@@ -377,9 +372,6 @@ def _flag_names(message: str) -> str:
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """Every output path is checked before ICP runs, so that no result is computed in vain."""
-    from difficp._atomic import check_writable
-    from difficp.io import POINT_CLOUD_EXTENSIONS
-
     outputs = [(flag, path) for flag, path in (("--out", args.out), ("--aligned", args.aligned))]
     outputs = [(flag, path) for flag, path in outputs if path]
     for flag, path in outputs:
@@ -410,8 +402,6 @@ def register_files(args: argparse.Namespace) -> dict[str, Any]:
         ``{"transform": (4, 4) np.ndarray, "fitness", "inlier_rmse", "iterations", "converged",
         "source_points", "target_points", "estimated_normals": [roles]}``.
     """
-    import torch
-
     device = _device(args.device)
     dtype = getattr(torch, args.dtype)
     _check_counts(args)
@@ -480,8 +470,6 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 def _config(args: argparse.Namespace) -> Any:
     """The :class:`~difficp.config.ICPConfig` of the options (their errors named as flags)."""
-    from difficp.config import ICPConfig
-
     try:
         # The command only reports the result: no autograd graph needed.
         options = {name: getattr(args, name) for name in CONFIG_OPTIONS}
@@ -492,10 +480,6 @@ def _config(args: argparse.Namespace) -> Any:
 
 def _read_init(args: argparse.Namespace, dtype: Any, device: Any) -> Any:
     """The ``--init`` transform as a ``(4, 4)`` tensor, or None."""
-    import torch
-
-    from difficp.io import read_transform
-
     if not args.init:
         return None
     try:
@@ -513,10 +497,6 @@ def _tensors(cloud: Any, voxel_size: float | None, dtype: Any, device: Any) -> t
 
 def _estimate_normals(points: Any, k: int, role: str, estimated: list[str]) -> Any:
     """PCA normals of ``points`` from ``k`` neighbours; ``role`` is added to ``estimated``."""
-    import torch
-
-    from difficp.normals import estimate_normals
-
     try:
         normals = estimate_normals(points, k=k)
     except (ValueError, torch.linalg.LinAlgError) as err:
@@ -529,11 +509,6 @@ def _register(
     source: Any, target: Any, *, stages: list[Any] | None, normals_k: int, **options: Any
 ) -> Any:
     """:func:`difficp.icp`, or :func:`difficp.multiscale_icp` over ``stages``."""
-    import torch
-
-    import difficp
-    from difficp.sampling import multiscale_icp
-
     register = difficp.icp
     if stages is not None:
         register = partial(multiscale_icp, stages=stages, normals_k=normals_k)
@@ -574,9 +549,6 @@ def _writers(
 ) -> list[tuple[str, Any]]:
     """``[(path, writer)]`` of ``--out`` (the ``(4, 4)`` ``matrix``) and ``--aligned`` (the
     source moved by ``T``), for :func:`write_outputs`."""
-    from difficp.geometry import rotate_vectors, transform_points
-    from difficp.io import PointCloudData, point_cloud_writer, transform_writer
-
     outputs = []
     if args.out:
         outputs.append((args.out, transform_writer(matrix)))
@@ -662,8 +634,6 @@ class ProgressPrinter:
 
 def write_outputs(result: dict[str, Any]) -> None:
     """Write ``result["outputs"]`` (``[(path, writer)]``) all-or-nothing, each atomically."""
-    from difficp._atomic import AtomicFiles
-
     with AtomicFiles() as files:
         for path, write in result["outputs"]:
             write(files.open(path))
@@ -691,8 +661,6 @@ def format_report(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``difficp register``; returns the exit code."""
-    import torch
-
     threads = torch.get_num_threads()
     try:
         if args.threads is not None:

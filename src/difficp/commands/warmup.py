@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from difficp.cli import add_command
+from difficp.compile_cache import compile_lock
 
 DESCRIPTION = (
     "Compile the compiled (numba) ICP fast path for small and large problems, so that "
@@ -43,10 +44,13 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
 def warm_up() -> float:
     """Compile (or load from numba's cache) every kernel of the fast path; the seconds taken."""
     os.environ["DIFFICP_COMPILE"] = "now"
+    # here: `difficp warmup --help` and the background compile's start load no PyTorch / numba
     import torch
 
     import difficp
     from difficp import fused
+    from difficp.colors import intensity_gradients
+    from difficp.correspondence import NeighborIndex
 
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(0)
@@ -60,8 +64,6 @@ def warm_up() -> float:
     # and Generalized-ICP's covariances (difficp.estimate_covariances, metric="gicp")
     difficp.estimate_covariances(torch.rand(200, 3, generator=generator, dtype=torch.float64), k=8)
     # and colored ICP's intensity gradients (difficp.colors.intensity_gradients, metric="colored")
-    from difficp.colors import intensity_gradients
-
     cloud = torch.rand(1, 200, 3, generator=generator, dtype=torch.float64)
     normals = torch.nn.functional.normalize(torch.rand(1, 200, 3, generator=generator), dim=-1)
     intensity_gradients(cloud, normals.double(), cloud[..., 0], k=8)
@@ -80,8 +82,6 @@ def warm_up() -> float:
         search_backend="compiled",
     )
     # the k-nearest search of the differentiable path (difficp.kdtree.knearest)
-    from difficp.correspondence import NeighborIndex
-
     NeighborIndex(torch.rand(1, 50, 3, generator=generator), backend="compiled").query(
         torch.rand(1, 5, 3, generator=generator), 2
     )
@@ -89,8 +89,6 @@ def warm_up() -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from difficp.compile_cache import compile_lock
-
     # one compile per installation at a time; a second `difficp warmup` waits, then finds the
     # cache and returns in seconds
     with compile_lock(wait=not args.background) as held:

@@ -53,7 +53,7 @@ class PointCloudData:
 
     def to_torch(self, dtype: Any = None, device: Any = None) -> tuple[Any, Any]:
         """``(points, normals)`` as torch tensors ``(N, 3)`` (normals None when absent)."""
-        import torch
+        import torch  # here: difficp.io reads and writes files without loading PyTorch
 
         dtype = torch.get_default_dtype() if dtype is None else dtype
         pts = torch.as_tensor(self.points, dtype=dtype, device=device)

@@ -49,7 +49,7 @@ def read_depth(path: PathLike, depth_scale: float = 1000.0) -> np.ndarray:
 
 def _read_png(path: Path) -> np.ndarray:
     try:
-        from PIL import Image
+        from PIL import Image  # here: optional, the [depth] extra
     except ImportError:  # pragma: no cover - depends on the environment
         raise ValueError(
             f"{path}: reading PNG depth images needs Pillow: pip install 'difficp[depth]'"

@@ -30,11 +30,8 @@ from difficp.nonrigid.deformation_graph import EmbeddedDeformationGraph
 from difficp.nonrigid.model import DeformationModel, ResidualBlock
 from difficp.nonrigid.rigid import RigidModel
 from difficp.registration import find_partners, weigh
-from difficp.solvers import (
-    block_levenberg_marquardt,
-    block_normal_equations,
-    damped_solve,
-)
+from difficp.solvers import block_normal_equations
+from difficp.strategies.solvers import SOLVERS, Solver
 from difficp.weighting import inlier_statistics
 
 Schedule = Callable[[int], float] | Sequence[float] | None
@@ -153,10 +150,21 @@ def _step(
         data = _data_blocks(model, metric, p, corr, sqrt_w, with_jacobian, point_weight)
         return [*data, *regs]
 
-    if config.solver == "lm":
-        return block_levenberg_marquardt(blocks, params, damping, config.lm_steps)
-    H, g, cost = block_normal_equations(blocks(params, True), params.shape[-1])
-    return damped_solve(H, g, 0.0), damping, cost
+    solver = nonrigid_solver(config)
+    return solver.compute_param_update(blocks, params, damping, config.lm_steps)
+
+
+def nonrigid_solver(config: ICPConfig) -> Solver:
+    """The solver strategy of non-rigid ICP: ``config.solver``, Gauss-Newton (``"linear"``)
+    when None (whatever the metric: the rigid default ``"svd"`` fits no deformation model).
+
+    Raises:
+        ValueError: the solver cannot fit a deformation model (its ``nonrigid_reason``).
+    """
+    solver = SOLVERS[config.solver or "linear"]
+    if solver.nonrigid_reason is not None:
+        raise ValueError(solver.nonrigid_reason)
+    return solver
 
 
 def _correspond(
@@ -192,7 +200,7 @@ class NonrigidSteps:
         self.problem = problem
         self.config = config
         self.model = model
-        self.metric = get_metric(config.metric)
+        self.metric = config.strategies.metric
         self.schedule = schedule
         self.point_weight = point_weight
         self.source_weights = source_weights
@@ -357,11 +365,7 @@ def nonrigid_icp(
         :class:`NonrigidICPResult`.
     """
     config = resolve_config(config, overrides)
-    if config.solver == "svd":
-        raise ValueError(
-            "solver='svd' (closed-form rigid Procrustes) does not fit a deformation model; use "
-            "solver='linear' (one Gauss-Newton step per iteration, the default) or solver='lm'"
-        )
+    nonrigid_solver(config)  # refuses one that fits no deformation model, before any work
     if isinstance(model, str):
         if source is None:
             raise ValueError(f"model={model!r} is built from the source; pass source=(N, 3) points")

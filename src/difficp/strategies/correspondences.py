@@ -48,6 +48,13 @@ class Correspondence:
     # Why the compiled path (difficp.fused) cannot run it; None: it can (its twin is the
     # KD forest search of difficp.kdtree).
     fused_reason: str | None = None
+    # Whether the target is a depth map seen by a pinhole camera (else a point cloud).
+    depth_target: bool = False
+
+    def needs_index(self, soft_k: int | None) -> bool:
+        """Whether it searches the target's :class:`~difficp.correspondence.NeighborIndex`
+        (built once by :func:`~difficp.inputs.prepare_problem`)."""
+        return False
 
     def find(self, moved: Tensor, target: Any, mask: Tensor, o: MatchOptions) -> Correspondences:
         """Partners of ``moved`` ``(B, N, 3)`` (real points: ``mask`` ``(B, N)``) in the
@@ -70,6 +77,9 @@ def _carried(t: Any) -> dict[str, Tensor | None]:
 class Nearest(Correspondence):
     """Hard nearest neighbour (exact; not differentiable in the choice of partner)."""
 
+    def needs_index(self, soft_k: int | None) -> bool:
+        return True
+
     def find(self, moved: Tensor, target: Any, mask: Tensor, o: MatchOptions) -> Correspondences:
         t = target  # a PointTarget with its neighbour index
         return nearest_correspondences(
@@ -82,6 +92,9 @@ class Soft(Correspondence):
     """Softmax-weighted mean of the targets (differentiable)."""
 
     fused_reason = _ONLY_HARD
+
+    def needs_index(self, soft_k: int | None) -> bool:
+        return soft_k is not None  # the top-k search; all targets without it
 
     def find(self, moved: Tensor, target: Any, mask: Tensor, o: MatchOptions) -> Correspondences:
         t = target  # a PointTarget (its index serves the top-k search)
@@ -101,6 +114,8 @@ class Soft(Correspondence):
 @CORRESPONDENCES.register("projective")
 class Projective(Correspondence):
     """The depth-map pixel each source point projects onto."""
+
+    depth_target = True
 
     def find(self, moved: Tensor, target: Any, mask: Tensor, o: MatchOptions) -> Correspondences:
         assert isinstance(target, DepthTarget)

@@ -27,6 +27,9 @@ class Rejection:
     """Keep-weight in ``[0, 1]`` of a margin to a threshold."""
 
     name: str
+    # Whether a partner beyond the distance threshold has weight exactly 0, so that the search
+    # may stop at the threshold (a bounded radius; Open3D's max_correspondence_distance).
+    bounds_search: bool = False
 
     def keep(self, margin: Tensor, temperature: float | Tensor) -> Tensor:
         """``(B, N)`` keep-weights of margins ``(B, N)``."""
@@ -45,6 +48,8 @@ REJECTIONS: Registry[Rejection] = Registry("rejection")
 @REJECTIONS.register("hard")
 class HardRejection(Rejection):
     """A 0/1 mask: kept when the margin is >= 0 (on the threshold counts as kept)."""
+
+    bounds_search = True
 
     def keep(self, margin: Tensor, temperature: float | Tensor) -> Tensor:
         return (margin >= 0).to(margin.dtype)

@@ -16,6 +16,10 @@ from torch import Tensor
 from difficp.correspondence import Correspondences
 from difficp.metrics import Metric
 from difficp.solvers import (
+    BlockFn,
+    block_levenberg_marquardt,
+    block_normal_equations,
+    damped_solve,
     gauss_newton_update,
     levenberg_marquardt_update,
     weighted_procrustes,
@@ -59,9 +63,19 @@ class Solver:
     # "moments" (Procrustes) or "normal_equations"; None: not compiled, see fused_reason.
     compiled_sums: str | None = None
     fused_reason: str | None = None
+    # Why non-rigid ICP (flat parameters, :mod:`difficp.nonrigid`) cannot use it; None: it can.
+    nonrigid_reason: str | None = None
 
     def compute_update(self, x: SolveInput, damping: Tensor, steps: int) -> tuple[Tensor, Tensor]:
         """The update and the new LM damping ``(B,)`` (``steps``: damped steps, LM only)."""
+        raise NotImplementedError
+
+    def compute_param_update(
+        self, blocks: BlockFn, params: Tensor, damping: Tensor, steps: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Non-rigid ICP's step: from the residual blocks ``blocks(p, with_jacobian)`` at
+        ``params`` ``(B, P)``, the ``(B, P)`` change of the parameters, the new damping ``(B,)``
+        and the cost ``(B,)``."""
         raise NotImplementedError
 
 
@@ -74,6 +88,10 @@ class ProcrustesSolver(Solver):
 
     metrics = ("point_to_point",)
     compiled_sums = "moments"
+    nonrigid_reason = (
+        "solver='svd' (closed-form rigid Procrustes) does not fit a deformation model; use "
+        "solver='linear' (one Gauss-Newton step per iteration, the default) or solver='lm'"
+    )
 
     def compute_update(self, x: SolveInput, damping: Tensor, steps: int) -> tuple[Tensor, Tensor]:
         return weighted_procrustes(x.moved, x.corr.points, x.weights), damping
@@ -88,6 +106,12 @@ class GaussNewtonSolver(Solver):
     def compute_update(self, x: SolveInput, damping: Tensor, steps: int) -> tuple[Tensor, Tensor]:
         return gauss_newton_update(*x.system, center=x.center, far=x.far)[0], damping
 
+    def compute_param_update(
+        self, blocks: BlockFn, params: Tensor, damping: Tensor, steps: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        H, g, cost = block_normal_equations(blocks(params, True), params.shape[-1])
+        return damped_solve(H, g, 0.0), damping, cost
+
 
 @SOLVERS.register("lm")
 class LevenbergMarquardtSolver(Solver):
@@ -98,6 +122,11 @@ class LevenbergMarquardtSolver(Solver):
     def compute_update(self, x: SolveInput, damping: Tensor, steps: int) -> tuple[Tensor, Tensor]:
         update, damping, _ = levenberg_marquardt_update(*x.system, damping, steps, x.center, x.far)
         return update, damping
+
+    def compute_param_update(
+        self, blocks: BlockFn, params: Tensor, damping: Tensor, steps: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return block_levenberg_marquardt(blocks, params, damping, steps)
 
 
 __all__ = ["SOLVERS", "SolveInput", "Solver"]
