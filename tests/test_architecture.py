@@ -16,7 +16,7 @@ import difficp
 from difficp.config import ICPConfig
 from difficp.fused import FusedSteps
 from difficp.inputs import prepare_problem
-from difficp.loop import Steps
+from difficp.loop import Steps, WholeLoop
 from difficp.metrics import METRICS
 from difficp.nonrigid.icp import NonrigidSteps
 from difficp.nonrigid.rigid import RigidModel
@@ -191,6 +191,8 @@ def test_every_steps_class_implements_the_protocol() -> None:
         NonrigidSteps(problem, config, model, None, 0.0),
     ):
         assert isinstance(steps, Steps), type(steps).__name__
+        # Only the compiled steps declare the whole-loop shortcut that run_loop hands over to.
+        assert isinstance(steps, WholeLoop) == (type(steps) is FusedSteps), type(steps).__name__
 
 
 # Each ICPConfig strategy option and the registry of its allowed values.

@@ -128,6 +128,19 @@ class Steps(Protocol):
         ...
 
 
+@runtime_checkable
+class WholeLoop(Protocol):
+    """:class:`Steps` that can also run a small problem's whole rigid loop in one call
+    (:class:`difficp.fused.FusedSteps`); :func:`run_loop` hands such problems over."""
+
+    def run_loop(
+        self, init: Tensor, config: ICPConfig, tolerance: Tensor | None, min_iterations: int
+    ) -> LoopResult | None:
+        """The loop's result for ``init`` ``(B, 4, 4)``, with :func:`run_loop`'s stopping rule
+        (``tolerance``: per-pair RMSE tolerance or None), or None to let :func:`run_loop` iterate."""
+        ...
+
+
 def enough_correspondences(valid: Tensor, weights: Tensor) -> Tensor:
     """``(B,)`` bool: at least :data:`MIN_CORRESPONDENCES` valid partners ``(B, N)`` have a
     positive weight ``(B, N)``."""
@@ -194,11 +207,15 @@ def run_loop(
         progress: called with a :class:`Progress` after the first evaluation and after every
             iteration (None: not at all; it costs nothing then).
     """
-    whole = getattr(steps, "run_loop", None)
-    if whole is not None and apply is compose_rigid and init.device.type == "cpu" and not progress:
+    if (
+        apply is compose_rigid
+        and init.device.type == "cpu"
+        and not progress
+        and isinstance(steps, WholeLoop)
+    ):
         # the compiled fast path runs a small problem's whole loop in one call (no progress
         # reports from inside it: a small problem takes milliseconds)
-        result = whole(init, config, rmse_tolerance, min_iterations)
+        result = steps.run_loop(init, config, rmse_tolerance, min_iterations)
         if result is not None:
             return result
     B = init.shape[0]

@@ -143,10 +143,9 @@ def fixed_point_step(
     :func:`difficp.implicit.implicit_transform`: ``T`` ``(B, 4, 4)`` -> the ``(B, 4, 4)`` update
     and ``(B,)`` bool, the pair had enough correspondences to take it."""
     metric = config.strategies.metric
-    # LM's accept/reject makes its step the identity at a minimum (no step lowers the cost),
-    # which hides the fixed point's sensitivity. Its undamped Gauss-Newton step has the same
-    # fixed point (zero gradient), and the implicit derivative depends only on it.
-    step_config = config.replace(solver="linear") if config.resolved_solver == "lm" else config
+    # A solver whose step is not smooth at the fixed point (LM) names the one to differentiate.
+    fixed = config.strategies.solver.fixed_point_solver
+    step_config = config if fixed is None else config.replace(solver=fixed)
 
     def step(transform: Tensor) -> tuple[Tensor, Tensor]:
         corr, moved, moved_n = correspond(problem, config, transform)

@@ -65,6 +65,9 @@ class Solver:
     fused_reason: str | None = None
     # Why non-rigid ICP (flat parameters, :mod:`difficp.nonrigid`) cannot use it; None: it can.
     nonrigid_reason: str | None = None
+    # The solver whose step the implicit gradient differentiates at the fixed point, where this
+    # one's step is not smooth there (None: this one's own).
+    fixed_point_solver: str | None = None
 
     def compute_update(self, x: SolveInput, damping: Tensor, steps: int) -> tuple[Tensor, Tensor]:
         """The update and the new LM damping ``(B,)`` (``steps``: damped steps, LM only)."""
@@ -118,6 +121,10 @@ class LevenbergMarquardtSolver(Solver):
     """``lm_steps`` damped steps per iteration with per-pair accept / reject."""
 
     fused_reason = "the Levenberg-Marquardt solver is not compiled"
+    # LM's accept/reject makes its step the identity at a minimum (no step lowers the cost),
+    # which hides the fixed point's sensitivity; its undamped Gauss-Newton step has the same
+    # fixed point (zero gradient), and the implicit derivative depends only on that.
+    fixed_point_solver = "linear"
 
     def compute_update(self, x: SolveInput, damping: Tensor, steps: int) -> tuple[Tensor, Tensor]:
         update, damping, _ = levenberg_marquardt_update(*x.system, damping, steps, x.center, x.far)
