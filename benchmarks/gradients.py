@@ -5,6 +5,8 @@ to 5 cm), float32, exactly 10 ICP iterations (early stopping off), loss = sum of
 ``backward()`` to the source points. Cases, interleaved in one process, median of --repeats:
 
 * difficp without gradients (the compiled path; the yardstick of the ratios);
+* difficp soft top-16 without gradients (the same problem as the soft cases: the second
+  yardstick, "/ own no-gradient");
 * difficp hard nearest, unrolled; soft top-16 (``soft_k=16``), unrolled and implicit;
 * PyPose's ICP (``pypose.module.ICP``: dense k-NN by ``cdist``, SVD), the same 10 iterations;
 * a naive dense soft ICP in plain PyTorch (``cdist`` + softmax over all targets + weighted
@@ -84,8 +86,12 @@ def cases(source: torch.Tensor, target: torch.Tensor) -> dict[str, Callable[[], 
     def no_grad() -> None:
         difficp.icp(source, target, differentiation="none", **hard)
 
+    def soft_no_grad() -> None:
+        difficp.icp(source, target, differentiation="none", **soft)
+
     out = {
         "difficp, no gradient (compiled)": no_grad,
+        SOFT_NO_GRAD: soft_no_grad,
         "difficp nearest, unroll": backward_of(lambda s: difficp.icp(s, target, **hard).transform),
         "difficp soft top-16, unroll": backward_of(
             lambda s: difficp.icp(s, target, **soft).transform
@@ -129,20 +135,30 @@ def measure(runs: dict[str, Callable[[], None]], repeats: int, device: str) -> d
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+SOFT_NO_GRAD = "difficp soft top-16, no gradient"
+
+
 def table(medians: dict[str, float], threads: int, device: str) -> str:
     base = medians["difficp, no gradient (compiled)"]
+    # Each difficp case against the no-gradient run of the same problem.
+    own = {
+        "difficp nearest, unroll": base,
+        "difficp soft top-16, unroll": medians[SOFT_NO_GRAD],
+        "difficp soft top-16, implicit": medians[SOFT_NO_GRAD],
+    }
     pairs = {
         "PyPose ICP (pypose.module.ICP)": "difficp nearest, unroll",
         "naive dense soft ICP (PyTorch)": "difficp soft top-16, unroll",
     }
     lines = [
         f"threads {threads}, {device}",
-        "| case | ms | / no-gradient difficp | peer / difficp |",
-        "|---|---|---|---|",
+        "| case | ms | / no-gradient difficp | / own no-gradient | peer / difficp |",
+        "|---|---|---|---|---|",
     ]
     for name, seconds in medians.items():
         ahead = f"{seconds / medians[pairs[name]]:.1f}x" if name in pairs else ""
-        lines.append(f"| {name} | {1e3 * seconds:.0f} | {seconds / base:.2f} | {ahead} |")
+        mine = f"{seconds / own[name]:.2f}" if name in own else ""
+        lines.append(f"| {name} | {1e3 * seconds:.0f} | {seconds / base:.2f} | {mine} | {ahead} |")
     return "\n".join(lines)
 
 
