@@ -141,6 +141,18 @@ class WholeLoop(Protocol):
         ...
 
 
+# isinstance against a runtime-checkable protocol walks its attributes (~20 us): once per class
+_WHOLE_LOOP_CLASSES: dict[type, bool] = {}
+
+
+def _runs_whole_loops(steps: Steps) -> bool:
+    kind = type(steps)
+    known = _WHOLE_LOOP_CLASSES.get(kind)
+    if known is None:
+        known = _WHOLE_LOOP_CLASSES[kind] = isinstance(steps, WholeLoop)
+    return known
+
+
 def enough_correspondences(valid: Tensor, weights: Tensor) -> Tensor:
     """``(B,)`` bool: at least :data:`MIN_CORRESPONDENCES` valid partners ``(B, N)`` have a
     positive weight ``(B, N)``."""
@@ -178,12 +190,9 @@ def _where(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 def source_radius(problem: Problem) -> Tensor:
     """``(B,)`` RMS distance of each source cloud's real points from their centroid (a rigid
-    motion leaves it unchanged)."""
-    mask = problem.source_mask[..., None].to(problem.source.dtype)
-    count = problem.source_counts.clamp_min(1)[:, None].to(problem.source.dtype)
-    source = problem.source.detach()
-    mean = (source * mask).sum(1) / count
-    return ((((source - mean[:, None]) ** 2) * mask).sum((1, 2)) / count[:, 0]).sqrt()
+    motion leaves it unchanged), in the source's dtype and on its device."""
+    radius = torch.from_numpy(problem.source_radius_np)
+    return radius.to(dtype=problem.source.dtype, device=problem.source.device)
 
 
 def run_loop(
@@ -211,7 +220,7 @@ def run_loop(
         apply is compose_rigid
         and init.device.type == "cpu"
         and not progress
-        and isinstance(steps, WholeLoop)
+        and _runs_whole_loops(steps)
     ):
         # the compiled fast path runs a small problem's whole loop in one call (no progress
         # reports from inside it: a small problem takes milliseconds)
