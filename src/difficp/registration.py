@@ -141,18 +141,16 @@ def fixed_point_step(
 ) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
     """One differentiable ICP step as a function of the transform, for
     :func:`difficp.implicit.implicit_transform`: ``T`` ``(B, 4, 4)`` -> the ``(B, 4, 4)`` update
-    and ``(B,)`` bool, the pair had enough correspondences to take it."""
-    metric = config.strategies.metric
+    and ``(B,)`` bool, the pair had enough correspondences to take it (the loop's own test:
+    a pair below it took no step from ``T*``). The loop's :class:`ReferenceSteps`, with the
+    solver's fixed-point solver where it names one."""
     # A solver whose step is not smooth at the fixed point (LM) names the one to differentiate.
     fixed = config.strategies.solver.fixed_point_solver
-    step_config = config if fixed is None else config.replace(solver=fixed)
+    steps = ReferenceSteps(problem, config if fixed is None else config.replace(solver=fixed))
 
     def step(transform: Tensor) -> tuple[Tensor, Tensor]:
-        corr, moved, moved_n = correspond(problem, config, transform)
-        w = weigh(config, metric, corr, moved, moved_n)
-        # The loop's own test (ReferenceSteps.step): a pair below it took no step from T*.
-        enough = enough_correspondences(corr.valid, w)
-        update, _ = solve(step_config, SolveInput(metric, corr, moved, moved_n, w), damping)
+        corr, moved, moved_n = correspond(problem, steps.config, transform)
+        update, _, enough = steps.step((corr, moved, moved_n), damping)
         return update, enough
 
     return step
