@@ -22,6 +22,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -481,29 +482,28 @@ def levenberg_marquardt_update(
         The accumulated ``(B, 4, 4)`` update, the new damping ``(B,)``, and usable ``(B,)``.
     """
     B = source.shape[0]
-    update = torch.eye(4, dtype=source.dtype, device=source.device).expand(B, 4, 4)
-    p, n = source, source_normals
-    cost = weighted_cost(metric, p, n, corr, weights)
-    usable = torch.ones(B, dtype=torch.bool, device=source.device)
     if center is None:
         center = positive_weight_centroid(source, weights)
-    for _ in range(steps):
-        delta, ok = gauss_newton_update(metric, p, n, corr, weights, damping, center, far)
-        usable = usable & ok
-        p_new = transform_points(p, delta)
-        n_new = None if n is None else rotate_vectors(n, delta)
-        new_cost = weighted_cost(metric, p_new, n_new, corr, weights)
-        accept, new_damping = marquardt_accept(new_cost, cost, damping, ok)
-        update = torch.where(accept[:, None, None], delta @ update, update)
-        p = torch.where(accept[:, None, None], p_new, p)
-        center = torch.where(
-            accept[:, None], transform_points(center[:, None], delta)[:, 0], center
+    eye = torch.eye(4, dtype=source.dtype, device=source.device).expand(B, 4, 4)
+    # The state: the accumulated update, the moved points and normals, the pivot.
+    start = _RigidLMState(eye, source, source_normals, center)
+
+    def propose(x: _RigidLMState, damping: Tensor) -> tuple[_RigidLMState, Tensor, Tensor]:
+        delta, ok = gauss_newton_update(
+            metric, x.points, x.normals, corr, weights, damping, x.center, far
         )
-        if n is not None and n_new is not None:
-            n = torch.where(accept[:, None, None], n_new, n)
-        cost = torch.where(accept, new_cost, cost)
-        damping = new_damping
-    return update, damping, usable
+        n = None if x.normals is None else rotate_vectors(x.normals, delta)
+        trial = _RigidLMState(
+            delta @ x.update,
+            transform_points(x.points, delta),
+            n,
+            transform_points(x.center[:, None], delta)[:, 0],
+        )
+        return trial, weighted_cost(metric, trial.points, n, corr, weights), ok
+
+    cost = weighted_cost(metric, source, source_normals, corr, weights)
+    state, damping, _, usable = levenberg_marquardt(start, cost, damping, steps, propose)
+    return state.update, damping, usable
 
 
 # Levenberg-Marquardt damping stays within these bounds.
@@ -524,6 +524,54 @@ def marquardt_accept(
         accept = accept & ok
     damping = torch.where(accept, damping / 10, damping * 10).clamp(*LM_DAMPING_RANGE)
     return accept, damping
+
+
+class _RigidLMState(NamedTuple):
+    update: Tensor  # (B, 4, 4) accumulated
+    points: Tensor  # (B, N, 3) the source moved by it
+    normals: Tensor | None  # (B, N, 3)
+    center: Tensor  # (B, 3) the linearisation centre, moved by it
+
+
+# What the loop carries: a tensor or a tuple of tensors (None entries allowed), batch first.
+LMState = TypeVar("LMState")
+
+
+def _choose(accept: Tensor, trial: Any, current: Any) -> Any:
+    """``trial`` where ``accept`` ``(B,)``, else ``current``: tensors, or tuples of them."""
+    if isinstance(trial, Tensor):
+        return torch.where(accept.reshape(-1, *([1] * (trial.dim() - 1))), trial, current)
+    if trial is None:
+        return None
+    return type(trial)(*(_choose(accept, t, c) for t, c in zip(trial, current, strict=True)))
+
+
+def levenberg_marquardt(
+    state: LMState,
+    cost: Tensor,
+    damping: Tensor,
+    steps: int,
+    propose: Callable[[LMState, Tensor], tuple[LMState, Tensor, Tensor | None]],
+) -> tuple[LMState, Tensor, Tensor, Tensor]:
+    """``steps`` Levenberg-Marquardt trials per pair: the one loop of the rigid
+    (:func:`levenberg_marquardt_update`) and the non-rigid (:func:`block_levenberg_marquardt`)
+    solvers.
+
+    ``propose(state, damping)`` returns a trial state, its cost ``(B,)`` and ``(B,)`` bool
+    ``ok`` (None: all) from the damped normal equations at ``state``; each pair accepts its
+    trial by :func:`marquardt_accept` (the batch never splits: ``torch.where``, so accepted
+    steps stay differentiable). Returns the state, the damping ``(B,)``, the cost ``(B,)`` and
+    ``(B,)`` bool: every trial's system was usable.
+    """
+    usable = torch.ones_like(cost, dtype=torch.bool)
+    for _ in range(steps):
+        trial, trial_cost, ok = propose(state, damping)
+        if ok is not None:
+            usable = usable & ok
+        accept, damping = marquardt_accept(trial_cost, cost, damping, ok)
+        state = _choose(accept, trial, state)
+        cost = torch.where(accept, trial_cost, cost)
+    return state, damping, cost, usable
 
 
 # --------------------------------------------------------------------------------------------
@@ -630,14 +678,12 @@ def block_levenberg_marquardt(
         The change of ``params`` ``(B, P)``, ``damping`` ``(B,)``, cost ``(B,)`` at the new params.
     """
     P = params.shape[-1]
-    current = params
-    cost = None
-    for _ in range(steps):
-        H, g, cost = block_normal_equations(blocks_fn(current, True), P)
+
+    def propose(current: Tensor, damping: Tensor) -> tuple[Tensor, Tensor, None]:
+        H, g, _ = block_normal_equations(blocks_fn(current, True), P)
         trial = current + damped_solve(H, g, damping)
-        trial_cost = block_cost(blocks_fn(trial, False))
-        accept, damping = marquardt_accept(trial_cost, cost, damping)
-        current = torch.where(accept[:, None], trial, current)
-        cost = torch.where(accept, trial_cost, cost)
-    assert cost is not None
+        return trial, block_cost(blocks_fn(trial, False)), None
+
+    cost = block_cost(blocks_fn(params, False))
+    current, damping, cost, _ = levenberg_marquardt(params, cost, damping, steps, propose)
     return current - params, damping, cost
