@@ -116,11 +116,6 @@ def test_no_import_cycles() -> None:
     assert _cycles(graph) == []
 
 
-# Function-level imports without a comment, (module, what it imports), each with its fix.
-# difficp.normals (branch normals): "# here: numba only when it runs" on its kdtree imports.
-UNEXPLAINED_PENDING: set[tuple[str, str]] = {("difficp.normals", "difficp.kdtree")}
-
-
 def _late_import_groups(path: Path) -> list[tuple[int, int, list[str]]]:
     """``(first line, last line, modules)`` of each run of consecutive import statements inside
     a function body of ``path``."""
@@ -166,8 +161,7 @@ def test_function_level_imports_say_why() -> None:
         for first, last, modules in _late_import_groups(path):
             if not comments & set(range(first - 1, last + 1)):
                 unexplained |= {(_module_name(path), m) for m in modules}
-    assert unexplained >= UNEXPLAINED_PENDING, "explained now: drop it from UNEXPLAINED_PENDING"
-    assert unexplained - UNEXPLAINED_PENDING == set()
+    assert unexplained == set()
 
 
 def test_late_import_finder_sees_nested_blocks(tmp_path: Path) -> None:

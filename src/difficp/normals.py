@@ -193,7 +193,7 @@ def _compiled_covariances(
 ) -> Tensor:
     """:func:`estimate_covariances` of ``pts`` ``(B, N, 3)`` on the compiled KD-forest (that of
     ``index`` when given, which the ICP search reuses): ``(B, N, 3, 3)`` in ``pts.dtype``."""
-    from difficp.kdtree import gicp_covariances
+    from difficp.kdtree import gicp_covariances  # here: numba only when it runs
 
     N = pts.shape[1]
     if index is None:
@@ -209,7 +209,7 @@ def _compiled_covariances(
 
 def _compiled_normals(pts: Tensor, k: int, viewpoint: Tensor, lengths: Tensor | None) -> Tensor:
     """:func:`estimate_normals` of ``pts`` ``(B, N, 3)`` on the compiled KD-forest."""
-    from difficp.kdtree import build_forest, pca_normals, set_threads
+    from difficp.kdtree import build_forest, pca_normals, set_threads  # here: numba when it runs
 
     B, N, _ = pts.shape
     threads = torch.get_num_threads()
