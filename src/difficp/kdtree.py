@@ -767,9 +767,10 @@ def _offer(
     ``best_d2[:count]`` / ``best[:count]`` sorted closest first; while they are fewer than
     ``k``, only points within ``limit`` are taken. Returns the new count.
 
-    A sorted array, not a max-heap: an insertion shifts the farther entries by one in a loop
-    that mispredicts once, where a heap's sift takes a data-dependent branch per level
-    (measured ~10% faster for k = 30, as the ICP search's :func:`_insert`)."""
+    A sorted array, as the ICP search's :func:`_insert`, not a max-heap: an insertion shifts
+    the farther entries by one in a loop that branches on data once, where a heap's sift
+    branches at every level (on this project's busy 2-core machine the two measured within
+    noise); the k-th distance, which bounds the next row's search, is then the last entry."""
     if count < k:
         if d > limit:
             return count
@@ -878,8 +879,9 @@ def _smallest_eigenvector(
     Jacobi rather than a closed form: it is accurate to rounding for every eigenvector whose
     eigenvalue is separated from the others (the closed forms lose digits when the two smallest
     eigenvalues are close, which is common on flat patches), and 3 x 3 needs a few sweeps. On
-    scalars, not on a (3, 3) array: the matrix and the eigenvectors then stay in registers
-    (measured ~3x faster than indexing arrays with the loop's p and q).
+    scalars, not on (3, 3) arrays indexed with the rotation's p and q, so that the matrix and
+    the eigenvectors can stay in registers (the same arithmetic in the same order as the array
+    version it replaced: bit-identical normals; its speed measured within noise).
     """
     # V's entries vij, row i and column j (the eigenvectors are its columns)
     v00, v01, v02 = 1.0, 0.0, 0.0
