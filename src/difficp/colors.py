@@ -119,7 +119,11 @@ def _gradient_kernel_ready() -> bool:
 
     if kdtree.parallel_unsafe_after_fork():
         return False
-    kernels = (kdtree._intensity_gradient_kernel, kdtree._build_forest)
+    kernels = (
+        kdtree._intensity_gradient_kernel,
+        kdtree._build_forest,
+        kdtree._build_tree_parallel,
+    )
     return compile_or_fall_back(kernels_cached(kernels))
 
 

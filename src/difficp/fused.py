@@ -849,7 +849,7 @@ def compiled_ready(small: bool, projective: bool = False) -> bool:
     kernels = (
         (_serial_loop, kdtree._build_forest_serial)
         if small
-        else (fused_iteration, _solve_updates, kdtree._build_forest)
+        else (fused_iteration, _solve_updates, kdtree._build_forest, kdtree._build_tree_parallel)
     )
     if projective:
         kernels = (projective_iteration, _solve_updates)

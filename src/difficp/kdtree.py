@@ -84,22 +84,26 @@ def _node_capacity(count: int) -> int:
 
 
 @njit(cache=True, error_model="numpy")
-def _select(perm: np.ndarray, pts: np.ndarray, lo: int, hi: int, k: int, dim: int) -> None:
-    """Quickselect: reorder ``perm[lo:hi]`` so that ``perm[k]`` holds the k-th smallest
-    ``pts[perm, dim]``, with nothing larger before it and nothing smaller after it."""
+def _select(pts: np.ndarray, idx: np.ndarray, lo: int, hi: int, k: int, dim: int) -> None:
+    """Quickselect: reorder the rows ``lo:hi`` of ``pts`` ``(M, 3)`` (and ``idx`` with them) so
+    that row ``k`` holds the k-th smallest ``pts[:, dim]``, with nothing larger before it and
+    nothing smaller after it. The rows themselves move (not an index into them): the passes
+    of every level then read memory in order."""
     while hi - lo > 1:
-        a = pts[perm[lo], dim]
-        b = pts[perm[(lo + hi - 1) // 2], dim]
-        c = pts[perm[hi - 1], dim]
+        a = pts[lo, dim]
+        b = pts[(lo + hi - 1) // 2, dim]
+        c = pts[hi - 1, dim]
         pivot = max(min(a, b), min(max(a, b), c))  # median of three
         i, j = lo, hi - 1
         while i <= j:
-            while pts[perm[i], dim] < pivot:
+            while pts[i, dim] < pivot:
                 i += 1
-            while pts[perm[j], dim] > pivot:
+            while pts[j, dim] > pivot:
                 j -= 1
             if i <= j:
-                perm[i], perm[j] = perm[j], perm[i]
+                for d in range(3):
+                    pts[i, d], pts[j, d] = pts[j, d], pts[i, d]
+                idx[i], idx[j] = idx[j], idx[i]
                 i += 1
                 j -= 1
         # now [lo, j] <= pivot <= [i, hi) and everything strictly between equals the pivot
@@ -111,10 +115,84 @@ def _select(perm: np.ndarray, pts: np.ndarray, lo: int, hi: int, k: int, dim: in
             return
 
 
-@njit(cache=True, error_model="numpy")
-def _build_tree(
+@njit(inline="always", error_model="numpy")
+def _split_node(
     pts: np.ndarray,
-    perm: np.ndarray,
+    idx: np.ndarray,
+    node: int,
+    first: int,
+    start: np.ndarray,
+    end: np.ndarray,
+    child: np.ndarray,
+    low: np.ndarray,
+    high: np.ndarray,
+    cell_low: np.ndarray,
+    cell_high: np.ndarray,
+    parent: np.ndarray,
+    leaf_of: np.ndarray,
+) -> bool:
+    """Bound ``node`` (its range and cell already set) by the box of its points and, unless
+    it is a leaf (then ``leaf_of`` its points), split them at the median of the box's widest
+    side into the children ``first`` and ``first + 1`` (ranges and cells set). Returns whether
+    it was split."""
+    s, e = start[node], end[node]
+    lx = ly = lz = np.inf
+    hx = hy = hz = -np.inf
+    for i in range(s, e):
+        x, y, z = pts[i, 0], pts[i, 1], pts[i, 2]
+        lx, hx = min(lx, x), max(hx, x)
+        ly, hy = min(ly, y), max(hy, y)
+        lz, hz = min(lz, z), max(hz, z)
+    low[node, 0], low[node, 1], low[node, 2] = lx, ly, lz
+    high[node, 0], high[node, 1], high[node, 2] = hx, hy, hz
+    if e - s <= LEAF_SIZE:
+        child[node] = -1
+        for i in range(s, e):
+            leaf_of[i] = node
+        return False
+    dim = 0
+    for d in range(1, 3):
+        if high[node, d] - low[node, d] > high[node, dim] - low[node, dim]:
+            dim = d
+    mid = (s + e) // 2
+    _select(pts, idx, s, e, mid, dim)
+    start[first], end[first] = s, mid
+    start[first + 1], end[first + 1] = mid, e
+    child[node] = first
+    parent[first] = parent[first + 1] = node
+    split = pts[mid, dim]  # left points <= split <= right points
+    for d in range(3):
+        cell_low[first, d] = cell_low[first + 1, d] = cell_low[node, d]
+        cell_high[first, d] = cell_high[first + 1, d] = cell_high[node, d]
+    cell_high[first, dim] = split
+    cell_low[first + 1, dim] = split
+    return True
+
+
+@njit(inline="always", error_model="numpy")
+def _start_root(
+    count: int,
+    start: np.ndarray,
+    end: np.ndarray,
+    cell_low: np.ndarray,
+    cell_high: np.ndarray,
+    parent: np.ndarray,
+) -> None:
+    """Node 0 covers the ``count`` points of the tree, in an infinite cell."""
+    start[0] = 0
+    end[0] = count
+    parent[0] = -1
+    for d in range(3):
+        cell_low[0, d] = -np.inf
+        cell_high[0, d] = np.inf
+
+
+@njit(cache=True, error_model="numpy")
+def _build_subtree(
+    pts: np.ndarray,
+    idx: np.ndarray,
+    root: int,
+    first_free: int,
     start: np.ndarray,
     end: np.ndarray,
     child: np.ndarray,
@@ -125,58 +203,134 @@ def _build_tree(
     parent: np.ndarray,
     leaf_of: np.ndarray,
 ) -> int:
-    """Build one tree over ``pts`` ``(M, 3)`` into the node arrays; ``perm`` (``arange(M)`` on
-    entry) becomes the tree order and ``leaf_of[i]`` the leaf of tree point ``i``. Returns the
-    node count."""
+    """Build the subtree of ``root`` (its range and cell set) depth first, its other nodes
+    numbered from ``first_free``, reordering the rows of ``pts`` ``(M, 3)`` in its range into
+    tree order in place (``idx`` moves with them: the cloud's index of each tree point);
+    ``leaf_of[i]`` becomes the leaf of tree point ``i``. Returns the next free node."""
     stack = np.empty(STACK_DEPTH * 2, dtype=np.int64)
-    start[0] = 0
-    end[0] = pts.shape[0]
-    parent[0] = -1
-    for d in range(3):
-        cell_low[0, d] = -np.inf
-        cell_high[0, d] = np.inf
-    n_nodes = 1
-    stack[0] = 0
+    n_nodes = first_free
+    stack[0] = root
     top = 1
     while top > 0:
         top -= 1
         node = stack[top]
-        s, e = start[node], end[node]
-        for d in range(3):
-            low[node, d] = np.inf
-            high[node, d] = -np.inf
-        for i in range(s, e):
-            for d in range(3):
-                v = pts[perm[i], d]
-                low[node, d] = min(low[node, d], v)
-                high[node, d] = max(high[node, d], v)
-        if e - s <= LEAF_SIZE:
-            child[node] = -1
-            for i in range(s, e):
-                leaf_of[i] = node
-            continue
-        dim = 0
-        for d in range(1, 3):
-            if high[node, d] - low[node, d] > high[node, dim] - low[node, dim]:
-                dim = d
-        mid = (s + e) // 2
-        _select(perm, pts, s, e, mid, dim)
-        first = n_nodes
-        n_nodes += 2
-        start[first], end[first] = s, mid
-        start[first + 1], end[first + 1] = mid, e
-        child[node] = first
-        parent[first] = parent[first + 1] = node
-        split = pts[perm[mid], dim]  # left points <= split <= right points
-        for d in range(3):
-            cell_low[first, d] = cell_low[first + 1, d] = cell_low[node, d]
-            cell_high[first, d] = cell_high[first + 1, d] = cell_high[node, d]
-        cell_high[first, dim] = split
-        cell_low[first + 1, dim] = split
-        stack[top] = first + 1
-        stack[top + 1] = first
-        top += 2
+        if _split_node(
+            pts,
+            idx,
+            node,
+            n_nodes,
+            start,
+            end,
+            child,
+            low,
+            high,
+            cell_low,
+            cell_high,
+            parent,
+            leaf_of,
+        ):
+            stack[top] = n_nodes + 1
+            stack[top + 1] = n_nodes
+            top += 2
+            n_nodes += 2
     return n_nodes
+
+
+@njit(cache=True, error_model="numpy")
+def _subtree_size(count: int) -> int:
+    """Nodes of a tree over ``count`` points (median splits down to ``LEAF_SIZE``)."""
+    sizes = np.empty(STACK_DEPTH * 2, dtype=np.int64)
+    sizes[0] = count
+    top = 1
+    nodes = 0
+    while top > 0:
+        top -= 1
+        m = sizes[top]
+        nodes += 1
+        if m > LEAF_SIZE:
+            sizes[top] = m // 2
+            sizes[top + 1] = m - m // 2
+            top += 2
+    return nodes
+
+
+# Clouds from this size up, alone in a forest, build their tree on the thread pool (measured
+# 267k points: 40 ms on one thread; the pool's start costs ~0.1 ms).
+PARALLEL_BUILD_POINTS = 16384
+# Levels built breadth first before the subtrees below them are built in parallel: 2 ** 4 = 16
+# subtrees, enough to balance a few threads.
+PARALLEL_LEVELS = 4
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _build_tree_parallel(
+    pts: np.ndarray,
+    idx: np.ndarray,
+    start: np.ndarray,
+    end: np.ndarray,
+    child: np.ndarray,
+    low: np.ndarray,
+    high: np.ndarray,
+    cell_low: np.ndarray,
+    cell_high: np.ndarray,
+    parent: np.ndarray,
+    leaf_of: np.ndarray,
+) -> int:
+    """:func:`_build_subtree` of a whole tree on numba's thread pool, for a cloud of at least
+    ``2 ** PARALLEL_LEVELS * (LEAF_SIZE + 1)`` points (then no node above the level
+    ``PARALLEL_LEVELS`` is a leaf): the first levels breadth first in this thread (level ``l``
+    is nodes ``2 ** l - 1 : 2 ** (l + 1) - 1``), then the subtrees below in parallel, each
+    into its own range of nodes. The same tree as the serial build, numbered differently.
+
+    One parallel region, not one per level as well: on this project's 2-core machine with
+    another job on the second core, each region's start cost several milliseconds (measured
+    40k points at 2 threads: 40 ms with five regions, 6-7 ms on one thread). Returns the node
+    count."""
+    _start_root(pts.shape[0], start, end, cell_low, cell_high, parent)
+    for level in range(PARALLEL_LEVELS):
+        first_node = (1 << level) - 1
+        width = 1 << level
+        for j in range(width):
+            node = first_node + j
+            _split_node(
+                pts,
+                idx,
+                node,
+                first_node + width + 2 * j,
+                start,
+                end,
+                child,
+                low,
+                high,
+                cell_low,
+                cell_high,
+                parent,
+                leaf_of,
+            )
+    width = 1 << PARALLEL_LEVELS
+    first_node = width - 1
+    base = np.empty(width + 1, dtype=np.int64)
+    base[0] = first_node + width  # the nodes above the subtrees and their roots come first
+    for j in range(width):
+        node = first_node + j
+        base[j + 1] = base[j] + _subtree_size(end[node] - start[node]) - 1
+    for j in prange(width):
+        _build_subtree(
+            pts,
+            idx,
+            first_node + j,
+            base[j],
+            start,
+            end,
+            child,
+            low,
+            high,
+            cell_low,
+            cell_high,
+            parent,
+            leaf_of,
+        )
+    return base[width]
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -190,13 +344,27 @@ def _build_forest(
         m = counts[b]
         if m == 0:
             continue
-        perm = np.arange(m)
         n0 = node_capacity_offset[b]
         n1 = node_capacity_offset[b + 1]
         p0 = f.point_offset[b]
-        _build_tree(
-            clouds[b, :m],
-            perm,
+        # the cloud's rows are sorted into tree order where the forest keeps them
+        for i in range(m):
+            order[p0 + i] = i
+            for d in range(3):
+                points[p0 + i, d] = clouds[b, i, d]
+        _start_root(
+            m,
+            f.node_start[n0:n1],
+            f.node_end[n0:n1],
+            f.cell_low[n0:n1],
+            f.cell_high[n0:n1],
+            f.node_parent[n0:n1],
+        )
+        _build_subtree(
+            points[p0 : p0 + m],
+            order[p0 : p0 + m],
+            0,
+            1,
             f.node_start[n0:n1],
             f.node_end[n0:n1],
             f.node_child[n0:n1],
@@ -207,10 +375,6 @@ def _build_forest(
             f.node_parent[n0:n1],
             f.point_leaf[p0 : p0 + m],
         )
-        for i in range(m):
-            order[p0 + i] = perm[i]
-            for d in range(3):
-                points[p0 + i, d] = clouds[b, perm[i], d]
 
 
 def serial_twin(dispatcher: Dispatcher) -> Dispatcher:
@@ -275,7 +439,29 @@ def build_forest(clouds: np.ndarray, counts: np.ndarray, parallel: bool = True) 
         node_parent=np.full(n_nodes, -1, dtype=np.int64),
         point_leaf=np.zeros(int(point_offset[-1]), dtype=np.int64),
     )
-    (_build_forest if parallel else _build_forest_serial)(clouds, counts, capacity_offset, forest)
+    if parallel and counts.shape == (1,) and counts[0] >= PARALLEL_BUILD_POINTS:
+        # one large cloud: its tree itself built on the thread pool (the forest's loop is over
+        # clouds: one thread would build it alone)
+        m = int(counts[0])
+        forest.points[:] = clouds[0, :m]
+        forest.order[:] = np.arange(m)
+        f = forest
+        _build_tree_parallel(
+            f.points,
+            f.order,
+            f.node_start,
+            f.node_end,
+            f.node_child,
+            f.node_low,
+            f.node_high,
+            f.cell_low,
+            f.cell_high,
+            f.node_parent,
+            f.point_leaf,
+        )
+    else:
+        build = _build_forest if parallel else _build_forest_serial
+        build(clouds, counts, capacity_offset, forest)
     return forest
 
 
@@ -578,54 +764,32 @@ NORMALS_CHUNK = 512
 
 
 @njit(inline="always", error_model="numpy")
-def _heap_set(heap_d2: np.ndarray, heap: np.ndarray, j: int, d: float, i: int) -> None:
-    """Slot ``j`` of the heap holds point ``i`` at squared distance ``d``."""
-    heap_d2[j] = d
-    heap[j] = i
-
-
-@njit(inline="always", error_model="numpy")
-def _heap_sift(
-    d: float, i: int, heap_d2: np.ndarray, heap: np.ndarray, j: int, size: int, up: bool
-) -> None:
-    """Put point ``i`` at squared distance ``d`` into the max-heap ``heap_d2[:size]`` /
-    ``heap[:size]`` through the free slot ``j``: the slot moves up while its parent is nearer
-    than ``d`` (``up``), or down while its farther child is farther than ``d``."""
-    while True:
-        if up:
-            if j == 0:
-                break
-            other = (j - 1) // 2
-            if heap_d2[other] >= d:
-                break
-        else:
-            other = 2 * j + 1
-            if other >= size:
-                break
-            if other + 1 < size and heap_d2[other + 1] > heap_d2[other]:
-                other += 1
-            if heap_d2[other] <= d:
-                break
-        _heap_set(heap_d2, heap, j, heap_d2[other], heap[other])
-        j = other
-    _heap_set(heap_d2, heap, j, d, i)
-
-
-@njit(inline="always", error_model="numpy")
-def _heap_offer(
-    d: float, i: int, heap_d2: np.ndarray, heap: np.ndarray, count: int, k: int, limit: float
+def _offer(
+    d: float, i: int, best_d2: np.ndarray, best: np.ndarray, count: int, k: int, limit: float
 ) -> int:
-    """Offer point ``i`` at squared distance ``d`` to the max-heap ``heap_d2[:count]`` /
-    ``heap[:count]`` of the ``k`` best answers so far (the worst at the top); while it is not
-    full, only points within ``limit`` are taken. Returns the new count."""
+    """Offer point ``i`` at squared distance ``d`` to the ``k`` best answers so far,
+    ``best_d2[:count]`` / ``best[:count]`` sorted closest first; while they are fewer than
+    ``k``, only points within ``limit`` are taken. Returns the new count.
+
+    A sorted array, as the ICP search's :func:`_insert`, not a max-heap: an insertion shifts
+    the farther entries by one in a loop that branches on data once, where a heap's sift
+    branches at every level (on this project's busy 2-core machine the two measured within
+    noise); the k-th distance, which bounds the next row's search, is then the last entry."""
     if count < k:
         if d > limit:
             return count
-        _heap_sift(d, i, heap_d2, heap, count, k, True)  # a new leaf, sifted up
-        return count + 1
-    if d >= heap_d2[0]:
-        return count
-    _heap_sift(d, i, heap_d2, heap, 0, k, False)  # replaces the worst, sifted down
+        m = count
+        count += 1
+    else:
+        if d >= best_d2[k - 1]:
+            return count
+        m = k - 1
+    while m > 0 and best_d2[m - 1] > d:
+        best_d2[m] = best_d2[m - 1]
+        best[m] = best[m - 1]
+        m -= 1
+    best_d2[m] = d
+    best[m] = i
     return count
 
 
@@ -640,24 +804,24 @@ def _knn_subtree(
     node: int,
     k: int,
     limit: float,
-    heap_d2: np.ndarray,
-    heap: np.ndarray,
+    best_d2: np.ndarray,
+    best: np.ndarray,
     stack: np.ndarray,
     stack_d2: np.ndarray,
 ) -> int:
     """The ``k`` nearest points within squared distance ``limit`` in the subtree of ``node``
-    (global), into the max-heap ``heap_d2`` / ``heap`` (rows of ``f.points``); returns how many
-    were found."""
+    (global), into ``best_d2`` / ``best`` (rows of ``f.points``), closest first; returns how
+    many were found."""
     count = 0
     top = _start_search(x, y, z, f, node, stack, stack_d2)
     while True:
-        bound = heap_d2[0] if count == k else limit
+        bound = best_d2[k - 1] if count == k else limit
         leaf, top = _next_leaf(x, y, z, f, node_base, bound, True, stack, stack_d2, top)
         if leaf < 0:
             return count
         for i in range(point_base + f.node_start[leaf], point_base + f.node_end[leaf]):
             d = _point_distance2(f, i, x, y, z)
-            count = _heap_offer(d, i, heap_d2, heap, count, k, limit)
+            count = _offer(d, i, best_d2, best, count, k, limit)
 
 
 @njit(inline="always", error_model="numpy")
@@ -667,13 +831,13 @@ def _own_knn(
     limit: float,
     f: KDForest,
     tree: int,
-    heap_d2: np.ndarray,
-    heap: np.ndarray,
+    best_d2: np.ndarray,
+    best: np.ndarray,
     stack: np.ndarray,
     stack_d2: np.ndarray,
 ) -> int:
     """The ``k`` nearest points (itself included) of tree point ``row`` (a row of ``f.points``)
-    in its tree ``tree``, into the max-heap ``heap`` (rows) / ``heap_d2``; returns how many
+    in its tree ``tree``, into ``best`` (rows) / ``best_d2``, closest first; returns how many
     (``k``, or the tree's size when smaller).
 
     ``limit``: a squared distance known to hold at least ``k`` points (inf: unknown). Then the
@@ -688,59 +852,133 @@ def _own_knn(
         leaf = node_base + f.point_leaf[row]
         start = enclosing_node(x, y, z, math.sqrt(limit), leaf, f, tree)
     return _knn_subtree(
-        x, y, z, f, point_base, node_base, start, k, limit, heap_d2, heap, stack, stack_d2
+        x, y, z, f, point_base, node_base, start, k, limit, best_d2, best, stack, stack_d2
     )
 
 
 @njit(inline="always", error_model="numpy")
-def _smallest_eigenvector(A: np.ndarray, V: np.ndarray) -> int:
-    """Cyclic Jacobi on the symmetric ``(3, 3)`` ``A`` (overwritten: diagonal = eigenvalues),
-    eigenvectors into the columns of ``V``; returns the column of the smallest eigenvalue.
-
-    Jacobi rather than a closed form: it is accurate to rounding for every eigenvector whose
-    eigenvalue is separated from the others (the closed forms lose digits when the two smallest
-    eigenvalues are close, which is common on flat patches), and 3 x 3 needs a few sweeps.
-    """
-    for i in range(3):
-        for j in range(3):
-            V[i, j] = 1.0 if i == j else 0.0
-    for _ in range(32):
-        off = A[0, 1] * A[0, 1] + A[0, 2] * A[0, 2] + A[1, 2] * A[1, 2]
-        diag = A[0, 0] * A[0, 0] + A[1, 1] * A[1, 1] + A[2, 2] * A[2, 2]
-        if not off > 1e-36 * diag:  # below rounding (also stops on zero or non-finite input)
-            break
-        for p, q in ((0, 1), (0, 2), (1, 2)):
-            apq = A[p, q]
-            if apq == 0.0:
-                continue
-            theta = (A[q, q] - A[p, p]) / (2.0 * apq)
-            t = 1.0 / (abs(theta) + math.sqrt(theta * theta + 1.0))
-            if theta < 0.0:
-                t = -t
-            c = 1.0 / math.sqrt(t * t + 1.0)
-            s = t * c
-            r = 3 - p - q  # the third index
-            arp, arq = A[r, p], A[r, q]
-            A[p, p] -= t * apq
-            A[q, q] += t * apq
-            A[p, q] = A[q, p] = 0.0
-            A[r, p] = A[p, r] = c * arp - s * arq
-            A[r, q] = A[q, r] = s * arp + c * arq
-            for i in range(3):
-                vp, vq = V[i, p], V[i, q]
-                V[i, p] = c * vp - s * vq
-                V[i, q] = s * vp + c * vq
-    smallest = 0
-    for e in range(1, 3):
-        if A[e, e] < A[smallest, smallest]:
-            smallest = e
-    return smallest
+def _jacobi_rotation(
+    app: float, aqq: float, apq: float, arp: float, arq: float
+) -> tuple[float, float, float, float, float, float]:
+    """One Jacobi rotation zeroing ``A[p, q]`` of a symmetric 3 x 3 ``A`` given as its entries
+    ``A[p, p], A[q, q], A[p, q]`` and those of the third row ``r``, ``A[r, p], A[r, q]``
+    (``A[p, q] != 0``). Returns the new ``A[p, p], A[q, q], A[r, p], A[r, q]`` and the
+    rotation's cosine and sine."""
+    theta = (aqq - app) / (2.0 * apq)
+    t = 1.0 / (abs(theta) + math.sqrt(theta * theta + 1.0))
+    if theta < 0.0:
+        t = -t
+    c = 1.0 / math.sqrt(t * t + 1.0)
+    s = t * c
+    return app - t * apq, aqq + t * apq, c * arp - s * arq, s * arp + c * arq, c, s
 
 
 @njit(inline="always", error_model="numpy")
-def _scatter(points: np.ndarray, rows: np.ndarray, count: int, A: np.ndarray) -> None:
-    """The scatter matrix of ``points[rows[:count]]`` about their mean into the ``(3, 3)``
-    ``A`` (two passes: centred before the products, no cancellation far from the origin)."""
+def _smallest_eigenvector(
+    a00: float, a01: float, a02: float, a11: float, a12: float, a22: float
+) -> tuple[float, float, float]:
+    """The unit eigenvector of the smallest eigenvalue of the symmetric 3 x 3 matrix with
+    upper triangle ``a00 a01 a02 / a11 a12 / a22``, by cyclic Jacobi.
+
+    Jacobi rather than a closed form: it is accurate to rounding for every eigenvector whose
+    eigenvalue is separated from the others (the closed forms lose digits when the two smallest
+    eigenvalues are close, which is common on flat patches), and 3 x 3 needs a few sweeps. On
+    scalars, not on (3, 3) arrays indexed with the rotation's p and q, so that the matrix and
+    the eigenvectors can stay in registers (the same arithmetic in the same order as the array
+    version it replaced: bit-identical normals; its speed measured within noise).
+    """
+    # V's entries vij, row i and column j (the eigenvectors are its columns)
+    v00, v01, v02 = 1.0, 0.0, 0.0
+    v10, v11, v12 = 0.0, 1.0, 0.0
+    v20, v21, v22 = 0.0, 0.0, 1.0
+    for _ in range(32):
+        off = a01 * a01 + a02 * a02 + a12 * a12
+        diag = a00 * a00 + a11 * a11 + a22 * a22
+        if not off > 1e-36 * diag:  # below rounding (also stops on zero or non-finite input)
+            break
+        if a01 != 0.0:  # (p, q, r) = (0, 1, 2)
+            a00, a11, a02, a12, c, s = _jacobi_rotation(a00, a11, a01, a02, a12)
+            a01 = 0.0
+            v00, v01 = c * v00 - s * v01, s * v00 + c * v01
+            v10, v11 = c * v10 - s * v11, s * v10 + c * v11
+            v20, v21 = c * v20 - s * v21, s * v20 + c * v21
+        if a02 != 0.0:  # (0, 2, 1)
+            a00, a22, a01, a12, c, s = _jacobi_rotation(a00, a22, a02, a01, a12)
+            a02 = 0.0
+            v00, v02 = c * v00 - s * v02, s * v00 + c * v02
+            v10, v12 = c * v10 - s * v12, s * v10 + c * v12
+            v20, v22 = c * v20 - s * v22, s * v20 + c * v22
+        if a12 != 0.0:  # (1, 2, 0)
+            a11, a22, a01, a02, c, s = _jacobi_rotation(a11, a22, a12, a01, a02)
+            a12 = 0.0
+            v01, v02 = c * v01 - s * v02, s * v01 + c * v02
+            v11, v12 = c * v11 - s * v12, s * v11 + c * v12
+            v21, v22 = c * v21 - s * v22, s * v21 + c * v22
+    # the first of the smallest diagonal entries (the eigenvalues)
+    if a11 < a00 and a11 <= a22:
+        return v01, v11, v21
+    if a22 < a00 and a22 < a11:
+        return v02, v12, v22
+    return v00, v10, v20
+
+
+@njit(inline="always", error_model="numpy")
+def _smallest_eigenvector_direct(
+    a00: float, a01: float, a02: float, a11: float, a12: float, a22: float
+) -> tuple[float, float, float]:
+    """:func:`_smallest_eigenvector` (same arguments) without iterating: the smallest
+    eigenvalue ``lam`` in closed form (the trigonometric solution of the characteristic cubic),
+    then the largest cross product of two rows of ``A - lam I``, which is orthogonal to all
+    three.
+
+    Measured ~10% faster for the normals than Jacobi alone (its sweeps chain square roots and
+    divisions). Its error is ~ rounding * largest eigenvalue / gap to the next one, the
+    eigenvector's own sensitivity to the rounding of ``A`` (within 5e-12 of Jacobi on the 267k
+    points of a Redwood scan); Jacobi still answers where that gap is too small for the cross
+    products (a line, a single point) or ``A`` is already diagonal."""
+    off = a01 * a01 + a02 * a02 + a12 * a12
+    if off == 0.0:
+        return _smallest_eigenvector(a00, a01, a02, a11, a12, a22)
+    q = (a00 + a11 + a22) / 3.0
+    b00, b11, b22 = a00 - q, a11 - q, a22 - q
+    p2 = (b00 * b00 + b11 * b11 + b22 * b22 + 2.0 * off) / 6.0
+    p = math.sqrt(p2)
+    det = (
+        b00 * (b11 * b22 - a12 * a12)
+        - a01 * (a01 * b22 - a12 * a02)
+        + a02 * (a01 * a12 - b11 * a02)
+    )
+    # the eigenvalues are q + 2 p cos(phi + 2 pi j / 3) with phi = acos(det(B / p) / 2) / 3
+    r = min(1.0, max(-1.0, det / (2.0 * p2 * p)))
+    lam = q + 2.0 * p * math.cos(math.acos(r) / 3.0 + 2.0 * math.pi / 3.0)
+    c00, c11, c22 = a00 - lam, a11 - lam, a22 - lam
+    # the rows of A - lam I are (c00 a01 a02), (a01 c11 a12), (a02 a12 c22): rows 0 x 1,
+    # 0 x 2 and 1 x 2
+    x0, y0, z0 = a01 * a12 - a02 * c11, a02 * a01 - c00 * a12, c00 * c11 - a01 * a01
+    x1, y1, z1 = a01 * c22 - a02 * a12, a02 * a02 - c00 * c22, c00 * a12 - a01 * a02
+    x2, y2, z2 = c11 * c22 - a12 * a12, a12 * a02 - a01 * c22, a01 * a12 - c11 * a02
+    n0 = x0 * x0 + y0 * y0 + z0 * z0
+    n1 = x1 * x1 + y1 * y1 + z1 * z1
+    n2 = x2 * x2 + y2 * y2 + z2 * z2
+    if n1 > n0:
+        x0, y0, z0, n0 = x1, y1, z1, n1
+    if n2 > n0:
+        x0, y0, z0, n0 = x2, y2, z2, n2
+    # |cross| ~ the product of the two other eigenvalues' gaps to lam; 6 p2 = |A - q I|_F^2
+    scale = 6.0 * p2
+    if not n0 > 1e-16 * scale * scale:  # (also NaN)
+        return _smallest_eigenvector(a00, a01, a02, a11, a12, a22)
+    inv = 1.0 / math.sqrt(n0)
+    return x0 * inv, y0 * inv, z0 * inv
+
+
+@njit(inline="always", error_model="numpy")
+def _scatter(
+    points: np.ndarray, rows: np.ndarray, count: int
+) -> tuple[float, float, float, float, float, float]:
+    """The scatter matrix of ``points[rows[:count]]`` about their mean, as its upper triangle
+    ``(a00, a01, a02, a11, a12, a22)`` (two passes: centred before the products, no
+    cancellation far from the origin)."""
     mx = my = mz = 0.0
     for j in range(count):
         mx += points[rows[j], 0]
@@ -749,20 +987,18 @@ def _scatter(points: np.ndarray, rows: np.ndarray, count: int, A: np.ndarray) ->
     mx /= count
     my /= count
     mz /= count
-    for i in range(3):
-        for j in range(3):
-            A[i, j] = 0.0
+    a00 = a01 = a02 = a11 = a12 = a22 = 0.0
     for j in range(count):
         dx = points[rows[j], 0] - mx
         dy = points[rows[j], 1] - my
         dz = points[rows[j], 2] - mz
-        A[0, 0] += dx * dx
-        A[0, 1] += dx * dy
-        A[0, 2] += dx * dz
-        A[1, 1] += dy * dy
-        A[1, 2] += dy * dz
-        A[2, 2] += dz * dz
-    A[1, 0], A[2, 0], A[2, 1] = A[0, 1], A[0, 2], A[1, 2]
+        a00 += dx * dx
+        a01 += dx * dy
+        a02 += dx * dz
+        a11 += dy * dy
+        a12 += dy * dz
+        a22 += dz * dz
+    return a00, a01, a02, a11, a12, a22
 
 
 @njit(inline="always", error_model="numpy")
@@ -780,19 +1016,39 @@ def _row_neighbours(
 ) -> tuple[int, float]:
     """The ``kb`` nearest of tree point ``row`` (:func:`_own_knn` within ``limit``) and the
     bound for the next row of its task: the next point (its spatial neighbour in tree order) has
-    its k nearest within this point's k-th distance plus the step between them, a bound that
-    prunes its search from the start (inflated past the rounding of the sum). Returns
-    ``(count, next_limit)``."""
+    its k nearest within the farthest of this point's k nearest from it, a bound that prunes
+    its search from the start (inflated past the rounding). Returns ``(count, next_limit)``."""
     points = f.points
     count = _own_knn(row, kb, limit, f, b, best_d2, best, stack, stack_d2)
     next_limit = np.inf
     if row + 1 < stop and count == kb:
-        dx = points[row + 1, 0] - points[row, 0]
-        dy = points[row + 1, 1] - points[row, 1]
-        dz = points[row + 1, 2] - points[row, 2]
-        reach = math.sqrt(best_d2[0]) + math.sqrt(dx * dx + dy * dy + dz * dz)
-        next_limit = reach * reach * (1.0 + 1e-9)
+        # these kb points are all within the farthest of them from the next row: so are its
+        # kb nearest (tighter than this row's k-th distance plus the step: measured ~4%
+        # faster on 267k points)
+        x, y, z = points[row + 1, 0], points[row + 1, 1], points[row + 1, 2]
+        far = 0.0
+        for j in range(kb):
+            far = max(far, _point_distance2(f, best[j], x, y, z))
+        next_limit = far * (1.0 + 1e-9)  # past the rounding of the distances
     return count, next_limit
+
+
+@njit(inline="always", error_model="numpy")
+def _task_scratch(
+    tree_of_task: np.ndarray, task: int, k: int, point_offset: np.ndarray
+) -> tuple[int, int, int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A task's cloud ``b``, its tree rows ``start:stop``, the neighbourhood size ``kb`` (``k``
+    or the cloud's size when smaller) and its scratch arrays: the search's sorted answers
+    ``best_d2`` / ``best`` ``(kb,)`` and depth-first stack ``stack`` / ``stack_d2``
+    ``(STACK_DEPTH,)``, allocated once per task (not per row)."""
+    b = tree_of_task[task, 0]
+    start, stop = tree_of_task[task, 1], tree_of_task[task, 2]
+    kb = min(k, point_offset[b + 1] - point_offset[b])
+    best_d2 = np.empty(kb)
+    best = np.empty(kb, dtype=np.int64)
+    stack = np.empty(STACK_DEPTH, dtype=np.int64)
+    stack_d2 = np.empty(STACK_DEPTH)
+    return b, start, stop, kb, best_d2, best, stack, stack_d2
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -801,23 +1057,16 @@ def _normals_kernel(
 ) -> None:
     points, order, point_offset = f.points, f.order, f.point_offset
     for task in prange(tree_of_task.shape[0]):
-        b = tree_of_task[task, 0]
-        start, stop = tree_of_task[task, 1], tree_of_task[task, 2]
-        kb = min(k, point_offset[b + 1] - point_offset[b])
-        best_d2 = np.empty(kb)
-        best = np.empty(kb, dtype=np.int64)
-        stack = np.empty(STACK_DEPTH, dtype=np.int64)
-        stack_d2 = np.empty(STACK_DEPTH)
-        A = np.empty((3, 3))
-        V = np.empty((3, 3))
+        b, start, stop, kb, best_d2, best, stack, stack_d2 = _task_scratch(
+            tree_of_task, task, k, point_offset
+        )
         limit = np.inf
         for row in range(start, stop):
             count, limit = _row_neighbours(
                 row, stop, kb, limit, f, b, best_d2, best, stack, stack_d2
             )
-            _scatter(points, best, count, A)
-            e = _smallest_eigenvector(A, V)
-            nx, ny, nz = V[0, e], V[1, e], V[2, e]
+            a00, a01, a02, a11, a12, a22 = _scatter(points, best, count)
+            nx, ny, nz = _smallest_eigenvector_direct(a00, a01, a02, a11, a12, a22)
             px, py, pz = points[row, 0], points[row, 1], points[row, 2]
             toward = (
                 (viewpoint[b, 0] - px) * nx
@@ -980,13 +1229,9 @@ def _intensity_gradient_kernel(
     # the largest squared distance that counts)
     point_offset = f.point_offset
     for task in prange(tree_of_task.shape[0]):
-        b = tree_of_task[task, 0]
-        start, stop = tree_of_task[task, 1], tree_of_task[task, 2]
-        kb = min(k, point_offset[b + 1] - point_offset[b])
-        best_d2 = np.empty(kb)
-        best = np.empty(kb, dtype=np.int64)
-        stack = np.empty(STACK_DEPTH, dtype=np.int64)
-        stack_d2 = np.empty(STACK_DEPTH)
+        b, start, stop, kb, best_d2, best, stack, stack_d2 = _task_scratch(
+            tree_of_task, task, k, point_offset
+        )
         limit = radius2
         for row in range(start, stop):
             count, limit = _row_neighbours(

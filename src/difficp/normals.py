@@ -143,7 +143,9 @@ def _pca_kernel_ready() -> bool:
 
     if kdtree.parallel_unsafe_after_fork():
         return False
-    return compile_or_fall_back(kernels_cached((kdtree._normals_kernel, kdtree._build_forest)))
+    return compile_or_fall_back(
+        kernels_cached((kdtree._normals_kernel, kdtree._build_forest, kdtree._build_tree_parallel))
+    )
 
 
 def _torch_covariances(

@@ -59,6 +59,13 @@ def warm_up() -> float:
         source = torch.rand(points, 3, generator=generator, dtype=torch.float64)
         target = source + 0.01
         difficp.icp(source, target, max_distance=0.1, max_iterations=2, search_backend="compiled")
+    # one large cloud's tree, built on the thread pool (difficp.kdtree.build_forest)
+    from difficp import kdtree
+
+    kdtree.build_forest(
+        torch.rand(1, kdtree.PARALLEL_BUILD_POINTS, 3, generator=generator).double().numpy(),
+        [kdtree.PARALLEL_BUILD_POINTS],
+    )
     # normals on the KD-forest (difficp.estimate_normals on the CPU)
     difficp.estimate_normals(torch.rand(200, 3, generator=generator, dtype=torch.float64), k=8)
     # and Generalized-ICP's covariances (difficp.estimate_covariances, metric="gicp")
