@@ -874,6 +874,22 @@ def _jacobi_rotation(
 
 
 @njit(inline="always", error_model="numpy")
+def _rotate_columns(
+    c: float, s: float, x0: float, y0: float, x1: float, y1: float, x2: float, y2: float
+) -> tuple[float, float, float, float, float, float]:
+    """Rows ``(x_i, y_i)`` of two columns of a 3 x 3 matrix turned by the plane rotation of
+    cosine ``c`` and sine ``s``: ``(c x - s y, s x + c y)`` per row."""
+    return (
+        c * x0 - s * y0,
+        s * x0 + c * y0,
+        c * x1 - s * y1,
+        s * x1 + c * y1,
+        c * x2 - s * y2,
+        s * x2 + c * y2,
+    )
+
+
+@njit(inline="always", error_model="numpy")
 def _smallest_eigenvector(
     a00: float, a01: float, a02: float, a11: float, a12: float, a22: float
 ) -> tuple[float, float, float]:
@@ -896,24 +912,19 @@ def _smallest_eigenvector(
         diag = a00 * a00 + a11 * a11 + a22 * a22
         if not off > 1e-36 * diag:  # below rounding (also stops on zero or non-finite input)
             break
+        # each rotation turns the eigenvector columns p, q of V by the same angle
         if a01 != 0.0:  # (p, q, r) = (0, 1, 2)
             a00, a11, a02, a12, c, s = _jacobi_rotation(a00, a11, a01, a02, a12)
             a01 = 0.0
-            v00, v01 = c * v00 - s * v01, s * v00 + c * v01
-            v10, v11 = c * v10 - s * v11, s * v10 + c * v11
-            v20, v21 = c * v20 - s * v21, s * v20 + c * v21
+            v00, v01, v10, v11, v20, v21 = _rotate_columns(c, s, v00, v01, v10, v11, v20, v21)
         if a02 != 0.0:  # (0, 2, 1)
             a00, a22, a01, a12, c, s = _jacobi_rotation(a00, a22, a02, a01, a12)
             a02 = 0.0
-            v00, v02 = c * v00 - s * v02, s * v00 + c * v02
-            v10, v12 = c * v10 - s * v12, s * v10 + c * v12
-            v20, v22 = c * v20 - s * v22, s * v20 + c * v22
+            v00, v02, v10, v12, v20, v22 = _rotate_columns(c, s, v00, v02, v10, v12, v20, v22)
         if a12 != 0.0:  # (1, 2, 0)
             a11, a22, a01, a02, c, s = _jacobi_rotation(a11, a22, a12, a01, a02)
             a12 = 0.0
-            v01, v02 = c * v01 - s * v02, s * v01 + c * v02
-            v11, v12 = c * v11 - s * v12, s * v11 + c * v12
-            v21, v22 = c * v21 - s * v22, s * v21 + c * v22
+            v01, v02, v11, v12, v21, v22 = _rotate_columns(c, s, v01, v02, v11, v12, v21, v22)
     # the first of the smallest diagonal entries (the eigenvalues)
     if a11 < a00 and a11 <= a22:
         return v01, v11, v21
