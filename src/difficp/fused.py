@@ -445,8 +445,7 @@ class FusedSteps:
         if config.needs_source_normals:
             assert problem.source_normals is not None
             self.source_normals = _numpy(problem.source_normals)
-        mask = problem.source_mask.cpu().numpy()[..., None]
-        self.source_mean = (self.source * mask).sum(1) / np.maximum(self.source_counts, 1)[:, None]
+        self.source_mean = problem.source_centroid_np
         self.source_radius = problem.source_radius_np
         self.tasks = (self.source.shape[1] + CHUNK - 1) // CHUNK
         self.options, self.int_options = _kernel_options(config, self.procrustes)

@@ -81,17 +81,27 @@ class Problem:
     source_covariances: Tensor | None = None  # (B, N, 3, 3), metric "gicp"
     source_features: Tensor | None = None  # (B, N, F) colour terms of metric "colored"
 
+    # Per-problem constants of the source, once and in NumPy (ten small torch calls cost ~50 us
+    # of a 100-point call): the stopping rule's scale and the compiled path's centroids.
     @cached_property
-    def source_radius_np(self) -> np.ndarray:
-        """``(B,)`` float64 RMS distance of each source cloud's real points from their centroid
-        (a rigid motion leaves it unchanged): the stopping rule's scale, computed once per
-        problem and in NumPy (ten small torch calls cost ~50 us of a 100-point call)."""
+    def _source_moments_np(self) -> tuple[np.ndarray, np.ndarray]:
         source = self.source.detach().cpu().numpy().astype(np.float64, copy=False)
         mask = self.source_mask.cpu().numpy()[..., None]
         counts = np.maximum(self.source_counts.cpu().numpy(), 1).astype(np.float64)
         mean = (source * mask).sum(1) / counts[:, None]
         centred = (source - mean[:, None]) * mask
-        return np.sqrt((centred * centred).sum((1, 2)) / counts)
+        return mean, np.sqrt((centred * centred).sum((1, 2)) / counts)
+
+    @property
+    def source_centroid_np(self) -> np.ndarray:
+        """``(B, 3)`` float64 centroid of each source cloud's real points."""
+        return self._source_moments_np[0]
+
+    @property
+    def source_radius_np(self) -> np.ndarray:
+        """``(B,)`` float64 RMS distance of each source cloud's real points from their centroid
+        (a rigid motion leaves it unchanged)."""
+        return self._source_moments_np[1]
 
 
 def _as_float_tensor(name: str, value: object) -> Tensor:

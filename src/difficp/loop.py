@@ -296,8 +296,7 @@ def rmse_tolerance(problem: Problem, config: ICPConfig) -> Tensor:
     after a step or two, reporting convergence). ``"relative"``: ``relative_rmse`` times the
     radius.
     """
-    with torch.no_grad():
-        radius = source_radius(problem)
+    radius = source_radius(problem)
     if config.criteria_scale == "relative":
         return config.relative_rmse * radius
     if config.relative_rmse > 0 and bool((config.relative_rmse > COARSE_CRITERIA * radius).any()):

@@ -113,8 +113,7 @@ class ReferenceSteps:
         self.dtype = problem.source.dtype
         self.mask = problem.source_mask[..., None].to(self.dtype)
         self.count = problem.source_counts.clamp_min(1)[:, None].to(self.dtype)
-        with torch.no_grad():
-            self.radius = source_radius(problem)
+        self.radius = source_radius(problem)
 
     def evaluate(self, transform: Tensor, active: Tensor) -> tuple[Tensor, Tensor, Any]:
         """Correspondences at ``transform``: fitness ``(B,)``, RMSE ``(B,)``, state for :meth:`step`."""

@@ -488,7 +488,7 @@ def levenberg_marquardt_update(
     # The state: the accumulated update, the moved points and normals, the pivot.
     start = _RigidLMState(eye, source, source_normals, center)
 
-    def propose(x: _RigidLMState, damping: Tensor) -> tuple[_RigidLMState, Tensor, Tensor]:
+    def propose(x: _RigidLMState, damping: Tensor) -> LMTrial:
         delta, ok = gauss_newton_update(
             metric, x.points, x.normals, corr, weights, damping, x.center, far
         )
@@ -499,7 +499,7 @@ def levenberg_marquardt_update(
             n,
             transform_points(x.center[:, None], delta)[:, 0],
         )
-        return trial, weighted_cost(metric, trial.points, n, corr, weights), ok
+        return LMTrial(trial, weighted_cost(metric, trial.points, n, corr, weights), ok, None)
 
     cost = weighted_cost(metric, source, source_normals, corr, weights)
     state, damping, _, usable = levenberg_marquardt(start, cost, damping, steps, propose)
@@ -537,6 +537,15 @@ class _RigidLMState(NamedTuple):
 LMState = TypeVar("LMState")
 
 
+class LMTrial(NamedTuple):
+    """What ``propose`` returns to :func:`levenberg_marquardt`."""
+
+    state: Any  # the trial state
+    cost: Tensor  # (B,) its cost
+    ok: Tensor | None  # (B,) bool, the pair's system was usable (None: all)
+    cost_here: Tensor | None  # (B,) cost at the state it started from, when known for free
+
+
 def _choose(accept: Tensor, trial: Any, current: Any) -> Any:
     """``trial`` where ``accept`` ``(B,)``, else ``current``: tensors, or tuples of them."""
     if isinstance(trial, Tensor):
@@ -548,30 +557,34 @@ def _choose(accept: Tensor, trial: Any, current: Any) -> Any:
 
 def levenberg_marquardt(
     state: LMState,
-    cost: Tensor,
+    cost: Tensor | None,
     damping: Tensor,
     steps: int,
-    propose: Callable[[LMState, Tensor], tuple[LMState, Tensor, Tensor | None]],
+    propose: Callable[[LMState, Tensor], LMTrial],
 ) -> tuple[LMState, Tensor, Tensor, Tensor]:
     """``steps`` Levenberg-Marquardt trials per pair: the one loop of the rigid
     (:func:`levenberg_marquardt_update`) and the non-rigid (:func:`block_levenberg_marquardt`)
     solvers.
 
-    ``propose(state, damping)`` returns a trial state, its cost ``(B,)`` and ``(B,)`` bool
-    ``ok`` (None: all) from the damped normal equations at ``state``; each pair accepts its
-    trial by :func:`marquardt_accept` (the batch never splits: ``torch.where``, so accepted
-    steps stay differentiable). Returns the state, the damping ``(B,)``, the cost ``(B,)`` and
-    ``(B,)`` bool: every trial's system was usable.
+    ``propose(state, damping)`` returns an :class:`LMTrial` from the damped normal equations at
+    ``state``; each pair accepts its trial by :func:`marquardt_accept` (the batch never splits:
+    ``torch.where``, so accepted steps stay differentiable). ``cost`` ``(B,)`` at ``state``, or
+    None where ``propose`` reports it (it has the residuals there anyway). Returns the state,
+    the damping ``(B,)``, the cost ``(B,)`` and ``(B,)`` bool: every trial's system was usable.
     """
-    usable = torch.ones_like(cost, dtype=torch.bool)
+    usable: Tensor | bool = True
     for _ in range(steps):
-        trial, trial_cost, ok = propose(state, damping)
+        trial, trial_cost, ok, here = propose(state, damping)
+        if cost is None:
+            cost = here
+        assert cost is not None, "propose must report the cost when none is given"
         if ok is not None:
             usable = usable & ok
         accept, damping = marquardt_accept(trial_cost, cost, damping, ok)
         state = _choose(accept, trial, state)
         cost = torch.where(accept, trial_cost, cost)
-    return state, damping, cost, usable
+    assert cost is not None, "levenberg_marquardt needs steps >= 1 or a cost"
+    return state, damping, cost, torch.ones_like(cost, dtype=torch.bool) & usable
 
 
 # --------------------------------------------------------------------------------------------
@@ -679,11 +692,10 @@ def block_levenberg_marquardt(
     """
     P = params.shape[-1]
 
-    def propose(current: Tensor, damping: Tensor) -> tuple[Tensor, Tensor, None]:
-        H, g, _ = block_normal_equations(blocks_fn(current, True), P)
+    def propose(current: Tensor, damping: Tensor) -> LMTrial:
+        H, g, cost_here = block_normal_equations(blocks_fn(current, True), P)
         trial = current + damped_solve(H, g, damping)
-        return trial, block_cost(blocks_fn(trial, False)), None
+        return LMTrial(trial, block_cost(blocks_fn(trial, False)), None, cost_here)
 
-    cost = block_cost(blocks_fn(params, False))
-    current, damping, cost, _ = levenberg_marquardt(params, cost, damping, steps, propose)
+    current, damping, cost, _ = levenberg_marquardt(params, None, damping, steps, propose)
     return current - params, damping, cost

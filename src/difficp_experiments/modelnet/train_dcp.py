@@ -585,18 +585,17 @@ def _resume(
     """Load the saved run of ``cfg.out`` (if any) into ``model``, ``optimizer`` and
     ``progress``, after checking that it was saved with the same options and process count."""
     lead = d.rank == 0
-    # Rank 0 reads the state and hands it to the others: no shared file system needed.
-    saved = load_state(cfg.out) if lead else None
+    # Rank 0 reads the state (or else the carried model file) and hands it to the others: no
+    # shared file system needed.
+    saved = None
+    if lead:
+        saved = load_state(cfg.out)
+        if saved is None and cfg.resume_weights:
+            saved = _state_from_model_file(cfg.resume_weights)
     if d.world > 1:
         box = [saved]
         dist.broadcast_object_list(box, src=0)
         saved = box[0]
-    if saved is None and cfg.resume_weights:
-        saved = _state_from_model_file(cfg.resume_weights) if lead else None
-        if d.world > 1:
-            box = [saved]
-            dist.broadcast_object_list(box, src=0)
-            saved = box[0]
     if saved is None:
         return
     _config_from_state(cfg, saved.get("train", {}))
