@@ -228,6 +228,30 @@ def test_numpy_and_tensor_integers_are_accepted_as_ints() -> None:
     assert all(type(v) is int for v in (config.max_iterations, config.soft_k, config.lm_steps))
 
 
+def test_repeated_keyword_options_reuse_one_validated_config_without_skipping_checks(clouds):
+    from difficp.config import resolve_config
+
+    base = difficp.ICPConfig(max_distance=0.5)
+    first = resolve_config(base, {"max_iterations": 3, "metric": "point_to_point"})
+    again = resolve_config(base, {"metric": "point_to_point", "max_iterations": 3})
+    assert again is first and (first.max_iterations, first.max_distance) == (3, 0.5)
+    # equal but not the same option: 1 == True == 1.0, yet the bool and the float are refused
+    assert resolve_config(None, {"max_iterations": 1}).max_iterations == 1
+    with pytest.raises(TypeError, match="got the bool True"):
+        difficp.icp(*clouds, max_iterations=True)
+    with pytest.raises(TypeError, match=r"got float 1\.0"):
+        difficp.icp(*clouds, max_iterations=1.0)
+    # another config with other values: its own options, never the cached config's
+    assert (
+        resolve_config(difficp.ICPConfig(max_distance=0.25), {"max_iterations": 3}).max_distance
+        == 0.25
+    )
+    # tensor options (learnable) are not cached: each call sees the tensor it was given
+    t1, t2 = torch.tensor(0.1), torch.tensor(0.2)
+    assert resolve_config(None, {"temperature": t1}).temperature is t1
+    assert resolve_config(None, {"temperature": t2}).temperature is t2
+
+
 def test_bool_lengths_refused(clouds) -> None:
     s, t = clouds
     with pytest.raises(ValueError, match=r"source_lengths must be an int tensor.*bool"):

@@ -3,6 +3,7 @@ the argument and the fix, before any work is done."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
@@ -130,11 +131,15 @@ def _check_finite(name: str, value: Tensor) -> None:
 OVERFLOW_MARGIN = 1e4
 
 
-def _check_magnitude(name: str, value: Tensor) -> None:
-    if value.dtype not in (torch.float32, torch.float64) or value.numel() == 0:
+def _check_coordinates(name: str, value: Tensor) -> None:
+    """Refuse NaN/inf and coordinates that overflow when squared, from one reduction (the
+    largest magnitude is NaN when any coordinate is NaN). ``value`` is not empty."""
+    largest = float(value.detach().abs().amax())
+    if not math.isfinite(largest):
+        _check_finite(name, value)  # NaN/inf: its message
+    if value.dtype not in (torch.float32, torch.float64):
         return
     limit = torch.finfo(value.dtype).max ** 0.5 / OVERFLOW_MARGIN
-    largest = float(value.detach().abs().amax())
     if largest > limit:
         hint = " or use float64" if value.dtype == torch.float32 else ""
         raise ValueError(
@@ -150,8 +155,7 @@ def _batched_points(name: str, value: object) -> tuple[Tensor, bool]:
         raise ValueError(f"{name} must have shape (N, 3) or (B, N, 3), got {tuple(t.shape)}")
     if t.shape[-2] == 0 or (t.dim() == 3 and t.shape[0] == 0):
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); ICP needs at least 3 points")
-    _check_finite(name, t)
-    _check_magnitude(name, t)
+    _check_coordinates(name, t)
     return (t[None], True) if t.dim() == 2 else (t, False)
 
 

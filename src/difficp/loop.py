@@ -222,8 +222,8 @@ def run_loop(
         and not progress
         and _runs_whole_loops(steps)
     ):
-        # the compiled fast path runs a small problem's whole loop in one call (no progress
-        # reports from inside it: a small problem takes milliseconds)
+        # the compiled fast path runs the whole loop in one call (it reports no progress from
+        # inside: a caller who asks for progress gets these lock-step iterations instead)
         result = steps.run_loop(init, config, rmse_tolerance, min_iterations)
         if result is not None:
             return result
@@ -299,8 +299,8 @@ def rmse_tolerance(problem: Problem, config: ICPConfig) -> Tensor:
     radius = source_radius(problem)
     if config.criteria_scale == "relative":
         return config.relative_rmse * radius
-    if config.relative_rmse > 0 and bool((config.relative_rmse > COARSE_CRITERIA * radius).any()):
-        smallest = float(radius.min())
+    smallest = float(problem.source_radius_np.min())  # NumPy: torch calls cost more here
+    if config.relative_rmse > 0 and config.relative_rmse > COARSE_CRITERIA * smallest:
         warnings.warn(
             f"ICPConfig.relative_rmse={config.relative_rmse:g} is coarse for a source cloud of "
             f"RMS radius {smallest:.3g} (the criteria are absolute, as in Open3D), so ICP may "
