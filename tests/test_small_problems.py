@@ -70,7 +70,9 @@ def test_serial_whole_loop_matches_the_lock_step_iterations(
 ) -> None:
     p = _batch([0, 1, 2], n=300)
     runs = []
-    for serial_points in (10**9, 0):  # every problem serial, then none
+    # every problem serial (one thread), then none (the whole loop on the thread pool), then
+    # the lock-step iterations of difficp.loop.run_loop (a progress callback asks for them)
+    for serial_points, progress in ((10**9, None), (0, None), (10**9, lambda _: None)):
         monkeypatch.setattr(fused, "SERIAL_POINTS", serial_points)
         calls: list[LoopResult | None] = []
         original = fused.FusedSteps.run_loop
@@ -80,9 +82,13 @@ def test_serial_whole_loop_matches_the_lock_step_iterations(
             return result
 
         monkeypatch.setattr(fused.FusedSteps, "run_loop", spy)
-        runs.append(_icp(p, **options))
-        assert (calls[0] is None) == (serial_points == 0)
-    serial, lock_step = runs
+        runs.append(_icp(p, progress=progress, **options))
+        assert len(calls) == (progress is None) and all(c is not None for c in calls)
+    serial, pooled, lock_step = runs
+    for name in ("transform", "inlier_rmse"):
+        torch.testing.assert_close(getattr(serial, name), getattr(pooled, name), atol=0, rtol=0)
+    for name in ("fitness", "iterations", "converged"):
+        assert torch.equal(getattr(serial, name), getattr(pooled, name))
     torch.testing.assert_close(serial.transform, lock_step.transform, atol=1e-13, rtol=0)
     assert torch.equal(serial.fitness, lock_step.fitness)
     torch.testing.assert_close(serial.inlier_rmse, lock_step.inlier_rmse, atol=1e-13, rtol=0)

@@ -508,10 +508,12 @@ class FusedSteps:
     def run_loop(
         self, init: Tensor, config: ICPConfig, tolerance: Tensor | None, min_iterations: int
     ) -> LoopResult | None:
-        """:func:`difficp.loop.run_loop` (rigid) in one compiled call (:func:`_serial_loop`)
-        for a small problem; None for one the lock-step parallel iterations serve better."""
+        """:func:`difficp.loop.run_loop` (rigid) in one compiled call (:func:`_serial_loop`):
+        a small problem on one thread, a larger one with its kernels on the thread pool (no
+        Python between iterations either way). None while the whole-loop kernel is not
+        compiled yet for a large problem (the lock-step iterations then run)."""
         B = self.source.shape[0]
-        if not self.serial:
+        if not self.serial and not kernels_cached((_serial_loop,)):
             return None
         T = np.array(init.detach().cpu().numpy(), dtype=np.float64)  # a copy: written to
         if tolerance is None:
@@ -542,7 +544,8 @@ class FusedSteps:
             self.target_features,
         )
         threads = numba.get_num_threads()
-        set_threads(1)  # per calling thread in numba: other threads keep theirs
+        if self.serial:
+            set_threads(1)  # per calling thread in numba: other threads keep theirs
         try:
             filled = _serial_loop(
                 T,
@@ -652,15 +655,18 @@ def _solve_updates(
 
 
 # ----------------------------------------------------------------------------------------------
-# Small problems: the whole loop in one compiled call
+# The whole loop in one compiled call
 # ----------------------------------------------------------------------------------------------
 
-# Up to this many source points in all (B * N), a call runs the whole loop in one compiled
-# function on the calling thread: no thread pool to wake (waking it for every kernel cost 20-40
-# ms per call for 100 points on 2 busy cores) and no PyTorch between iterations (~25 small calls,
-# 0.3 ms). Its kernels are the parallel ones run with one thread, not serial twins compiled
-# without ``parallel``: those paid NumPy-array reference counting (atomic increments) for every
-# point, 300-400 ns per point against 30 in the parallel kernels' outlined loop bodies.
+# Every rigid point-cloud problem runs its whole loop in one compiled function (no PyTorch
+# between iterations: ~25 small calls, 0.3 ms each iteration; measured 30% of a batch of 64
+# pairs of 100 points at one thread), unless a progress callback asks to hear from every
+# iteration. Up to this many source points in all (B * N) it runs on the calling thread: no
+# thread pool to wake (waking it for every kernel cost 20-40 ms per call for 100 points on 2
+# busy cores); larger problems run its kernels on the pool. Its kernels are the parallel ones
+# (run with one thread when small), not serial twins compiled without ``parallel``: those paid
+# NumPy-array reference counting (atomic increments) for every point, 300-400 ns per point
+# against 30 in the parallel kernels' outlined loop bodies.
 SERIAL_POINTS = 4096
 
 
@@ -1062,7 +1068,14 @@ class FusedProjectiveSteps(FusedSteps):
         self.intrinsics = np.ascontiguousarray(
             np.stack([K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2]], axis=1)
         )
-        self.serial = False  # the serial whole loop (FusedSteps.run_loop) searches KD-trees
+        self.serial = False
+
+    def run_loop(
+        self, init: Tensor, config: ICPConfig, tolerance: Tensor | None, min_iterations: int
+    ) -> None:
+        """None: the whole-loop kernel searches KD-trees, so a depth-map target runs the
+        lock-step iterations of :func:`difficp.loop.run_loop`."""
+        return None
 
     def evaluate(
         self, transform: Tensor, active: Tensor
