@@ -9,6 +9,7 @@ the median is reported. ``--batch`` also times batches of 100-point pairs in one
 
     python benchmarks/small_pairs.py                 # 100 and 1000 points, 300 repeats
     python benchmarks/small_pairs.py --threads 1 --batch
+    python benchmarks/small_pairs.py --threads 1 --phases    # where a call's time goes
 
 The fast path must be compiled first (``difficp warmup``), or difficp's first calls run its
 PyTorch path while a background process compiles it.
@@ -112,15 +113,71 @@ def _median_ms(runners: dict[str, Callable[[], int]], repeats: int) -> dict[str,
     return {name: (1e3 * statistics.median(t), iterations[name]) for name, t in times.items()}
 
 
+# Where a call's time goes: (module, function) pairs timed by --phases. Nested ones (the forest
+# build inside the compiled path's set-up, the compiled loop inside run_loop) are part of their
+# caller's time too.
+PHASES = (
+    ("difficp.registration", "resolve_config"),
+    ("difficp.registration", "prepare_problem"),
+    ("difficp.registration", "_choose_steps"),
+    ("difficp.fused", "build_forest"),
+    ("difficp.registration", "rmse_tolerance"),
+    ("difficp.registration", "run_loop"),
+    ("difficp.fused", "_serial_loop"),
+)
+
+
+def phases(points: int, calls: int) -> None:
+    """Mean microseconds per call spent in each of :data:`PHASES` (wrapped by timers, which add
+    ~1 us each) for one ``points``-point pair."""
+    import importlib
+
+    source, target = cube_pair(points, seed=points)
+    run = _difficp(source, target)
+    for _ in range(20):
+        run()
+    spent: dict[str, float] = {}
+    for module_name, name in PHASES:
+        module = importlib.import_module(module_name)
+        inner = getattr(module, name)
+
+        def timed(*a: object, inner: Callable = inner, key: str = name, **k: object) -> object:
+            start = time.perf_counter()
+            try:
+                return inner(*a, **k)
+            finally:
+                spent[key] = spent.get(key, 0.0) + time.perf_counter() - start
+
+        # the fast path asks numba dispatchers whether they are compiled
+        timed.signatures = getattr(inner, "signatures", None)  # type: ignore[attr-defined]
+        setattr(module, name, timed)
+    start = time.perf_counter()
+    for _ in range(calls):
+        run()
+    total = time.perf_counter() - start
+    print(
+        f"\n{points} points, mean us per call over {calls} calls: total {1e6 * total / calls:.1f}"
+    )
+    for _, name in PHASES:
+        print(f"  {name:16s} {1e6 * spent.get(name, 0.0) / calls:8.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--points", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--repeats", type=int, default=300)
     parser.add_argument("--threads", type=int, default=None, help="torch / numba threads")
     parser.add_argument("--batch", action="store_true", help="also batches of 100-point pairs")
+    parser.add_argument(
+        "--phases", action="store_true", help="only: where a difficp call's time goes (--points)"
+    )
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.phases:
+        for points in args.points:
+            phases(points, 10 * args.repeats)
+        return
     print(f"torch threads: {torch.get_num_threads()}, repeats: {args.repeats}\n")
     print("| points | difficp ms (it) | small_gicp ms (it) | Open3D ms (it) |")
     print("|---:|---:|---:|---:|")
