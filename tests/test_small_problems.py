@@ -102,6 +102,27 @@ def test_serial_whole_loop_matches_the_lock_step_iterations(
         torch.testing.assert_close(serial.rmse_history, lock_step.rmse_history, atol=1e-13, rtol=0)
 
 
+def test_a_very_large_problem_runs_the_interruptible_lock_step_iterations(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    p = _batch([0, 1], n=300)
+    results: list[LoopResult | None] = []
+    original = fused.FusedSteps.run_loop
+
+    def spy(self, *args):
+        results.append(result := original(self, *args))
+        return result
+
+    monkeypatch.setattr(fused.FusedSteps, "run_loop", spy)
+    whole = _icp(p, max_distance=0.1)
+    B, N = p["source"].shape[:2]
+    monkeypatch.setattr(fused, "WHOLE_LOOP_POINTS", B * N - 1)  # just below this batch
+    lock_step = _icp(p, max_distance=0.1)
+    assert results[0] is not None and results[1] is None
+    torch.testing.assert_close(whole.transform, lock_step.transform, atol=1e-13, rtol=0)
+    assert torch.equal(whole.iterations, lock_step.iterations)
+
+
 def test_auto_runs_pytorch_while_the_fast_path_compiles_in_the_background(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:

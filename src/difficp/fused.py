@@ -510,9 +510,12 @@ class FusedSteps:
     ) -> LoopResult | None:
         """:func:`difficp.loop.run_loop` (rigid) in one compiled call (:func:`_serial_loop`):
         a small problem on one thread, a larger one with its kernels on the thread pool (no
-        Python between iterations either way). None while the whole-loop kernel is not
-        compiled yet for a large problem (the lock-step iterations then run)."""
-        B = self.source.shape[0]
+        Python between iterations either way). None (the lock-step iterations then run) above
+        ``WHOLE_LOOP_POINTS``, or while the whole-loop kernel is not compiled yet for a
+        problem that is not small."""
+        B, N = self.source.shape[:2]
+        if B * N > WHOLE_LOOP_POINTS:
+            return None
         if not self.serial and not kernels_cached((_serial_loop,)):
             return None
         T = np.array(init.detach().cpu().numpy(), dtype=np.float64)  # a copy: written to
@@ -668,6 +671,10 @@ def _solve_updates(
 # NumPy-array reference counting (atomic increments) for every point, 300-400 ns per point
 # against 30 in the parallel kernels' outlined loop bodies.
 SERIAL_POINTS = 4096
+# Above this many source points the lock-step iterations run instead: one compiled call cannot
+# be interrupted (Ctrl-C waits for its end), and an iteration then takes tens of milliseconds,
+# against ~0.3 ms of PyTorch between lock-step iterations.
+WHOLE_LOOP_POINTS = 1 << 18
 
 
 class _SerialProblem(NamedTuple):
