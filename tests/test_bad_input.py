@@ -250,6 +250,13 @@ def test_repeated_keyword_options_reuse_one_validated_config_without_skipping_ch
     t1, t2 = torch.tensor(0.1), torch.tensor(0.2)
     assert resolve_config(None, {"temperature": t1}).temperature is t1
     assert resolve_config(None, {"temperature": t2}).temperature is t2
+    # a config holding a learnable option is validated again on every call with overrides
+    learnt = difficp.ICPConfig(temperature=torch.nn.Parameter(torch.tensor(0.1)))
+    assert resolve_config(learnt, {"max_iterations": 3}).max_iterations == 3
+    with torch.no_grad():
+        learnt.temperature.fill_(-1.0)
+    with pytest.raises(ValueError, match="temperature must be"):
+        resolve_config(learnt, {"max_iterations": 3})
 
 
 def test_bool_lengths_refused(clouds) -> None:

@@ -193,9 +193,12 @@ _PLAIN = (str, int, float, bool, type(None))
 
 
 def _replacement_key(config: ICPConfig, overrides: dict) -> tuple | None:
-    """A hashable key of plain (immutable scalar) overrides; None when any is not plain
-    (tensors, parameters: those configs are rebuilt on every call)."""
+    """A hashable key of plain (immutable scalar) overrides; None when any is not plain, or
+    when ``config`` holds a tensor option (tensors, parameters: those configs are rebuilt and
+    validated on every call, as a learnt temperature may have left its range since)."""
     if not all(type(value) in _PLAIN for value in overrides.values()):
+        return None
+    if any(isinstance(getattr(config, name), torch.Tensor) for name in TENSOR_OPTIONS):
         return None
     # the type too: True == 1 and 1.0 == 1, but bools are refused where ints are not
     items = sorted((name, type(value).__name__, value) for name, value in overrides.items())
