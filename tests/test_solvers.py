@@ -77,6 +77,41 @@ def test_collinear_procrustes_gradient_is_bounded_when_the_cross_covariance_is_t
     assert p.grad.abs().max() < 1e3 and q.grad.abs().max() < 1e3
 
 
+@pytest.mark.parametrize("thickness", [1e-11, 1e-8])
+def test_nearly_collinear_partners_take_the_minimal_motion_whatever_the_summation_order(
+    thickness: float,
+) -> None:
+    # Partners on a line but for a sideways offset of `thickness` (soft partners between two
+    # target points, the others weighing ~1e-11): the rotation about the line is fixed by that
+    # offset alone, and rounding (eps / thickness ~ 1e-5) would move it with the summation
+    # order. Below eps^(3/8) it is a line: the smallest rotation taking the line onto its image.
+    g = torch.Generator().manual_seed(5)
+    p = torch.rand(1, 18, 3, generator=g, dtype=torch.float64)
+    t = torch.rand(1, 18, 1, generator=g, dtype=torch.float64)
+    direction = torch.tensor([0.3, -0.5, 0.8], dtype=torch.float64)
+    q = 0.2 + t * direction + thickness * torch.randn(1, 18, 3, generator=g, dtype=torch.float64)
+    w = torch.ones(1, 18, dtype=torch.float64)
+    alone = weighted_procrustes(p, q, w)
+    # the same pair padded with zero-weight rows and batched beside another pair
+    other = torch.rand(1, 25, 3, generator=g, dtype=torch.float64)
+    pad = torch.zeros(1, 7, 3, dtype=torch.float64)
+    P = torch.cat([torch.cat([p, pad], 1), other])
+    Q = torch.cat([torch.cat([q, pad], 1), other + 0.1])
+    W = torch.cat([torch.cat([w, torch.zeros(1, 7, dtype=torch.float64)], 1), torch.ones(1, 25)])
+    batched = weighted_procrustes(P, Q, W)
+    torch.testing.assert_close(batched[0], alone[0], atol=1e-12, rtol=0)
+    # minimal motion: the source's principal direction (as H v) turned onto the partners' line
+    # by a rotation about their common perpendicular
+    R = alone[0, :3, :3]
+    H = (q - q.mean(1)).transpose(1, 2) @ (p - p.mean(1)) / 18
+    U, _, Vh = torch.linalg.svd(H[0])
+    u, v = U[:, 0], Vh[0]
+    # (to the line's thickness: u and v are the directions of H less its thin part)
+    torch.testing.assert_close(R @ v, u, atol=1e-6, rtol=0)
+    axis = torch.linalg.cross(v, u)
+    torch.testing.assert_close(R @ axis, axis, atol=1e-6, rtol=0)
+
+
 def test_damped_unit_vectors_are_exact_above_eps_and_bounded_below() -> None:
     g = torch.Generator().manual_seed(4)
     x = torch.randn(5, 3, generator=g, dtype=torch.float64)

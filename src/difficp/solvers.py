@@ -173,6 +173,14 @@ def weighted_procrustes(
 # Singular values of a cross-covariance below this many epsilons of its coordinates' size are
 # rounding noise (numerically collinear / coincident points).
 PROCRUSTES_NOISE = 100.0
+# Points whose cross-covariance has a second singular value below eps ** LINE_EXPONENT of its
+# first are a line to numerical precision, as the linearised solvers' rank test has it (a pivot
+# below eps^(3/4) of the Jacobi-scaled normal matrix, whose eigenvalues are the squares of
+# these ratios). Above it the rotation about the line is fixed by a thickness of s1 / s0 of the
+# line's length, and rounding moves it by eps * s0 / s1: soft partners that all fall between two
+# target points (the others weighing 1e-11) gave s1 / s0 ~ 1e-11, and results that changed by
+# 5e-6 with the summation order (batched against one pair).
+LINE_EXPONENT = 0.375
 
 
 def minimal_motion_rotation(
@@ -181,8 +189,9 @@ def minimal_motion_rotation(
     """``R`` ``(B, 3, 3)``, except where the cross-covariance ``H`` ``(B, 3, 3)`` leaves the
     Procrustes rotation undetermined: singular values at or below ``noise`` ``(B,)``.
 
-    Rank one (``H ~ s u v^T``: collinear points), every rotation with ``R v = u`` maximises
-    ``trace(R^T H)``; we take the smallest one, about ``v x u``. Rank zero (coincident points):
+    Rank one (``H ~ s u v^T``: collinear points, or a second singular value below
+    ``eps ** LINE_EXPONENT`` of the first), every rotation with ``R v = u`` maximises
+    ``trace(R^T H)`` (to that precision); we take the smallest one, about ``v x u``. Rank zero (coincident points):
     the identity. Differentiable in ``H``, with the derivative of ``u`` and ``v`` (``1 / s``)
     damped as the SVD's (``s / (s^2 + gradient_eps^2)``): a rank-one ``H`` of size ``1e-12`` (soft
     partners all on one target point, apart from weights of ``1e-11``) otherwise gives gradients
@@ -191,7 +200,8 @@ def minimal_motion_rotation(
     with torch.no_grad():
         s = torch.linalg.svdvals(H)
         zero = s[:, 0] <= noise
-        line = (s[:, 1] <= noise) & ~zero
+        thin = torch.finfo(H.dtype).eps ** LINE_EXPONENT * s[:, 0]
+        line = (s[:, 1] <= torch.maximum(noise, thin)) & ~zero
     if not bool((zero | line).any()):
         return R
     eye = torch.eye(3, dtype=R.dtype, device=R.device).expand_as(R)
@@ -250,7 +260,8 @@ def compiled_procrustes(
     )
     if s[0] <= noise:  # coincident points: every rotation fits; the identity moves least
         R = np.eye(3)
-    elif s[1] <= noise:  # collinear points: the smallest rotation taking v to u
+    elif s[1] <= max(noise, _EPS64**LINE_EXPONENT * s[0]):
+        # collinear points: the smallest rotation taking v to u
         R = rotation_between_twin(Vt[0].copy(), U[:, 0].copy())
     else:
         if np.linalg.det(U @ Vt) < 0:  # a reflection: flip the least significant direction
