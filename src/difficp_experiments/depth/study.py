@@ -475,28 +475,26 @@ def markdown_tables(metrics: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
-    def cells(d: dict) -> list[str]:
-        return [f"{_pct(d['success_3cm'])} {_ci(d['success_3cm_ci'])}", _pct(d["success_30cm"])]
+    def outcome(run: dict) -> str:
+        """The cells raw 3 cm ... +ICP median (mm) of the start or of a run."""
+        cells = []
+        for kind, scale, digits in (("raw", 100, 1), ("icp", 1000, 2)):
+            d = run[kind]
+            cells += [
+                f"{_pct(d['success_3cm'])} {_ci(d['success_3cm_ci'])}",
+                _pct(d["success_30cm"]),
+                f"{scale * d['median_error_m']:.{digits}f}",
+            ]
+        return " | ".join(cells)
 
-    s = metrics["start"]
     # study.json names the start "<checkpoint>:<network>[ (seed s)]"
     start_name = str(metrics.get("study", {}).get("meta", {}).get("start", ":nn"))
     start_name = start_name.rsplit(":", 1)[-1]
-    lines.append(
-        f"| start (`{start_name}`) | – | "
-        + " | ".join(cells(s["raw"]))
-        + f" | {100 * s['raw']['median_error_m']:.1f} | "
-        + " | ".join(cells(s["icp"]))
-        + f" | {1000 * s['icp']['median_error_m']:.2f} | 0 | – | – | – |"
-    )
+    lines.append(f"| start (`{start_name}`) | – | {outcome(metrics['start'])} | 0 | – | – | – |")
     for r in metrics["runs"]:
         fr, fi = r["raw"]["flips"]["3cm"], r["icp"]["flips"]["3cm"]
         lines.append(
-            f"| {r['arm']} | {r['seed']} | "
-            + " | ".join(cells(r["raw"]))
-            + f" | {100 * r['raw']['median_error_m']:.1f} | "
-            + " | ".join(cells(r["icp"]))
-            + f" | {1000 * r['icp']['median_error_m']:.2f} | {r['weight_change']:.4f} "
+            f"| {r['arm']} | {r['seed']} | {outcome(r)} | {r['weight_change']:.4f} "
             f"| +{fr['gained']}/−{fr['lost']} | +{fi['gained']}/−{fi['lost']} "
             f"| {r['train_seconds']:.0f} |"
         )
