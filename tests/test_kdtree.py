@@ -153,6 +153,26 @@ def test_nearest_on_larger_clouds_equals_ckdtree() -> None:
             np.testing.assert_allclose(distance[b][found], d[found], rtol=1e-12, atol=0)
 
 
+def test_one_large_cloud_built_in_parallel_is_the_serial_tree() -> None:
+    # One cloud from PARALLEL_BUILD_POINTS up is built on the thread pool by code of its own:
+    # the same tree as the serial build, its nodes numbered differently.
+    rng = np.random.default_rng(3)
+    n = kdtree.PARALLEL_BUILD_POINTS + 1000
+    cloud = rng.normal(size=(1, n, 3))
+    parallel = build_forest(cloud, np.array([n]))
+    serial = build_forest(cloud, np.array([n]), parallel=False)
+    np.testing.assert_array_equal(parallel.order, serial.order)
+    np.testing.assert_array_equal(parallel.points, cloud[0, parallel.order])
+    for f in (parallel, serial):
+        leaf = f.point_leaf
+        np.testing.assert_array_equal(f.node_start[leaf], serial.node_start[serial.point_leaf])
+        np.testing.assert_array_equal(f.node_end[leaf], serial.node_end[serial.point_leaf])
+        assert (f.node_child[leaf] == -1).all()
+    queries = rng.normal(size=(1, 500, 3))
+    index, _ = nearest(parallel, queries)
+    np.testing.assert_array_equal(index[0], cKDTree(cloud[0]).query(queries[0])[1])
+
+
 def test_forest_layout_is_a_permutation_of_each_cloud() -> None:
     rng = np.random.default_rng(1)
     clouds = rng.random((3, 50, 3))

@@ -115,27 +115,64 @@ def _select(pts: np.ndarray, idx: np.ndarray, lo: int, hi: int, k: int, dim: int
             return
 
 
+class _Tree(NamedTuple):
+    """The arrays one tree's build writes: views into a :class:`KDForest`'s, node and point
+    indices local to the tree (a named tuple, so the compiled builders take it as one
+    argument; made by :func:`_tree_view`).
+
+    Attributes:
+        points: ``(M, 3)`` float64 the tree's points, sorted into tree order by the build.
+        order: ``(M,)`` int64 the cloud's index of each tree point (moves with ``points``).
+        leaf_of: ``(M,)`` int64 the leaf of each tree point.
+        start, end, child, low, high, cell_low, cell_high, parent: the tree's rows of the
+            forest's ``node_start``, ``node_end``, ``node_child``, ``node_low``, ``node_high``,
+            ``cell_low``, ``cell_high`` and ``node_parent``.
+    """
+
+    points: np.ndarray
+    order: np.ndarray
+    leaf_of: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+    child: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    cell_low: np.ndarray
+    cell_high: np.ndarray
+    parent: np.ndarray
+
+
+@njit(cache=True, error_model="numpy")
+def _tree_view(f: KDForest, n0: int, n1: int, p0: int, p1: int) -> _Tree:
+    """The tree of ``f`` that owns nodes ``n0:n1`` and points ``p0:p1``.
+
+    Made outside a parallel function, or inside its parallel loop only to be handed to a
+    function that is not inlined: numba's parfors lost the writes through a tuple's attributes
+    that a parallel function made itself, to a tuple it had built (seen with numba 0.68)."""
+    return _Tree(
+        f.points[p0:p1],
+        f.order[p0:p1],
+        f.point_leaf[p0:p1],
+        f.node_start[n0:n1],
+        f.node_end[n0:n1],
+        f.node_child[n0:n1],
+        f.node_low[n0:n1],
+        f.node_high[n0:n1],
+        f.cell_low[n0:n1],
+        f.cell_high[n0:n1],
+        f.node_parent[n0:n1],
+    )
+
+
 @njit(inline="always", error_model="numpy")
-def _split_node(
-    pts: np.ndarray,
-    idx: np.ndarray,
-    node: int,
-    first: int,
-    start: np.ndarray,
-    end: np.ndarray,
-    child: np.ndarray,
-    low: np.ndarray,
-    high: np.ndarray,
-    cell_low: np.ndarray,
-    cell_high: np.ndarray,
-    parent: np.ndarray,
-    leaf_of: np.ndarray,
-) -> bool:
+def _split_node(tree: _Tree, node: int, first: int) -> bool:
     """Bound ``node`` (its range and cell already set) by the box of its points and, unless
     it is a leaf (then ``leaf_of`` its points), split them at the median of the box's widest
     side into the children ``first`` and ``first + 1`` (ranges and cells set). Returns whether
     it was split."""
-    s, e = start[node], end[node]
+    pts, low, high = tree.points, tree.low, tree.high
+    cell_low, cell_high = tree.cell_low, tree.cell_high
+    s, e = tree.start[node], tree.end[node]
     lx = ly = lz = np.inf
     hx = hy = hz = -np.inf
     for i in range(s, e):
@@ -146,20 +183,20 @@ def _split_node(
     low[node, 0], low[node, 1], low[node, 2] = lx, ly, lz
     high[node, 0], high[node, 1], high[node, 2] = hx, hy, hz
     if e - s <= LEAF_SIZE:
-        child[node] = -1
+        tree.child[node] = -1
         for i in range(s, e):
-            leaf_of[i] = node
+            tree.leaf_of[i] = node
         return False
     dim = 0
     for d in range(1, 3):
         if high[node, d] - low[node, d] > high[node, dim] - low[node, dim]:
             dim = d
     mid = (s + e) // 2
-    _select(pts, idx, s, e, mid, dim)
-    start[first], end[first] = s, mid
-    start[first + 1], end[first + 1] = mid, e
-    child[node] = first
-    parent[first] = parent[first + 1] = node
+    _select(pts, tree.order, s, e, mid, dim)
+    tree.start[first], tree.end[first] = s, mid
+    tree.start[first + 1], tree.end[first + 1] = mid, e
+    tree.child[node] = first
+    tree.parent[first] = tree.parent[first + 1] = node
     split = pts[mid, dim]  # left points <= split <= right points
     for d in range(3):
         cell_low[first, d] = cell_low[first + 1, d] = cell_low[node, d]
@@ -170,43 +207,27 @@ def _split_node(
 
 
 @njit(inline="always", error_model="numpy")
-def _start_root(
-    count: int,
-    start: np.ndarray,
-    end: np.ndarray,
-    cell_low: np.ndarray,
-    cell_high: np.ndarray,
-    parent: np.ndarray,
-) -> None:
-    """Node 0 covers the ``count`` points of the tree, in an infinite cell."""
-    start[0] = 0
-    end[0] = count
-    parent[0] = -1
+def _start_tree(tree: _Tree, cloud: np.ndarray) -> None:
+    """Copy ``cloud`` ``(M, 3)`` into the tree's points (the build then sorts them into tree
+    order) and make node 0 the root: all ``M`` points, in an infinite cell."""
+    for i in range(cloud.shape[0]):
+        tree.order[i] = i
+        for d in range(3):
+            tree.points[i, d] = cloud[i, d]
+    tree.start[0] = 0
+    tree.end[0] = cloud.shape[0]
+    tree.parent[0] = -1
     for d in range(3):
-        cell_low[0, d] = -np.inf
-        cell_high[0, d] = np.inf
+        tree.cell_low[0, d] = -np.inf
+        tree.cell_high[0, d] = np.inf
 
 
 @njit(cache=True, error_model="numpy")
-def _build_subtree(
-    pts: np.ndarray,
-    idx: np.ndarray,
-    root: int,
-    first_free: int,
-    start: np.ndarray,
-    end: np.ndarray,
-    child: np.ndarray,
-    low: np.ndarray,
-    high: np.ndarray,
-    cell_low: np.ndarray,
-    cell_high: np.ndarray,
-    parent: np.ndarray,
-    leaf_of: np.ndarray,
-) -> int:
+def _build_subtree(tree: _Tree, root: int, first_free: int) -> int:
     """Build the subtree of ``root`` (its range and cell set) depth first, its other nodes
-    numbered from ``first_free``, reordering the rows of ``pts`` ``(M, 3)`` in its range into
-    tree order in place (``idx`` moves with them: the cloud's index of each tree point);
-    ``leaf_of[i]`` becomes the leaf of tree point ``i``. Returns the next free node."""
+    numbered from ``first_free``, sorting the tree's points in its range into tree order in
+    place (``order`` moves with them); ``leaf_of[i]`` becomes the leaf of tree point ``i``.
+    Returns the next free node."""
     stack = np.empty(STACK_DEPTH * 2, dtype=np.int64)
     n_nodes = first_free
     stack[0] = root
@@ -214,26 +235,23 @@ def _build_subtree(
     while top > 0:
         top -= 1
         node = stack[top]
-        if _split_node(
-            pts,
-            idx,
-            node,
-            n_nodes,
-            start,
-            end,
-            child,
-            low,
-            high,
-            cell_low,
-            cell_high,
-            parent,
-            leaf_of,
-        ):
+        if _split_node(tree, node, n_nodes):
             stack[top] = n_nodes + 1
             stack[top + 1] = n_nodes
             top += 2
             n_nodes += 2
     return n_nodes
+
+
+@njit(cache=True, error_model="numpy")
+def _build_tree(tree: _Tree, cloud: np.ndarray) -> None:
+    """The whole tree of ``cloud`` ``(M, 3)``, in this thread.
+
+    A function of its own, not inlined into :func:`_build_forest`'s parallel loop: numba's
+    parfors lost writes made through a tuple's attributes inside the loop's body (see
+    :func:`_tree_view`)."""
+    _start_tree(tree, cloud)
+    _build_subtree(tree, 0, 1)
 
 
 @njit(cache=True, error_model="numpy")
@@ -263,21 +281,9 @@ PARALLEL_LEVELS = 4
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _build_tree_parallel(
-    pts: np.ndarray,
-    idx: np.ndarray,
-    start: np.ndarray,
-    end: np.ndarray,
-    child: np.ndarray,
-    low: np.ndarray,
-    high: np.ndarray,
-    cell_low: np.ndarray,
-    cell_high: np.ndarray,
-    parent: np.ndarray,
-    leaf_of: np.ndarray,
-) -> int:
-    """:func:`_build_subtree` of a whole tree on numba's thread pool, for a cloud of at least
-    ``2 ** PARALLEL_LEVELS * (LEAF_SIZE + 1)`` points (then no node above the level
+def _build_tree_parallel(tree: _Tree, cloud: np.ndarray) -> int:
+    """:func:`_build_tree` of ``cloud`` ``(M, 3)`` on numba's thread pool, for a cloud of at
+    least ``2 ** PARALLEL_LEVELS * (LEAF_SIZE + 1)`` points (then no node above the level
     ``PARALLEL_LEVELS`` is a leaf): the first levels breadth first in this thread (level ``l``
     is nodes ``2 ** l - 1 : 2 ** (l + 1) - 1``), then the subtrees below in parallel, each
     into its own range of nodes. The same tree as the serial build, numbered differently.
@@ -286,50 +292,21 @@ def _build_tree_parallel(
     another job on the second core, each region's start cost several milliseconds (measured
     40k points at 2 threads: 40 ms with five regions, 6-7 ms on one thread). Returns the node
     count."""
-    _start_root(pts.shape[0], start, end, cell_low, cell_high, parent)
+    _start_tree(tree, cloud)
     for level in range(PARALLEL_LEVELS):
         first_node = (1 << level) - 1
         width = 1 << level
         for j in range(width):
-            node = first_node + j
-            _split_node(
-                pts,
-                idx,
-                node,
-                first_node + width + 2 * j,
-                start,
-                end,
-                child,
-                low,
-                high,
-                cell_low,
-                cell_high,
-                parent,
-                leaf_of,
-            )
+            _split_node(tree, first_node + j, first_node + width + 2 * j)
     width = 1 << PARALLEL_LEVELS
     first_node = width - 1
     base = np.empty(width + 1, dtype=np.int64)
     base[0] = first_node + width  # the nodes above the subtrees and their roots come first
     for j in range(width):
         node = first_node + j
-        base[j + 1] = base[j] + _subtree_size(end[node] - start[node]) - 1
+        base[j + 1] = base[j] + _subtree_size(tree.end[node] - tree.start[node]) - 1
     for j in prange(width):
-        _build_subtree(
-            pts,
-            idx,
-            first_node + j,
-            base[j],
-            start,
-            end,
-            child,
-            low,
-            high,
-            cell_low,
-            cell_high,
-            parent,
-            leaf_of,
-        )
+        _build_subtree(tree, first_node + j, base[j])
     return base[width]
 
 
@@ -337,44 +314,14 @@ def _build_tree_parallel(
 def _build_forest(
     clouds: np.ndarray, counts: np.ndarray, node_capacity_offset: np.ndarray, f: KDForest
 ) -> None:
-    # Arrays bound outside the parallel loop: numba's parfors lost writes made through the
-    # tuple's attributes inside it.
-    points, order = f.points, f.order
     for b in prange(clouds.shape[0]):
         m = counts[b]
         if m == 0:
             continue
-        n0 = node_capacity_offset[b]
-        n1 = node_capacity_offset[b + 1]
         p0 = f.point_offset[b]
+        tree = _tree_view(f, node_capacity_offset[b], node_capacity_offset[b + 1], p0, p0 + m)
         # the cloud's rows are sorted into tree order where the forest keeps them
-        for i in range(m):
-            order[p0 + i] = i
-            for d in range(3):
-                points[p0 + i, d] = clouds[b, i, d]
-        _start_root(
-            m,
-            f.node_start[n0:n1],
-            f.node_end[n0:n1],
-            f.cell_low[n0:n1],
-            f.cell_high[n0:n1],
-            f.node_parent[n0:n1],
-        )
-        _build_subtree(
-            points[p0 : p0 + m],
-            order[p0 : p0 + m],
-            0,
-            1,
-            f.node_start[n0:n1],
-            f.node_end[n0:n1],
-            f.node_child[n0:n1],
-            f.node_low[n0:n1],
-            f.node_high[n0:n1],
-            f.cell_low[n0:n1],
-            f.cell_high[n0:n1],
-            f.node_parent[n0:n1],
-            f.point_leaf[p0 : p0 + m],
-        )
+        _build_tree(tree, clouds[b, :m])
 
 
 def serial_twin(dispatcher: Dispatcher) -> Dispatcher:
@@ -443,22 +390,7 @@ def build_forest(clouds: np.ndarray, counts: np.ndarray, parallel: bool = True) 
         # one large cloud: its tree itself built on the thread pool (the forest's loop is over
         # clouds: one thread would build it alone)
         m = int(counts[0])
-        forest.points[:] = clouds[0, :m]
-        forest.order[:] = np.arange(m)
-        f = forest
-        _build_tree_parallel(
-            f.points,
-            f.order,
-            f.node_start,
-            f.node_end,
-            f.node_child,
-            f.node_low,
-            f.node_high,
-            f.cell_low,
-            f.cell_high,
-            f.node_parent,
-            f.point_leaf,
-        )
+        _build_tree_parallel(_tree_view(forest, 0, n_nodes, 0, m), clouds[0, :m])
     else:
         build = _build_forest if parallel else _build_forest_serial
         build(clouds, counts, capacity_offset, forest)
