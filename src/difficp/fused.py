@@ -85,14 +85,29 @@ NORMAL_EQ = 3  # linearised: upper triangle of J^T W J (21), J^T W r (6)
 SUM_WIDTH = 32
 
 
+class _Pose(NamedTuple):
+    """The transform the kernels move the sources by, and where they centre the sums: made
+    together for one evaluation (:meth:`FusedSteps._pose`, :func:`_evaluate_serial`), so the
+    kernels take them as one argument.
+
+    Attributes:
+        rotation, translation: ``(B, 3, 3)``, ``(B, 3)`` the current transform.
+        center: ``(B, 3)`` subtracted from both sides before the Procrustes moments or the
+            normal equations are accumulated (conditioning, as in the reference solvers): the
+            moved source centroids.
+    """
+
+    rotation: np.ndarray
+    translation: np.ndarray
+    center: np.ndarray
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
 def fused_iteration(
     source: np.ndarray,
     source_normals: np.ndarray,
     source_counts: np.ndarray,
-    rotation: np.ndarray,
-    translation: np.ndarray,
-    center: np.ndarray,
+    pose: _Pose,
     partner: np.ndarray,
     anchor: np.ndarray,
     safe2: np.ndarray,
@@ -112,9 +127,7 @@ def fused_iteration(
     Args:
         source: ``(B, N, 3)``; pair ``b`` uses its first ``source_counts[b]`` points.
         source_normals: ``(B, N, 3)`` (any values when the config does not use them).
-        rotation, translation: ``(B, 3, 3)``, ``(B, 3)`` the current transform.
-        center: ``(B, 3)`` subtracted from both sides before the Procrustes moments or the
-            normal equations are accumulated (conditioning, as in the reference solvers).
+        pose: the current transform and the centre of the sums (:class:`_Pose`).
         partner: ``(B, N)`` int64 forest row of each point's last partner (-1: none); updated.
         anchor, safe2: ``(B, N, 3)``, ``(B, N)`` where each point was at its last search and the
             squared distance it may move from there with the same nearest neighbour; updated.
@@ -164,9 +177,9 @@ def fused_iteration(
         stack_d2 = np.empty(STACK_DEPTH)
         J = np.empty(6)
         RS = np.empty((3, 3))  # R S_p scratch (gicp)
-        R = rotation[b]
-        t = translation[b]
-        c = center[b]
+        R = pose.rotation[b]
+        t = pose.translation[b]
+        c = pose.center[b]
         points = forest.points
         empty = forest.point_offset[b + 1] == forest.point_offset[b]
         stop = min((task % tasks + 1) * CHUNK, source_counts[b])
@@ -450,10 +463,9 @@ class FusedSteps:
         self.tasks = (self.source.shape[1] + CHUNK - 1) // CHUNK
         self.options, self.int_options = _kernel_options(config, self.procrustes)
 
-    def _pose(self, transform: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """``transform`` ``(B, 4, 4)`` as the kernels take it: rotations ``(B, 3, 3)``,
-        translations ``(B, 3)``, the moved source centroids ``(B, 3)`` and zeroed per-task sums
-        ``(B * tasks, SUM_WIDTH)``."""
+    def _pose(self, transform: Tensor) -> tuple[_Pose, np.ndarray]:
+        """``transform`` ``(B, 4, 4)`` as the kernels take it (centred on the moved source
+        centroids) and zeroed per-task sums ``(B * tasks, SUM_WIDTH)``."""
         T = transform.numpy()
         R = np.ascontiguousarray(T[:, :3, :3])
         t = np.ascontiguousarray(T[:, :3, 3])
@@ -461,7 +473,7 @@ class FusedSteps:
         # accurate for clouds far from the origin.
         center = np.einsum("bij,bj->bi", R, self.source_mean) + t
         sums = np.zeros((T.shape[0] * self.tasks, SUM_WIDTH))
-        return R, t, center, sums
+        return _Pose(R, t, center), sums
 
     def _reduce(
         self, sums: np.ndarray, center: np.ndarray
@@ -481,14 +493,12 @@ class FusedSteps:
 
         Returns fitness ``(B,)``, inlier RMSE ``(B,)`` and the state :meth:`step` needs.
         """
-        R, t, center, sums = self._pose(transform)
+        pose, sums = self._pose(transform)
         fused_iteration(
             self.source,
             self.source_normals,
             self.source_counts,
-            R,
-            t,
-            center,
+            pose,
             self.partner,
             self.anchor,
             self.safe2,
@@ -503,7 +513,7 @@ class FusedSteps:
             self.source_features,
             self.target_features,
         )
-        return self._reduce(sums, center)
+        return self._reduce(sums, pose.center)
 
     def run_loop(
         self, init: Tensor, config: ICPConfig, tolerance: Tensor | None, min_iterations: int
@@ -730,9 +740,7 @@ def _evaluate_serial(
         p.source,
         p.source_normals,
         p.source_counts,
-        R,
-        t,
-        center,
+        _Pose(R, t, center),
         p.partner,
         p.anchor,
         p.safe2,
@@ -972,9 +980,7 @@ def projective_iteration(
     source: np.ndarray,
     source_normals: np.ndarray,
     source_counts: np.ndarray,
-    rotation: np.ndarray,
-    translation: np.ndarray,
-    center: np.ndarray,
+    pose: _Pose,
     camera: np.ndarray,
     intrinsics: np.ndarray,
     shape: np.ndarray,
@@ -991,8 +997,8 @@ def projective_iteration(
     .compiled_pixel`), as :func:`difficp.correspondence.projective_correspondences` finds it.
 
     Args:
-        source, source_normals, source_counts, rotation, translation, center, active, options,
-            int_options, sums: as for :func:`fused_iteration` (``options[0]``, the search radius,
+        source, source_normals, source_counts, pose, active, options, int_options, sums: as
+            for :func:`fused_iteration` (``options[0]``, the search radius,
             is unused: a projective partner is rejected by its weight, as on the PyTorch path).
         camera: ``(B, 4, 4)`` world-to-camera transforms of the target depth maps.
         intrinsics: ``(B, 4)`` ``fx, fy, cx, cy``.
@@ -1009,8 +1015,8 @@ def projective_iteration(
         if not active[b]:
             continue
         J = np.empty(6)
-        R = rotation[b]
-        t = translation[b]
+        R = pose.rotation[b]
+        t = pose.translation[b]
         C = camera[b]
         fx, fy, cx, cy = intrinsics[b, 0], intrinsics[b, 1], intrinsics[b, 2], intrinsics[b, 3]
         stop = min((task % tasks + 1) * CHUNK, source_counts[b])
@@ -1047,7 +1053,7 @@ def projective_iteration(
                 n,
                 u,
                 R,
-                center[b],
+                pose.center[b],
                 options,
                 int_options,
             )
@@ -1088,14 +1094,12 @@ class FusedProjectiveSteps(FusedSteps):
         self, transform: Tensor, active: Tensor
     ) -> tuple[Tensor, Tensor, tuple[np.ndarray, np.ndarray]]:
         """As :meth:`FusedSteps.evaluate`, by projection."""
-        R, t, center, sums = self._pose(transform)
+        pose, sums = self._pose(transform)
         projective_iteration(
             self.source,
             self.source_normals,
             self.source_counts,
-            R,
-            t,
-            center,
+            pose,
             self.camera,
             self.intrinsics,
             self.shape,
@@ -1107,7 +1111,7 @@ class FusedProjectiveSteps(FusedSteps):
             self.int_options,
             sums,
         )
-        return self._reduce(sums, center)
+        return self._reduce(sums, pose.center)
 
 
 def _kernel_options(config: ICPConfig, procrustes: bool) -> tuple[np.ndarray, np.ndarray]:
