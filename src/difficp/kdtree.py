@@ -915,10 +915,28 @@ def _smallest_eigenvector_direct(
     return x0 * inv, y0 * inv, z0 * inv
 
 
+# a symmetric 3 x 3 matrix as its upper triangle (a00, a01, a02, a11, a12, a22)
+_Upper = tuple[float, float, float, float, float, float]
+
+
 @njit(inline="always", error_model="numpy")
-def _scatter(
-    points: np.ndarray, rows: np.ndarray, count: int
-) -> tuple[float, float, float, float, float, float]:
+def _add_outer(a: _Upper, w: float, x: float, y: float, z: float) -> _Upper:
+    """``a + w v v^T`` for ``v = (x, y, z)``, the symmetric 3 x 3 matrices as their upper
+    triangles ``(a00, a01, a02, a11, a12, a22)`` (each term ``w * x * y`` rounded as written
+    out: ``w = 1`` gives ``x * y`` exactly)."""
+    a00, a01, a02, a11, a12, a22 = a
+    return (
+        a00 + w * x * x,
+        a01 + w * x * y,
+        a02 + w * x * z,
+        a11 + w * y * y,
+        a12 + w * y * z,
+        a22 + w * z * z,
+    )
+
+
+@njit(inline="always", error_model="numpy")
+def _scatter(points: np.ndarray, rows: np.ndarray, count: int) -> _Upper:
     """The scatter matrix of ``points[rows[:count]]`` about their mean, as its upper triangle
     ``(a00, a01, a02, a11, a12, a22)`` (two passes: centred before the products, no
     cancellation far from the origin)."""
@@ -930,18 +948,13 @@ def _scatter(
     mx /= count
     my /= count
     mz /= count
-    a00 = a01 = a02 = a11 = a12 = a22 = 0.0
+    a = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
     for j in range(count):
         dx = points[rows[j], 0] - mx
         dy = points[rows[j], 1] - my
         dz = points[rows[j], 2] - mz
-        a00 += dx * dx
-        a01 += dx * dy
-        a02 += dx * dz
-        a11 += dy * dy
-        a12 += dy * dz
-        a22 += dz * dz
-    return a00, a01, a02, a11, a12, a22
+        a = _add_outer(a, 1.0, dx, dy, dz)
+    return a
 
 
 @njit(inline="always", error_model="numpy")
@@ -1109,7 +1122,7 @@ def _tangent_gradient(
     qx, qy, qz = points[row, 0], points[row, 1], points[row, 2]
     nx, ny, nz = normals[row, 0], normals[row, 1], normals[row, 2]
     value = values[row]
-    a00 = a01 = a02 = a11 = a12 = a22 = 0.0
+    a = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
     g0 = g1 = g2 = 0.0
     for j in range(count):
         r = rows[j]
@@ -1117,22 +1130,11 @@ def _tangent_gradient(
         along = ox * nx + oy * ny + oz * nz
         ax, ay, az = ox - along * nx, oy - along * ny, oz - along * nz
         diff = values[r] - value
-        a00 += ax * ax
-        a01 += ax * ay
-        a02 += ax * az
-        a11 += ay * ay
-        a12 += ay * az
-        a22 += az * az
+        a = _add_outer(a, 1.0, ax, ay, az)
         g0 += ax * diff
         g1 += ay * diff
         g2 += az * diff
-    c2 = float(used) * float(used)
-    a00 += c2 * nx * nx
-    a01 += c2 * nx * ny
-    a02 += c2 * nx * nz
-    a11 += c2 * ny * ny
-    a12 += c2 * ny * nz
-    a22 += c2 * nz * nz
+    a00, a01, a02, a11, a12, a22 = _add_outer(a, float(used) * float(used), nx, ny, nz)
     # A = L L^T; "not > 0" also refuses NaN pivots, as LAPACK's potrf does
     if not a00 > 0.0:
         return 0.0, 0.0, 0.0
