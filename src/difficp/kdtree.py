@@ -725,6 +725,18 @@ def _offer(
     return count
 
 
+class _KnnScratch(NamedTuple):
+    """The arrays one task's k-nearest searches reuse (allocated once per task by
+    :func:`_task_scratch`, not per search): the sorted answers ``best_d2`` / ``best`` ``(k,)``
+    (squared distances, rows of ``f.points``) and the depth-first stack ``stack`` / ``stack_d2``
+    ``(STACK_DEPTH,)``."""
+
+    best_d2: np.ndarray
+    best: np.ndarray
+    stack: np.ndarray
+    stack_d2: np.ndarray
+
+
 @njit(inline="always", error_model="numpy")
 def _knn_subtree(
     x: float,
@@ -736,14 +748,12 @@ def _knn_subtree(
     node: int,
     k: int,
     limit: float,
-    best_d2: np.ndarray,
-    best: np.ndarray,
-    stack: np.ndarray,
-    stack_d2: np.ndarray,
+    scratch: _KnnScratch,
 ) -> int:
     """The ``k`` nearest points within squared distance ``limit`` in the subtree of ``node``
-    (global), into ``best_d2`` / ``best`` (rows of ``f.points``), closest first; returns how
-    many were found."""
+    (global), into ``scratch.best_d2`` / ``scratch.best``, closest first; returns how many
+    were found."""
+    best_d2, best, stack, stack_d2 = scratch
     count = 0
     top = _start_search(x, y, z, f, node, stack, stack_d2)
     while True:
@@ -757,20 +767,10 @@ def _knn_subtree(
 
 
 @njit(inline="always", error_model="numpy")
-def _own_knn(
-    row: int,
-    k: int,
-    limit: float,
-    f: KDForest,
-    tree: int,
-    best_d2: np.ndarray,
-    best: np.ndarray,
-    stack: np.ndarray,
-    stack_d2: np.ndarray,
-) -> int:
+def _own_knn(row: int, k: int, limit: float, f: KDForest, tree: int, scratch: _KnnScratch) -> int:
     """The ``k`` nearest points (itself included) of tree point ``row`` (a row of ``f.points``)
-    in its tree ``tree``, into ``best`` (rows) / ``best_d2``, closest first; returns how many
-    (``k``, or the tree's size when smaller).
+    in its tree ``tree``, into ``scratch.best`` (rows) / ``scratch.best_d2``, closest first;
+    returns how many (``k``, or the tree's size when smaller).
 
     ``limit``: a squared distance known to hold at least ``k`` points (inf: unknown). Then the
     search starts at the lowest ancestor of the point's leaf whose cell holds that ball (see
@@ -783,9 +783,7 @@ def _own_knn(
     if limit < np.inf:
         leaf = node_base + f.point_leaf[row]
         start = enclosing_node(x, y, z, math.sqrt(limit), leaf, f, tree)
-    return _knn_subtree(
-        x, y, z, f, point_base, node_base, start, k, limit, best_d2, best, stack, stack_d2
-    )
+    return _knn_subtree(x, y, z, f, point_base, node_base, start, k, limit, scratch)
 
 
 @njit(inline="always", error_model="numpy")
@@ -959,23 +957,14 @@ def _scatter(points: np.ndarray, rows: np.ndarray, count: int) -> _Upper:
 
 @njit(inline="always", error_model="numpy")
 def _row_neighbours(
-    row: int,
-    stop: int,
-    kb: int,
-    limit: float,
-    f: KDForest,
-    b: int,
-    best_d2: np.ndarray,
-    best: np.ndarray,
-    stack: np.ndarray,
-    stack_d2: np.ndarray,
+    row: int, stop: int, kb: int, limit: float, f: KDForest, b: int, scratch: _KnnScratch
 ) -> tuple[int, float]:
     """The ``kb`` nearest of tree point ``row`` (:func:`_own_knn` within ``limit``) and the
     bound for the next row of its task: the next point (its spatial neighbour in tree order) has
     its k nearest within the farthest of this point's k nearest from it, a bound that prunes
     its search from the start (inflated past the rounding). Returns ``(count, next_limit)``."""
-    points = f.points
-    count = _own_knn(row, kb, limit, f, b, best_d2, best, stack, stack_d2)
+    points, best = f.points, scratch.best
+    count = _own_knn(row, kb, limit, f, b, scratch)
     next_limit = np.inf
     if row + 1 < stop and count == kb:
         # these kb points are all within the farthest of them from the next row: so are its
@@ -989,14 +978,16 @@ def _row_neighbours(
     return count, next_limit
 
 
-@njit(inline="always", error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _task_scratch(
     tree_of_task: np.ndarray, task: int, k: int, point_offset: np.ndarray
-) -> tuple[int, int, int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[int, int, int, int, _KnnScratch]:
     """A task's cloud ``b``, its tree rows ``start:stop``, the neighbourhood size ``kb`` (``k``
-    or the cloud's size when smaller) and its scratch arrays: the search's sorted answers
-    ``best_d2`` / ``best`` ``(kb,)`` and depth-first stack ``stack`` / ``stack_d2``
-    ``(STACK_DEPTH,)``, allocated once per task (not per row)."""
+    or the cloud's size when smaller) and its searches' :class:`_KnnScratch` (``kb``
+    answers), allocated once per task (not per row).
+
+    Not inlined: inlined into a kernel's parallel loop, numba's array analysis fails on the
+    record of arrays it builds (``AssertionError: Dimension mismatch``, numba 0.68)."""
     b = tree_of_task[task, 0]
     start, stop = tree_of_task[task, 1], tree_of_task[task, 2]
     kb = min(k, point_offset[b + 1] - point_offset[b])
@@ -1004,7 +995,7 @@ def _task_scratch(
     best = np.empty(kb, dtype=np.int64)
     stack = np.empty(STACK_DEPTH, dtype=np.int64)
     stack_d2 = np.empty(STACK_DEPTH)
-    return b, start, stop, kb, best_d2, best, stack, stack_d2
+    return b, start, stop, kb, _KnnScratch(best_d2, best, stack, stack_d2)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -1013,15 +1004,11 @@ def _normals_kernel(
 ) -> None:
     points, order, point_offset = f.points, f.order, f.point_offset
     for task in prange(tree_of_task.shape[0]):
-        b, start, stop, kb, best_d2, best, stack, stack_d2 = _task_scratch(
-            tree_of_task, task, k, point_offset
-        )
+        b, start, stop, kb, scratch = _task_scratch(tree_of_task, task, k, point_offset)
         limit = np.inf
         for row in range(start, stop):
-            count, limit = _row_neighbours(
-                row, stop, kb, limit, f, b, best_d2, best, stack, stack_d2
-            )
-            a00, a01, a02, a11, a12, a22 = _scatter(points, best, count)
+            count, limit = _row_neighbours(row, stop, kb, limit, f, b, scratch)
+            a00, a01, a02, a11, a12, a22 = _scatter(points, scratch.best, count)
             nx, ny, nz = _smallest_eigenvector_direct(a00, a01, a02, a11, a12, a22)
             px, py, pz = points[row, 0], points[row, 1], points[row, 2]
             toward = (
@@ -1174,16 +1161,12 @@ def _intensity_gradient_kernel(
     # the largest squared distance that counts)
     point_offset = f.point_offset
     for task in prange(tree_of_task.shape[0]):
-        b, start, stop, kb, best_d2, best, stack, stack_d2 = _task_scratch(
-            tree_of_task, task, k, point_offset
-        )
+        b, start, stop, kb, scratch = _task_scratch(tree_of_task, task, k, point_offset)
         limit = radius2
         for row in range(start, stop):
-            count, limit = _row_neighbours(
-                row, stop, kb, limit, f, b, best_d2, best, stack, stack_d2
-            )
+            count, limit = _row_neighbours(row, stop, kb, limit, f, b, scratch)
             limit = min(limit, radius2)
-            d0, d1, d2 = _tangent_gradient(f, row, best, count, normals, values)
+            d0, d1, d2 = _tangent_gradient(f, row, scratch.best, count, normals, values)
             i = column[row]
             out[b, i, 0], out[b, i, 1], out[b, i, 2] = d0, d1, d2
 
