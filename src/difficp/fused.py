@@ -24,10 +24,10 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
-import numba
 import numpy as np
 import torch
 from numba import njit, prange
@@ -44,6 +44,7 @@ from difficp.kdtree import (
     STACK_DEPTH,
     KDForest,
     build_forest,
+    on_calling_thread,
     parallel_unsafe_after_fork,
     set_threads,
     warm_two_nearest,
@@ -556,10 +557,7 @@ class FusedSteps:
             self.source_features,
             self.target_features,
         )
-        threads = numba.get_num_threads()
-        if self.serial:
-            set_threads(1)  # per calling thread in numba: other threads keep theirs
-        try:
+        with on_calling_thread() if self.serial else nullcontext():
             filled = _serial_loop(
                 T,
                 problem,
@@ -572,8 +570,6 @@ class FusedSteps:
                 converged,
                 history,
             )
-        finally:
-            set_threads(threads)
         return LoopResult(
             value=torch.from_numpy(T),
             fitness=torch.from_numpy(fitness),
@@ -867,7 +863,7 @@ def compiled_ready(small: bool, projective: bool = False) -> bool:
     cache, so that running them costs no compilation (1-3 minutes on 2 cores). True when that
     cannot be told (other numba)."""
     kernels = (
-        (_serial_loop, kdtree._build_forest_serial)
+        (_serial_loop, kdtree._build_forest)
         if small
         else (fused_iteration, _solve_updates, kdtree._build_forest, kdtree._build_tree_parallel)
     )

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import math
 import os
-import types
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import NamedTuple
 
 import numba
 import numpy as np
 from numba import njit, prange
-from numba.core.dispatcher import Dispatcher
 from numba.core.errors import NumbaWarning
 
 # numba tries its TBB layer first and, finding an older TBB (open3d ships one), warns before
@@ -324,33 +324,6 @@ def _build_forest(
         _build_tree(tree, clouds[b, :m])
 
 
-def serial_twin(dispatcher: Dispatcher) -> Dispatcher:
-    """The same function compiled without ``parallel`` (``prange`` is then ``range``), cached
-    under its own name (``<name>_serial``: the cache index does not tell the two apart).
-
-    For small problems, where starting the thread pool costs more than the work: measured
-    20-40 ms per call for 100 points on 2 busy cores, against 1 ms serially.
-    """
-    func = dispatcher.py_func
-    name = f"{func.__name__}_serial"
-    twin = types.FunctionType(
-        func.__code__.replace(co_name=name),
-        func.__globals__,
-        name,
-        func.__defaults__,
-        func.__closure__,
-    )
-    twin.__qualname__ = name
-    twin.__module__ = func.__module__
-    twin.__doc__ = func.__doc__
-    dropped = ("parallel", "nopython")  # njit sets nopython itself
-    options = {k: v for k, v in dispatcher.targetoptions.items() if k not in dropped}
-    return njit(cache=True, **options)(twin)
-
-
-_build_forest_serial = serial_twin(_build_forest)
-
-
 def build_forest(clouds: np.ndarray, counts: np.ndarray, parallel: bool = True) -> KDForest:
     """One KD-tree per cloud.
 
@@ -392,8 +365,8 @@ def build_forest(clouds: np.ndarray, counts: np.ndarray, parallel: bool = True) 
         m = int(counts[0])
         _build_tree_parallel(_tree_view(forest, 0, n_nodes, 0, m), clouds[0, :m])
     else:
-        build = _build_forest if parallel else _build_forest_serial
-        build(clouds, counts, capacity_offset, forest)
+        with nullcontext() if parallel else on_calling_thread():
+            _build_forest(clouds, counts, capacity_offset, forest)
     return forest
 
 
@@ -1487,6 +1460,21 @@ def set_threads(threads: int) -> None:
         _POOL_PID = os.getpid()
 
 
+@contextmanager
+def on_calling_thread() -> Iterator[None]:
+    """Run the compiled kernels called inside on the calling thread alone (numba's thread count
+    is per calling thread; it is restored after). For small problems: waking the pool cost
+    20-40 ms per call for 100 points on 2 busy cores, and the parallel kernels run on one thread
+    beat serial twins compiled without ``parallel`` (those pay NumPy reference counting per
+    element: a 1000-point tree 68 against 49 us)."""
+    threads = numba.get_num_threads()
+    set_threads(1)
+    try:
+        yield
+    finally:
+        set_threads(threads)
+
+
 def parallel_unsafe_after_fork() -> bool:
     """Whether this process is a fork of one whose OpenMP pool the compiled kernels started.
 
@@ -1512,10 +1500,10 @@ __all__ = [
     "knearest",
     "knn_warm_start",
     "nearest",
+    "on_calling_thread",
     "parallel_unsafe_after_fork",
     "pca_normals",
     "search_tree",
-    "serial_twin",
     "set_threads",
     "warm_two_nearest",
 ]
