@@ -63,6 +63,19 @@ class Correspondences:
     source_features: Tensor | None = None
 
 
+def compiled_threads_as_torch() -> None:
+    """Run the compiled (numba) kernels on PyTorch's intra-op thread count
+    (``torch.set_num_threads``), which starts numba's pool on the first call."""
+    from difficp.kdtree import set_threads  # here: numba only when the compiled path runs
+
+    threads = torch.get_num_threads()
+    set_threads(threads)
+    # Starting numba's OpenMP pool resets the process's OpenMP thread count, which PyTorch
+    # shares: keep the caller's.
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def lengths_mask(lengths: Tensor | None, batch: int, size: int, device: torch.device) -> Tensor:
     """``(B, size)`` bool mask of the first ``lengths[b]`` entries (all True when None)."""
     if lengths is None:
@@ -215,13 +228,9 @@ class NeighborIndex:
         estimate and the fused ICP kernel) and ``order`` ``(B, M)``: each forest cloud's point
         ``j`` is the reference's point ``order[b, j]`` (None: the identity, for prefix masks)."""
         if self._forest is None:
-            from difficp.kdtree import build_forest, set_threads  # here: numba only when used
+            from difficp.kdtree import build_forest  # here: numba only when used
 
-            threads = torch.get_num_threads()
-            set_threads(threads)
-            # Starting numba's OpenMP pool resets the process's OpenMP thread count, which
-            # PyTorch shares: keep the caller's torch.set_num_threads.
-            torch.set_num_threads(threads)
+            compiled_threads_as_torch()
             # Valid points first (prefix masks, as inputs.prepare_problem makes them): the
             # forest takes counts. A mask with holes is compacted into a prefix first.
             prefix = bool(

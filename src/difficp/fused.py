@@ -37,7 +37,7 @@ from torch import Tensor
 from difficp import kdtree
 from difficp.compile_cache import compile_or_fall_back, kernels_cached
 from difficp.config import ICPConfig
-from difficp.correspondence import DepthTarget
+from difficp.correspondence import DepthTarget, compiled_threads_as_torch
 from difficp.geometry import rotation_between_twin
 from difficp.inputs import PointTarget, Problem
 from difficp.kdtree import (
@@ -46,7 +46,6 @@ from difficp.kdtree import (
     build_forest,
     on_calling_thread,
     parallel_unsafe_after_fork,
-    set_threads,
     warm_two_nearest,
 )
 from difficp.loop import MIN_CORRESPONDENCES, LoopResult
@@ -448,11 +447,7 @@ class FusedSteps:
         if reason is not None:
             raise ValueError(f"the compiled ICP path cannot run this problem: {reason}")
         self.procrustes = config.strategies.solver.compiled_sums == "moments"
-        threads = torch.get_num_threads()
-        set_threads(threads)
-        # Starting numba's OpenMP pool resets the process's OpenMP thread count, which PyTorch
-        # shares: keep the caller's torch.set_num_threads.
-        torch.set_num_threads(threads)
+        compiled_threads_as_torch()
         self.source = _numpy(problem.source)
         self.source_counts = problem.source_counts.cpu().numpy().astype(np.int64)
         self.source_normals = np.zeros((1, 1, 3))

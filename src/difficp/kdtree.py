@@ -77,10 +77,11 @@ class KDForest(NamedTuple):
         return self.node_offset.shape[0]
 
 
-def _node_capacity(count: int) -> int:
-    # Leaves hold >= LEAF_SIZE // 2 points, so there are at most count / (LEAF_SIZE // 2) of
-    # them and a binary tree has 2 * leaves - 1 nodes.
-    return 2 * max(1, count // (LEAF_SIZE // 2)) + 1
+def _node_capacity(count: np.ndarray) -> np.ndarray:
+    """Nodes to reserve for trees of ``count`` ``(B,)`` points: leaves hold >= LEAF_SIZE // 2
+    points, so there are at most count / (LEAF_SIZE // 2) of them and a binary tree has
+    2 * leaves - 1 nodes."""
+    return 2 * np.maximum(1, count // (LEAF_SIZE // 2)) + 1
 
 
 @njit(cache=True, error_model="numpy")
@@ -340,24 +341,28 @@ def build_forest(clouds: np.ndarray, counts: np.ndarray, parallel: bool = True) 
         )
     if counts.size and (counts.min() < 0 or counts.max() > clouds.shape[1]):
         raise ValueError(f"counts must lie in [0, {clouds.shape[1]}], got {counts.tolist()}")
-    point_offset = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    capacity = np.array([_node_capacity(int(c)) for c in counts], dtype=np.int64)
-    capacity_offset = np.concatenate([[0], np.cumsum(capacity)]).astype(np.int64)
-    n_nodes = int(capacity_offset[-1])
+    # (small problems call this once per ICP call: array operations, not Python loops)
+    point_offset = np.zeros(counts.size + 1, dtype=np.int64)
+    np.cumsum(counts, out=point_offset[1:])
+    capacity_offset = np.zeros(counts.size + 1, dtype=np.int64)
+    np.cumsum(_node_capacity(counts), out=capacity_offset[1:])
+    n_points, n_nodes = int(point_offset[-1]), int(capacity_offset[-1])
+    boxes = np.zeros((4, n_nodes, 3))  # node_low, node_high, cell_low, cell_high
+    links = np.full((2, n_nodes), -1, dtype=np.int64)  # node_child, node_parent
     forest = KDForest(
-        points=np.empty((int(point_offset[-1]), 3)),
-        order=np.empty(int(point_offset[-1]), dtype=np.int64),
+        points=np.empty((n_points, 3)),
+        order=np.empty(n_points, dtype=np.int64),
         point_offset=point_offset,
         node_offset=capacity_offset[:-1].copy(),
         node_start=np.zeros(n_nodes, dtype=np.int64),
         node_end=np.zeros(n_nodes, dtype=np.int64),
-        node_child=np.full(n_nodes, -1, dtype=np.int64),
-        node_low=np.zeros((n_nodes, 3)),
-        node_high=np.zeros((n_nodes, 3)),
-        cell_low=np.zeros((n_nodes, 3)),
-        cell_high=np.zeros((n_nodes, 3)),
-        node_parent=np.full(n_nodes, -1, dtype=np.int64),
-        point_leaf=np.zeros(int(point_offset[-1]), dtype=np.int64),
+        node_child=links[0],
+        node_low=boxes[0],
+        node_high=boxes[1],
+        cell_low=boxes[2],
+        cell_high=boxes[3],
+        node_parent=links[1],
+        point_leaf=np.zeros(n_points, dtype=np.int64),
     )
     if parallel and counts.shape == (1,) and counts[0] >= PARALLEL_BUILD_POINTS:
         # one large cloud: its tree itself built on the thread pool (the forest's loop is over

@@ -16,7 +16,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from difficp.correspondence import NeighborIndex, _gather, lengths_mask
+from difficp.correspondence import (
+    NeighborIndex,
+    _gather,
+    compiled_threads_as_torch,
+    lengths_mask,
+)
 
 
 def estimate_normals(
@@ -211,12 +216,10 @@ def _compiled_covariances(
 
 def _compiled_normals(pts: Tensor, k: int, viewpoint: Tensor, lengths: Tensor | None) -> Tensor:
     """:func:`estimate_normals` of ``pts`` ``(B, N, 3)`` on the compiled KD-forest."""
-    from difficp.kdtree import build_forest, pca_normals, set_threads  # here: numba when it runs
+    from difficp.kdtree import build_forest, pca_normals  # here: numba when it runs
 
     B, N, _ = pts.shape
-    threads = torch.get_num_threads()
-    set_threads(threads)
-    torch.set_num_threads(threads)  # numba's OpenMP start resets the count PyTorch shares
+    compiled_threads_as_torch()
     counts = lengths_mask(lengths, B, N, pts.device).sum(1).numpy()
     forest = build_forest(pts.detach().double().numpy(), counts)
     normals = pca_normals(forest, k, viewpoint.double().numpy(), N)
