@@ -187,12 +187,12 @@ def minimal_motion_rotation(
     H: Tensor, R: Tensor, noise: Tensor, gradient_eps: float = SVD_GRADIENT_EPS
 ) -> Tensor:
     """``R`` ``(B, 3, 3)``, except where the cross-covariance ``H`` ``(B, 3, 3)`` leaves the
-    Procrustes rotation undetermined: singular values at or below ``noise`` ``(B,)``.
+    Procrustes rotation undetermined: singular values at or below ``noise`` ``(B,)``, or a
+    second one below ``eps ** LINE_EXPONENT`` of the first.
 
-    Rank one (``H ~ s u v^T``: collinear points, or a second singular value below
-    ``eps ** LINE_EXPONENT`` of the first), every rotation with ``R v = u`` maximises
-    ``trace(R^T H)`` (to that precision); we take the smallest one, about ``v x u``. Rank zero (coincident points):
-    the identity. Differentiable in ``H``, with the derivative of ``u`` and ``v`` (``1 / s``)
+    Rank one (``H ~ s u v^T``: collinear points, to that precision), every rotation with
+    ``R v = u`` maximises ``trace(R^T H)``; we take the smallest one, about ``v x u``. Rank zero
+    (coincident points): the identity. Differentiable in ``H``, with the derivative of ``u`` and ``v`` (``1 / s``)
     damped as the SVD's (``s / (s^2 + gradient_eps^2)``): a rank-one ``H`` of size ``1e-12`` (soft
     partners all on one target point, apart from weights of ``1e-11``) otherwise gives gradients
     of ``1e11``, and rounding differences between equal problems become visible in them.
