@@ -123,7 +123,7 @@ PHASES = (
     ("difficp.fused", "build_forest"),
     ("difficp.registration", "rmse_tolerance"),
     ("difficp.registration", "run_loop"),
-    ("difficp.fused", "_serial_loop"),
+    ("difficp.fused", "_whole_loop"),
 )
 
 

@@ -87,7 +87,7 @@ SUM_WIDTH = 32
 
 class _Pose(NamedTuple):
     """The transform the kernels move the sources by, and where they centre the sums: made
-    together for one evaluation (:meth:`FusedSteps._pose`, :func:`_evaluate_serial`), so the
+    together for one evaluation (:meth:`FusedSteps._pose`, :func:`_evaluate_whole`), so the
     kernels take them as one argument.
 
     Attributes:
@@ -402,7 +402,7 @@ class FusedSteps:
         # Padded clouds keep their valid points first (prefix masks), so counts describe them.
         target_counts = target.mask.sum(1).cpu().numpy()
         B, N = self.source.shape[:2]
-        # a small problem runs serially (see run_loop), its trees too
+        # a small problem runs on the calling thread (see run_loop), its trees too
         self.serial = B * N <= SERIAL_POINTS
         # the target's forest, if the covariance estimate built it already (metric "gicp")
         shared = None if target.index is None else target.index.built_forest()
@@ -514,7 +514,7 @@ class FusedSteps:
     def run_loop(
         self, init: Tensor, config: ICPConfig, tolerance: Tensor | None, min_iterations: int
     ) -> LoopResult | None:
-        """:func:`difficp.loop.run_loop` (rigid) in one compiled call (:func:`_serial_loop`):
+        """:func:`difficp.loop.run_loop` (rigid) in one compiled call (:func:`_whole_loop`):
         a small problem on one thread, a larger one with its kernels on the thread pool (no
         Python between iterations either way). None (the lock-step iterations then run) above
         ``WHOLE_LOOP_POINTS``, or while the whole-loop kernel is not compiled yet for a
@@ -522,7 +522,7 @@ class FusedSteps:
         B, N = self.source.shape[:2]
         if B * N > WHOLE_LOOP_POINTS:
             return None
-        if not self.serial and not kernels_cached((_serial_loop,)):
+        if not self.serial and not kernels_cached((_whole_loop,)):
             return None
         T = np.array(init.detach().cpu().numpy(), dtype=np.float64)  # a copy: written to
         if tolerance is None:
@@ -533,7 +533,7 @@ class FusedSteps:
         iterations = np.empty(B, dtype=np.int64)
         converged = np.empty(B, dtype=np.bool_)
         history = np.empty((B, config.max_iterations + 1))
-        problem = _SerialProblem(
+        problem = _WholeLoopProblem(
             self.source,
             self.source_normals,
             self.source_counts,
@@ -553,7 +553,7 @@ class FusedSteps:
             self.target_features,
         )
         with on_calling_thread() if self.serial else nullcontext():
-            filled = _serial_loop(
+            filled = _whole_loop(
                 T,
                 problem,
                 tolerance_,
@@ -678,8 +678,8 @@ SERIAL_POINTS = 4096
 WHOLE_LOOP_POINTS = 1 << 18
 
 
-class _SerialProblem(NamedTuple):
-    """The arrays of a :class:`FusedSteps` that :func:`_serial_loop` runs on (those of
+class _WholeLoopProblem(NamedTuple):
+    """The arrays of a :class:`FusedSteps` that :func:`_whole_loop` runs on (those of
     :func:`fused_iteration`, plus the centroids and radii of the sources): one argument instead
     of fifteen. ``partner``, ``anchor`` and ``safe2`` are updated in place."""
 
@@ -703,10 +703,10 @@ class _SerialProblem(NamedTuple):
 
 
 @njit(cache=True, error_model="numpy")
-def _evaluate_serial(
+def _evaluate_whole(
     T: np.ndarray,
     active: np.ndarray,
-    p: _SerialProblem,
+    p: _WholeLoopProblem,
     fitness: np.ndarray,
     rmse: np.ndarray,
     sums: np.ndarray,
@@ -780,9 +780,9 @@ def _orthonormalized_product(update: np.ndarray, T: np.ndarray, out: np.ndarray)
 
 
 @njit(cache=True, error_model="numpy")
-def _serial_loop(
+def _whole_loop(
     T: np.ndarray,
-    p: _SerialProblem,
+    p: _WholeLoopProblem,
     tolerance: np.ndarray,
     relative_fitness: float,
     min_iterations: int,
@@ -792,8 +792,8 @@ def _serial_loop(
     converged: np.ndarray,
     history: np.ndarray,
 ) -> int:
-    """:func:`difficp.loop.run_loop` over the :class:`FusedSteps` of a small problem, in one
-    call: the same lock-step iterations, stopping rule and outputs. ``T`` ``(B, 4, 4)`` (the
+    """:func:`difficp.loop.run_loop` over the :class:`FusedSteps` of a problem, in one call
+    (its kernels on the calling thread's numba thread count): the same lock-step iterations, stopping rule and outputs. ``T`` ``(B, 4, 4)`` (the
     initial transforms) becomes the result; ``fitness``, ``rmse`` ``(B,)``, ``iterations``
     ``(B,)`` int64, ``converged`` ``(B,)`` bool and ``history`` ``(B, max_iterations + 1)`` are
     written. Returns the number of columns of ``history`` filled."""
@@ -808,7 +808,7 @@ def _serial_loop(
     far = np.empty(B, dtype=np.bool_)
     metric, procrustes = p.int_options[0], p.int_options[1]
     radius = p.source_radius
-    _evaluate_serial(T, active, p, fitness, rmse, sums, center)
+    _evaluate_whole(T, active, p, fitness, rmse, sums, center)
     history[:, 0] = rmse
     filled = 1
     iterations[:] = 0
@@ -830,7 +830,7 @@ def _serial_loop(
                 any_active = True
         if not any_active:
             break
-        _evaluate_serial(T, active, p, new_fitness, new_rmse, sums, center)
+        _evaluate_whole(T, active, p, new_fitness, new_rmse, sums, center)
         any_active = False
         for b in range(B):
             if active[b]:
@@ -853,12 +853,13 @@ def _serial_loop(
 
 
 def compiled_ready(small: bool, projective: bool = False) -> bool:
-    """Whether the kernels a problem needs (``small``: the serial whole loop, else the parallel
-    iterations; ``projective``: the depth-map kernel) are compiled in this process or in numba's
+    """Whether the kernels a problem needs (``small``: the whole loop on the calling thread,
+    else the parallel iterations, which the whole loop of a larger problem compiles with it;
+    ``projective``: the depth-map kernel) are compiled in this process or in numba's
     cache, so that running them costs no compilation (1-3 minutes on 2 cores). True when that
     cannot be told (other numba)."""
     kernels = (
-        (_serial_loop, kdtree._build_forest)
+        (_whole_loop, kdtree._build_forest)
         if small
         else (fused_iteration, _solve_updates, kdtree._build_forest, kdtree._build_tree_parallel)
     )

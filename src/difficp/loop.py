@@ -130,7 +130,7 @@ class Steps(Protocol):
 
 @runtime_checkable
 class WholeLoop(Protocol):
-    """:class:`Steps` that can also run a small problem's whole rigid loop in one call
+    """:class:`Steps` that can also run a problem's whole rigid loop in one call
     (:class:`difficp.fused.FusedSteps`); :func:`run_loop` hands such problems over."""
 
     def run_loop(

@@ -54,7 +54,8 @@ def warm_up() -> float:
 
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(0)
-    # a small problem (the serial whole loop) and a large one (the parallel iterations)
+    # a small problem (the whole loop on the calling thread) and a larger one (the whole loop on
+    # the pool, which compiles the parallel kernels of the lock-step iterations with it)
     for points in (100, 2 * fused.SERIAL_POINTS):
         source = torch.rand(points, 3, generator=generator, dtype=torch.float64)
         target = source + 0.01
