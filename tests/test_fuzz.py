@@ -22,6 +22,11 @@ import difficp
 from difficp.geometry import make_transform, random_rotation
 
 CASES = 300
+# Cases beyond CASES that failed in longer runs of this fuzz, kept once fixed. 2350: a few source
+# points on a few unrelated target planes after a large offset (point_to_plane, linear): a
+# direction fixed ~10^5 times more weakly than the best, a Gauss-Newton step 1,700 times the
+# cloud's size, and the two paths 1.8e-2 of the scale apart (difficp.solvers.rank_tolerance).
+FOUND_BY_LONGER_RUNS = (2350,)
 TOLERANCE = 1e-5
 
 
@@ -93,7 +98,7 @@ def _alone(inputs: dict, b: int, n: list[int], m: list[int]) -> dict:
 def test_fuzz_fast_equals_reference_and_batched_equals_alone() -> None:
     failures = []
     worst = 0.0
-    for seed in range(CASES):
+    for seed in [*range(CASES), *FOUND_BY_LONGER_RUNS]:
         inputs, options, n, m = _case(seed)
         scale = 1 + max(
             float(inputs["target"].abs().max()), float(inputs["init"][:, :3, 3].abs().max())

@@ -9,9 +9,12 @@ from difficp.correspondence import Correspondences
 from difficp.geometry import make_transform, random_rotation, transform_points, unit_vectors
 from difficp.metrics import METRICS, Symmetric
 from difficp.solvers import (
+    compiled_solve_normal_equations,
     damped_unit_vectors,
     gauss_newton_update,
     lu_solve,
+    rank_tolerance,
+    solve_normal_equations,
     weighted_procrustes,
 )
 
@@ -178,3 +181,36 @@ def test_centred_step_reads_the_metric_centre_factor_not_its_name() -> None:
     assert renamed.name != "symmetric" and renamed.centre_factor == 2.0
     expected = gauss_newton_update(METRICS["symmetric"], p, n_p, corr, w)[0]
     torch.testing.assert_close(gauss_newton_update(renamed, p, n_p, corr, w)[0], expected)
+
+
+@pytest.mark.parametrize("dependence", [1e-5, 3e-5])
+def test_an_ill_conditioned_direction_takes_no_step_on_either_path(dependence: float) -> None:
+    # Six Jacobian columns of which the last is the first to `dependence`: the Jacobi-scaled
+    # normal matrix has a smallest eigenvalue ~dependence^2 / 3 (4e-11, 3e-10), above
+    # eps^(3/4) = 1.8e-12 but below rank_tolerance (1.5e-8) in float64. Gauss-Newton would
+    # step ~1 / dependence along it (fuzz case 2350: 1,700 times the cloud's size, and the
+    # compiled and PyTorch summation orders 1.8e-2 of it apart); now it is a null direction.
+    g = torch.Generator().manual_seed(0)
+    J = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    J[:, 5] = J[:, 0] + dependence * torch.randn(40, generator=g, dtype=torch.float64)
+    r = torch.randn(40, generator=g, dtype=torch.float64)
+    A, b = J.T @ J, J.T @ r
+    root = A.diagonal().sqrt()
+    smallest = torch.linalg.eigvalsh(A / (root[:, None] * root[None, :]))[0]
+    assert 10 * torch.finfo(A.dtype).eps ** 0.75 < smallest < rank_tolerance(2.0**-52) / 10
+    step, usable = solve_normal_equations(A[None], b[None])
+    assert bool(usable[0])
+    weak = torch.linalg.eigh(A / (root[:, None] * root[None, :]))[1][:, 0] / root
+    weak = weak / weak.norm()
+    # Without the float64 bound the step along `weak` is ~1e4 here; with it, rounding only.
+    assert float((step[0] @ weak).abs()) < 1e-6 * float(step[0].norm())
+    assert float(step[0].norm()) < 10.0
+    x = torch.full((6,), float("nan"), dtype=torch.float64).numpy()
+    assert compiled_solve_normal_equations(A.numpy(), b.numpy(), x)
+    torch.testing.assert_close(torch.from_numpy(x), step[0], rtol=0, atol=1e-10)
+
+
+def test_rank_tolerance_is_the_rounding_bound_in_float32_and_stricter_in_float64() -> None:
+    eps32, eps64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
+    assert rank_tolerance(eps32) == eps32**0.75
+    assert eps64**0.75 < rank_tolerance(eps64) == eps64**0.5

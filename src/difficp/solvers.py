@@ -78,6 +78,23 @@ def lu_solve(A: Tensor, b: Tensor) -> Tensor:
     return _LUSolve.apply(A, b)
 
 
+def rank_tolerance(eps: float) -> float:
+    """Smallest pivot of a Jacobi-scaled normal matrix that still counts as full rank.
+
+    ``eps^(3/4)``: below it rounding alone (``eps`` relative) moves the step in that direction
+    by more than ``eps^(1/4)`` of its size. In float64 the bound is raised to
+    ``sqrt(eps64)`` (~1.5e-8, the Jacobian's columns dependent to ~1e-4): such a direction is
+    fixed by the data ~10^4 times more weakly than the best one, so a Gauss-Newton step along
+    it can be thousands of times the cloud's size (a few source points matched to a few target
+    planes after a large offset) and is still steered by rounding (summation order) at
+    ``eps^(3/4)``. In float32 ``eps^(3/4)`` (~6e-6) is already the larger.
+    """
+    return max(eps**0.75, _EPS64**0.5)
+
+
+_RANK_TOLERANCE64 = rank_tolerance(_EPS64)
+
+
 def regularize(A: Tensor) -> tuple[Tensor, Tensor]:
     """Make normal matrices ``(B, 6, 6)`` safely invertible.
 
@@ -89,8 +106,8 @@ def regularize(A: Tensor) -> tuple[Tensor, Tensor]:
 
     A numerically rank-deficient system (a plane under point_to_plane, a line under
     point_to_point, every point matched to one target point: the LU of the Jacobi-scaled
-    matrix has a pivot below ``eps^(3/4)``) would step by rounding noise in its null space, as
-    far as the real step, and differently for every summation order. Its null space (the
+    matrix has a pivot below :func:`rank_tolerance`) would step by rounding noise in its null
+    space, as far as the real step or farther, and differently for every summation order. Its null space (the
     eigenvectors of the Jacobi-scaled matrix below ``sqrt(eps)``) gets a unit eigenvalue
     instead: the step there is 0 to rounding (the minimum-norm step in units of the cloud's
     size), while the determined components are untouched. The eigenvectors are not
@@ -109,7 +126,7 @@ def regularize(A: Tensor) -> tuple[Tensor, Tensor]:
     scaled = A.detach() / (root[:, :, None] * root[:, None, :])
     LU, _, failed = torch.linalg.lu_factor_ex(scaled)
     smallest_pivot = LU.diagonal(dim1=-2, dim2=-1).abs().amin(-1)
-    deficient = (failed != 0) | (smallest_pivot < info.eps**0.75)
+    deficient = (failed != 0) | (smallest_pivot < rank_tolerance(info.eps))
     half = n // 2
     block_mean = torch.cat(
         [
@@ -174,12 +191,14 @@ def weighted_procrustes(
 # rounding noise (numerically collinear / coincident points).
 PROCRUSTES_NOISE = 100.0
 # Points whose cross-covariance has a second singular value below eps ** LINE_EXPONENT of its
-# first are a line to numerical precision, as the linearised solvers' rank test has it (a pivot
-# below eps^(3/4) of the Jacobi-scaled normal matrix, whose eigenvalues are the squares of
-# these ratios). Above it the rotation about the line is fixed by a thickness of s1 / s0 of the
-# line's length, and rounding moves it by eps * s0 / s1: soft partners that all fall between two
-# target points (the others weighing 1e-11) gave s1 / s0 ~ 1e-11, and results that changed by
-# 5e-6 with the summation order (batched against one pair).
+# first are a line to numerical precision (the linearised solvers' rounding bound eps^(3/4) on
+# the Jacobi-scaled normal matrix, whose eigenvalues are the squares of these ratios). Above it
+# the rotation about the line is fixed by a thickness of s1 / s0 of the line's length, and
+# rounding moves it by eps * s0 / s1: soft partners that all fall between two target points (the
+# others weighing 1e-11) gave s1 / s0 ~ 1e-11, and results that changed by 5e-6 with the
+# summation order (batched against one pair). Unlike a linearised step, which grows without
+# bound as its direction loses rank (see rank_tolerance), the error here is an angle, so the
+# float64 raise of that bound is not needed.
 LINE_EXPONENT = 0.375
 
 
@@ -436,7 +455,7 @@ def compiled_solve_normal_equations(A: np.ndarray, g: np.ndarray, x: np.ndarray)
     for i in range(n):
         for j in range(n):
             scaled[i, j] = A[i, j] / (root[i] * root[j])
-    deficient = _lu_solve_in_place_twin(scaled.copy(), np.empty(0), x) < _EPS64**0.75
+    deficient = _lu_solve_in_place_twin(scaled.copy(), np.empty(0), x) < _RANK_TOLERANCE64
     M = A.copy()
     half = n // 2
     rotation = 0.0
