@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -58,6 +59,18 @@ def test_trimesh_point_cloud_and_mesh(cloud) -> None:
     box = trimesh.creation.box()
     mesh = as_points(box)
     assert mesh.points.shape == (8, 3) and mesh.normals.shape == (8, 3)
+
+
+def test_read_only_arrays_are_copied_not_shared() -> None:
+    frozen = np.arange(12, dtype=np.float32).reshape(4, 3)
+    frozen.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PyTorch warns when it wraps a non-writable array
+        points = as_points(frozen).points
+    points += 1  # must not reach the caller's (read-only) array
+    np.testing.assert_array_equal(frozen, np.arange(12).reshape(4, 3))
+    writable = np.zeros((4, 3), dtype=np.float32)
+    assert as_points(writable).points.data_ptr() == writable.ctypes.data  # no needless copy
 
 
 def test_pytorch3d_style_padded_batch_gives_lengths() -> None:

@@ -43,7 +43,13 @@ def _library(obj: Any) -> str:
 
 
 def _tensor(value: Any, dtype: torch.dtype | None, device: Any) -> Tensor:
-    t = value if isinstance(value, Tensor) else torch.as_tensor(np.asarray(value))
+    if isinstance(value, Tensor):
+        t = value
+    else:
+        array = np.asarray(value)
+        # A read-only array (trimesh's cached vertices) would be shared by a tensor that
+        # PyTorch lets the caller write to; copy it instead.
+        t = torch.as_tensor(array if array.flags.writeable else array.copy())
     if dtype is None and not t.is_floating_point():
         dtype = torch.get_default_dtype()
     return t.to(dtype=dtype, device=device)
