@@ -9,6 +9,7 @@ import difficp
 from difficp.correspondence import (
     DepthTarget,
     NeighborIndex,
+    PointTarget,
     nearest_correspondences,
     projective_correspondences,
     soft_correspondences,
@@ -58,14 +59,12 @@ def test_soft_tends_to_nearest_as_temperature_goes_to_zero() -> None:
     src, tgt = p["source"][None], p["target"][None]
     mask_s = torch.ones(1, src.shape[1], dtype=torch.bool)
     mask_t = torch.ones(1, tgt.shape[1], dtype=torch.bool)
-    index = NeighborIndex(tgt)
-    hard = nearest_correspondences(src, tgt, index, mask_s, p["target_normals"][None])
+    target = PointTarget(tgt, p["target_normals"][None], mask_t, NeighborIndex(tgt))
+    hard = nearest_correspondences(src, target, mask_s)
     errors = []
     for T in (1e-2, 1e-4, 1e-7):
         for k in (None, 8):
-            soft = soft_correspondences(
-                src, tgt, T, mask_s, mask_t, p["target_normals"][None], k, index
-            )
+            soft = soft_correspondences(src, target, T, mask_s, k)
             errors.append((soft.points - hard.points).abs().max().item())
             if T == 1e-7:
                 torch.testing.assert_close(soft.points, hard.points, atol=1e-9, rtol=0)
@@ -77,9 +76,9 @@ def test_soft_top_k_equals_dense_when_k_covers_all() -> None:
     p = make_pair(3, n=80)
     src, tgt = p["source"][None], p["target"][None]
     ms = torch.ones(1, 80, dtype=torch.bool)
-    index = NeighborIndex(tgt)
-    dense = soft_correspondences(src, tgt, 0.05, ms, ms, p["target_normals"][None])
-    topk = soft_correspondences(src, tgt, 0.05, ms, ms, p["target_normals"][None], 80, index)
+    target = PointTarget(tgt, p["target_normals"][None], ms, NeighborIndex(tgt))
+    dense = soft_correspondences(src, target, 0.05, ms)
+    topk = soft_correspondences(src, target, 0.05, ms, 80)
     torch.testing.assert_close(dense.points, topk.points)
     torch.testing.assert_close(dense.normals, topk.normals)
 

@@ -192,15 +192,15 @@ def test_the_linearised_step_keeps_open3d_parity_near_the_origin() -> None:
         **options,
     )  # fmt: skip
     # Open3D's step, written out: solve the uncentred system, compose Rz Ry Rx and t.
-    from difficp.correspondence import NeighborIndex, nearest_correspondences
+    from difficp.correspondence import NeighborIndex, PointTarget, nearest_correspondences
     from difficp.geometry import twist_to_transform
     from difficp.metrics import PointToPlane
 
     src, tgt = p["source"][None], p["target"][None]
     index = NeighborIndex(tgt, backend="kdtree")
-    corr = nearest_correspondences(
-        src, tgt, index, torch.ones(1, len(src[0]), dtype=torch.bool), p["target_normals"][None]
-    )
+    target_mask = torch.ones(1, len(tgt[0]), dtype=torch.bool)
+    target = PointTarget(tgt, p["target_normals"][None], target_mask, index)
+    corr = nearest_correspondences(src, target, torch.ones(1, len(src[0]), dtype=torch.bool))
     metric = PointToPlane()
     J = metric.jacobian(src, None, corr).reshape(-1, 6)
     r = metric.residuals(src, None, corr).reshape(-1)

@@ -445,49 +445,55 @@ def spatial_order(points: Tensor, mask: Tensor | None = None, bits: int = 10) ->
     return torch.argsort(code, dim=1, stable=True)
 
 
-def _partner_normals(normals: Tensor | None, index: Tensor) -> Tensor | None:
-    return None if normals is None else _gather(normals, index)
-
-
-def _partner_covariances(covariances: Tensor | None, index: Tensor) -> Tensor | None:
-    """``(B, M, 3, 3)`` covariances gathered at ``index`` ``(B, N)`` -> ``(B, N, 3, 3)``."""
-    if covariances is None:
+def _gather_optional(values: Tensor | None, index: Tensor) -> Tensor | None:
+    """``(B, M, ...)`` per-point values gathered at ``index`` ``(B, N)``, or None without them."""
+    if values is None:
         return None
-    return _gather(covariances.flatten(-2), index).unflatten(-1, (3, 3))
+    return _gather(values.flatten(2), index).unflatten(-1, values.shape[2:])
+
+
+@dataclass
+class PointTarget:
+    """A target point cloud, prepared once: ``points``/``normals`` ``(B, M, 3)``, ``mask`` ``(B, M)``,
+    the neighbour index (None for dense soft correspondences) and per-point ``features``
+    ``(B, M, F)`` (the colour terms of metric ``"colored"``, else None)."""
+
+    points: Tensor
+    normals: Tensor | None
+    mask: Tensor
+    index: NeighborIndex | None
+    covariances: Tensor | None = None  # (B, M, 3, 3), metric "gicp"
+    features: Tensor | None = None
 
 
 def nearest_correspondences(
-    source: Tensor,
-    target: Tensor,
-    index: NeighborIndex,
-    source_mask: Tensor,
-    target_normals: Tensor | None = None,
-    max_distance: float | None = None,
-    target_covariances: Tensor | None = None,
-    target_features: Tensor | None = None,
+    source: Tensor, target: PointTarget, source_mask: Tensor, max_distance: float | None = None
 ) -> Correspondences:
     """Hard nearest-neighbour partners.
 
+    The partner carries the chosen target point's normal, covariance and features (those of
+    ``target`` that are not None); gradients flow into the chosen target points.
+
     Args:
         source: ``(B, N, 3)`` source points already moved by the current transform.
-        target: ``(B, M, 3)`` target points (gradients flow into the chosen ones).
-        index: :class:`NeighborIndex` built on ``target``.
+        target: the prepared :class:`PointTarget`, with its :class:`NeighborIndex`.
         source_mask: ``(B, N)`` bool, real (non-padding) source points.
-        target_normals: ``(B, M, 3)`` or None.
         max_distance: search radius; points with no target within it get no partner (this is
             Open3D's hybrid search, and what makes hard rejection cheap).
-        target_covariances: ``(B, M, 3, 3)`` or None (metric ``"gicp"``).
-        target_features: ``(B, M, F)`` per-point features (colours), gathered like the normals.
     """
-    idx, found = index.query(source, 1, query_mask=source_mask, max_distance=max_distance)
+    if target.index is None:
+        raise ValueError("nearest_correspondences needs a NeighborIndex on the target")
+    idx, found = target.index.query(source, 1, query_mask=source_mask, max_distance=max_distance)
     idx, found = idx[..., 0], found[..., 0]
-    partner = _gather(target, idx)
+    partner = _gather(target.points, idx)
     distance = _safe_norm(source - partner)
-    normals = _partner_normals(target_normals, idx)
-    covariances = _partner_covariances(target_covariances, idx)
-    features = _partner_normals(target_features, idx)
     return Correspondences(
-        partner, normals, found, distance, covariances=covariances, features=features
+        partner,
+        _gather_optional(target.normals, idx),
+        found,
+        distance,
+        covariances=_gather_optional(target.covariances, idx),
+        features=_gather_optional(target.features, idx),
     )
 
 
@@ -506,37 +512,30 @@ def _normalize(v: Tensor) -> Tensor:
 
 def soft_correspondences(
     source: Tensor,
-    target: Tensor,
+    target: PointTarget,
     temperature: Tensor | float,
     source_mask: Tensor,
-    target_mask: Tensor,
-    target_normals: Tensor | None = None,
     soft_k: int | None = None,
-    index: NeighborIndex | None = None,
-    target_covariances: Tensor | None = None,
-    target_features: Tensor | None = None,
 ) -> Correspondences:
     """Soft partners: the softmax(-|p - q|^2 / temperature)-weighted mean of the targets.
 
     With ``soft_k`` the softmax runs over the ``soft_k`` nearest targets only (found with
-    ``index``, without gradient), which bounds memory at ``B * N * soft_k``; otherwise over all
-    targets, chunked over the source points (see :mod:`difficp.softmatch` for the
-    memory-bounded dense version). Partner normals are the same weighted mean, re-normalised.
-    As ``temperature -> 0`` both tend to :func:`nearest_correspondences`.
+    ``target.index``, without gradient), which bounds memory at ``B * N * soft_k``; otherwise
+    over all targets, chunked over the source points (see :mod:`difficp.softmatch` for the
+    memory-bounded dense version). Partner normals are the same weighted mean, re-normalised;
+    covariances (metric ``"gicp"``) and features (colours) are the same weighted mean, not
+    re-normalised. As ``temperature -> 0`` all tend to :func:`nearest_correspondences`.
 
     Args:
         source: ``(B, N, 3)`` transformed source points.
-        target: ``(B, M, 3)``.
+        target: the prepared :class:`PointTarget` (its ``index`` is needed with ``soft_k``).
         temperature: scalar (float or 0-d tensor), squared distance units.
-        source_mask / target_mask: ``(B, N)`` / ``(B, M)`` bool of real points.
-        target_normals: ``(B, M, 3)`` or None.
+        source_mask: ``(B, N)`` bool of real source points.
         soft_k: number of nearest targets in the softmax, or None for all.
-        index: :class:`NeighborIndex` on ``target`` (needed with ``soft_k``).
-        target_covariances: ``(B, M, 3, 3)`` or None; the partner's covariance is the same
-            weighted mean (metric ``"gicp"``).
-        target_features: ``(B, M, F)`` per-point features (colours): the partner's are their
-            same weighted mean (not re-normalised).
     """
+    points, target_mask, index = target.points, target.mask, target.index
+    target_normals, target_covariances = target.normals, target.covariances
+    target_features = target.features
     covariances = features = None
     if soft_k is not None:
         if index is None:
@@ -550,7 +549,7 @@ def soft_correspondences(
         if target_features is not None:
             channels.append(target_features)
         extra = torch.cat(channels, -1) if channels else None
-        partner, mixed = topk_soft_match(source, target, extra, temperature, idx, found)
+        partner, mixed = topk_soft_match(source, points, extra, temperature, idx, found)
         F = 0 if target_features is None else target_features.shape[-1]
         if F:
             assert mixed is not None
@@ -567,7 +566,7 @@ def soft_correspondences(
     else:
         if target_covariances is None:
             partner, normals = dense_soft_match(
-                source, target, target_normals, temperature, target_mask
+                source, points, target_normals, temperature, target_mask
             )
         else:
             # The covariances ride along as 9 more channels of the same weighted mean.
@@ -575,13 +574,13 @@ def soft_correspondences(
             if target_normals is not None:
                 channels.insert(0, target_normals)
             partner, mixed = dense_soft_match(
-                source, target, torch.cat(channels, -1), temperature, target_mask, normalize=False
+                source, points, torch.cat(channels, -1), temperature, target_mask, normalize=False
             )
             assert mixed is not None
             covariances = mixed[..., -9:].unflatten(-1, (3, 3))
             normals = None if target_normals is None else _normalize(mixed[..., :3])
         if target_features is not None:
-            features = dense_soft_mean(source, target, target_features, temperature, target_mask)
+            features = dense_soft_mean(source, points, target_features, temperature, target_mask)
         valid = source_mask & target_mask.any(1)[:, None]
     distance = _safe_norm(source - partner)
     return Correspondences(

@@ -14,7 +14,13 @@ from torch import Tensor
 
 from difficp.colors import colored_features
 from difficp.config import ICPConfig
-from difficp.correspondence import DepthTarget, NeighborIndex, lengths_mask, spatial_order
+from difficp.correspondence import (
+    DepthTarget,
+    NeighborIndex,
+    PointTarget,
+    lengths_mask,
+    spatial_order,
+)
 from difficp.geometry import (
     check_intrinsics,
     depth_normals,
@@ -46,20 +52,6 @@ ROTATION_TOLERANCE = 1e-2
 def _take(values: Tensor, order: Tensor) -> Tensor:
     """``values`` ``(B, N, C)`` reordered by ``order`` ``(B, N)`` (differentiable)."""
     return torch.gather(values, 1, order[..., None].expand(-1, -1, values.shape[-1]))
-
-
-@dataclass
-class PointTarget:
-    """A target point cloud, prepared once: ``points``/``normals`` ``(B, M, 3)``, ``mask`` ``(B, M)``,
-    the neighbour index (None for dense soft correspondences) and per-point ``features``
-    ``(B, M, F)`` (the colour terms of metric ``"colored"``, else None)."""
-
-    points: Tensor
-    normals: Tensor | None
-    mask: Tensor
-    index: NeighborIndex | None
-    covariances: Tensor | None = None  # (B, M, 3, 3), metric "gicp"
-    features: Tensor | None = None
 
 
 @dataclass

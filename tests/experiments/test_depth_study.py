@@ -266,7 +266,7 @@ def test_a_scratch_start_is_a_fresh_network_of_the_checkpoint_architecture() -> 
     fresh = start_network(nets, SCENE, "scratch", scratch_seed=3)
     again = start_network(nets, SCENE, "scratch", scratch_seed=3)
     other = start_network(nets, SCENE, "scratch", scratch_seed=4)
-    assert fresh.config() == trained.config()
+    assert fresh.config == trained.config
     assert torch.equal(_params(fresh), _params(again))  # the same start for every arm and seed
     assert not torch.equal(_params(fresh), _params(other))
     assert not torch.allclose(_params(fresh), _params(trained))

@@ -58,19 +58,13 @@ class Correspondence:
 
     def find(self, moved: Tensor, target: Any, mask: Tensor, o: MatchOptions) -> Correspondences:
         """Partners of ``moved`` ``(B, N, 3)`` (real points: ``mask`` ``(B, N)``) in the
-        prepared target (:class:`~difficp.inputs.PointTarget` or :class:`DepthTarget`)."""
+        prepared target (:class:`~difficp.correspondence.PointTarget` or :class:`DepthTarget`)."""
         raise NotImplementedError
 
 
 CORRESPONDENCES: Registry[Correspondence] = Registry("correspondence")
 
 _ONLY_HARD = "only hard (nearest-neighbour or projective) correspondences are compiled"
-
-
-def _carried(t: Any) -> dict[str, Tensor | None]:
-    """The per-point values of a :class:`~difficp.inputs.PointTarget` that its points' partners
-    carry along (gathered by a hard search, mixed by a soft one)."""
-    return {"target_covariances": t.covariances, "target_features": t.features}
 
 
 @CORRESPONDENCES.register("nearest")
@@ -81,10 +75,7 @@ class Nearest(Correspondence):
         return True
 
     def find(self, moved: Tensor, target: Any, mask: Tensor, o: MatchOptions) -> Correspondences:
-        t = target  # a PointTarget with its neighbour index
-        return nearest_correspondences(
-            moved, t.points, t.index, mask, t.normals, o.radius, **_carried(t)
-        )
+        return nearest_correspondences(moved, target, mask, o.radius)
 
 
 @CORRESPONDENCES.register("soft")
@@ -97,18 +88,7 @@ class Soft(Correspondence):
         return soft_k is not None  # the top-k search; all targets without it
 
     def find(self, moved: Tensor, target: Any, mask: Tensor, o: MatchOptions) -> Correspondences:
-        t = target  # a PointTarget (its index serves the top-k search)
-        return soft_correspondences(
-            moved,
-            t.points,
-            o.temperature,
-            mask,
-            t.mask,
-            t.normals,
-            o.soft_k,
-            t.index,
-            **_carried(t),
-        )
+        return soft_correspondences(moved, target, o.temperature, mask, o.soft_k)
 
 
 @CORRESPONDENCES.register("projective")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import roma
 import torch
 from torch import Tensor, nn
@@ -17,6 +19,23 @@ def _block(c_in: int, c_out: int, kernel: int) -> nn.Sequential:
         nn.GroupNorm(8, c_out),
         nn.ReLU(inplace=True),
     )
+
+
+@dataclass(frozen=True)
+class PoseCNNConfig:
+    """The architecture of a :class:`PoseCNN` (besides its camera), saved with its weights.
+
+    Attributes:
+        res: side of the square input depth maps, in pixels (a multiple of 16).
+        width: channels of the first layer (doubling twice).
+        depth_offset: subtracted from valid depths (about the camera distance).
+        hidden: width of the hidden layer of the regression head.
+    """
+
+    res: int = 64
+    width: int = 32
+    depth_offset: float = 3.5
+    hidden: int = 256
 
 
 class PoseCNN(nn.Module):
@@ -35,22 +54,14 @@ class PoseCNN(nn.Module):
 
     Args:
         intrinsics: ``(3, 3)`` camera of the input depth maps (needed for the centroids).
-        width: channels of the first layer (doubling twice).
-        depth_offset: subtracted from valid depths (about the camera distance).
+        config: the architecture (:class:`PoseCNNConfig`; its defaults when None).
     """
 
-    def __init__(
-        self,
-        intrinsics: Tensor,
-        res: int = 64,
-        width: int = 32,
-        depth_offset: float = 3.5,
-        hidden: int = 256,
-    ) -> None:
+    def __init__(self, intrinsics: Tensor, config: PoseCNNConfig | None = None) -> None:
         super().__init__()
-        self.res, self.width, self.depth_offset, self.hidden = res, width, depth_offset, hidden
+        self.config = PoseCNNConfig() if config is None else config
+        res, w, hidden = self.config.res, self.config.width, self.config.hidden
         self.register_buffer("intrinsics", torch.as_tensor(intrinsics, dtype=torch.float32))
-        w = width
         self.features = nn.Sequential(
             _block(6, w, 5),
             _block(w, 2 * w, 3),
@@ -71,35 +82,22 @@ class PoseCNN(nn.Module):
         v, u = torch.meshgrid(torch.linspace(-1, 1, res), torch.linspace(-1, 1, res), indexing="ij")
         self.register_buffer("coords", torch.stack([u, v]))
 
-    def config(self) -> dict:
-        """Constructor arguments (besides the intrinsics buffer, saved in the state dict)."""
-        return {
-            "res": self.res,
-            "width": self.width,
-            "depth_offset": self.depth_offset,
-            "hidden": self.hidden,
-        }
-
     def centroids(self, depth: Tensor) -> Tensor:
         """``(B, 2, 3)`` centroids of the back-projected source and target depth maps."""
-        B = depth.shape[0]
-        pts = depth_to_points(depth.reshape(B * 2, self.res, self.res), self.intrinsics)
+        B, res = depth.shape[0], self.config.res
+        pts = depth_to_points(depth.reshape(B * 2, res, res), self.intrinsics)
         valid = (depth.reshape(B * 2, -1) > 0).to(pts.dtype)
         total = (pts.reshape(B * 2, -1, 3) * valid[..., None]).sum(1)
         return (total / valid.sum(1, keepdim=True).clamp_min(1)).reshape(B, 2, 3)
 
     def forward(self, depth: Tensor) -> Tensor:
         """``depth`` ``(B, 2, res, res)`` (source, target; 0 = invalid) -> ``(B, 4, 4)`` motion."""
-        B = depth.shape[0]
-        if depth.shape[1:] != (2, self.res, self.res):
-            raise ValueError(
-                f"depth must be (B, 2, {self.res}, {self.res}), got {tuple(depth.shape)}"
-            )
+        B, res = depth.shape[0], self.config.res
+        if depth.shape[1:] != (2, res, res):
+            raise ValueError(f"depth must be (B, 2, {res}, {res}), got {tuple(depth.shape)}")
         mask = (depth > 0).to(depth.dtype)
-        x = torch.cat(
-            [(depth - self.depth_offset) * mask, mask, self.coords.expand(B, -1, -1, -1).to(depth)],
-            dim=1,
-        )
+        shifted = depth - self.config.depth_offset
+        x = torch.cat([shifted * mask, mask, self.coords.expand(B, -1, -1, -1).to(depth)], dim=1)
         out = self.head(self.features(x))
         R = roma.special_gramschmidt(self.base6d + out[:, :6].reshape(B, 3, 2))
         c = self.centroids(depth)

@@ -78,7 +78,7 @@ def start_network(
     if name == SCRATCH:
         torch.manual_seed(scratch_seed)
         reference = next(iter(nets.values()))
-        return PoseCNN(scene.intrinsics(scene.cnn_res), **reference.config()).eval()
+        return PoseCNN(scene.intrinsics(scene.cnn_res), reference.config).eval()
     if name not in nets:
         raise ValueError(
             f"no network {name!r}: the checkpoint holds {sorted(nets)}, or {SCRATCH!r}"

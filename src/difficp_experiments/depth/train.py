@@ -34,7 +34,7 @@ from difficp_experiments.depth.data import (
     collate,
     rmse_between,
 )
-from difficp_experiments.depth.model import PoseCNN
+from difficp_experiments.depth.model import PoseCNN, PoseCNNConfig
 
 STAGE_OFFSET = {"nn": 0, "nn_icp": 10_000_000}  # the two stages see disjoint training samples
 
@@ -204,7 +204,7 @@ def run_stage(
 
 
 def make_model(scene: SceneConfig, width: int = 32) -> PoseCNN:
-    return PoseCNN(scene.intrinsics(scene.cnn_res), res=scene.cnn_res, width=width)
+    return PoseCNN(scene.intrinsics(scene.cnn_res), PoseCNNConfig(res=scene.cnn_res, width=width))
 
 
 def save_final(path: Path, nets: dict[str, PoseCNN], scene: SceneConfig, extra: dict) -> None:
@@ -212,7 +212,7 @@ def save_final(path: Path, nets: dict[str, PoseCNN], scene: SceneConfig, extra: 
     save_checkpoint(
         {
             "scene": scene.to_dict(),
-            "model_config": next(iter(nets.values())).config(),
+            "model_config": asdict(next(iter(nets.values())).config),
             "nets": {k: v.state_dict() for k, v in nets.items()},
             "info": extra,
         },
@@ -226,7 +226,7 @@ def load_final(path: Path) -> tuple[dict[str, PoseCNN], SceneConfig, dict]:
     scene = SceneConfig.from_dict(blob["scene"])
     nets = {}
     for name, state in blob["nets"].items():
-        net = PoseCNN(scene.intrinsics(scene.cnn_res), **blob["model_config"])
+        net = PoseCNN(scene.intrinsics(scene.cnn_res), PoseCNNConfig(**blob["model_config"]))
         net.load_state_dict(state)
         nets[name] = net.eval()
     return nets, scene, blob["info"]

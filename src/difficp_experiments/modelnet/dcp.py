@@ -257,16 +257,12 @@ class CompactTransformer(nn.Module):
 
     Attention at width ``model_dims`` between linear projections in and out, torch's layer norm,
     and a zero-initialised output projection (a fresh one adds nothing to the embeddings).
-    Same call signature as :class:`Transformer`.
+    Same call signature as :class:`Transformer`. Built only by :class:`DCP`, which passes every
+    size (the legacy checkpoints' own sizes are filled in by :func:`load_dcp_checkpoint`).
     """
 
     def __init__(
-        self,
-        emb_dims: int = 512,
-        n_blocks: int = 1,
-        n_heads: int = 4,
-        ff_dims: int = 256,
-        model_dims: int = 128,
+        self, emb_dims: int, n_blocks: int, n_heads: int, ff_dims: int, model_dims: int
     ) -> None:
         super().__init__()
         self.proj_in = nn.Linear(emb_dims, model_dims)
