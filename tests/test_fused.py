@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 from collections.abc import Callable
 
 import hypothesis.strategies as st
@@ -32,6 +33,7 @@ from difficp.geometry import (
     twist_to_transform,
 )
 from difficp.inputs import prepare_problem
+from difficp.loop import compiled_small_rigid_step, small_rigid_step
 from difficp.metrics import METRICS, Symmetric, get_metric
 from difficp.solvers import (
     _step_to_transform,
@@ -420,6 +422,83 @@ def test_early_stopping_and_history_match_reference(steps_used: list[str]) -> No
     # Without return_history, no history on either path.
     steps_used.clear()
     assert _compare(p, steps_used, **options).rmse_history is None
+
+
+@pytest.mark.parametrize("metric", ["point_to_point", "point_to_plane"])
+def test_small_step_rule_stops_at_the_first_small_step_on_both_paths(
+    steps_used: list[str], metric: str
+) -> None:
+    # small_gicp's rule alone (Open3D's criteria off: a change is never below 0).
+    p = _pair(6)
+    translation, rotation = 1e-3, math.radians(0.1)
+    options = {
+        "metric": metric,
+        "max_distance": 0.1,
+        "max_iterations": 60,
+        "relative_fitness": 0.0,
+        "relative_rmse": 0.0,
+    }
+    rule = {"translation_tolerance": translation, "rotation_tolerance": rotation}
+    result = _compare(p, steps_used, **options, **rule)
+    k = int(result.iterations)
+    assert bool(result.converged) and k < 60
+    # The step that stopped it was small and the one before was not: the transforms after k-1
+    # and k-2 iterations (capped runs) give the last two updates.
+    before = [
+        _run(p, "kdtree", **{**options, "max_iterations": i}).transform for i in (k - 2, k - 1)
+    ]
+    steps_used.clear()
+    last, previous = (
+        result.transform @ torch.linalg.inv(before[1]),
+        before[1] @ torch.linalg.inv(before[0]),
+    )
+
+    def small(update: torch.Tensor) -> bool:
+        angle = math.acos(min(1.0, (float(update[:3, :3].trace()) - 1) / 2))
+        return float(update[:3, 3].norm()) < translation and angle < rotation
+
+    assert small(last) and not small(previous)
+    # Either tolerance alone is checked alone; the rule stops earlier than Open3D's default.
+    open3d = _run(p, "kdtree", metric=metric, max_distance=0.1, max_iterations=60)
+    assert k < int(open3d.iterations)
+    only_rotation = _run(p, "compiled", **options, rotation_tolerance=rotation)
+    assert int(only_rotation.iterations) <= k
+
+
+@given(
+    log_angle=st.floats(-12.0, math.log10(math.pi)),
+    log_shift=st.floats(-9.0, 1.0),
+    seed=st.integers(0, 2**32 - 1),
+)
+@SETTINGS
+def test_small_rigid_step_twins_agree_and_read_the_angle_at_any_size(
+    log_angle: float, log_shift: float, seed: int
+) -> None:
+    g = torch.Generator().manual_seed(seed)
+    angle, shift = 10.0**log_angle, 10.0**log_shift
+    axis = torch.nn.functional.normalize(torch.randn(3, generator=g, dtype=torch.float64), dim=0)
+    direction = torch.nn.functional.normalize(
+        torch.randn(3, generator=g, dtype=torch.float64), dim=0
+    )
+    update = make_transform(roma.rotvec_to_rotmat(angle * axis), shift * direction)[None]
+    # bounds 1% either side of the step's own size: small only when both are above it
+    for t_scale, r_scale in ((1.01, 1.01), (0.99, 1.01), (1.01, 0.99)):
+        translation, rotation = t_scale * shift, r_scale * angle
+        expected = t_scale > 1 and r_scale > 1
+        torch_says = bool(small_rigid_step(update, torch.tensor([translation]), rotation)[0])
+        compiled = compile_twin(compiled_small_rigid_step)
+        compiled_says = bool(compiled(update[0].numpy(), translation, rotation))
+        assert torch_says == compiled_says == expected
+
+
+def test_small_step_tolerances_are_validated_and_refused_by_nonrigid_icp() -> None:
+    with pytest.raises(ValueError, match="translation_tolerance must be >= 0"):
+        difficp.ICPConfig(translation_tolerance=-1e-3)
+    with pytest.raises(ValueError, match="rotation_tolerance"):
+        difficp.ICPConfig(rotation_tolerance=float("nan"))
+    points = torch.rand(50, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="non-rigid ICP"):
+        difficp.nonrigid.nonrigid_icp(points, points, model="rigid", translation_tolerance=1e-3)
 
 
 def test_max_iterations_cap_matches_reference(steps_used: list[str]) -> None:

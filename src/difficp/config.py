@@ -252,10 +252,15 @@ class ICPConfig:
             radius without a ``max_distance``); see :mod:`difficp.colors`.
     Stopping (Open3D's criteria): stop a pair when both |change of fitness| < relative_fitness and
         |change of inlier RMSE| < relative_rmse, or after max_iterations.
+        translation_tolerance, rotation_tolerance: also stop a rigid pair whose last step moved
+            it by less than both (small_gicp's ``translation_eps`` / ``rotation_eps``, PCL's
+            transformation epsilon): the update's translation norm and rotation angle
+            (radians). 0 leaves that part unchecked; both 0 (the default) turn this rule off.
+            Non-rigid ICP refuses them (its steps are not rigid motions).
         criteria_scale: ``"absolute"`` (Open3D's: relative_rmse in distance units; warns when
             that is coarse for the cloud's size, e.g. clouds of 1e-6 units would stop after one
             step) or ``"relative"`` (the RMSE change is divided by the source cloud's RMS radius,
-            so the same criteria work at any scale).
+            so the same criteria work at any scale; translation_tolerance too).
     differentiation: ``"unroll"`` (backpropagate through the iterations), ``"implicit"``
         (gradient of the converged transform by the implicit function theorem) or ``"none"``
         (no autograd graph at all; fastest).
@@ -281,6 +286,8 @@ class ICPConfig:
     max_iterations: int = 30
     relative_fitness: float = 1e-6
     relative_rmse: float = 1e-6
+    translation_tolerance: float = 0.0
+    rotation_tolerance: float = 0.0
     criteria_scale: CriteriaScale = "absolute"
     differentiation: Differentiation = "unroll"
     return_history: bool = False
@@ -349,7 +356,12 @@ class ICPConfig:
             )
         # lm_damping = inf would make every LM step zero: the pair "converges" without moving.
         _positive("lm_damping", self.lm_damping, allow_none=False)
-        for name in ("relative_fitness", "relative_rmse"):
+        for name in (
+            "relative_fitness",
+            "relative_rmse",
+            "translation_tolerance",
+            "rotation_tolerance",
+        ):
             value = getattr(self, name)
             if not _number(name, value) >= 0:
                 raise ValueError(f"ICPConfig.{name} must be >= 0, got {_show(value)}")
@@ -391,6 +403,12 @@ class ICPConfig:
     def needs_colors(self) -> bool:
         """Whether the metric reads ``source_colors`` / ``target_colors`` (``"colored"``)."""
         return self._metric_needs("colors")
+
+    @property
+    def stops_on_small_steps(self) -> bool:
+        """Whether a rigid pair also stops on a small step (a translation or rotation
+        tolerance is set)."""
+        return self.translation_tolerance > 0 or self.rotation_tolerance > 0
 
     @property
     def resolved_color_radius(self) -> float | None:

@@ -48,7 +48,12 @@ from difficp.kdtree import (
     parallel_unsafe_after_fork,
     warm_two_nearest,
 )
-from difficp.loop import MIN_CORRESPONDENCES, LoopResult
+from difficp.loop import (
+    MIN_CORRESPONDENCES,
+    LoopResult,
+    compiled_small_rigid_step,
+    rotation_bound,
+)
 from difficp.metrics import METRICS
 from difficp.solvers import (
     FAR_FROM_ORIGIN,
@@ -512,7 +517,12 @@ class FusedSteps:
         return self._reduce(sums, pose.center)
 
     def run_loop(
-        self, init: Tensor, config: ICPConfig, tolerance: Tensor | None, min_iterations: int
+        self,
+        init: Tensor,
+        config: ICPConfig,
+        tolerance: Tensor | None,
+        step_tolerance: Tensor | None,
+        min_iterations: int,
     ) -> LoopResult | None:
         """:func:`difficp.loop.run_loop` (rigid) in one compiled call (:func:`_whole_loop`):
         a small problem on one thread, a larger one with its kernels on the thread pool (no
@@ -529,6 +539,10 @@ class FusedSteps:
             tolerance_ = np.full(B, float(config.relative_rmse))
         else:
             tolerance_ = tolerance.detach().cpu().double().numpy()
+        # an empty array turns the small-step rule off
+        small_step = np.empty(0)
+        if step_tolerance is not None:
+            small_step = step_tolerance.detach().cpu().double().numpy()
         fitness, rmse = np.empty(B), np.empty(B)
         iterations = np.empty(B, dtype=np.int64)
         converged = np.empty(B, dtype=np.bool_)
@@ -558,6 +572,8 @@ class FusedSteps:
                 problem,
                 tolerance_,
                 float(config.relative_fitness),
+                small_step,
+                rotation_bound(config),
                 int(min_iterations),
                 fitness,
                 rmse,
@@ -606,6 +622,7 @@ def _numpy(values: Tensor) -> np.ndarray:
 
 _procrustes_update = compile_twin(compiled_procrustes)
 _solve_regularized = compile_twin(compiled_solve_normal_equations)
+_small_rigid_step = compile_twin(compiled_small_rigid_step)
 
 
 @njit(cache=True, error_model="numpy")
@@ -785,6 +802,8 @@ def _whole_loop(
     p: _WholeLoopProblem,
     tolerance: np.ndarray,
     relative_fitness: float,
+    step_translation: np.ndarray,
+    step_rotation: float,
     min_iterations: int,
     fitness: np.ndarray,
     rmse: np.ndarray,
@@ -794,7 +813,8 @@ def _whole_loop(
 ) -> int:
     """:func:`difficp.loop.run_loop` over the :class:`FusedSteps` of a problem, in one call
     (its kernels on the calling thread's numba thread count): the same lock-step iterations, stopping rule and outputs. ``T`` ``(B, 4, 4)`` (the
-    initial transforms) becomes the result; ``fitness``, ``rmse`` ``(B,)``, ``iterations``
+    initial transforms) becomes the result; ``step_translation`` ``(B,)`` and ``step_rotation``
+    are the small-step rule's bounds (an empty array: no such rule); ``fitness``, ``rmse`` ``(B,)``, ``iterations``
     ``(B,)`` int64, ``converged`` ``(B,)`` bool and ``history`` ``(B, max_iterations + 1)`` are
     written. Returns the number of columns of ``history`` filled."""
     B = T.shape[0]
@@ -806,6 +826,7 @@ def _whole_loop(
     update = np.empty((B, 4, 4))
     moved = np.empty((4, 4))
     far = np.empty(B, dtype=np.bool_)
+    small = np.zeros(B, dtype=np.bool_)
     metric, procrustes = p.int_options[0], p.int_options[1]
     radius = p.source_radius
     _evaluate_whole(T, active, p, fitness, rmse, sums, center)
@@ -825,6 +846,8 @@ def _whole_loop(
             # too few weighted correspondences: the pair stops with its last good transform
             active[b] = active[b] and sums[b, WEIGHTED] >= MIN_CORRESPONDENCES
             if active[b]:
+                if step_translation.size:
+                    small[b] = _small_rigid_step(update[b], step_translation[b], step_rotation)
                 _orthonormalized_product(update[b], T[b], moved)
                 T[b] = moved
                 any_active = True
@@ -838,8 +861,8 @@ def _whole_loop(
                 done = (
                     abs(new_fitness[b] - fitness[b]) < relative_fitness
                     and abs(new_rmse[b] - rmse[b]) < tolerance[b]
-                    and iteration + 1 >= min_iterations
-                )
+                ) or small[b]
+                done = done and iteration + 1 >= min_iterations
                 fitness[b] = new_fitness[b]
                 rmse[b] = new_rmse[b]
                 converged[b] = converged[b] or done
@@ -1076,7 +1099,12 @@ class FusedProjectiveSteps(FusedSteps):
         self.serial = False
 
     def run_loop(
-        self, init: Tensor, config: ICPConfig, tolerance: Tensor | None, min_iterations: int
+        self,
+        init: Tensor,
+        config: ICPConfig,
+        tolerance: Tensor | None,
+        step_tolerance: Tensor | None,
+        min_iterations: int,
     ) -> None:
         """None: the whole-loop kernel searches KD-trees, so a depth-map target runs the
         lock-step iterations of :func:`difficp.loop.run_loop`."""

@@ -1,5 +1,5 @@
 """The ICP loop: iterate a :class:`Steps` (correspond -> weight / reject -> solve -> update) until
-Open3D's stopping rule holds, batched over pairs.
+Open3D's stopping rule (or, when asked, small_gicp's small-step rule) holds, batched over pairs.
 
 Every pair of the batch runs in lock-step; a pair that has met the stopping criteria (or lost
 every correspondence) keeps its transform, by ``torch.where``, while the others go on.
@@ -7,11 +7,13 @@ every correspondence) keeps its transform, by ``torch.where``, while the others 
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -58,8 +60,9 @@ class ICPResult:
         fitness: ``(B,)`` inlier correspondences (closer than ``max_distance``) / source points.
         inlier_rmse: ``(B,)`` RMSE of the inlier distances (Open3D's definition).
         iterations: ``(B,)`` int, ICP iterations each pair ran.
-        converged: ``(B,)`` bool, met the relative fitness / RMSE criteria before
-            ``max_iterations`` (False for a pair that lost all its correspondences).
+        converged: ``(B,)`` bool, met the stopping criteria (relative fitness and RMSE, or a
+            small step) before ``max_iterations`` (False for a pair that lost all its
+            correspondences).
         rmse_history: ``(B, K + 1)`` inlier RMSE at the start and after every iteration, when
             ``config.return_history`` (else None).
     """
@@ -112,7 +115,8 @@ class Steps(Protocol):
     and :class:`difficp.nonrigid.icp.NonrigidSteps` (deformation models).
 
     The loop holds the per-pair value being fitted (a ``(B, 4, 4)`` transform, or ``(B, P)``
-    model parameters) and never looks inside ``state`` or ``update``.
+    model parameters) and never looks inside ``state``, nor inside ``update`` except for the
+    small-step rule of a rigid loop (``update`` ``(B, 4, 4)`` then).
     """
 
     dtype: torch.dtype
@@ -134,10 +138,16 @@ class WholeLoop(Protocol):
     (:class:`difficp.fused.FusedSteps`); :func:`run_loop` hands such problems over."""
 
     def run_loop(
-        self, init: Tensor, config: ICPConfig, tolerance: Tensor | None, min_iterations: int
+        self,
+        init: Tensor,
+        config: ICPConfig,
+        tolerance: Tensor | None,
+        step_tolerance: Tensor | None,
+        min_iterations: int,
     ) -> LoopResult | None:
         """The loop's result for ``init`` ``(B, 4, 4)``, with :func:`run_loop`'s stopping rule
-        (``tolerance``: per-pair RMSE tolerance or None), or None to let :func:`run_loop` iterate."""
+        (``tolerance``: per-pair RMSE tolerance or None; ``step_tolerance``: as
+        :func:`run_loop`'s), or None to let :func:`run_loop` iterate."""
         ...
 
 
@@ -200,6 +210,7 @@ def run_loop(
     init: Tensor,
     config: ICPConfig,
     rmse_tolerance: Tensor | None = None,
+    step_tolerance: Tensor | None = None,
     apply: Callable[[Tensor, Tensor], Tensor] = compose_rigid,
     min_iterations: int = 0,
     progress: ProgressCallback | None = None,
@@ -210,6 +221,9 @@ def run_loop(
     Args:
         rmse_tolerance: ``(B,)`` the RMSE change below which a pair may stop (default
             ``config.relative_rmse``; see :func:`rmse_tolerance`).
+        step_tolerance: ``(B,)`` a rigid pair also stops once its update moved it by less than
+            this translation and ``config.rotation_tolerance``'s angle (see
+            :func:`step_tolerance`; None: no such rule).
         apply: ``apply(update, value)``, the new value after a step (default
             :func:`compose_rigid`; non-rigid parameters add).
         min_iterations: no pair counts as converged before this many iterations.
@@ -224,7 +238,7 @@ def run_loop(
     ):
         # the compiled fast path runs the whole loop in one call (it reports no progress from
         # inside: a caller who asks for progress gets these lock-step iterations instead)
-        result = steps.run_loop(init, config, rmse_tolerance, min_iterations)
+        result = steps.run_loop(init, config, rmse_tolerance, step_tolerance, min_iterations)
         if result is not None:
             return result
     B = init.shape[0]
@@ -239,6 +253,11 @@ def run_loop(
     tolerance = torch.full((B,), config.relative_rmse, dtype=rmse.dtype, device=device)
     if rmse_tolerance is not None:
         tolerance = rmse_tolerance.to(dtype=rmse.dtype, device=device)
+    if step_tolerance is not None:
+        if apply is not compose_rigid:
+            raise ValueError("the small-step rule (step_tolerance) is for rigid loops only")
+        rotation = rotation_bound(config)
+        step_tolerance = step_tolerance.to(dtype=rmse.dtype, device=device)
 
     def report(done: int) -> None:
         if progress is not None:
@@ -248,6 +267,9 @@ def run_loop(
     report(0)
     for iteration in range(config.max_iterations):
         update, new_damping, enough = steps.step(state, damping)
+        small = None
+        if step_tolerance is not None:
+            small = small_rigid_step(update.detach(), step_tolerance, rotation)
         # A pair with too few weighted correspondences stops here with its last good transform.
         active = active & enough
         # Applied before the exit test: when every pair has just been lost, T stays an output of
@@ -258,11 +280,12 @@ def run_loop(
         damping = torch.where(active, new_damping, damping)
         new_fitness, new_rmse, state = steps.evaluate(T, active)
         iterations = iterations + active.long()
-        done = (
-            active
-            & ((new_fitness - fitness).abs() < config.relative_fitness)
-            & ((new_rmse - rmse).abs() < tolerance)
+        done = ((new_fitness - fitness).abs() < config.relative_fitness) & (
+            (new_rmse - rmse).abs() < tolerance
         )
+        if small is not None:
+            done = done | small
+        done = active & done
         if iteration + 1 < min_iterations:
             done = torch.zeros_like(done)
         fitness = torch.where(active, new_fitness, fitness)
@@ -286,6 +309,52 @@ def run_loop(
 
 # Absolute RMSE criteria above this fraction of a cloud's RMS radius are coarse (warned).
 COARSE_CRITERIA = 1e-2
+
+
+def step_tolerance(problem: Problem, config: ICPConfig) -> Tensor | None:
+    """``(B,)`` the translation below which a rigid pair's step counts as small
+    (``config.translation_tolerance``, times the source's RMS radius with
+    ``criteria_scale="relative"``; inf where it is 0: not checked), or None when the small-step
+    rule is off."""
+    if not config.stops_on_small_steps:
+        return None
+    radius = source_radius(problem)
+    if config.translation_tolerance == 0:
+        return torch.full_like(radius, math.inf)
+    if config.criteria_scale == "relative":
+        return config.translation_tolerance * radius
+    return torch.full_like(radius, config.translation_tolerance)
+
+
+def rotation_bound(config: ICPConfig) -> float:
+    """The rotation angle (radians) below which a step counts as small: inf when unchecked."""
+    return config.rotation_tolerance if config.rotation_tolerance > 0 else math.inf
+
+
+def small_rigid_step(update: Tensor, translation: Tensor, rotation: float) -> Tensor:
+    """``(B,)`` bool: the rigid ``update`` ``(B, 4, 4)`` translates by less than
+    ``translation`` ``(B,)`` and rotates by less than ``rotation`` radians.
+
+    The angle is ``atan2(|axial part|, (trace - 1) / 2)``: accurate at small angles, where
+    ``acos`` of the trace loses half the digits."""
+    R = update[:, :3, :3]
+    axial = torch.stack(
+        [R[:, 2, 1] - R[:, 1, 2], R[:, 0, 2] - R[:, 2, 0], R[:, 1, 0] - R[:, 0, 1]], dim=-1
+    )
+    cosine = (R.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
+    angle = torch.atan2(axial.norm(dim=-1) / 2, cosine)
+    return (update[:, :3, 3].norm(dim=-1) < translation) & (angle < rotation)
+
+
+def compiled_small_rigid_step(update: np.ndarray, translation: float, rotation: float) -> bool:
+    """Compiled twin of :func:`small_rigid_step` for one ``(4, 4)`` update."""
+    ax = update[2, 1] - update[1, 2]
+    ay = update[0, 2] - update[2, 0]
+    az = update[1, 0] - update[0, 1]
+    cosine = (update[0, 0] + update[1, 1] + update[2, 2] - 1.0) / 2.0
+    angle = math.atan2(math.sqrt(ax * ax + ay * ay + az * az) / 2.0, cosine)
+    moved = math.sqrt(update[0, 3] ** 2 + update[1, 3] ** 2 + update[2, 3] ** 2)
+    return moved < translation and angle < rotation
 
 
 def rmse_tolerance(problem: Problem, config: ICPConfig) -> Tensor:

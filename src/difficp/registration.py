@@ -23,6 +23,7 @@ from difficp.loop import (
     rmse_tolerance,
     run_loop,
     source_radius,
+    step_tolerance,
 )
 from difficp.metrics import Metric
 from difficp.solvers import linearization_pivot
@@ -281,14 +282,17 @@ def icp(
         loop_needs_grad = config.differentiation == "unroll" and _requires_grad(problem, config)
         steps = _choose_steps(problem, config, search_backend, loop_needs_grad)
         tolerance = rmse_tolerance(problem, config)
+        small_step = step_tolerance(problem, config)
         if config.differentiation == "implicit":
             with torch.no_grad():
-                loop = run_loop(steps, problem.init, config, tolerance, progress=progress)
+                loop = run_loop(
+                    steps, problem.init, config, tolerance, small_step, progress=progress
+                )
             dtype = problem.source.dtype
             step = fixed_point_step(problem, config, loop.damping.to(dtype))
             loop.value = implicit_transform(step, loop.value.to(dtype))
         else:
-            loop = run_loop(steps, problem.init, config, tolerance, progress=progress)
+            loop = run_loop(steps, problem.init, config, tolerance, small_step, progress=progress)
         result = ICPResult.from_loop(loop)
     result = result.to(problem.result_dtype or problem.source.dtype)
     return result._squeeze() if problem.unbatched else result

@@ -366,6 +366,11 @@ def nonrigid_icp(
     """
     config = resolve_config(config, overrides)
     nonrigid_solver(config)  # refuses one that fits no deformation model, before any work
+    if config.stops_on_small_steps:
+        raise ValueError(
+            "translation_tolerance / rotation_tolerance stop a rigid pair on a small rigid "
+            "step; non-rigid ICP steps on model parameters: use relative_fitness / relative_rmse"
+        )
     if isinstance(model, str):
         if source is None:
             raise ValueError(f"model={model!r} is built from the source; pass source=(N, 3) points")
