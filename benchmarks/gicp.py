@@ -16,7 +16,9 @@ estimates normals with 20 neighbours and turns them into the same (1e-3, 1, 1) c
 KD-trees and the registration. Repeats are interleaved (method A, B, C, A, B, C, ...) and
 medians reported; each thread count runs in its own process with ``OMP_NUM_THREADS`` set
 before anything is imported (Open3D's OpenMP pool reads it once). Defaults of each library's
-stopping rule; max correspondence distance the same for all.
+stopping rule; max correspondence distance the same for all. ``difficp_step_rule`` is difficp
+with small_gicp's stopping rule instead of Open3D's (stop once a step moves less than 1 mm and
+0.1 degrees; ``translation_tolerance`` / ``rotation_tolerance``), the like-for-like timing.
 
     DIFFICP_DATA=/path/to/data python benchmarks/gicp.py --threads 1 2 --repeats 15
 """
@@ -79,7 +81,16 @@ def _unit(rng: np.random.Generator) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def _difficp(source, target, init, max_distance, threads):
+# small_gicp's default stopping rule (translation_epsilon, rotation_epsilon) as difficp options
+SMALL_GICP_RULE = {
+    "translation_tolerance": 1e-3,
+    "rotation_tolerance": np.deg2rad(0.1),
+    "relative_fitness": 0.0,
+    "relative_rmse": 0.0,
+}
+
+
+def _difficp(source, target, init, max_distance, threads, **criteria):
     import torch
 
     import difficp
@@ -91,8 +102,13 @@ def _difficp(source, target, init, max_distance, threads):
         metric="gicp",
         max_distance=max_distance,
         differentiation="none",
+        **criteria,
     )
     return result.transform.numpy()
+
+
+def _difficp_step_rule(source, target, init, max_distance, threads):
+    return _difficp(source, target, init, max_distance, threads, **SMALL_GICP_RULE)
 
 
 def _small_gicp(source, target, init, max_distance, threads):
@@ -126,7 +142,12 @@ def _open3d(source, target, init, max_distance, threads):
     return np.asarray(result.transformation)
 
 
-METHODS = {"difficp": _difficp, "small_gicp": _small_gicp, "open3d": _open3d}
+METHODS = {
+    "difficp": _difficp,
+    "difficp_step_rule": _difficp_step_rule,
+    "small_gicp": _small_gicp,
+    "open3d": _open3d,
+}
 
 
 def _fitness(source, target, T, max_distance) -> tuple[float, float]:

@@ -3,7 +3,10 @@
 Each case registers the same pair (points on the faces of a unit cube, the source turned by 5
 degrees and moved by 2 cm, 1 mm noise) with point-to-point ICP, max correspondence distance
 0.1, at most 30 iterations, each library with its own stopping rule; every library builds its
-own search tree inside the timed call. The libraries are interleaved within each repeat and
+own search tree inside the timed call. difficp also runs with small_gicp's rule (stop once a
+step moves less than 1 mm and 0.1 degrees: ``translation_tolerance`` / ``rotation_tolerance``,
+Open3D's criteria off), the like-for-like comparison; its error against the true motion is
+printed beside each library's. The libraries are interleaved within each repeat and
 the median is reported. ``--batch`` also times batches of 100-point pairs in one difficp call
 (per pair) against a Python loop over small_gicp.
 
@@ -18,6 +21,7 @@ PyTorch path while a background process compiles it.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import statistics
 import time
@@ -30,6 +34,22 @@ import difficp
 
 MAX_DISTANCE = 0.1
 MAX_ITERATIONS = 30
+# small_gicp's default stopping rule (translation_epsilon, rotation_epsilon), as difficp options
+SMALL_GICP_RULE = {
+    "translation_tolerance": 1e-3,
+    "rotation_tolerance": math.radians(0.1),
+    "relative_fitness": 0.0,
+    "relative_rmse": 0.0,
+}
+
+
+def true_motion() -> np.ndarray:
+    """``(4, 4)`` the motion :func:`cube_pair` applies (source into target)."""
+    a = math.radians(5.0)
+    T = np.eye(4)
+    T[:3, :3] = [[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]]
+    T[:3, 3] = [0.02, -0.01, 0.01]
+    return T
 
 
 def cube_pair(points: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -43,29 +63,32 @@ def cube_pair(points: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         others = [d for d in range(3) if d != axis[i]]
         cloud[i, axis[i]] = sign[i]
         cloud[i, others] = uv[i]
-    a = math.radians(5.0)
-    R = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
-    target = cloud @ R.T + np.array([0.02, -0.01, 0.01]) + rng.normal(0, 1e-3, cloud.shape)
+    T = true_motion()
+    target = cloud @ T[:3, :3].T + T[:3, 3] + rng.normal(0, 1e-3, cloud.shape)
     return cloud, target
 
 
-def _difficp(source: np.ndarray, target: np.ndarray) -> Callable[[], int]:
+# Each runner returns (iterations or -1 when the library does not report them, the transform).
+Runner = Callable[[], tuple[int, np.ndarray]]
+
+
+def _difficp(source: np.ndarray, target: np.ndarray, **criteria: float) -> Runner:
     s, t = torch.from_numpy(source), torch.from_numpy(target)
 
-    def run() -> int:
-        r = difficp.icp(s, t, max_distance=MAX_DISTANCE, max_iterations=MAX_ITERATIONS)
-        return int(r.iterations)
+    def run() -> tuple[int, np.ndarray]:
+        r = difficp.icp(s, t, max_distance=MAX_DISTANCE, max_iterations=MAX_ITERATIONS, **criteria)
+        return int(r.iterations), r.transform.numpy()
 
     return run
 
 
-def _small_gicp(source: np.ndarray, target: np.ndarray) -> Callable[[], int] | None:
+def _small_gicp(source: np.ndarray, target: np.ndarray) -> Runner | None:
     try:
         import small_gicp
     except ImportError:
         return None
 
-    def run() -> int:
+    def run() -> tuple[int, np.ndarray]:
         tc, sc = small_gicp.PointCloud(target), small_gicp.PointCloud(source)
         tree = small_gicp.KdTree(tc)
         r = small_gicp.align(
@@ -76,12 +99,13 @@ def _small_gicp(source: np.ndarray, target: np.ndarray) -> Callable[[], int] | N
             max_correspondence_distance=MAX_DISTANCE,
             max_iterations=MAX_ITERATIONS,
         )
-        return int(r.iterations)
+        # small_gicp reports the 0-based index of its last iteration: steps taken = that + 1
+        return int(r.iterations) + 1, np.asarray(r.T_target_source)
 
     return run
 
 
-def _open3d(source: np.ndarray, target: np.ndarray) -> Callable[[], int] | None:
+def _open3d(source: np.ndarray, target: np.ndarray) -> Runner | None:
     try:
         import open3d as o3d
     except ImportError:
@@ -90,27 +114,37 @@ def _open3d(source: np.ndarray, target: np.ndarray) -> Callable[[], int] | None:
     criteria = reg.ICPConvergenceCriteria(max_iteration=MAX_ITERATIONS)
     estimation = reg.TransformationEstimationPointToPoint()
 
-    def run() -> int:
+    def run() -> tuple[int, np.ndarray]:
         s = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(source))
         t = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(target))
-        reg.registration_icp(s, t, MAX_DISTANCE, np.eye(4), estimation, criteria)
-        return -1  # Open3D does not report its iterations
+        r = reg.registration_icp(s, t, MAX_DISTANCE, np.eye(4), estimation, criteria)
+        return -1, np.asarray(r.transformation)  # Open3D does not report its iterations
 
     return run
 
 
-def _median_ms(runners: dict[str, Callable[[], int]], repeats: int) -> dict[str, tuple]:
+def _median_ms(runners: dict[str, Runner], repeats: int) -> dict[str, tuple]:
+    """Per runner: (median ms, iterations, the last transform)."""
     for run in runners.values():  # warm up (caches, lazy imports)
         for _ in range(3):
             run()
     times: dict[str, list[float]] = {name: [] for name in runners}
-    iterations: dict[str, int] = {}
-    for _ in range(repeats):
-        for name, run in runners.items():
+    last: dict[str, tuple[int, np.ndarray]] = {}
+    order = list(runners.items())
+    for repeat in range(repeats):
+        # rotated every repeat: whoever runs first finds the caches the last one left
+        for name, run in order[repeat % len(order) :] + order[: repeat % len(order)]:
             start = time.perf_counter()
-            iterations[name] = run()
+            last[name] = run()
             times[name].append(time.perf_counter() - start)
-    return {name: (1e3 * statistics.median(t), iterations[name]) for name, t in times.items()}
+    return {name: (1e3 * statistics.median(t), *last[name]) for name, t in times.items()}
+
+
+def _error(T: np.ndarray) -> str:
+    """Rotation (degrees) and translation (mm) of ``T`` from :func:`true_motion`."""
+    D = np.linalg.inv(true_motion()) @ T
+    angle = math.degrees(math.acos(min(1.0, (np.trace(D[:3, :3]) - 1) / 2)))
+    return f"{angle:.3f}° {1e3 * np.linalg.norm(D[:3, 3]):.2f} mm"
 
 
 # Where a call's time goes: (module, function) pairs timed by --phases. Nested ones (the forest
@@ -179,11 +213,16 @@ def main() -> None:
             phases(points, 10 * args.repeats)
         return
     print(f"torch threads: {torch.get_num_threads()}, repeats: {args.repeats}\n")
-    print("| points | difficp ms (it) | small_gicp ms (it) | Open3D ms (it) |")
-    print("|---:|---:|---:|---:|")
+    names = ("difficp", "difficp, small_gicp's rule", "small_gicp", "Open3D")
+    print("| points | " + " | ".join(f"{n} ms (it)" for n in names) + " |")
+    print("|---:|" + "---:|" * len(names))
+    errors = []
     for points in args.points:
         source, target = cube_pair(points, seed=points)
-        runners = {"difficp": _difficp(source, target)}
+        runners = {
+            "difficp": _difficp(source, target),
+            "difficp, small_gicp's rule": _difficp(source, target, **SMALL_GICP_RULE),
+        }
         for name, make in (("small_gicp", _small_gicp), ("Open3D", _open3d)):
             run = make(source, target)
             if run is not None:
@@ -193,29 +232,49 @@ def main() -> None:
             "-"
             if n not in results
             else f"{results[n][0]:.3f}" + (f" ({results[n][1]})" if results[n][1] >= 0 else "")
-            for n in ("difficp", "small_gicp", "Open3D")
+            for n in names
         ]
         print(f"| {points} | " + " | ".join(cells) + " |")
+        errors.append(f"| {points} | " + " | ".join(_error(results[n][2]) for n in results) + " |")
+    print("\nerror from the true motion (rotation, translation):\n")
+    print("| points | " + " | ".join(names) + " |")
+    print("|---:|" + "---:|" * len(names))
+    print("\n".join(errors))
     if args.batch:
-        print("\n| pairs of 100 points | difficp ms per pair (one call) | small_gicp ms per pair |")
-        print("|---:|---:|---:|")
+        print(
+            "\n| pairs of 100 points | difficp ms per pair (one call) | same, small_gicp's rule "
+            "| small_gicp ms per pair |"
+        )
+        print("|---:|---:|---:|---:|")
         for pairs in (1, 8, 64):
             clouds = [cube_pair(100, seed=1000 + b) for b in range(pairs)]
             S = torch.from_numpy(np.stack([c[0] for c in clouds]))
             T = torch.from_numpy(np.stack([c[1] for c in clouds]))
 
-            def batch(S: torch.Tensor = S, T: torch.Tensor = T) -> int:
-                r = difficp.icp(S, T, max_distance=MAX_DISTANCE, max_iterations=MAX_ITERATIONS)
-                return int(r.iterations.max())
+            def batch(
+                S: torch.Tensor = S, T: torch.Tensor = T, **criteria: float
+            ) -> tuple[int, np.ndarray]:
+                r = difficp.icp(
+                    S, T, max_distance=MAX_DISTANCE, max_iterations=MAX_ITERATIONS, **criteria
+                )
+                return int(r.iterations.max()), r.transform.numpy()
 
-            runners = {"difficp": batch}
+            runners: dict[str, Runner] = {
+                "difficp": batch,
+                "rule": functools.partial(batch, **SMALL_GICP_RULE),
+            }
             loop = [_small_gicp(s, t) for s, t in clouds]
             if loop[0] is not None:
-                runners["small_gicp"] = lambda loop=loop: max(run() for run in loop)
+
+                def looped(loop: list = loop) -> tuple[int, np.ndarray]:
+                    outs = [run() for run in loop]
+                    return max(o[0] for o in outs), outs[0][1]
+
+                runners["small_gicp"] = looped
             results = _median_ms(runners, max(10, args.repeats // pairs))
             cells = [
                 f"{results[n][0] / pairs:.3f}" if n in results else "-"
-                for n in ("difficp", "small_gicp")
+                for n in ("difficp", "rule", "small_gicp")
             ]
             print(f"| {pairs} | " + " | ".join(cells) + " |")
 
