@@ -332,7 +332,8 @@ def _read_chunk(path: Path, key: dict, start: int, stop: int) -> dict[str, np.nd
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as z:
+        # our own file handle: np.load leaks the one it opens when the archive is corrupt
+        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as z:
             blob = {k: z[k] for k in z.files}  # reading every member checks its CRC
         ok = (
             json.loads(str(blob["key"])) == json.loads(json.dumps(key))
