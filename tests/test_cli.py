@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import types
@@ -690,3 +691,27 @@ def test_register_multiscale_and_voxel_size(tmp_path, capsys) -> None:
     ):
         assert main(["register", src, tgt, *bad]) == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("preset", "torch_first", "expected"),
+    [(None, False, "30000"), ("5", False, "5"), (None, True, None)],
+)
+def test_cli_shortens_openmp_spinning_only_before_torch_loads_and_keeps_the_users_value(
+    preset: str | None, torch_first: bool, expected: str | None
+) -> None:
+    # A fresh interpreter: this one has PyTorch loaded already.
+    code = (
+        ("import torch\n" if torch_first else "")
+        + "import os, sys\n"
+        + "from difficp.cli import main\n"
+        + "main([])\n"
+        + "print(os.environ.get('GOMP_SPINCOUNT'), file=sys.stderr)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if preset is not None:
+        env["GOMP_SPINCOUNT"] = preset
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert done.stderr.strip().splitlines()[-1] == str(expected)

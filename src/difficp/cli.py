@@ -16,6 +16,7 @@ import argparse
 import difflib
 import importlib
 import importlib.metadata
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -177,7 +178,25 @@ def deepest_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser = action.choices[chosen]
 
 
+# GNU OpenMP threads spin for GOMP_SPINCOUNT iterations (300,000 by default) after each
+# parallel region before they sleep. PyTorch's then hold the cores that numba's pool (the
+# compiled ICP kernels) needs: with one other busy process on a 2-core machine, colored ICP at 2
+# threads took 24-31 ms instead of 10-13 (benchmarks/colored.py, 3DMatch pair). 30,000 gave 13 ms
+# there and left the idle machine's PyTorch gradient path as it was (60-65 ms, 3 A/B rounds of
+# benchmarks/gradients.py's nearest unroll); OMP_WAIT_POLICY=PASSIVE gave 10 ms but slowed that
+# path by 40%. PyTorch reads it when it loads, so only a process that has not imported it can set
+# it; a value the user set is kept.
+OPENMP_SPIN_COUNT = "30000"
+
+
+def limit_openmp_spinning() -> None:
+    """Default ``GOMP_SPINCOUNT`` to :data:`OPENMP_SPIN_COUNT` unless PyTorch is loaded already."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN_COUNT)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    limit_openmp_spinning()
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     if command is not None and not commands():
