@@ -37,7 +37,7 @@ MAX_ITERATIONS = 30
 # small_gicp's default stopping rule (translation_epsilon, rotation_epsilon), as difficp options
 SMALL_GICP_RULE = {
     "translation_tolerance": 1e-3,
-    "rotation_tolerance": math.radians(0.1),
+    "rotation_tolerance": 0.1,  # degrees
     "relative_fitness": 0.0,
     "relative_rmse": 0.0,
 }

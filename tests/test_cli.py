@@ -715,3 +715,23 @@ def test_cli_shortens_openmp_spinning_only_before_torch_loads_and_keeps_the_user
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert done.stderr.strip().splitlines()[-1] == str(expected)
+
+
+def test_register_stops_on_small_steps_when_asked(pair, capsys):
+    src, tgt, T_true = pair
+    runs = {}
+    for name, extra in (
+        ("default", []),
+        ("coarse", ["--translation-tolerance", "0.01", "--rotation-tolerance", "0.5"]),
+    ):
+        code = main(["register", str(src), str(tgt), "--max-distance", "0.2", "--threads", "1",
+                     "--max-iterations", "60", *extra])  # fmt: skip
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        runs[name] = (int(_printed(captured.out, "iterations")), _printed_transform(captured.out))
+    # the coarse small-step rule stops earlier, still near the truth
+    assert runs["coarse"][0] < runs["default"][0]
+    assert _rotation_error_deg(runs["coarse"][1], T_true) < 1.0
+    code = main(["register", str(src), str(tgt), "--rotation-tolerance", "-1"])
+    assert code == 2
+    assert "--rotation-tolerance must be >= 0" in capsys.readouterr().err

@@ -430,7 +430,7 @@ def test_small_step_rule_stops_at_the_first_small_step_on_both_paths(
 ) -> None:
     # small_gicp's rule alone (Open3D's criteria off: a change is never below 0).
     p = _pair(6)
-    translation, rotation = 1e-3, math.radians(0.1)
+    translation, rotation = 1e-3, math.radians(0.1)  # the option is in degrees
     options = {
         "metric": metric,
         "max_distance": 0.1,
@@ -438,7 +438,7 @@ def test_small_step_rule_stops_at_the_first_small_step_on_both_paths(
         "relative_fitness": 0.0,
         "relative_rmse": 0.0,
     }
-    rule = {"translation_tolerance": translation, "rotation_tolerance": rotation}
+    rule = {"translation_tolerance": translation, "rotation_tolerance": 0.1}
     result = _compare(p, steps_used, **options, **rule)
     k = int(result.iterations)
     assert bool(result.converged) and k < 60
@@ -461,7 +461,7 @@ def test_small_step_rule_stops_at_the_first_small_step_on_both_paths(
     # Either tolerance alone is checked alone; the rule stops earlier than Open3D's default.
     open3d = _run(p, "kdtree", metric=metric, max_distance=0.1, max_iterations=60)
     assert k < int(open3d.iterations)
-    only_rotation = _run(p, "compiled", **options, rotation_tolerance=rotation)
+    only_rotation = _run(p, "compiled", **options, rotation_tolerance=0.1)
     assert int(only_rotation.iterations) <= k
 
 

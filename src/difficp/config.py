@@ -255,7 +255,8 @@ class ICPConfig:
         translation_tolerance, rotation_tolerance: also stop a rigid pair whose last step moved
             it by less than both (small_gicp's ``translation_eps`` / ``rotation_eps``, PCL's
             transformation epsilon): the update's translation norm and rotation angle
-            (radians). 0 leaves that part unchecked; both 0 (the default) turn this rule off.
+            (degrees, as ``max_normal_angle``). 0 leaves that part unchecked; both 0 (the
+            default) turn this rule off.
             Non-rigid ICP refuses them (its steps are not rigid motions).
         criteria_scale: ``"absolute"`` (Open3D's: relative_rmse in distance units; warns when
             that is coarse for the cloud's size, e.g. clouds of 1e-6 units would stop after one

@@ -327,8 +327,11 @@ def step_tolerance(problem: Problem, config: ICPConfig) -> Tensor | None:
 
 
 def rotation_bound(config: ICPConfig) -> float:
-    """The rotation angle (radians) below which a step counts as small: inf when unchecked."""
-    return config.rotation_tolerance if config.rotation_tolerance > 0 else math.inf
+    """The rotation angle (radians; the option is in degrees) below which a step counts as
+    small: inf when unchecked."""
+    if not config.rotation_tolerance > 0:
+        return math.inf
+    return math.radians(config.rotation_tolerance)
 
 
 def small_rigid_step(update: Tensor, translation: Tensor, rotation: float) -> Tensor:

@@ -65,6 +65,8 @@ CONFIG_OPTIONS = (
     "solver",
     "max_distance",
     "max_iterations",
+    "translation_tolerance",
+    "rotation_tolerance",
     "robust_kernel",
     "kernel_scale",
     "temperature",
@@ -121,6 +123,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-iterations", type=int, default=30, help="iteration cap (default: %(default)s)"
+    )
+    p.add_argument(
+        "--translation-tolerance",
+        type=float,
+        default=0.0,
+        help="also stop once a step moves the source by less than this (files' units) and "
+        "--rotation-tolerance (small_gicp's rule; default: off)",
+    )
+    p.add_argument(
+        "--rotation-tolerance",
+        type=float,
+        default=0.0,
+        help="also stop once a step turns the source by less than this many degrees and "
+        "--translation-tolerance (default: off)",
     )
     p.add_argument(
         "--robust-kernel",
