@@ -252,16 +252,16 @@ class ICPConfig:
             radius without a ``max_distance``); see :mod:`difficp.colors`.
     Stopping (Open3D's criteria): stop a pair when both |change of fitness| < relative_fitness and
         |change of inlier RMSE| < relative_rmse, or after max_iterations.
+        criteria_scale: ``"absolute"`` (Open3D's: relative_rmse in distance units; warns when
+            that is coarse for the cloud's size, e.g. clouds of 1e-6 units would stop after one
+            step) or ``"relative"`` (the RMSE change is divided by the source cloud's RMS radius,
+            so the same criteria work at any scale; translation_tolerance too).
         translation_tolerance, rotation_tolerance: also stop a rigid pair whose last step moved
             it by less than both (small_gicp's ``translation_eps`` / ``rotation_eps``, PCL's
             transformation epsilon): the update's translation norm and rotation angle
             (degrees, as ``max_normal_angle``). 0 leaves that part unchecked; both 0 (the
             default) turn this rule off.
             Non-rigid ICP refuses them (its steps are not rigid motions).
-        criteria_scale: ``"absolute"`` (Open3D's: relative_rmse in distance units; warns when
-            that is coarse for the cloud's size, e.g. clouds of 1e-6 units would stop after one
-            step) or ``"relative"`` (the RMSE change is divided by the source cloud's RMS radius,
-            so the same criteria work at any scale; translation_tolerance too).
     differentiation: ``"unroll"`` (backpropagate through the iterations), ``"implicit"``
         (gradient of the converged transform by the implicit function theorem) or ``"none"``
         (no autograd graph at all; fastest).
@@ -287,9 +287,9 @@ class ICPConfig:
     max_iterations: int = 30
     relative_fitness: float = 1e-6
     relative_rmse: float = 1e-6
+    criteria_scale: CriteriaScale = "absolute"
     translation_tolerance: float = 0.0
     rotation_tolerance: float = 0.0
-    criteria_scale: CriteriaScale = "absolute"
     differentiation: Differentiation = "unroll"
     return_history: bool = False
     covariance_k: int = 20

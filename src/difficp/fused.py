@@ -51,6 +51,7 @@ from difficp.kdtree import (
 from difficp.loop import (
     MIN_CORRESPONDENCES,
     LoopResult,
+    Tolerances,
     compiled_small_rigid_step,
     rotation_bound,
 )
@@ -517,12 +518,7 @@ class FusedSteps:
         return self._reduce(sums, pose.center)
 
     def run_loop(
-        self,
-        init: Tensor,
-        config: ICPConfig,
-        tolerance: Tensor | None,
-        step_tolerance: Tensor | None,
-        min_iterations: int,
+        self, init: Tensor, config: ICPConfig, tolerances: Tolerances, min_iterations: int
     ) -> LoopResult | None:
         """:func:`difficp.loop.run_loop` (rigid) in one compiled call (:func:`_whole_loop`):
         a small problem on one thread, a larger one with its kernels on the thread pool (no
@@ -535,14 +531,14 @@ class FusedSteps:
         if not self.serial and not kernels_cached((_whole_loop,)):
             return None
         T = np.array(init.detach().cpu().numpy(), dtype=np.float64)  # a copy: written to
-        if tolerance is None:
-            tolerance_ = np.full(B, float(config.relative_rmse))
+        if tolerances.rmse is None:
+            tolerance = np.full(B, float(config.relative_rmse))
         else:
-            tolerance_ = tolerance.detach().cpu().double().numpy()
+            tolerance = tolerances.rmse.detach().cpu().double().numpy()
         # an empty array turns the small-step rule off
         small_step = np.empty(0)
-        if step_tolerance is not None:
-            small_step = step_tolerance.detach().cpu().double().numpy()
+        if tolerances.step is not None:
+            small_step = tolerances.step.detach().cpu().double().numpy()
         fitness, rmse = np.empty(B), np.empty(B)
         iterations = np.empty(B, dtype=np.int64)
         converged = np.empty(B, dtype=np.bool_)
@@ -570,7 +566,7 @@ class FusedSteps:
             filled = _whole_loop(
                 T,
                 problem,
-                tolerance_,
+                tolerance,
                 float(config.relative_fitness),
                 small_step,
                 rotation_bound(config),
@@ -1099,12 +1095,7 @@ class FusedProjectiveSteps(FusedSteps):
         self.serial = False
 
     def run_loop(
-        self,
-        init: Tensor,
-        config: ICPConfig,
-        tolerance: Tensor | None,
-        step_tolerance: Tensor | None,
-        min_iterations: int,
+        self, init: Tensor, config: ICPConfig, tolerances: Tolerances, min_iterations: int
     ) -> None:
         """None: the whole-loop kernel searches KD-trees, so a depth-map target runs the
         lock-step iterations of :func:`difficp.loop.run_loop`."""

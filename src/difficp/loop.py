@@ -11,7 +11,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -132,22 +132,25 @@ class Steps(Protocol):
         ...
 
 
+class Tolerances(NamedTuple):
+    """The per-pair ``(B,)`` tolerances of :func:`run_loop`'s stopping rule, as it got them:
+    ``rmse`` (the inlier-RMSE change; None: ``config.relative_rmse``) and ``step`` (the
+    small-step rule's translation; None: no such rule)."""
+
+    rmse: Tensor | None
+    step: Tensor | None
+
+
 @runtime_checkable
 class WholeLoop(Protocol):
     """:class:`Steps` that can also run a problem's whole rigid loop in one call
     (:class:`difficp.fused.FusedSteps`); :func:`run_loop` hands such problems over."""
 
     def run_loop(
-        self,
-        init: Tensor,
-        config: ICPConfig,
-        tolerance: Tensor | None,
-        step_tolerance: Tensor | None,
-        min_iterations: int,
+        self, init: Tensor, config: ICPConfig, tolerances: Tolerances, min_iterations: int
     ) -> LoopResult | None:
-        """The loop's result for ``init`` ``(B, 4, 4)``, with :func:`run_loop`'s stopping rule
-        (``tolerance``: per-pair RMSE tolerance or None; ``step_tolerance``: as
-        :func:`run_loop`'s), or None to let :func:`run_loop` iterate."""
+        """The loop's result for ``init`` ``(B, 4, 4)``, with :func:`run_loop`'s stopping rule,
+        or None to let :func:`run_loop` iterate."""
         ...
 
 
@@ -238,7 +241,8 @@ def run_loop(
     ):
         # the compiled fast path runs the whole loop in one call (it reports no progress from
         # inside: a caller who asks for progress gets these lock-step iterations instead)
-        result = steps.run_loop(init, config, rmse_tolerance, step_tolerance, min_iterations)
+        tolerances = Tolerances(rmse_tolerance, step_tolerance)
+        result = steps.run_loop(init, config, tolerances, min_iterations)
         if result is not None:
             return result
     B = init.shape[0]
