@@ -808,11 +808,12 @@ def _whole_loop(
     history: np.ndarray,
 ) -> int:
     """:func:`difficp.loop.run_loop` over the :class:`FusedSteps` of a problem, in one call
-    (its kernels on the calling thread's numba thread count): the same lock-step iterations, stopping rule and outputs. ``T`` ``(B, 4, 4)`` (the
-    initial transforms) becomes the result; ``step_translation`` ``(B,)`` and ``step_rotation``
-    are the small-step rule's bounds (an empty array: no such rule); ``fitness``, ``rmse`` ``(B,)``, ``iterations``
-    ``(B,)`` int64, ``converged`` ``(B,)`` bool and ``history`` ``(B, max_iterations + 1)`` are
-    written. Returns the number of columns of ``history`` filled."""
+    (its kernels on the calling thread's numba thread count): the same lock-step iterations,
+    stopping rule and outputs. ``T`` ``(B, 4, 4)`` (the initial transforms) becomes the result;
+    ``step_translation`` ``(B,)`` and ``step_rotation`` are the small-step rule's bounds (an
+    empty array: no such rule); ``fitness``, ``rmse`` ``(B,)``, ``iterations`` ``(B,)`` int64,
+    ``converged`` ``(B,)`` bool and ``history`` ``(B, max_iterations + 1)`` are written. Returns
+    the number of columns of ``history`` filled."""
     B = T.shape[0]
     active = np.ones(B, dtype=np.bool_)
     sums = np.zeros((B, SUM_WIDTH))

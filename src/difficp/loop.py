@@ -322,12 +322,18 @@ def step_tolerance(problem: Problem, config: ICPConfig) -> Tensor | None:
     rule is off."""
     if not config.stops_on_small_steps:
         return None
-    radius = source_radius(problem)
     if config.translation_tolerance == 0:
-        return torch.full_like(radius, math.inf)
+        return torch.full_like(source_radius(problem), math.inf)
+    return _in_criteria_units(config.translation_tolerance, problem, config)
+
+
+def _in_criteria_units(value: float, problem: Problem, config: ICPConfig) -> Tensor:
+    """``(B,)`` a distance criterion as the loop compares it: ``value`` itself
+    (``criteria_scale="absolute"``) or ``value`` times each source cloud's RMS radius."""
+    radius = source_radius(problem)
     if config.criteria_scale == "relative":
-        return config.translation_tolerance * radius
-    return torch.full_like(radius, config.translation_tolerance)
+        return value * radius
+    return torch.full_like(radius, value)
 
 
 def rotation_bound(config: ICPConfig) -> float:
@@ -372,16 +378,14 @@ def rmse_tolerance(problem: Problem, config: ICPConfig) -> Tensor:
     after a step or two, reporting convergence). ``"relative"``: ``relative_rmse`` times the
     radius.
     """
-    radius = source_radius(problem)
-    if config.criteria_scale == "relative":
-        return config.relative_rmse * radius
-    smallest = float(problem.source_radius_np.min())  # NumPy: torch calls cost more here
-    if config.relative_rmse > 0 and config.relative_rmse > COARSE_CRITERIA * smallest:
-        warnings.warn(
-            f"ICPConfig.relative_rmse={config.relative_rmse:g} is coarse for a source cloud of "
-            f"RMS radius {smallest:.3g} (the criteria are absolute, as in Open3D), so ICP may "
-            "stop after a step or two; pass criteria_scale='relative' (the RMSE change is then "
-            "divided by the cloud's radius) or a smaller relative_rmse",
-            stacklevel=3,
-        )
-    return torch.full_like(radius, config.relative_rmse)
+    if config.criteria_scale == "absolute":
+        smallest = float(problem.source_radius_np.min())  # NumPy: torch calls cost more here
+        if config.relative_rmse > 0 and config.relative_rmse > COARSE_CRITERIA * smallest:
+            warnings.warn(
+                f"ICPConfig.relative_rmse={config.relative_rmse:g} is coarse for a source cloud "
+                f"of RMS radius {smallest:.3g} (the criteria are absolute, as in Open3D), so ICP "
+                "may stop after a step or two; pass criteria_scale='relative' (the RMSE change "
+                "is then divided by the cloud's radius) or a smaller relative_rmse",
+                stacklevel=3,
+            )
+    return _in_criteria_units(config.relative_rmse, problem, config)

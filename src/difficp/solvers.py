@@ -104,15 +104,15 @@ def regularize(A: Tensor) -> tuple[Tensor, Tensor]:
     the translation block, and a jitter from the whole trace would swamp it (float32 steps
     then lost the rotation).
 
-    A numerically rank-deficient system (a plane under point_to_plane, a line under
-    point_to_point, every point matched to one target point: the LU of the Jacobi-scaled
-    matrix has a pivot below :func:`rank_tolerance`) would step by rounding noise in its null
-    space, as far as the real step or farther, and differently for every summation order. Its null space (the
-    eigenvectors of the Jacobi-scaled matrix below ``sqrt(eps)``) gets a unit eigenvalue
-    instead: the step there is 0 to rounding (the minimum-norm step in units of the cloud's
-    size), while the determined components are untouched. The eigenvectors are not
-    differentiated (the projector is held fixed); pairs with an all-zero matrix get the
-    identity. Returns the matrix and a ``(B,)`` bool of the pairs with a usable system.
+    A numerically rank-deficient system (a plane under point_to_plane, a line under point_to_point,
+    every point matched to one target point: the LU of the Jacobi-scaled matrix has a pivot below
+    :func:`rank_tolerance`) would step by rounding noise in its null space, as far as the real step
+    or farther, and differently for every summation order. Its null space (the eigenvectors of the
+    Jacobi-scaled matrix below ``sqrt(eps)``) gets a unit eigenvalue instead: the step there is 0 to
+    rounding (the minimum-norm step in units of the cloud's size), while the determined components
+    are untouched. The eigenvectors are not differentiated (the projector is held fixed); pairs with
+    an all-zero matrix get the identity. Returns the matrix and a ``(B,)`` bool of the pairs with a
+    usable system.
     """
     n = A.shape[-1]
     info = torch.finfo(A.dtype)
@@ -209,12 +209,13 @@ def minimal_motion_rotation(
     Procrustes rotation undetermined: singular values at or below ``noise`` ``(B,)``, or a
     second one below ``eps ** LINE_EXPONENT`` of the first.
 
-    Rank one (``H ~ s u v^T``: collinear points, to that precision), every rotation with
-    ``R v = u`` maximises ``trace(R^T H)``; we take the smallest one, about ``v x u``. Rank zero
-    (coincident points): the identity. Differentiable in ``H``, with the derivative of ``u`` and ``v`` (``1 / s``)
-    damped as the SVD's (``s / (s^2 + gradient_eps^2)``): a rank-one ``H`` of size ``1e-12`` (soft
-    partners all on one target point, apart from weights of ``1e-11``) otherwise gives gradients
-    of ``1e11``, and rounding differences between equal problems become visible in them.
+    Rank one (``H ~ s u v^T``: collinear points, to that precision), every rotation with ``R v = u``
+    maximises ``trace(R^T H)``; we take the smallest one, about ``v x u``. Rank zero (coincident
+    points): the identity. Differentiable in ``H``, with the derivative of ``u`` and ``v``
+    (``1 / s``) damped as the SVD's (``s / (s^2 + gradient_eps^2)``): a rank-one ``H`` of size
+    ``1e-12`` (soft partners all on one target point, apart from weights of ``1e-11``) otherwise
+    gives gradients of ``1e11``, and rounding differences between equal problems become visible
+    in them.
     """
     with torch.no_grad():
         s = torch.linalg.svdvals(H)
