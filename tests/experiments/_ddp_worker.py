@@ -55,6 +55,7 @@ def main() -> None:
     run_training(cfg_b)
     resumed = run_training(replace(cfg_b, max_steps=4), resume=True)
     (work / f"b_rank{rank}.txt").write_text(digest(resumed))
+    dist.barrier()  # no rank tears its connections down while another still uses them
     dist.destroy_process_group()
 
 
