@@ -738,10 +738,51 @@ def test_every_strategy_has_a_compiled_twin_or_a_reason(registry: str, name: str
 
 
 def _moments(p: np.ndarray, q: np.ndarray, w: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """The 16 Procrustes sums of the fused kernel about ``c``: ``w``, ``w p``, ``w q``,
-    ``w q p^T``."""
+    """The 16 Procrustes moments of the fused kernel about ``c`` (two-pass): the weight, the
+    weighted means of ``p - c`` and ``q - c`` and their weighted co-moment."""
     a, b = p - c, q - c
-    return np.concatenate([[w.sum()], w @ a, w @ b, np.einsum("n,ni,nj->ij", w, b, a).reshape(9)])
+    total = w.sum()
+    ma, mb = w @ a / max(total, 1e-300), w @ b / max(total, 1e-300)
+    co = np.einsum("n,ni,nj->ij", w, b - mb, a - ma).reshape(9)
+    return np.concatenate([[total], ma, mb, co])
+
+
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(1, 40),
+    tasks=st.integers(1, 5),
+    dominant=st.booleans(),
+)
+@SETTINGS
+def test_one_pass_moments_merged_over_tasks_equal_two_pass_moments(
+    seed: int, n: int, tasks: int, dominant: bool
+) -> None:
+    # The kernel adds points one at a time into per-task rows, then merges the rows; the result
+    # must be the two-pass moments, also when one partner carries nearly all the weight far
+    # from the centre (the case raw sums w q p^T got wrong by 1e-5 of the scale: fuzz case 8642).
+    rng = np.random.default_rng(seed)
+    p, q = rng.normal(size=(n, 3)) * 50 + 200, rng.normal(size=(n, 3)) * 50 - 100
+    w = rng.uniform(0, 1, size=n)
+    w[rng.random(n) < 0.2] = 0.0
+    if dominant:
+        w *= 1e-9
+        w[0] = 1.0
+    task_of = rng.integers(0, tasks, size=n)
+    rows = np.zeros((tasks, fused.SUM_WIDTH))
+    for i in range(n):
+        v = (0.0, 0.0, 0.0, *p[i], *q[i])
+        fused._add_moments(rows, int(task_of[i]), float(w[i]), v)
+    merged = np.empty((1, fused.SUM_WIDTH))
+    fused._merge_task_sums(rows, tasks, 1, merged)
+    got = merged[0, fused.MOMENTS : fused.MOMENTS + 16]
+    want = _moments(p, q, w, np.zeros(3))
+    scale = float(np.abs(want).max()) if w.sum() > 0 else 1.0
+    np.testing.assert_allclose(got[:7], want[:7], rtol=1e-12, atol=1e-12 * scale)
+    # The co-moment to 1e-12 of the spread it measures, not of the means' product (1e-22 of
+    # that: raw sums were off by ~1e-16 of it).
+    spread = float(w @ ((p - want[1:4]) ** 2).sum(1) + w @ ((q - want[4:7]) ** 2).sum(1))
+    product = w.sum() * float(np.abs(p).max() * np.abs(q).max())
+    np.testing.assert_allclose(got[7:], want[7:], rtol=0, atol=1e-12 * spread + 1e-22 * product)
 
 
 def _assert_rotation(R: np.ndarray) -> None:

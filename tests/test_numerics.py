@@ -267,7 +267,8 @@ def _line(direction: list[float], n: int = 20, offset: float = 0.0) -> torch.Ten
 
 def _moments(p: np.ndarray, q: np.ndarray, c: np.ndarray) -> np.ndarray:
     a, b = p - c, q - c
-    return np.concatenate([[len(p)], a.sum(0), b.sum(0), (b.T @ a).reshape(9)])
+    ma, mb = a.mean(0), b.mean(0)
+    return np.concatenate([[len(p)], ma, mb, ((b - mb).T @ (a - ma)).reshape(9)])
 
 
 @pytest.mark.parametrize("offset", [0.0, 1e4])

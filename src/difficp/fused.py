@@ -86,7 +86,7 @@ _NO_KERNEL = KERNELS.code(None)
 
 # Layout of a task's sums (one row of ``sums``).
 INLIERS, INLIER_SQ, WEIGHTED = 0, 1, 2
-MOMENTS = 3  # Procrustes: w, w p (3), w q (3), w q p^T (9)
+MOMENTS = 3  # Procrustes: sum w, mean p (3), mean q (3), sum w (q - mean q)(p - mean p)^T (9)
 NORMAL_EQ = 3  # linearised: upper triangle of J^T W J (21), J^T W r (6)
 SUM_WIDTH = 32
 
@@ -357,20 +357,72 @@ def _robust_accumulate(
 
 @njit(inline="always", error_model="numpy")
 def _add_moments(sums: np.ndarray, task: int, w: float, v: tuple) -> None:
-    """Adds the weighted Procrustes moments of ``a = v[3:6]``, ``b = v[6:9]`` (see MOMENTS)."""
-    ax, ay, az, bx, by, bz = v[3:9]
-    sums[task, MOMENTS] += w
-    sums[task, MOMENTS + 1] += w * ax
-    sums[task, MOMENTS + 2] += w * ay
-    sums[task, MOMENTS + 3] += w * az
-    sums[task, MOMENTS + 4] += w * bx
-    sums[task, MOMENTS + 5] += w * by
-    sums[task, MOMENTS + 6] += w * bz
+    """Adds ``a = v[3:6]``, ``b = v[6:9]`` with weight ``w`` to the task's Procrustes moments
+    (see MOMENTS) by West's weighted update: the co-moment about the running weighted means.
+    Raw sums ``w q p^T`` lost digits when one partner carried nearly all the weight (the centred
+    moments are then a small difference of two large products)."""
+    if w == 0.0:
+        return
+    total = sums[task, MOMENTS] + w
+    share = w / total
+    sums[task, MOMENTS] = total
+    ax, ay, az = v[3:6]
+    dpx = ax - sums[task, MOMENTS + 1]
+    dpy = ay - sums[task, MOMENTS + 2]
+    dpz = az - sums[task, MOMENTS + 3]
+    sums[task, MOMENTS + 1] += share * dpx
+    sums[task, MOMENTS + 2] += share * dpy
+    sums[task, MOMENTS + 3] += share * dpz
+    # a minus the new mean: (1 - share) times a minus the old one
+    keep = w * (1.0 - share)
+    dpx, dpy, dpz = keep * dpx, keep * dpy, keep * dpz
     k = MOMENTS + 7
-    for qv in (bx, by, bz):
-        for pv in (ax, ay, az):
-            sums[task, k] += w * qv * pv
-            k += 1
+    for i in range(3):
+        dq = v[6 + i] - sums[task, MOMENTS + 4 + i]
+        sums[task, MOMENTS + 4 + i] += share * dq
+        sums[task, k] += dq * dpx
+        sums[task, k + 1] += dq * dpy
+        sums[task, k + 2] += dq * dpz
+        k += 3
+
+
+@njit(cache=True, error_model="numpy")
+def _merge_task_sums(task_sums: np.ndarray, tasks: int, procrustes: int, out: np.ndarray) -> None:
+    """Each pair's row of ``out`` ``(B, SUM_WIDTH)`` from its ``tasks`` rows of ``task_sums``,
+    added in order; Procrustes moments merge by Chan's pairwise rule (weights add, means
+    combine, co-moments add plus the spread between the two means)."""
+    for b in range(out.shape[0]):
+        out[b] = task_sums[b * tasks]
+        for k in range(1, tasks):
+            row = task_sums[b * tasks + k]
+            if procrustes == 0:
+                out[b] += row
+                continue
+            for j in range(MOMENTS):
+                out[b, j] += row[j]
+            _merge_moments(out[b, MOMENTS : MOMENTS + 16], row[MOMENTS : MOMENTS + 16])
+
+
+@njit(inline="always", error_model="numpy")
+def _merge_moments(into: np.ndarray, other: np.ndarray) -> None:
+    """Chan et al.'s merge of two weighted moment sets (layout of MOMENTS) into ``into``."""
+    w1, w2 = into[0], other[0]
+    if w2 == 0.0:
+        return
+    if w1 == 0.0:
+        into[:] = other
+        return
+    total = w1 + w2
+    share = w2 / total
+    spread = w1 * share  # w1 w2 / (w1 + w2)
+    into[0] = total
+    for i in range(3):
+        dq = other[4 + i] - into[4 + i]
+        for j in range(3):
+            dp = other[1 + j] - into[1 + j]
+            into[7 + 3 * i + j] += other[7 + 3 * i + j] + spread * dq * dp
+    for i in range(1, 7):
+        into[i] += share * (other[i] - into[i])
 
 
 def fused_supported(problem: Problem, config: ICPConfig) -> str | None:
@@ -482,7 +534,9 @@ class FusedSteps:
     ) -> tuple[Tensor, Tensor, tuple[np.ndarray, np.ndarray]]:
         """Fitness ``(B,)``, inlier RMSE ``(B,)`` and the state of :meth:`step` from the
         per-task ``sums`` of a kernel."""
-        sums = sums.reshape(center.shape[0], self.tasks, SUM_WIDTH).sum(1)
+        merged = np.empty((center.shape[0], SUM_WIDTH))
+        _merge_task_sums(sums, self.tasks, self.int_options[1], merged)
+        sums = merged
         count = sums[:, INLIERS]
         fitness = count / np.maximum(self.source_counts, 1)
         rmse = np.where(count > 0, np.sqrt(sums[:, INLIER_SQ] / np.maximum(count, 1)), 0.0)
@@ -759,11 +813,8 @@ def _evaluate_whole(
         p.source_features,
         p.target_features,
     )
+    _merge_task_sums(task_sums, tasks, p.int_options[1], sums)
     for b in range(B):
-        # the tasks' rows added in order, as numpy's sum over them does
-        sums[b] = task_sums[b * tasks]
-        for k in range(1, tasks):
-            sums[b] += task_sums[b * tasks + k]
         count = sums[b, INLIERS]
         fitness[b] = count / max(p.source_counts[b], 1)
         rmse[b] = math.sqrt(sums[b, INLIER_SQ] / max(count, 1.0)) if count > 0 else 0.0

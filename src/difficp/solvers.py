@@ -266,11 +266,12 @@ def compiled_procrustes(
 ) -> None:
     """Compiled twin of :func:`weighted_procrustes`: the ``(4, 4)`` update into ``out`` from the
     16 moments about ``center`` of a source cloud of RMS radius ``radius`` (the layout of
-    :data:`difficp.fused.MOMENTS`: ``w``, ``w p`` (3), ``w q`` (3), ``w q p^T`` (9))."""
+    :data:`difficp.fused.MOMENTS`: the weight ``w``, the weighted means ``p`` (3) and ``q`` (3)
+    of the sources and their partners, and the co-moment ``sum w (q_i - q)(p_i - p)^T`` (9))."""
     w = max(moments[0], _TINY64)
-    p = moments[1:4] / w
-    q = moments[4:7] / w
-    H = moments[7:16].reshape(3, 3) / w - np.outer(q, p)
+    p = moments[1:4].copy()
+    q = moments[4:7].copy()
+    H = moments[7:16].reshape(3, 3) / w
     U, s, Vt = np.linalg.svd(H)
     # Below the rounding error of H a singular value is noise: the same bound as
     # weighted_procrustes, with the source's radius for the spreads.
