@@ -15,6 +15,7 @@ an arbitrary rotation for coincident partners, subnormal weights counted on one 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 import difficp
@@ -30,6 +31,16 @@ CASES = 300
 # the scale apart (now co-moments about running means, merged by Chan's rule: 1.7e-8).
 FOUND_BY_LONGER_RUNS = (2350, 8642)
 TOLERANCE = 1e-5
+# The extended cases (every metric and weighting option; see _extended_case): in a longer run
+# (cases 0-30,000) one was chaotic (below) and the worst other 6.4e-6 (case 4277, colored with
+# colour gradients from 3 neighbours: its reference moves by 6.7e-6 under the 1e-12 probe).
+EXTENDED_CASES = 300
+EXTENDED_SEED_OFFSET = 10**6
+# Extended cases beyond EXTENDED_CASES that failed in longer runs. 10349 is chaotic, not a bug: a
+# 5-point pair far from its target, colored metric with colour gradients from 4 neighbours,
+# Cauchy weights ~1e-5, Jacobi-scaled pivots ~2e-7: Gauss-Newton steps of ~240 radians, and
+# moving the init by 1e-12 moves the reference's result by 2e-2 (the paths differed by 2.5e-2).
+EXTENDED_FOUND_BY_LONGER_RUNS = (10349,)
 
 
 def _case(seed: int) -> tuple[dict, dict, list[int], list[int]]:
@@ -87,38 +98,137 @@ def _case(seed: int) -> tuple[dict, dict, list[int], list[int]]:
     return inputs, options, n, m
 
 
+def _extended_case(seed: int) -> tuple[dict, dict, list[int], list[int]]:
+    """:func:`_case`'s problem with the options it does not draw: every metric (``gicp`` with
+    covariances from ``covariance_k`` neighbours, ``colored`` with random colours), distance and
+    normal weighting, normal-angle rejection, relative criteria, the small-step rule and every
+    robust kernel."""
+    inputs, options, n, m = _case(seed)
+    rng = np.random.default_rng(EXTENDED_SEED_OFFSET + seed)
+    metric = str(rng.choice(["point_to_point", "point_to_plane", "symmetric", "gicp", "colored"]))
+    options["metric"] = metric
+    options["solver"] = (
+        str(rng.choice(["svd", "linear"])) if metric == "point_to_point" else "linear"
+    )
+    options["max_iterations"] = int(rng.integers(1, 6))
+    fewest = min(*n, *m)
+    if metric == "gicp":
+        options["covariance_k"] = int(rng.integers(3, fewest + 1))
+    if metric == "colored":
+        g = torch.Generator().manual_seed(seed)
+        for side, count in (("source", max(n)), ("target", max(m))):
+            inputs[f"{side}_colors"] = torch.rand(
+                len(n), count, 3, generator=g, dtype=torch.float64
+            )
+        options["color_neighbors"] = int(rng.integers(3, fewest + 1))
+        options["lambda_geometric"] = float(rng.uniform(0.5, 1.0))
+    if "max_distance" in options and rng.random() < 0.4:
+        options["weight_distance"] = True
+    if rng.random() < 0.25:
+        options["weight_normal"] = True
+    if rng.random() < 0.25:
+        options["max_normal_angle"] = float(rng.uniform(20, 170))
+    if rng.random() < 0.3:
+        options["criteria_scale"] = "relative"
+    if rng.random() < 0.3:
+        options["translation_tolerance"] = float(10 ** rng.uniform(-4, -1))
+        options["rotation_tolerance"] = float(10 ** rng.uniform(-2, 0.5))
+    if rng.random() < 0.3:
+        options["robust_kernel"] = str(rng.choice(["huber", "cauchy", "tukey", "geman_mcclure"]))
+        options["kernel_scale"] = float(rng.uniform(0.1, 1))
+    return inputs, options, n, m
+
+
 def _alone(inputs: dict, b: int, n: list[int], m: list[int]) -> dict:
-    return {
+    alone = {
         "source": inputs["source"][b, : n[b]],
         "target": inputs["target"][b, : m[b]],
         "source_normals": inputs["source_normals"][b, : n[b]],
         "target_normals": inputs["target_normals"][b, : m[b]],
         "init": inputs["init"][b],
     }
+    for side, count in (("source", n[b]), ("target", m[b])):
+        if f"{side}_colors" in inputs:
+            alone[f"{side}_colors"] = inputs[f"{side}_colors"][b, :count]
+    return alone
 
 
-def test_fuzz_fast_equals_reference_and_batched_equals_alone() -> None:
-    failures = []
+def _scale(inputs: dict) -> float:
+    """The problem's coordinate scale: differences are measured relative to it."""
+    return 1 + max(float(inputs["target"].abs().max()), float(inputs["init"][:, :3, 3].abs().max()))
+
+
+def _reference_backend(seed: int) -> str:
+    # The reference by KD-tree, and by brute force every fourth case (it is slower).
+    return "brute_force" if seed % 4 == 0 else "kdtree"
+
+
+def _differences(seed: int, inputs: dict, options: dict, n: list[int], m: list[int]) -> list:
+    """``(what, relative difference)`` of one case: the fast path against the reference, and
+    a batched pair against the same pair alone (on one path per case, alternating)."""
+    scale = _scale(inputs)
+    fast = difficp.icp(**inputs, search_backend="compiled", **options)
+    backend = _reference_backend(seed)
+    reference = difficp.icp(**inputs, search_backend=backend, **options)
+    checks = [("fast vs " + backend, fast.transform, reference.transform)]
+    path, batched = ("compiled", fast) if seed % 2 else (backend, reference)
+    for b in range(len(n)):
+        alone = difficp.icp(**_alone(inputs, b, n, m), search_backend=path, **options)
+        checks.append((f"batched vs alone ({path})", batched.transform[b], alone.transform))
+    return [(what, float((a - b_).abs().max()) / scale) for what, a, b_ in checks]
+
+
+def _sensitivity(seed: int, inputs: dict, options: dict) -> float:
+    """How far (relative to the scale) the reference itself moves when every initial
+    translation moves by 1e-12 of the scale: what rounding alone can do to this problem."""
+    scale = _scale(inputs)
+    backend = _reference_backend(seed)
+    base = difficp.icp(**inputs, search_backend=backend, **options).transform
+    moved = []
+    for sign in (1.0, -1.0):
+        init = inputs["init"].clone()
+        init[:, :3, 3] += sign * 1e-12 * scale
+        result = difficp.icp(**{**inputs, "init": init}, search_backend=backend, **options)
+        moved.append(float((result.transform - base).abs().max()) / scale)
+    return max(moved)
+
+
+@pytest.mark.parametrize(
+    ("make_case", "seeds"),
+    [
+        (_case, [*range(CASES), *FOUND_BY_LONGER_RUNS]),
+        (_extended_case, [*range(EXTENDED_CASES), *EXTENDED_FOUND_BY_LONGER_RUNS]),
+    ],
+    ids=["rigid", "extended"],
+)
+def test_fuzz_fast_equals_reference_and_batched_equals_alone(make_case, seeds) -> None:
+    failures, chaotic = [], []
     worst = 0.0
-    for seed in [*range(CASES), *FOUND_BY_LONGER_RUNS]:
-        inputs, options, n, m = _case(seed)
-        scale = 1 + max(
-            float(inputs["target"].abs().max()), float(inputs["init"][:, :3, 3].abs().max())
-        )
-        fast = difficp.icp(**inputs, search_backend="compiled", **options)
-        # The reference by KD-tree, and by brute force every fourth case (it is slower).
-        backend = "brute_force" if seed % 4 == 0 else "kdtree"
-        reference = difficp.icp(**inputs, search_backend=backend, **options)
-        checks = [("fast vs " + backend, fast.transform, reference.transform)]
-        # Batched vs alone on one path per case, alternating.
-        path, batched = ("compiled", fast) if seed % 2 else (backend, reference)
-        for b in range(len(n)):
-            alone = difficp.icp(**_alone(inputs, b, n, m), search_backend=path, **options)
-            checks.append((f"batched vs alone ({path})", batched.transform[b], alone.transform))
-        for what, a, b_ in checks:
-            error = float((a - b_).abs().max()) / scale
+    for seed in seeds:
+        inputs, options, n, m = make_case(seed)
+        errors = _differences(seed, inputs, options, n, m)
+        if max(error for _, error in errors) > TOLERANCE:
+            # A chaotic problem (the reference itself moves by more than the tolerance when
+            # the init moves by 1e-12) cannot be compared at the tolerance; it must be rare.
+            sensitivity = _sensitivity(seed, inputs, options)
+            if sensitivity > TOLERANCE:
+                chaotic.append(seed)
+                continue
+        for what, error in errors:
             worst = max(worst, error)
             if not error <= TOLERANCE:
                 failures.append(f"seed {seed}: {what} differ by {error:.2e} x scale, {options}")
     assert not failures, "\n".join(failures[:10])
-    print(f"worst relative difference {worst:.2e}")
+    assert len(chaotic) <= len(seeds) // 100, f"chaotic cases {chaotic}"
+    print(f"worst relative difference {worst:.2e}, chaotic cases {chaotic}")
+
+
+def test_the_chaos_exemption_would_not_have_hidden_the_bugs_found_before() -> None:
+    # The bugs this fuzz found were well-conditioned problems that the fast path got wrong:
+    # their reference moves by ~1e-12 under the exemption's probe, far below the tolerance.
+    for seed in FOUND_BY_LONGER_RUNS:
+        inputs, options, _, _ = _case(seed)
+        assert _sensitivity(seed, inputs, options) < 1e-9
+    for seed in EXTENDED_FOUND_BY_LONGER_RUNS:
+        inputs, options, _, _ = _extended_case(seed)
+        assert _sensitivity(seed, inputs, options) > TOLERANCE
