@@ -36,11 +36,14 @@ TOLERANCE = 1e-5
 # colour gradients from 3 neighbours: its reference moves by 6.7e-6 under the 1e-12 probe).
 EXTENDED_CASES = 300
 EXTENDED_SEED_OFFSET = 10**6
-# Extended cases beyond EXTENDED_CASES that failed in longer runs. 10349 is chaotic, not a bug: a
-# 5-point pair far from its target, colored metric with colour gradients from 4 neighbours,
-# Cauchy weights ~1e-5, Jacobi-scaled pivots ~2e-7: Gauss-Newton steps of ~240 radians, and
-# moving the init by 1e-12 moves the reference's result by 2e-2 (the paths differed by 2.5e-2).
-EXTENDED_FOUND_BY_LONGER_RUNS = (10349,)
+# Cases that failed in longer runs and are chaotic, not bugs (see the test's exemption), per
+# generator. Rigid 12033: one point-to-plane step of a 25-point pair far from a 17-point target
+# with unrelated normals; the init probe moves the reference by 2.5e-4 (paths 2.8e-5 apart).
+# Extended 10349: a 5-point pair far from its target, colored metric with colour gradients from
+# 4 neighbours, Cauchy weights ~1e-5, Jacobi-scaled pivots ~2e-7: Gauss-Newton steps of ~240
+# radians; the probe moves the reference by 2e-2 (paths 2.5e-2 apart).
+CHAOTIC_BY_LONGER_RUNS = (12033,)
+EXTENDED_CHAOTIC_BY_LONGER_RUNS = (10349,)
 
 
 def _case(seed: int) -> tuple[dict, dict, list[int], list[int]]:
@@ -196,8 +199,8 @@ def _sensitivity(seed: int, inputs: dict, options: dict) -> float:
 @pytest.mark.parametrize(
     ("make_case", "seeds"),
     [
-        (_case, [*range(CASES), *FOUND_BY_LONGER_RUNS]),
-        (_extended_case, [*range(EXTENDED_CASES), *EXTENDED_FOUND_BY_LONGER_RUNS]),
+        (_case, [*range(CASES), *FOUND_BY_LONGER_RUNS, *CHAOTIC_BY_LONGER_RUNS]),
+        (_extended_case, [*range(EXTENDED_CASES), *EXTENDED_CHAOTIC_BY_LONGER_RUNS]),
     ],
     ids=["rigid", "extended"],
 )
@@ -229,6 +232,10 @@ def test_the_chaos_exemption_would_not_have_hidden_the_bugs_found_before() -> No
     for seed in FOUND_BY_LONGER_RUNS:
         inputs, options, _, _ = _case(seed)
         assert _sensitivity(seed, inputs, options) < 1e-9
-    for seed in EXTENDED_FOUND_BY_LONGER_RUNS:
-        inputs, options, _, _ = _extended_case(seed)
-        assert _sensitivity(seed, inputs, options) > TOLERANCE
+    for make_case, seeds in (
+        (_case, CHAOTIC_BY_LONGER_RUNS),
+        (_extended_case, EXTENDED_CHAOTIC_BY_LONGER_RUNS),
+    ):
+        for seed in seeds:
+            inputs, options, _, _ = make_case(seed)
+            assert _sensitivity(seed, inputs, options) > TOLERANCE
