@@ -32,8 +32,8 @@ CASES = 300
 FOUND_BY_LONGER_RUNS = (2350, 8642)
 TOLERANCE = 1e-5
 # The extended cases (every metric and weighting option; see _extended_case): in a longer run
-# (cases 0-30,000) one was chaotic (below) and the worst other 6.4e-6 (case 4277, colored with
-# colour gradients from 3 neighbours: its reference moves by 6.7e-6 under the 1e-12 probe).
+# (cases 0-30,000) one was chaotic (below) and the worst other 9.3e-6 (case 27266, colored with
+# soft rejection: its reference moves by 2.6e-5 under the exemption's 1e-12 probe).
 EXTENDED_CASES = 300
 EXTENDED_SEED_OFFSET = 10**6
 # Cases that failed in longer runs and are chaotic, not bugs (see the test's exemption), per
