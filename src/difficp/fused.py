@@ -147,7 +147,8 @@ def fused_iteration(
             (0), rejection code (REJECTIONS.code), weight_distance, weight_normal, robust kernel
             code (KERNELS.code), uses source normals, uses target normals, uses covariances,
             uses colour features]``.
-        sums: ``(B * tasks_per_pair, SUM_WIDTH)`` zeros; task rows get their sums.
+        sums: ``(B * tasks_per_pair, SUM_WIDTH)`` zeros; task rows get their sums (combine a
+            pair's rows with :func:`_merge_task_sums`: Procrustes moments do not add).
         source_covariances, target_covariances: ``(B, N, 3, 3)`` and ``(P, 3, 3)`` in forest
             order (metric ``"gicp"``; any values when unused): the twins get the upper
             triangle of ``C = S_q + R S_p R^T``.
