@@ -535,13 +535,12 @@ class FusedSteps:
     ) -> tuple[Tensor, Tensor, tuple[np.ndarray, np.ndarray]]:
         """Fitness ``(B,)``, inlier RMSE ``(B,)`` and the state of :meth:`step` from the
         per-task ``sums`` of a kernel."""
-        merged = np.empty((center.shape[0], SUM_WIDTH))
-        _merge_task_sums(sums, self.tasks, self.int_options[1], merged)
-        sums = merged
-        count = sums[:, INLIERS]
+        pair_sums = np.empty((center.shape[0], SUM_WIDTH))
+        _merge_task_sums(sums, self.tasks, self.int_options[1], pair_sums)
+        count = pair_sums[:, INLIERS]
         fitness = count / np.maximum(self.source_counts, 1)
-        rmse = np.where(count > 0, np.sqrt(sums[:, INLIER_SQ] / np.maximum(count, 1)), 0.0)
-        return torch.from_numpy(fitness), torch.from_numpy(rmse), (sums, center)
+        rmse = np.where(count > 0, np.sqrt(pair_sums[:, INLIER_SQ] / np.maximum(count, 1)), 0.0)
+        return torch.from_numpy(fitness), torch.from_numpy(rmse), (pair_sums, center)
 
     def evaluate(
         self, transform: Tensor, active: Tensor

@@ -285,8 +285,8 @@ def compiled_procrustes(
     :data:`difficp.fused.MOMENTS`: the weight ``w``, the weighted means ``p`` (3) and ``q`` (3)
     of the sources and their partners, and the co-moment ``sum w (q_i - q)(p_i - p)^T`` (9))."""
     w = max(moments[0], _TINY64)
-    p = moments[1:4].copy()
-    q = moments[4:7].copy()
+    p = moments[1:4]
+    q = moments[4:7]
     H = moments[7:16].reshape(3, 3) / w
     U, s, Vt = np.linalg.svd(H)
     # Below the rounding error of H a singular value is noise: the same bound as
