@@ -142,6 +142,9 @@ def test_graph_identity_and_rigid_motion_are_free() -> None:
     theta = torch.cat([R.reshape(1, 9).expand(16, 9), g @ R.T + t - g], -1).reshape(1, -1)
     torch.testing.assert_close(model.deform(theta)[0], src @ R.T + t)
     assert sum(float(b.cost()) for b in model.regularizers(theta, False)) < 1e-20
+    # The nodes travel with the motion they carry.
+    torch.testing.assert_close(model.deformed_nodes(p0), model.nodes)
+    torch.testing.assert_close(model.deformed_nodes(theta)[0], g @ R.T + t)
 
 
 def test_graph_weights_are_a_partition_of_unity() -> None:

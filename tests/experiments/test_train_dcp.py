@@ -14,8 +14,11 @@ import torch
 
 from difficp_experiments.modelnet.train_dcp import (
     TrainConfig,
+    best_path,
     learning_rate,
     load_state,
+    log_path,
+    model_path,
     rank_batches,
     run_training,
     split_train_val,
@@ -83,6 +86,23 @@ def test_ranks_share_out_the_global_batch(data_root):
             )
     later = list(rank_batches(pts, labels, cfg, 3, rank=1, world=2, start_step=2))
     torch.testing.assert_close(later[0]["source"], two[1][2]["source"])
+
+
+def test_a_run_is_a_directory_or_a_model_file_with_siblings(tmp_path):
+    run = tmp_path / "run"
+    assert [f(run) for f in (model_path, best_path, state_path, log_path)] == [
+        run / "model.pt",
+        run / "best.pt",
+        run / "state.pt",
+        run / "log.jsonl",
+    ]
+    file = tmp_path / "dcp.pt"
+    assert [f(file) for f in (model_path, best_path, state_path, log_path)] == [
+        file,
+        tmp_path / "dcp.best.pt",
+        tmp_path / "dcp.pt.state",
+        tmp_path / "dcp.log.jsonl",
+    ]
 
 
 def test_step_schedule():

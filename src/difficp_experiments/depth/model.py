@@ -104,7 +104,3 @@ class PoseCNN(nn.Module):
         c_s, c_t = c[:, 0], c[:, 1]
         t = c_t + out[:, 6:] - (R @ c_s[..., None])[..., 0]
         return make_transform(R, t)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -47,12 +47,10 @@ from difficp_experiments.modelnet.metrics import (
 from difficp_experiments.modelnet.stats import method_statistics, paired_tests
 
 BASE_METHODS = ("icp", "open3d_icp", "open3d_fgr", "pointnetlk", "dcp_v1", "dcp_v2", "dcp_v2_e2e")
-LEARNED = ("pointnetlk", "dcp_v1", "dcp_v2", "dcp_v2_e2e")
 DEFAULT_METHODS = (
     "icp,open3d_icp,open3d_fgr,pointnetlk,pointnetlk+icp,dcp_v1,dcp_v1+icp,"
     "dcp_v2,dcp_v2+icp,dcp_v2_e2e,dcp_v2_e2e+icp"
 )
-SIX = ("MSE_R", "RMSE_R", "MAE_R", "MSE_t", "RMSE_t", "MAE_t")
 # Calibration rows: ``true_rot10`` is the true pose turned by 10 degrees (see perturbed_truth).
 CALIBRATION = re.compile(r"true_rot(\d+(?:\.\d+)?)")
 CALIBRATION_METHODS = ",".join(f"true_rot{a},true_rot{a}+icp" for a in (5, 10, 20, 30))

@@ -276,13 +276,3 @@ class ModelNetPairs(Dataset):
             "label": p.label,
             "index": index,
         }
-
-
-def subsample(
-    points: torch.Tensor, n: int, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """A random subset of ``n`` points of each cloud, ``(B, P, 3)`` -> ``(B, n, 3)``."""
-    if n >= points.shape[1]:
-        return points
-    idx = torch.rand(points.shape[:2], generator=generator).argsort(dim=1)[:, :n]
-    return torch.gather(points, 1, idx[..., None].expand(-1, -1, 3))
