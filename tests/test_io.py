@@ -527,6 +527,12 @@ def test_read_depth_png_and_npy_and_intrinsics(tmp_path) -> None:
     )
     np.testing.assert_array_equal(difficp.io.read_intrinsics(tmp_path / "cam.json"), K)
 
+    class Located:  # any os.PathLike names a file, not only str and pathlib.Path
+        def __fspath__(self) -> str:
+            return str(tmp_path / "cam.json")
+
+    np.testing.assert_array_equal(difficp.io.read_intrinsics(Located()), K)
+
 
 @pytest.mark.parametrize(
     ("array", "match"),

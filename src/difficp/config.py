@@ -13,7 +13,7 @@ import numbers
 import operator
 from dataclasses import dataclass
 from functools import cache, cached_property
-from typing import Literal, NamedTuple, get_args
+from typing import Any, Literal, NamedTuple, SupportsIndex, cast, get_args
 
 import numpy as np
 import torch
@@ -126,7 +126,8 @@ def _integer(name: str, value: object, minimum: int) -> int:
     ):
         raise TypeError(f"ICPConfig.{name} must be an int, got the bool {value!r}")
     try:
-        number = operator.index(value)  # int, numpy ints, 0-d integer tensors; not floats
+        # int, numpy ints, 0-d integer tensors; anything else raises the TypeError below
+        number = operator.index(cast(SupportsIndex, value))
     except TypeError:
         raise TypeError(
             f"ICPConfig.{name} must be an int, got {type(value).__name__} {_show(value)}"
@@ -453,7 +454,7 @@ class ICPConfig:
             bool(self.weight_normal),
         )
 
-    def replace(self, **changes: object) -> ICPConfig:
+    def replace(self, **changes: Any) -> ICPConfig:
         """A copy with some options changed (validated again).
 
         Raises:

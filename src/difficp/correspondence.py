@@ -30,6 +30,8 @@ from difficp.softmatch import dense_soft_match, dense_soft_mean, topk_soft_match
 if TYPE_CHECKING:
     from scipy.spatial import cKDTree
 
+    from difficp.kdtree import KDForest
+
 SearchBackend = Literal["auto", "kdtree", "compiled", "brute_force"]
 
 # Elements of the (queries x references) distance block computed at once by brute force.
@@ -141,7 +143,7 @@ class NeighborIndex:
         self._tree: cKDTree | None = None  # built on the first query (the fast path needs none)
         self._cloud_trees: dict[int, tuple[cKDTree, np.ndarray]] = {}
         self._centered: tuple[Tensor, Tensor] | None = None
-        self._forest = None  # difficp.kdtree.KDForest, built on the first compiled query
+        self._forest: KDForest | None = None  # built on the first compiled query
         self._forest_order: np.ndarray | None = None
         self._warm: dict[tuple[int, int, float | None], Any] = {}  # kdtree.KnnWarmStart
 
@@ -222,7 +224,7 @@ class NeighborIndex:
         found = found & query_mask[..., None] & (self.counts[:, None, None] > 0)
         return torch.where(found, index, torch.zeros_like(index)), found
 
-    def compiled_forest(self) -> tuple[Any, np.ndarray | None]:
+    def compiled_forest(self) -> tuple[KDForest, np.ndarray | None]:
         """The numba KD-forest of the reference clouds (:class:`difficp.kdtree.KDForest`, built
         on the first call; the compiled backend's search structure, shared with the covariance
         estimate and the fused ICP kernel) and ``order`` ``(B, M)``: each forest cloud's point
@@ -233,9 +235,8 @@ class NeighborIndex:
             compiled_threads_as_torch()
             # Valid points first (prefix masks, as inputs.prepare_problem makes them): the
             # forest takes counts. A mask with holes is compacted into a prefix first.
-            prefix = bool(
-                (self.mask == lengths_mask(self.counts, *self.mask.shape, self.mask.device)).all()
-            )
+            B, M = self.mask.shape
+            prefix = bool((self.mask == lengths_mask(self.counts, B, M, self.mask.device)).all())
             ref = self.reference
             self._forest_order = None
             if not prefix:
@@ -245,7 +246,7 @@ class NeighborIndex:
             self._forest = build_forest(ref.cpu().double().numpy(), self.counts.cpu().numpy())
         return self._forest, self._forest_order
 
-    def built_forest(self) -> Any:
+    def built_forest(self) -> KDForest | None:
         """The forest of :meth:`compiled_forest` if it is built already and in the clouds' own
         order (a prefix mask), else None: for the fused ICP kernel, which builds its own
         otherwise."""
@@ -257,7 +258,7 @@ class NeighborIndex:
         # Imported here: importing difficp must not load numba (~70 MB).
         from difficp.kdtree import knearest, knn_warm_start
 
-        self.compiled_forest()
+        forest, _ = self.compiled_forest()
         B, N, _ = queries.shape
         # ICP asks again with queries that barely moved: keep each query's neighbours and how
         # far it may move before they can change (kdtree.KnnWarmStart), per kind of question.
@@ -266,7 +267,7 @@ class NeighborIndex:
             self._warm[key] = knn_warm_start(B, N, k)
         # Masked-out queries are answered too (cheap) and dropped by the caller's found mask.
         q = queries.cpu().double().numpy()
-        row, _ = knearest(self._forest, q, k, None, max_distance, self._warm[key])
+        row, _ = knearest(forest, q, k, None, max_distance, self._warm[key])
         found = torch.from_numpy(row >= 0)
         index = torch.from_numpy(row).clamp_min_(0)
         if self._forest_order is not None:  # back to the cloud's own order
@@ -385,14 +386,15 @@ def blocked_knn(
     for start in range(0, N, chunk):
         q = queries[:, start : start + chunk]
         q_sq = (q * q).sum(-1, keepdim=True)
-        best_d2 = best_i = None
+        best_d2: Tensor | None = None
+        best_i: Tensor | None = None
         for t0 in range(0, M, tile):
             r = reference[:, t0 : t0 + tile]
             d2 = q_sq - 2 * q @ r.transpose(1, 2) + ref_sq[:, None, t0 : t0 + tile]
             kk = min(k, d2.shape[-1])
             d2_k, i_k = torch.topk(d2, kk, dim=-1, largest=False)
             i_k = i_k + t0
-            if best_d2 is None:
+            if best_d2 is None or best_i is None:
                 best_d2, best_i = d2_k, i_k
             else:
                 merged_d2 = torch.cat([best_d2, d2_k], -1)

@@ -63,7 +63,7 @@ from difficp.solvers import (
 )
 from difficp.strategies import compiled
 from difficp.strategies.compiled import compile_twin, switch
-from difficp.strategies.correspondences import CORRESPONDENCES, for_target
+from difficp.strategies.correspondences import CORRESPONDENCES, Projective, for_target
 from difficp.strategies.kernels import KERNELS
 from difficp.strategies.rejection import REJECTIONS
 from difficp.strategies.solvers import SOLVERS
@@ -249,7 +249,9 @@ def fused_iteration(
 
 
 @njit(inline="always", error_model="numpy")
-def _rotate(R: np.ndarray, u: np.ndarray) -> tuple[float, float, float]:
+def _rotate(
+    R: np.ndarray, u: np.ndarray | tuple[float, float, float]
+) -> tuple[float, float, float]:
     """``R u`` for ``R`` ``(3, 3)`` and ``u`` ``(3,)``, as three floats (registers)."""
     return (
         R[0, 0] * u[0] + R[0, 1] * u[1] + R[0, 2] * u[2],
@@ -470,7 +472,7 @@ class FusedSteps:
             if shared is not None
             else build_forest(_numpy(target.points), target_counts, parallel=not self.serial)
         )
-        self.target_normals = np.zeros((1, 3))
+        self.target_normals: np.ndarray = np.zeros((1, 3))
         if target.normals is not None:
             normals = _numpy(target.normals)
             f = self.forest
@@ -929,7 +931,7 @@ def compiled_ready(small: bool, projective: bool = False) -> bool:
     ``projective``: the depth-map kernel) are compiled in this process or in numba's
     cache, so that running them costs no compilation (1-3 minutes on 2 cores). True when that
     cannot be told (other numba)."""
-    kernels = (
+    kernels: tuple[Dispatcher, ...] = (
         (_whole_loop, kdtree._build_forest)
         if small
         else (fused_iteration, _solve_updates, kdtree._build_forest, kdtree._build_tree_parallel)
@@ -966,12 +968,14 @@ def _flush_stale_caches() -> None:
     files = sorted({m.__file__ for m in (*modules, *twins, kdtree, compiled) if m.__file__})
     digest = hashlib.sha256(b"".join(Path(f).read_bytes() for f in files)).hexdigest()
     try:
-        stamp = Path(fused_iteration._cache._cache_path) / "fused.twins.sha256"
+        # numba's private cache handle: the AttributeError below covers a numba without it
+        cache_dir = fused_iteration._cache._cache_path  # type: ignore[attr-defined]
+        stamp = Path(cache_dir) / "fused.twins.sha256"
         if stamp.exists() and stamp.read_text() == digest:
             return
         for value in list(globals().values()):
             cache = getattr(value, "_cache", None)
-            if isinstance(value, Dispatcher) and hasattr(cache, "flush"):
+            if isinstance(value, Dispatcher) and cache is not None and hasattr(cache, "flush"):
                 cache.flush()
         stamp.write_text(digest)
     except (AttributeError, OSError):  # no cache (read-only install, other numba): compile
@@ -983,7 +987,7 @@ def _flush_stale_caches() -> None:
 # by projection (Projective.compiled_pixel) instead of searched in a KD forest.
 # ---------------------------------------------------------------------------------------------
 
-_pixel = compile_twin(CORRESPONDENCES["projective"].compiled_pixel)
+_pixel = compile_twin(Projective.compiled_pixel)
 
 
 @njit(inline="always", error_model="numpy")
@@ -1185,7 +1189,7 @@ def _kernel_options(config: ICPConfig, procrustes: bool) -> tuple[np.ndarray, np
     angle = config.max_normal_angle
     options = np.array(
         [
-            md**2 if hard_radius else np.inf,
+            md**2 if md is not None and hard_radius else np.inf,
             np.inf if md is None else md,
             _scalar(config.rejection_temperature),
             -np.inf if angle is None else math.cos(math.radians(_scalar(angle))),

@@ -158,14 +158,17 @@ def to_open3d(
     import open3d as o3d  # here: optional (not a requirement of difficp)
 
     pts, nrm, col = _numpy(points), _numpy(normals), _numpy(colors)
+    assert pts is not None
     if tensor_api:
-        cloud = o3d.t.geometry.PointCloud(o3d.core.Tensor(pts))
+        # open3d's type stubs omit Tensor's ndarray constructor (it copies the array)
+        as_tensor: Any = o3d.core.Tensor
+        tensor_cloud = o3d.t.geometry.PointCloud(as_tensor(pts))
         if nrm is not None:
-            cloud.point.normals = o3d.core.Tensor(nrm)
+            tensor_cloud.point.normals = as_tensor(nrm)
         if col is not None:
-            cloud.point.colors = o3d.core.Tensor(col)
-        return cloud
-    cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(pts))
+            tensor_cloud.point.colors = as_tensor(col)
+        return tensor_cloud
+    cloud: Any = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(pts))
     if nrm is not None:
         cloud.normals = o3d.utility.Vector3dVector(nrm)
     if col is not None:

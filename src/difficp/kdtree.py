@@ -1460,7 +1460,8 @@ _POOL_PID: int | None = None
 def set_threads(threads: int) -> None:
     """Run the compiled kernels on ``threads`` threads (capped at numba's pool size)."""
     global _POOL_PID
-    numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
+    pool = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # set at import (stubs lack it)
+    numba.set_num_threads(max(1, min(int(threads), pool)))
     if _POOL_PID is None:
         _POOL_PID = os.getpid()
 

@@ -11,7 +11,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, TypeGuard, runtime_checkable
 
 import numpy as np
 import torch
@@ -158,7 +158,7 @@ class WholeLoop(Protocol):
 _WHOLE_LOOP_CLASSES: dict[type, bool] = {}
 
 
-def _runs_whole_loops(steps: Steps) -> bool:
+def _runs_whole_loops(steps: Steps) -> TypeGuard[WholeLoop]:
     kind = type(steps)
     known = _WHOLE_LOOP_CLASSES.get(kind)
     if known is None:

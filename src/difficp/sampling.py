@@ -170,7 +170,12 @@ def voxel_downsample(
         slots.mean(pts), out_normals, None if col is None else slots.mean(col), slots.lengths
     )
     if points.dim() == 2:  # unbatched
-        return VoxelGrid(*(None if field is None else field[0] for field in grid))
+        return VoxelGrid(
+            grid.points[0],
+            None if grid.normals is None else grid.normals[0],
+            None if grid.colors is None else grid.colors[0],
+            grid.lengths[0],
+        )
     return grid
 
 
@@ -193,7 +198,9 @@ def _check_cloud(
     lengths = _check_lengths(lengths, B, N, pts.device)
     nrm = None if normals is None else _check_attribute("normals", normals, points)
     if nrm is not None and nrm.shape[-1] != 3:
-        raise ValueError(f"normals must have 3 channels, got shape {tuple(normals.shape)}")
+        raise ValueError(
+            f"normals must have 3 channels, got shape {tuple(nrm.shape[-points.dim() :])}"
+        )
     col = None if colors is None else _check_attribute("colors", colors, points)
     return pts, lengths, nrm, col
 

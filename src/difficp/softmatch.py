@@ -38,7 +38,7 @@ def _weights(
 
 class _DenseSoftMatch(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx,
         source: Tensor,
         target: Tensor,
@@ -62,7 +62,7 @@ class _DenseSoftMatch(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_points: Tensor, grad_normals: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_points: Tensor, grad_normals: Tensor):
         source, target, normals, temperature, mask, out = ctx.saved_tensors
         B, N, _ = source.shape
         M = target.shape[1]
@@ -168,7 +168,7 @@ class _TopKSoftMatch(torch.autograd.Function):
     and no ``(B, N, k, 3)`` tensor kept for the backward (the neighbours are gathered again)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx,
         source: Tensor,
         values: Tensor,
@@ -190,7 +190,7 @@ class _TopKSoftMatch(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_out: Tensor):
         source, values, temperature, index, W, out, any_found = ctx.saved_tensors
         B, M, C = values.shape
         nb = _gather_rows(values, index)

@@ -54,7 +54,7 @@ class _LUSolve(torch.autograd.Function):
     """x = A^-1 b by LU; backward: g_b = A^-T g_x (same factors, adjoint solve), g_A = -g_b x^T."""
 
     @staticmethod
-    def forward(ctx, A: Tensor, b: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, A: Tensor, b: Tensor) -> Tensor:
         LU, pivots = torch.linalg.lu_factor(A)
         x = torch.linalg.lu_solve(LU, pivots, b[..., None])[..., 0]
         ctx.save_for_backward(LU, pivots, x)
@@ -62,7 +62,7 @@ class _LUSolve(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def backward(ctx, grad_x: Tensor) -> tuple[Tensor, Tensor]:
         LU, pivots, x = ctx.saved_tensors
         grad_b = torch.linalg.lu_solve(LU, pivots, grad_x[..., None], adjoint=True)[..., 0]
         grad_A = -grad_b[..., :, None] * x[..., None, :]
@@ -257,14 +257,14 @@ class _DampedUnitVectors(torch.autograd.Function):
     ``/ |x|``: the exact derivative where ``|x| >> eps``, bounded by ``1 / (2 eps)`` below."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, eps: float) -> Tensor:
         unit = unit_vectors(x)
         ctx.save_for_backward(x, unit)
         ctx.eps = eps
         return unit
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         x, unit = ctx.saved_tensors
         n = x.norm(dim=-1, keepdim=True)
         tangent = grad - unit * (unit * grad).sum(-1, keepdim=True)

@@ -16,6 +16,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from difficp.cli import add_command
 from difficp.compile_cache import compile_lock
 
@@ -65,7 +67,7 @@ def warm_up() -> float:
 
     kdtree.build_forest(
         torch.rand(1, kdtree.PARALLEL_BUILD_POINTS, 3, generator=generator).double().numpy(),
-        [kdtree.PARALLEL_BUILD_POINTS],
+        np.array([kdtree.PARALLEL_BUILD_POINTS]),
     )
     # normals on the KD-forest (difficp.estimate_normals on the CPU)
     difficp.estimate_normals(torch.rand(200, 3, generator=generator, dtype=torch.float64), k=8)

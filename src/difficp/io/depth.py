@@ -9,6 +9,7 @@ PNG decoding uses Pillow, imported only when a PNG is read.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def read_intrinsics(source: PathLike | Sequence[float]) -> np.ndarray:
     JSON: Open3D's ``PinholeCameraIntrinsic`` layout (``"intrinsic_matrix"``: 9 numbers, column
     major, as Redwood's ``camera_primesense.json``) or an object with ``fx, fy, cx, cy``.
     """
-    if isinstance(source, (str, Path)):
+    if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         check_readable(path)
         try:

@@ -187,7 +187,7 @@ def _ply_read_binary(
                     f"{need} bytes, {len(data) - pos} found"
                 )
             table = np.frombuffer(data, rec, count=el.count, offset=pos)
-            return {name: table[name] for name in rec.names}
+            return {name: table[name] for name in rec.names or ()}
         if el.has_lists:
             pos = _ply_skip_list_records(path, el, data, pos, order)
         else:

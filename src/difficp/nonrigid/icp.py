@@ -67,8 +67,11 @@ class NonrigidICPResult:
     transform: Tensor | None = None
 
     def _squeeze(self) -> NonrigidICPResult:
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return NonrigidICPResult(**{k: None if v is None else v[0] for k, v in values.items()})
+        first: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            first[f.name] = None if value is None else value[0]
+        return NonrigidICPResult(**first)
 
 
 def _schedule_value(schedule: Schedule, iteration: int) -> float:

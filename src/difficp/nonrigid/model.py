@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -132,7 +133,9 @@ class DeformationModel(ABC):
             return []
         jac = None
         if with_jacobian:
-            jac = rowwise_jacobian(self.regularizer_residuals, params)[:, None]  # (B, 1, R, P)
+            # not None here: res above was not
+            residuals = cast(Callable[[Tensor], Tensor], self.regularizer_residuals)
+            jac = rowwise_jacobian(residuals, params)[:, None]  # (B, 1, R, P)
         return [ResidualBlock(res[:, None], jac, None)]
 
     def valid_mask(self) -> Tensor:

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from numba import njit
 
-_OPTIONS = {"inline": "always", "error_model": "numpy"}
+_OPTIONS: dict[str, Any] = {"inline": "always", "error_model": "numpy"}
 
 
 def compile_twin(twin: Callable) -> Callable:
@@ -19,7 +20,7 @@ def compile_twin(twin: Callable) -> Callable:
     helpers = {}
     for name in twin.__code__.co_names:
         value = twin.__globals__.get(name)
-        if getattr(value, "compiled_helper", False):
+        if value is not None and getattr(value, "compiled_helper", False):
             helpers[name] = compile_twin(value)
     if helpers:
         namespace = {**twin.__globals__, **helpers}
