@@ -231,6 +231,7 @@ def run_anny_fit(
         source_weights=camera_visibility(c[None]),
     )
     seconds = time.perf_counter() - start
+    assert result.rmse_history is not None  # asked for with return_history
     fitted = result.points[0].detach()
     rest = model.rest_points[0]
     pheno_fit = model.split(result.params.detach())[3][0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -114,7 +115,7 @@ def summarize(errors: dict[str, Tensor], init_rmse: Tensor) -> dict:
 
     def stats(err: Tensor) -> dict:
         e = err.numpy()
-        d = {f"success_{k}": float((e < t).mean()) for k, t in THRESHOLDS.items()}
+        d: dict[str, Any] = {f"success_{k}": float((e < t).mean()) for k, t in THRESHOLDS.items()}
         d["median_error_m"] = float(np.median(e))
         d["bins"] = success_bins(e, init)
         return d

@@ -13,6 +13,7 @@ points onto the target ones (see :mod:`difficp_experiments.depth.data`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -81,7 +82,11 @@ def refine_schedule() -> list[difficp.ICPConfig]:
     did that weighting implicitly; without it the schedule scored 78.9% at 3 cm on 256
     validation samples, with it 90.6% (``max_normal_angle`` 60 / 80 degrees: 90.2 / 91.4%).
     """
-    common = {"correspondence": "nearest", "max_iterations": 30, "differentiation": "none"}
+    common: dict[str, Any] = {
+        "correspondence": "nearest",
+        "max_iterations": 30,
+        "differentiation": "none",
+    }
     return [
         difficp.ICPConfig(metric="point_to_point", max_distance=0.5, **common),
         difficp.ICPConfig(metric="symmetric", max_distance=0.1, weight_normal=True, **common),
@@ -98,7 +103,7 @@ def train_schedule(
     temperature in m^2, about the squared pixel spacing at 64x64: 4.5 cm) and soft distance
     rejection. A fixed number of iterations (no early stop) keeps the graph the same size.
     """
-    common = {
+    common: dict[str, Any] = {
         "correspondence": "soft",
         "temperature": temperature,
         "soft_k": soft_k,
@@ -174,9 +179,12 @@ def run_schedule(
     init: Tensor | None = None,
 ) -> Tensor:
     """Run the ICP stages of ``schedule`` one after the other; returns ``(B, 4, 4)``."""
+    if not schedule:
+        raise ValueError("schedule has no ICP stage")
     T = init
     for config in schedule:
         T = run_icp(clouds, icp_depth, scene, config, init=T)
+    assert T is not None
     return T
 
 

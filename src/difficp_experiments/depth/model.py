@@ -57,6 +57,11 @@ class PoseCNN(nn.Module):
         config: the architecture (:class:`PoseCNNConfig`; its defaults when None).
     """
 
+    # buffers (register_buffer)
+    intrinsics: Tensor
+    base6d: Tensor
+    coords: Tensor
+
     def __init__(self, intrinsics: Tensor, config: PoseCNNConfig | None = None) -> None:
         super().__init__()
         self.config = PoseCNNConfig() if config is None else config
@@ -69,15 +74,13 @@ class PoseCNN(nn.Module):
             _block(4 * w, 4 * w, 3),
         )
         side = res // 16
+        last = nn.Linear(hidden, 9)
         self.head = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(4 * w * side * side, hidden),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden, 9),
+            nn.Flatten(), nn.Linear(4 * w * side * side, hidden), nn.ReLU(inplace=True), last
         )
         # Start at "no rotation, move centroid onto centroid": zero last layer; identity 6-D base.
-        nn.init.zeros_(self.head[-1].weight)
-        nn.init.zeros_(self.head[-1].bias)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
         self.register_buffer("base6d", torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
         v, u = torch.meshgrid(torch.linspace(-1, 1, res), torch.linspace(-1, 1, res), indexing="ij")
         self.register_buffer("coords", torch.stack([u, v]))

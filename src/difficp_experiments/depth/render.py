@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -61,6 +62,14 @@ def camera_rays(intrinsics: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.stack([(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1], np.ones_like(u)], axis=-1)
 
 
+def _open3d() -> Any:
+    """Open3D, typed Any: its bundled stubs disagree with it (no ndarray constructor for
+    ``core.Tensor``, no ``str`` path for ``read_triangle_mesh``)."""
+    import open3d  # here: only rendering needs it
+
+    return open3d
+
+
 class DepthRenderer:
     """Render z-depth maps of one static triangle mesh from arbitrary pinhole cameras.
 
@@ -76,7 +85,7 @@ class DepthRenderer:
     """
 
     def __init__(self, vertices: np.ndarray, triangles: np.ndarray, nthreads: int = 1) -> None:
-        import open3d as o3d
+        o3d = _open3d()
 
         self.vertices = np.ascontiguousarray(vertices, dtype=np.float32)
         self.triangles = np.ascontiguousarray(triangles, dtype=np.uint32)
@@ -88,7 +97,7 @@ class DepthRenderer:
     @classmethod
     def from_file(cls, path: str | Path, nthreads: int = 1) -> DepthRenderer:
         """Read a mesh file (OBJ, PLY, ...) with Open3D."""
-        import open3d as o3d
+        o3d = _open3d()
 
         mesh = o3d.io.read_triangle_mesh(str(path))
         if len(mesh.triangles) == 0:
@@ -99,7 +108,7 @@ class DepthRenderer:
         self, cam_to_world: np.ndarray, intrinsics: np.ndarray, width: int, height: int
     ) -> np.ndarray:
         """``(H, W)`` float32 z-depth (m) seen from ``cam_to_world``; 0 where nothing is hit."""
-        import open3d as o3d
+        o3d = _open3d()
 
         key = (width, height, *np.round(intrinsics[:2].ravel(), 9))
         dirs = self._rays.get(key)

@@ -25,11 +25,13 @@ history), ``seed<s>/checkpoints/<arm>.pt`` (per-epoch training checkpoints, for 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -101,11 +103,11 @@ def weight_change(model: torch.nn.Module, start: torch.nn.Module) -> float:
     """Relative change of the parameters, ``||theta - theta0|| / ||theta0||`` (all parameters as
     one vector; buffers excluded)."""
     num = sum(
-        (p.detach().double() - q.detach().double()).square().sum()
+        float((p.detach().double() - q.detach().double()).square().sum())
         for p, q in zip(model.parameters(), start.parameters(), strict=True)
     )
-    den = sum(q.detach().double().square().sum() for q in start.parameters())
-    return float((num / den).sqrt())
+    den = sum(float(q.detach().double().square().sum()) for q in start.parameters())
+    return math.sqrt(num / den)
 
 
 def outcome_flips(before: np.ndarray, after: np.ndarray) -> dict[str, int]:
@@ -198,13 +200,16 @@ def run_study(
         **(info or {}),
     }
     study_file = out / "study.json"
-    invocations = []
+    invocations: list[dict[str, Any]] = []
     if study_file.is_file():
         old = json.loads(study_file.read_text())
         if resume and old["meta"] != json.loads(json.dumps(meta)):
             raise ValueError(f"{study_file} was written with another configuration; cannot resume")
         invocations = old.get("invocations", []) if resume else []
-    this = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "finished": None}
+    this: dict[str, Any] = {
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished": None,
+    }
     invocations.append(this)
     t_start = time.time()
 

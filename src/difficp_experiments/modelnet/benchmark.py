@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -249,8 +250,8 @@ class MethodRunner:
         """difficp ICP from ``(R, t)`` on ``batch``."""
         cfg = icp_config(self.cfg.refine_max_distance, self.cfg.refine_max_iterations)
         init = torch.from_numpy(_to_transform(R, t)).to(batch["source"].dtype)
-        T = difficp.icp(batch["source"], batch["target"], init=init, config=cfg).transform
-        T = T.double().numpy()
+        result = difficp.icp(batch["source"], batch["target"], init=init, config=cfg)
+        T = result.transform.double().numpy()
         return T[:, :3, :3], T[:, :3, 3]
 
 
@@ -351,7 +352,12 @@ def _write_chunk(path: Path, key: dict, start: int, result: dict[str, np.ndarray
     if not (path.parent / "key.json").is_file():  # for people reading the folder
         atomic_write_text(path.parent / "key.json", json.dumps(key, indent=1, sort_keys=True))
     with atomic_open(path) as f:
-        np.savez(f, key=np.array(json.dumps(key)), start=np.array(start), **result)
+        arrays: dict[str, Any] = {
+            "key": np.array(json.dumps(key)),
+            "start": np.array(start),
+            **result,
+        }
+        np.savez(f, **arrays)
 
 
 def cached_estimates(out: Path, method: str, key: dict, n: int) -> dict[str, np.ndarray] | None:
@@ -393,7 +399,7 @@ def _estimate_chunk(
             R, t = runner.estimate(method, batch)
         else:
             R, t = runner.refine(batch, prior["R"][at : at + b], prior["t"][at : at + b])
-        per_pair = (time.perf_counter() - tic) / b
+        per_pair: float | np.ndarray = (time.perf_counter() - tic) / b
         if prior is not None:  # X+icp costs X's time plus the refinement's
             per_pair = per_pair + prior["seconds"][at : at + b]
         Rs.append(R)

@@ -7,9 +7,14 @@ scaled into the unit sphere with about 1024 points.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-try:  # Open3D is an optional dependency (the ``learning`` extra).
+# Open3D is an optional dependency (the ``experiments`` extra); typed Any, because its bundled
+# stubs disagree with it (they call compute_fpfh_feature's optional ``indices`` required).
+o3d: Any
+try:
     import open3d as o3d
 except ImportError:  # pragma: no cover - depends on the installation
     o3d = None

@@ -80,6 +80,8 @@ class PointNetLK(nn.Module):
         xtol: stop when every pair's update twist has norm below this.
     """
 
+    dt: Tensor  # buffer: finite-difference steps (1, 6)
+
     def __init__(self, max_iterations: int = 10, xtol: float = 1e-7) -> None:
         super().__init__()
         self.feature_model = PointNetFeatures()

@@ -58,7 +58,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO, cast
 
 import numpy as np
 import torch
@@ -190,7 +190,7 @@ def _inner(model: nn.Module) -> nn.Module:
 
 def _dcp(model: nn.Module) -> DCP:
     model = _inner(model)
-    return model.dcp if isinstance(model, RefinedDCP) else model
+    return model.dcp if isinstance(model, RefinedDCP) else cast(DCP, model)
 
 
 def _model_config(model: nn.Module) -> dict:
@@ -198,7 +198,7 @@ def _model_config(model: nn.Module) -> dict:
     dcp = _dcp(model)
     emb = dcp.emb_nn
     cfg: dict = {"emb_dims": emb.conv5.out_channels, "k": emb.k, "pointer": "identity"}
-    pointer = dcp.pointer
+    pointer: Any = dcp.pointer  # one of two transformer layouts, told apart below
     if pointer is not None and hasattr(pointer, "model"):  # DCP's transformer
         layer = pointer.model.encoder.layers[0]
         cfg.update(
@@ -250,7 +250,7 @@ def build_model(cfg: TrainConfig) -> nn.Module:
         dcp = load_dcp_checkpoint(cfg.init)
         if isinstance(dcp, RefinedDCP):
             dcp = dcp.dcp
-        return RefinedDCP(dcp, cfg.e2e_iterations, cfg.e2e_temperature)
+        return RefinedDCP(cast(DCP, dcp), cfg.e2e_iterations, cfg.e2e_temperature)
     raise ValueError(f"mode must be 'v2' or 'e2e', got {cfg.mode!r}")
 
 
@@ -482,7 +482,7 @@ class _StopFlag:
 def _config_from_state(cfg: TrainConfig, saved: dict) -> TrainConfig:
     """Check that a resumed run keeps the options that shape the model and the data."""
     fixed = ("mode", "emb_dims", "k", "n_blocks", "n_heads", "ff_dims", "split_seed", "seed")
-    fixed += ("val_fraction", "dataset")
+    fixed += ("val_fraction", "dataset")  # type: ignore[assignment]  # mypy: fixed-length tuple
     clash = {
         k: (saved[k], getattr(cfg, k)) for k in fixed if k in saved and saved[k] != getattr(cfg, k)
     }
@@ -551,7 +551,9 @@ def _train_loop(cfg: TrainConfig, resume: bool, d: Dist) -> nn.Module:
     if resume:
         _resume(cfg, d, model, optimizer, progress)
     if d.world > 1:
-        ddp_kwargs = {"device_ids": [d.device.index]} if d.device.type == "cuda" else {}
+        ddp_kwargs: dict[str, Any] = (
+            {"device_ids": [d.device.index]} if d.device.type == "cuda" else {}
+        )
         model = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
 
     log = paths["log"].open("a") if lead else None
@@ -809,7 +811,7 @@ def _forward_both(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, .
     if not isinstance(inner, DCP):
         raise ValueError("--cycle needs a plain DCP model (mode v2)")
     original = inner.forward
-    inner.forward = inner.forward_both  # type: ignore[method-assign]
+    inner.forward = inner.forward_both  # type: ignore[method-assign, assignment]
     try:
         return model(batch["source"], batch["target"])
     finally:
