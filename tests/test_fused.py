@@ -738,13 +738,14 @@ def test_every_strategy_has_a_compiled_twin_or_a_reason(registry: str, name: str
 
 
 def _moments(p: np.ndarray, q: np.ndarray, w: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """The 16 Procrustes moments of the fused kernel about ``c`` (two-pass): the weight, the
-    weighted means of ``p - c`` and ``q - c`` and their weighted co-moment."""
+    """The 18 Procrustes moments of the fused kernel about ``c`` (two-pass): the weight, the
+    weighted means of ``p - c`` and ``q - c``, their weighted co-moment and spreads."""
     a, b = p - c, q - c
     total = w.sum()
     ma, mb = w @ a / max(total, 1e-300), w @ b / max(total, 1e-300)
     co = np.einsum("n,ni,nj->ij", w, b - mb, a - ma).reshape(9)
-    return np.concatenate([[total], ma, mb, co])
+    spreads = [w @ ((a - ma) ** 2).sum(1), w @ ((b - mb) ** 2).sum(1)]
+    return np.concatenate([[total], ma, mb, co, spreads])
 
 
 @given(
@@ -774,7 +775,7 @@ def test_one_pass_moments_merged_over_tasks_equal_two_pass_moments(
         fused._add_moments(rows, int(task_of[i]), float(w[i]), v)
     merged = np.empty((1, fused.SUM_WIDTH))
     fused._merge_task_sums(rows, tasks, 1, merged)
-    got = merged[0, fused.MOMENTS : fused.MOMENTS + 16]
+    got = merged[0, fused.MOMENTS : fused.MOMENTS + fused.MOMENT_WIDTH]
     want = _moments(p, q, w, np.zeros(3))
     scale = float(np.abs(want).max()) if w.sum() > 0 else 1.0
     np.testing.assert_allclose(got[:7], want[:7], rtol=1e-12, atol=1e-12 * scale)
@@ -782,7 +783,9 @@ def test_one_pass_moments_merged_over_tasks_equal_two_pass_moments(
     # that: raw sums were off by ~1e-16 of it).
     spread = float(w @ ((p - want[1:4]) ** 2).sum(1) + w @ ((q - want[4:7]) ** 2).sum(1))
     product = w.sum() * float(np.abs(p).max() * np.abs(q).max())
-    np.testing.assert_allclose(got[7:], want[7:], rtol=0, atol=1e-12 * spread + 1e-22 * product)
+    np.testing.assert_allclose(got[7:16], want[7:16], rtol=0, atol=1e-12 * spread + 1e-22 * product)
+    # The spreads (the Procrustes rounding bound's) likewise.
+    np.testing.assert_allclose(got[16:], want[16:], rtol=0, atol=1e-12 * spread + 1e-22 * product)
 
 
 def _assert_rotation(R: np.ndarray) -> None:
@@ -829,8 +832,7 @@ def test_procrustes_update_matches_weighted_procrustes(
         w[0] = 1.0
     c = p.mean(0) + rng.normal(size=3)  # the kernel's centre: near, not at, the centroid
     out = np.eye(4)
-    radius = float(np.sqrt(((p - p.mean(0)) ** 2).sum(1).mean()))
-    fused._procrustes_update(_moments(p, q, w, c), c, radius, out)
+    fused._procrustes_update(_moments(p, q, w, c), c, out)
     ref = weighted_procrustes(
         torch.from_numpy(p)[None], torch.from_numpy(q)[None], torch.from_numpy(w)[None]
     )[0].numpy()
@@ -870,7 +872,9 @@ def test_procrustes_update_on_raw_matrices_matches_special_procrustes(
         M[:, 0] = -M[:, 0]
     c = rng.normal(size=3) * 3
     out = np.eye(4)
-    fused._procrustes_update(np.concatenate([[1.0], np.zeros(6), M.reshape(9)]), c, 1.0, out)
+    # spreads 0.25 + 0.25: a unit spread in the rounding bound
+    moments = np.concatenate([[1.0], np.zeros(6), M.reshape(9), [0.25, 0.25]])
+    fused._procrustes_update(moments, c, out)
     R = roma.special_procrustes(torch.from_numpy(M)[None], method="svd")[0].numpy()
     _assert_rotation(out[:3, :3])
     np.testing.assert_allclose(out[:3, 3], c - out[:3, :3] @ c, rtol=0, atol=1e-12)
@@ -897,8 +901,7 @@ def test_solve_updates_from_sums_matches_reference(seed: int, metric: str) -> No
     # pair 1 (no system) and 2 about the center.
     far = np.array([False, True, True])
     out = np.full((B, 4, 4), np.nan)
-    radius = np.ones(B)
-    fused._solve_updates(sums, center, radius, far, METRICS.code(metric), 0, out)
+    fused._solve_updates(sums, center, far, METRICS.code(metric), 0, out)
     A = torch.from_numpy(np.stack([s[0] for s in systems]))
     g = torch.from_numpy(np.stack([s[1] for s in systems]))
     step, usable = solve_normal_equations(A, g)
@@ -923,8 +926,10 @@ def test_solve_updates_from_sums_matches_reference(seed: int, metric: str) -> No
     ps, qs, ws = rng.normal(size=(B, 50, 3)), rng.normal(size=(B, 50, 3)), rng.random((B, 50))
     qs = ps @ roma.rotvec_to_rotmat(torch.from_numpy(rng.normal(size=3))).numpy().T + 0.1 * qs
     for b in range(B):
-        sums[b, fused.MOMENTS : fused.MOMENTS + 16] = _moments(ps[b], qs[b], ws[b], center[b])
-    fused._solve_updates(sums, center, radius, far, 0, 1, out)
+        sums[b, fused.MOMENTS : fused.MOMENTS + fused.MOMENT_WIDTH] = _moments(
+            ps[b], qs[b], ws[b], center[b]
+        )
+    fused._solve_updates(sums, center, far, 0, 1, out)
     expected = weighted_procrustes(*(torch.from_numpy(v) for v in (ps, qs, ws))).numpy()
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-10)
 

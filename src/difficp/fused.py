@@ -86,7 +86,10 @@ _NO_KERNEL = KERNELS.code(None)
 
 # Layout of a task's sums (one row of ``sums``).
 INLIERS, INLIER_SQ, WEIGHTED = 0, 1, 2
-MOMENTS = 3  # Procrustes: sum w, mean p (3), mean q (3), sum w (q - mean q)(p - mean p)^T (9)
+# Procrustes: sum w, mean p (3), mean q (3), sum w (q - mean q)(p - mean p)^T (9), and the
+# spreads sum w |p - mean p|^2, sum w |q - mean q|^2 (the rounding bound of the rotation)
+MOMENTS = 3
+MOMENT_WIDTH = 18
 NORMAL_EQ = 3  # linearised: upper triangle of J^T W J (21), J^T W r (6)
 SUM_WIDTH = 32
 
@@ -378,11 +381,13 @@ def _add_moments(sums: np.ndarray, task: int, w: float, v: tuple) -> None:
     sums[task, MOMENTS + 3] += share * dpz
     # a minus the new mean: (1 - share) times a minus the old one
     keep = w * (1.0 - share)
+    sums[task, MOMENTS + 16] += keep * (dpx * dpx + dpy * dpy + dpz * dpz)
     dpx, dpy, dpz = keep * dpx, keep * dpy, keep * dpz
     k = MOMENTS + 7
     for i in range(3):
         dq = v[6 + i] - sums[task, MOMENTS + 4 + i]
         sums[task, MOMENTS + 4 + i] += share * dq
+        sums[task, MOMENTS + 17] += keep * dq * dq
         sums[task, k] += dq * dpx
         sums[task, k + 1] += dq * dpy
         sums[task, k + 2] += dq * dpz
@@ -403,7 +408,8 @@ def _merge_task_sums(task_sums: np.ndarray, tasks: int, procrustes: int, out: np
                 continue
             for j in range(MOMENTS):
                 out[b, j] += row[j]
-            _merge_moments(out[b, MOMENTS : MOMENTS + 16], row[MOMENTS : MOMENTS + 16])
+            end = MOMENTS + MOMENT_WIDTH
+            _merge_moments(out[b, MOMENTS:end], row[MOMENTS:end])
 
 
 @njit(inline="always", error_model="numpy")
@@ -419,11 +425,17 @@ def _merge_moments(into: np.ndarray, other: np.ndarray) -> None:
     share = w2 / total
     spread = w1 * share  # w1 w2 / (w1 + w2)
     into[0] = total
+    dp2 = dq2 = 0.0
     for i in range(3):
         dq = other[4 + i] - into[4 + i]
+        dq2 += dq * dq
+        dp = other[1 + i] - into[1 + i]
+        dp2 += dp * dp
         for j in range(3):
             dp = other[1 + j] - into[1 + j]
             into[7 + 3 * i + j] += other[7 + 3 * i + j] + spread * dq * dp
+    into[16] += other[16] + spread * dp2
+    into[17] += other[17] + spread * dq2
     for i in range(1, 7):
         into[i] += share * (other[i] - into[i])
 
@@ -655,7 +667,7 @@ class FusedSteps:
         radius = self.source_radius
         far = np.sqrt((center * center).sum(1)) > FAR_FROM_ORIGIN * radius
         metric, procrustes = self.int_options[0], self.int_options[1]
-        _solve_updates(sums, center, radius, far, metric, procrustes, update)
+        _solve_updates(sums, center, far, metric, procrustes, update)
         return torch.from_numpy(update), damping, enough
 
 
@@ -702,21 +714,19 @@ def _centred_step_update(
 def _solve_updates(
     sums: np.ndarray,
     center: np.ndarray,
-    radius: np.ndarray,
     far: np.ndarray,
     metric: int,
     procrustes: int,
     out: np.ndarray,
 ) -> None:
     """Every pair's ``(4, 4)`` update into ``out`` ``(B, 4, 4)`` from its sums (accumulated about
-    ``center`` ``(B, 3)``; ``radius`` ``(B,)`` the source clouds' RMS radii; ``far`` ``(B,)``:
-    see :func:`difficp.solvers.linearization_pivot`)."""
+    ``center`` ``(B, 3)``; ``far`` ``(B,)``: see :func:`difficp.solvers.linearization_pivot`)."""
     for b in prange(sums.shape[0]):
         A = np.empty((6, 6))
         x = np.empty(6)
         out[b] = np.eye(4)
         if procrustes == 1:
-            _procrustes_update(sums[b, MOMENTS : MOMENTS + 16], center[b], radius[b], out[b])
+            _procrustes_update(sums[b, MOMENTS : MOMENTS + MOMENT_WIDTH], center[b], out[b])
             continue
         k = NORMAL_EQ
         for i in range(6):
@@ -890,7 +900,7 @@ def _whole_loop(
             far[b] = math.sqrt(c[0] * c[0] + c[1] * c[1] + c[2] * c[2]) > (
                 FAR_FROM_ORIGIN * radius[b]
             )
-        _solve_updates(sums, center, radius, far, metric, procrustes, update)
+        _solve_updates(sums, center, far, metric, procrustes, update)
         any_active = False
         for b in range(B):
             # too few weighted correspondences: the pair stops with its last good transform

@@ -277,23 +277,24 @@ def damped_unit_vectors(x: Tensor, eps: float) -> Tensor:
     return _DampedUnitVectors.apply(x, eps)
 
 
-def compiled_procrustes(
-    moments: np.ndarray, center: np.ndarray, radius: float, out: np.ndarray
-) -> None:
+def compiled_procrustes(moments: np.ndarray, center: np.ndarray, out: np.ndarray) -> None:
     """Compiled twin of :func:`weighted_procrustes`: the ``(4, 4)`` update into ``out`` from the
-    16 moments about ``center`` of a source cloud of RMS radius ``radius`` (the layout of
-    :data:`difficp.fused.MOMENTS`: the weight ``w``, the weighted means ``p`` (3) and ``q`` (3)
-    of the sources and their partners, and the co-moment ``sum w (q_i - q)(p_i - p)^T`` (9))."""
+    18 moments about ``center`` (the layout of :data:`difficp.fused.MOMENTS`: the weight ``w``,
+    the weighted means ``p`` (3) and ``q`` (3) of the sources and their partners, the co-moment
+    ``sum w (q_i - q)(p_i - p)^T`` (9) and the spreads ``sum w |p_i - p|^2``,
+    ``sum w |q_i - q|^2``)."""
     w = max(moments[0], _TINY64)
     p = moments[1:4]
     q = moments[4:7]
     H = moments[7:16].reshape(3, 3) / w
     U, s, Vt = np.linalg.svd(H)
-    # Below the rounding error of H a singular value is noise: the same bound as
-    # weighted_procrustes, with the source's radius for the spreads.
+    # Below the rounding error of H a singular value is noise: weighted_procrustes's bound, from
+    # the same weighted spreads (the source's unweighted radius in their place called a pair
+    # with its weight on two points "collinear" where the reference did not: fuzz case 55323)
     offset = norm3_twin(q - p)
+    spread = math.sqrt(max(moments[16], 0.0) / w) + math.sqrt(max(moments[17], 0.0) / w)
     noise = (
-        PROCRUSTES_NOISE * _EPS64 * (norm3_twin(center + p) + offset + radius) * (offset + radius)
+        PROCRUSTES_NOISE * _EPS64 * (norm3_twin(center + p) + offset + spread) * (offset + spread)
     )
     if s[0] <= noise:  # coincident points: every rotation fits; the identity moves least
         R = np.eye(3)
