@@ -268,7 +268,8 @@ def _line(direction: list[float], n: int = 20, offset: float = 0.0) -> torch.Ten
 def _moments(p: np.ndarray, q: np.ndarray, c: np.ndarray) -> np.ndarray:
     a, b = p - c, q - c
     ma, mb = a.mean(0), b.mean(0)
-    return np.concatenate([[len(p)], ma, mb, ((b - mb).T @ (a - ma)).reshape(9)])
+    spreads = [((a - ma) ** 2).sum(), ((b - mb) ** 2).sum()]
+    return np.concatenate([[len(p)], ma, mb, ((b - mb).T @ (a - ma)).reshape(9), spreads])
 
 
 @pytest.mark.parametrize("offset", [0.0, 1e4])
@@ -298,9 +299,8 @@ def test_collinear_points_get_the_smallest_rotation_onto_the_line(
 
 def _fused_procrustes(p: np.ndarray, q: np.ndarray) -> torch.Tensor:
     c = p.mean(0)
-    radius = float(np.sqrt(((p - c) ** 2).sum(1).mean()))
     out = np.eye(4)
-    fused._procrustes_update(_moments(p, q, c), c, radius, out)
+    fused._procrustes_update(_moments(p, q, c), c, out)
     return torch.from_numpy(out)
 
 
