@@ -425,16 +425,14 @@ def _merge_moments(into: np.ndarray, other: np.ndarray) -> None:
     share = w2 / total
     spread = w1 * share  # w1 w2 / (w1 + w2)
     into[0] = total
-    dp2 = dq2 = 0.0
+    dp = other[1:4] - into[1:4]  # between the two means of p, and below of q
+    dq2 = 0.0
     for i in range(3):
         dq = other[4 + i] - into[4 + i]
         dq2 += dq * dq
-        dp = other[1 + i] - into[1 + i]
-        dp2 += dp * dp
         for j in range(3):
-            dp = other[1 + j] - into[1 + j]
-            into[7 + 3 * i + j] += other[7 + 3 * i + j] + spread * dq * dp
-    into[16] += other[16] + spread * dp2
+            into[7 + 3 * i + j] += other[7 + 3 * i + j] + spread * dq * dp[j]
+    into[16] += other[16] + spread * (dp[0] * dp[0] + dp[1] * dp[1] + dp[2] * dp[2])
     into[17] += other[17] + spread * dq2
     for i in range(1, 7):
         into[i] += share * (other[i] - into[i])
