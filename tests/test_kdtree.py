@@ -333,3 +333,74 @@ def test_nearest_rejects_bad_counts_and_radius(kwargs: dict, match: str) -> None
     forest = build_forest(np.random.default_rng(0).random((2, 10, 3)), np.array([10, 4]))
     with pytest.raises(ValueError, match=match):
         nearest(forest, np.zeros((2, 5, 3)), **kwargs)
+
+
+# knearest: the differentiable path's search, asked again as the queries move (warm start)
+
+
+def _assert_k_nearest(
+    index: np.ndarray, d2: np.ndarray, cloud: np.ndarray, q: np.ndarray, k: int, bound: float
+) -> None:
+    """``index`` / ``d2`` ``(n, k)`` are the ``k`` nearest points of ``cloud`` to ``q`` within
+    ``bound``, closest first: distances equal cKDTree's, each to the point it names."""
+    n = len(q)
+    want = np.full((n, k), np.inf)
+    if len(cloud) and n:
+        ref_d, _ = cKDTree(cloud).query(q, k=min(k, len(cloud)))
+        want[:, : min(k, len(cloud))] = ref_d.reshape(n, -1)
+    want[want >= bound] = np.inf
+    found = index >= 0
+    # Whether the k-th point is inside the radius is undecidable within rounding of it.
+    near_edge = np.zeros(want.shape, dtype=bool)
+    if np.isfinite(bound):
+        near_edge = np.abs(want - bound) <= 1e-9 * bound
+    np.testing.assert_array_equal(found[~near_edge], np.isfinite(want)[~near_edge])
+    assert np.isposinf(d2[~found]).all()
+    got = np.sqrt(d2[found])
+    np.testing.assert_allclose(got, want[found], rtol=1e-12, atol=1e-300)
+    recomputed = np.linalg.norm(
+        cloud[index[found]] - np.repeat(q, k, 0).reshape(n, k, 3)[found], axis=-1
+    )
+    np.testing.assert_allclose(got, recomputed, rtol=1e-12, atol=1e-300)
+    assert (d2[:, 1:] >= d2[:, :-1]).all()  # closest first, the ones not found (inf) last
+
+
+@given(
+    scenes(),
+    st.sampled_from([1, 1, 2, 3, 5]),
+    st.lists(st.sampled_from([0.0, 1e-4, 0.01, 0.05, 0.5]), min_size=2, max_size=6),
+    st.integers(0, 2**16),
+)
+@SETTINGS
+def test_knearest_with_warm_start_equals_ckdtree_as_queries_move(
+    scene: dict, k: int, steps: list[float], seed: int
+) -> None:
+    """Each call with the warm start of the last (queries that stayed, moved a little or far)
+    answers what a cold search does (k = 1 has its own kernel)."""
+    clouds, counts, queries = scene["clouds"], scene["counts"], scene["queries"]
+    B, N, _ = queries.shape
+    qc, md = scene["query_counts"], scene["max_distance"]
+    bound = np.inf if md is None else md
+    forest = build_forest(clouds, counts)
+    warm = kdtree.knn_warm_start(B, N, k)
+    rng = np.random.default_rng(seed)
+    for step in steps:
+        queries = queries + rng.normal(size=queries.shape) * step * _scale(clouds)
+        index, d2 = kdtree.knearest(forest, queries, k, qc, md, warm)
+        assert index.shape == d2.shape == (B, N, k)
+        for b in range(B):
+            n_q = N if qc is None else int(qc[b])
+            assert (index[b, n_q:] == -1).all() and np.isposinf(d2[b, n_q:]).all()
+            _assert_k_nearest(
+                index[b, :n_q], d2[b, :n_q], clouds[b, : counts[b]], queries[b, :n_q], k, bound
+            )
+
+
+def test_knearest_rejects_a_warm_start_of_other_queries() -> None:
+    forest = build_forest(np.random.default_rng(0).random((2, 10, 3)), np.array([10, 4]))
+    with pytest.raises(ValueError, match="warm start"):
+        kdtree.knearest(forest, np.zeros((2, 5, 3)), 1, warm=kdtree.knn_warm_start(2, 6, 1))
+    with pytest.raises(ValueError, match="warm start"):
+        kdtree.knearest(forest, np.zeros((2, 5, 3)), 5, warm=kdtree.knn_warm_start(2, 5, 1))
+    with pytest.raises(ValueError, match="at least 1"):
+        kdtree.knearest(forest, np.zeros((2, 5, 3)), 0)

@@ -266,7 +266,11 @@ class NeighborIndex:
         if key not in self._warm:
             self._warm[key] = knn_warm_start(B, N, k)
         # Masked-out queries are answered too (cheap) and dropped by the caller's found mask.
-        q = queries.cpu().double().numpy()
+        # Contiguous in the same pass: moved points are often a transposed product's view,
+        # which .double() would keep strided and the search would copy again (.to returns a
+        # float64 input itself, strided or not: .contiguous() then copies it once).
+        q = queries.cpu().to(torch.float64, memory_format=torch.contiguous_format)
+        q = q.contiguous().numpy()
         row, _ = knearest(forest, q, k, None, max_distance, self._warm[key])
         found = torch.from_numpy(row >= 0)
         index = torch.from_numpy(row).clamp_min_(0)
@@ -420,7 +424,12 @@ def _compiled_unsafe() -> bool:
 
     if kdtree.parallel_unsafe_after_fork():
         return True
-    kernels = (kdtree._knearest_batch, kdtree._build_forest, kdtree._build_tree_parallel)
+    kernels = (
+        kdtree._knearest_batch,
+        kdtree._nearest_warm_batch,
+        kdtree._build_forest,
+        kdtree._build_tree_parallel,
+    )
     return not compile_or_fall_back(kernels_cached(kernels))
 
 
