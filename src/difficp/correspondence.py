@@ -270,8 +270,7 @@ class NeighborIndex:
         # which .double() would keep strided and the search would copy again (.to returns a
         # float64 input itself, strided or not: .contiguous() then copies it once).
         q = queries.cpu().to(torch.float64, memory_format=torch.contiguous_format)
-        q = q.contiguous().numpy()
-        row, _ = knearest(forest, q, k, None, max_distance, self._warm[key])
+        row, _ = knearest(forest, q.contiguous().numpy(), k, None, max_distance, self._warm[key])
         found = torch.from_numpy(row >= 0)
         index = torch.from_numpy(row).clamp_min_(0)
         if self._forest_order is not None:  # back to the cloud's own order
