@@ -32,7 +32,7 @@ CASES = 300
 FOUND_BY_LONGER_RUNS = (2350, 8642)
 TOLERANCE = 1e-5
 # Orders of the source points the exemption's probe tries (rounding by summation order).
-ORDER_PROBES = 3
+ORDER_PROBES = 8
 # The extended cases (every metric and weighting option; see _extended_case): in a longer run
 # (cases 0-30,000) one was chaotic (below) and the worst other 9.3e-6 (case 27266, colored with
 # soft rejection: its reference moves by 2.6e-5 under the exemption's 1e-12 probe).
@@ -50,7 +50,11 @@ EXTENDED_SEED_OFFSET = 10**6
 # ~10 to 5e5 in 3 iterations and are steered by rounding there; paths 4.3e-5 apart, the init
 # probe moves the reference by 9e-6 but the order of the source points alone by up to 7e-5.
 CHAOTIC_BY_LONGER_RUNS = (12033, 109735)
-EXTENDED_CHAOTIC_BY_LONGER_RUNS = (10349,)
+# Extended 149921 (cases 140,000-180,000): one 12-point pair, point-to-plane with Geman-McClure
+# weights and normal weighting: paths 1.4e-5 apart, the reference alone moves by 2e-6 to 2.3e-5
+# (median 9e-6) over twelve orders of its source points; three orders measured only 8e-6, hence
+# ORDER_PROBES = 8.
+EXTENDED_CHAOTIC_BY_LONGER_RUNS = (10349, 149921)
 # Extended cases that failed in longer runs, kept once fixed. 55323: point_to_point / svd with
 # soft rejection and Geman-McClure weights leaving nearly all the weight on two points: the
 # cross-covariance's singular values (3.7e-8, 4.7e-13, 0) are a line to 1.3e-5, above the
