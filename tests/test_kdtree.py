@@ -376,7 +376,7 @@ def test_knearest_with_warm_start_equals_ckdtree_as_queries_move(
     scene: dict, k: int, steps: list[float], seed: int
 ) -> None:
     """Each call with the warm start of the last (queries that stayed, moved a little or far)
-    answers what a cold search does (k = 1 has its own kernel)."""
+    answers what a cold search does (k = 1 has its own kept test)."""
     clouds, counts, queries = scene["clouds"], scene["counts"], scene["queries"]
     B, N, _ = queries.shape
     qc, md = scene["query_counts"], scene["max_distance"]

@@ -423,12 +423,7 @@ def _compiled_unsafe() -> bool:
 
     if kdtree.parallel_unsafe_after_fork():
         return True
-    kernels = (
-        kdtree._knearest_batch,
-        kdtree._nearest_warm_batch,
-        kdtree._build_forest,
-        kdtree._build_tree_parallel,
-    )
+    kernels = (kdtree._knearest_batch, kdtree._build_forest, kdtree._build_tree_parallel)
     return not compile_or_fall_back(kernels_cached(kernels))
 
 

@@ -1308,6 +1308,43 @@ def _kept_neighbours(
 
 
 @njit(inline="always", error_model="numpy")
+def _kept_nearest(
+    x: float,
+    y: float,
+    z: float,
+    f: KDForest,
+    rows: np.ndarray,
+    anchor: np.ndarray,
+    reach: np.ndarray,
+    b: int,
+    i: int,
+) -> tuple[int, float]:
+    """:func:`_kept_neighbours` for ``k = 1``, written on scalars: the nearest stored point of
+    query ``i`` of cloud ``b`` (its row and squared distance) when the query, now at
+    ``(x, y, z)``, keeps it without a search, else ``(-1, inf)``. The warm-start arrays
+    ``(B, N, ...)`` are read in place: a view of them per query and the sorted copies cost
+    most of a call when few queries move."""
+    best, best_d2 = -1, np.inf
+    for j in range(rows.shape[2]):
+        r = rows[b, i, j]
+        if r < 0:
+            break
+        d = _point_distance2(f, r, x, y, z)
+        if d < best_d2:
+            best, best_d2 = r, d
+    if best < 0:
+        return -1, np.inf
+    dx = x - anchor[b, i, 0]
+    dy = y - anchor[b, i, 1]
+    dz = z - anchor[b, i, 2]
+    delta = math.sqrt(dx * dx + dy * dy + dz * dz)
+    # every point not stored is at least reach - delta away (NaN: not kept)
+    if reach[b, i] == np.inf or math.sqrt(best_d2) + delta < reach[b, i]:
+        return best, best_d2
+    return -1, np.inf
+
+
+@njit(inline="always", error_model="numpy")
 def _stored_bound(
     x: float, y: float, z: float, f: KDForest, rows: np.ndarray, radius2: float
 ) -> float:
@@ -1394,11 +1431,19 @@ def _knearest_batch(
             best_row[:] = -1
             if i < query_counts[b] and f.point_offset[b + 1] > f.point_offset[b]:
                 x, y, z = queries[b, i, 0], queries[b, i, 1], queries[b, i, 2]
-                rows, anchor = warm_rows[b, i], warm_anchor[b, i]
-                kept = rows[0] >= 0 and _kept_neighbours(
-                    x, y, z, f, rows, anchor, warm_reach[b, i], best_d2, best_row
-                )
+                if k == 1:  # every ICP iteration of the differentiable path asks this
+                    nearest_row, nearest_d2 = _kept_nearest(
+                        x, y, z, f, warm_rows, warm_anchor, warm_reach, b, i
+                    )
+                    best_row[0], best_d2[0] = nearest_row, nearest_d2
+                    kept = nearest_row >= 0
+                else:
+                    kept = warm_rows[b, i, 0] >= 0 and _kept_neighbours(
+                        x, y, z, f, warm_rows[b, i], warm_anchor[b, i], warm_reach[b, i],
+                        best_d2, best_row,
+                    )  # fmt: skip
                 if not kept:
+                    rows, anchor = warm_rows[b, i], warm_anchor[b, i]
                     warm_reach[b, i] = _search_and_store(
                         x, y, z, f, b, radius2, rows, anchor, all_d2, all_row, stack, stack_d2
                     )
@@ -1410,64 +1455,6 @@ def _knearest_batch(
                 # Index into the query's own cloud (forest rows are in tree order).
                 out_row[b, i, j] = f.order[best_row[j]] if found else -1
                 out_d2[b, i, j] = best_d2[j] if found else np.inf
-
-
-@njit(parallel=True, cache=True, error_model="numpy")
-def _nearest_warm_batch(
-    queries: np.ndarray,
-    query_counts: np.ndarray,
-    radius2: float,
-    f: KDForest,
-    chunks: int,
-    warm_rows: np.ndarray,
-    warm_anchor: np.ndarray,
-    warm_reach: np.ndarray,
-    out_row: np.ndarray,
-    out_d2: np.ndarray,
-) -> None:
-    # _knearest_batch for k = 1, the differentiable ICP path's question (every point, every
-    # iteration): the same warm start and answers, with the kept test written on scalars (the
-    # nearest stored point against the reach) instead of sorting the stored points into
-    # arrays; that per-query work was most of a call once few queries moved.
-    B, N = queries.shape[0], queries.shape[1]
-    n = warm_rows.shape[2]
-    total = B * N
-    for c in prange(chunks):
-        stack = np.empty(STACK_DEPTH, dtype=np.int64)
-        stack_d2 = np.empty(STACK_DEPTH)
-        all_d2 = np.empty(n)
-        all_row = np.empty(n, dtype=np.int64)
-        for q in range(c * total // chunks, (c + 1) * total // chunks):
-            b = q // N
-            i = q - b * N
-            row, d2 = -1, np.inf
-            if i < query_counts[b] and f.point_offset[b + 1] > f.point_offset[b]:
-                x, y, z = queries[b, i, 0], queries[b, i, 1], queries[b, i, 2]
-                for j in range(n):
-                    r = warm_rows[b, i, j]
-                    if r < 0:
-                        break
-                    d = _point_distance2(f, r, x, y, z)
-                    if d < d2:
-                        row, d2 = r, d
-                if row >= 0:
-                    dx = x - warm_anchor[b, i, 0]
-                    dy = y - warm_anchor[b, i, 1]
-                    dz = z - warm_anchor[b, i, 2]
-                    # every point not stored is at least reach - delta away (NaN: search)
-                    delta = math.sqrt(dx * dx + dy * dy + dz * dz)
-                    reach = warm_reach[b, i]
-                    if not (reach == np.inf or math.sqrt(d2) + delta < reach):
-                        row = -1
-                if row < 0:
-                    warm_reach[b, i] = _search_and_store(
-                        x, y, z, f, b, radius2, warm_rows[b, i], warm_anchor[b, i],
-                        all_d2, all_row, stack, stack_d2,
-                    )  # fmt: skip
-                    row, d2 = all_row[0], all_d2[0]
-            found = row >= 0 and d2 < radius2
-            out_row[b, i, 0] = f.order[row] if found else -1
-            out_d2[b, i, 0] = d2 if found else np.inf
 
 
 def knearest(
@@ -1507,8 +1494,7 @@ def knearest(
     d2 = np.empty((B, N, k))
     if B * N:
         chunks = min(B * N, 8 * numba.get_num_threads())
-        kernel = _nearest_warm_batch if k == 1 else _knearest_batch
-        kernel(queries, counts, radius2, forest, chunks, *warm, row, d2)
+        _knearest_batch(queries, counts, radius2, forest, chunks, *warm, row, d2)
     return row, d2
 
 
