@@ -206,9 +206,9 @@ def test_icp_estimates_covariances_on_the_search_forest(monkeypatch: pytest.Monk
     built: list[int] = []
     original = kdtree.build_forest
 
-    def spy(clouds, counts, parallel=True):
+    def spy(clouds, counts, parallel=True, **kwargs):
         built.append(int(np.sum(counts)))
-        return original(clouds, counts, parallel)
+        return original(clouds, counts, parallel, **kwargs)
 
     monkeypatch.setattr(kdtree, "build_forest", spy)
     monkeypatch.setattr(fused, "build_forest", spy)

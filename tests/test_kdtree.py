@@ -173,11 +173,12 @@ def test_one_large_cloud_built_in_parallel_is_the_serial_tree() -> None:
     np.testing.assert_array_equal(index[0], cKDTree(cloud[0]).query(queries[0])[1])
 
 
-def test_forest_layout_is_a_permutation_of_each_cloud() -> None:
+@pytest.mark.parametrize("leaf_size", [2, 3, kdtree.LEAF_SIZE, 16, 64])
+def test_forest_layout_is_a_permutation_of_each_cloud(leaf_size: int) -> None:
     rng = np.random.default_rng(1)
     clouds = rng.random((3, 50, 3))
     counts = np.array([50, 0, 13])
-    f = build_forest(clouds, counts)
+    f = build_forest(clouds, counts, leaf_size=leaf_size)
     np.testing.assert_array_equal(f.point_offset, [0, 50, 50, 63])
     for b in range(3):
         p0, p1 = f.point_offset[b], f.point_offset[b + 1]
@@ -187,12 +188,48 @@ def test_forest_layout_is_a_permutation_of_each_cloud() -> None:
             root = f.node_offset[b]
             assert f.node_start[root] == 0 and f.node_end[root] == counts[b]
             assert f.node_parent[root] == -1
-            # Every point lies in its leaf's range, and leaves hold at most LEAF_SIZE points.
+            # Every point lies in its leaf's range, and leaves hold at most leaf_size points
+            # (and at least half as many, unless the whole cloud is smaller).
             leaves = f.node_offset[b] + f.point_leaf[p0:p1]
             local = np.arange(p1 - p0)
             assert ((f.node_start[leaves] <= local) & (local < f.node_end[leaves])).all()
             assert (f.node_child[leaves] == -1).all()
-            assert (f.node_end[leaves] - f.node_start[leaves] <= kdtree.LEAF_SIZE).all()
+            sizes = f.node_end[leaves] - f.node_start[leaves]
+            assert (sizes <= leaf_size).all()
+            assert (sizes >= min(leaf_size // 2, counts[b])).all()
+
+
+@pytest.mark.parametrize("leaf_size", [2, 5, 16, 40])
+def test_every_search_answers_the_same_on_any_leaf_size(leaf_size: int) -> None:
+    # The leaf size changes only the speed: nearest (cold), k nearest and the PCA normals on a
+    # tree of other leaves equal those of the default tree (and cKDTree's neighbours).
+    rng = np.random.default_rng(4)
+    clouds = rng.normal(size=(2, 700, 3))
+    counts = np.array([700, 333])
+    queries = rng.normal(size=(2, 300, 3))
+    default = build_forest(clouds, counts)
+    other = build_forest(clouds, counts, leaf_size=leaf_size)
+    for md in (None, 0.3):
+        np.testing.assert_array_equal(
+            nearest(other, queries, max_distance=md)[0],
+            nearest(default, queries, max_distance=md)[0],
+        )
+    rows, d2 = kdtree.knearest(other, queries, k=7)
+    for b in range(2):
+        d, i = cKDTree(clouds[b, : counts[b]]).query(queries[b], k=7)
+        np.testing.assert_array_equal(rows[b], i)
+        np.testing.assert_allclose(np.sqrt(d2[b]), d, rtol=1e-12)
+    viewpoint = np.zeros((2, 3))
+    np.testing.assert_array_equal(
+        kdtree.pca_normals(other, 30, viewpoint, 700),
+        kdtree.pca_normals(default, 30, viewpoint, 700),
+    )
+
+
+@pytest.mark.parametrize("leaf_size", [0, 1, kdtree.MAX_LEAF_SIZE + 1])
+def test_build_forest_rejects_a_leaf_size_it_cannot_build(leaf_size: int) -> None:
+    with pytest.raises(ValueError, match="leaf_size must lie in"):
+        build_forest(np.zeros((1, 5, 3)), np.array([5]), leaf_size=leaf_size)
 
 
 # ---------------------------------------------------------------------------------------------

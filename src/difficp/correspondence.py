@@ -116,10 +116,16 @@ class NeighborIndex:
             ``"brute_force"`` (tiled matrix products and top-k; any device) or ``"auto"``
             (compiled on CPU, scipy in a forked child of a process that ran the compiled
             kernels, brute force on accelerators).
+        leaf_size: most points per leaf of the compiled backend's trees (None:
+            :data:`difficp.kdtree.LEAF_SIZE`).
     """
 
     def __init__(
-        self, reference: Tensor, lengths: Tensor | None = None, backend: SearchBackend = "auto"
+        self,
+        reference: Tensor,
+        lengths: Tensor | None = None,
+        backend: SearchBackend = "auto",
+        leaf_size: int | None = None,
     ) -> None:
         if backend not in ("auto", "kdtree", "compiled", "brute_force"):
             raise ValueError(
@@ -145,6 +151,7 @@ class NeighborIndex:
         self._centered: tuple[Tensor, Tensor] | None = None
         self._forest: KDForest | None = None  # built on the first compiled query
         self._forest_order: np.ndarray | None = None
+        self._leaf_size = leaf_size
         self._warm: dict[tuple[int, int, float | None], Any] = {}  # kdtree.KnnWarmStart
 
     def _build_tree(self) -> None:
@@ -230,7 +237,7 @@ class NeighborIndex:
         estimate and the fused ICP kernel) and ``order`` ``(B, M)``: each forest cloud's point
         ``j`` is the reference's point ``order[b, j]`` (None: the identity, for prefix masks)."""
         if self._forest is None:
-            from difficp.kdtree import build_forest  # here: numba only when used
+            from difficp.kdtree import LEAF_SIZE, build_forest  # here: numba only when used
 
             compiled_threads_as_torch()
             # Valid points first (prefix masks, as inputs.prepare_problem makes them): the
@@ -243,7 +250,10 @@ class NeighborIndex:
                 order = torch.argsort((~self.mask).to(torch.int8), dim=1, stable=True)
                 self._forest_order = order.cpu().numpy()
                 ref = torch.gather(ref, 1, order[..., None].expand(-1, -1, 3))
-            self._forest = build_forest(ref.cpu().double().numpy(), self.counts.cpu().numpy())
+            leaf_size = LEAF_SIZE if self._leaf_size is None else self._leaf_size
+            self._forest = build_forest(
+                ref.cpu().double().numpy(), self.counts.cpu().numpy(), leaf_size=leaf_size
+            )
         return self._forest, self._forest_order
 
     def built_forest(self) -> KDForest | None:

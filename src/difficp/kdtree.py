@@ -12,7 +12,8 @@ Layout: one tree per cloud of a batch, all stored in flat arrays. Tree ``b`` own
 contiguous range; ``order`` maps back to the cloud's own indices) and nodes
 ``node_offset[b] :``. A node stores its point range, its first child (the second child is the
 next node; -1 for a leaf) and its bounding box. Splits are at the median of the widest box side,
-so trees are balanced and leaves hold between ``LEAF_SIZE // 2`` and ``LEAF_SIZE`` points.
+so trees are balanced and leaves hold between ``leaf_size // 2`` and ``leaf_size`` points
+(``LEAF_SIZE`` unless the build asks for another).
 """
 
 from __future__ import annotations
@@ -77,11 +78,11 @@ class KDForest(NamedTuple):
         return self.node_offset.shape[0]
 
 
-def _node_capacity(count: np.ndarray) -> np.ndarray:
-    """Nodes to reserve for trees of ``count`` ``(B,)`` points: leaves hold >= LEAF_SIZE // 2
-    points, so there are at most count / (LEAF_SIZE // 2) of them and a binary tree has
+def _node_capacity(count: np.ndarray, leaf_size: int) -> np.ndarray:
+    """Nodes to reserve for trees of ``count`` ``(B,)`` points: leaves hold >= leaf_size // 2
+    points, so there are at most count / (leaf_size // 2) of them and a binary tree has
     2 * leaves - 1 nodes."""
-    return 2 * np.maximum(1, count // (LEAF_SIZE // 2)) + 1
+    return 2 * np.maximum(1, count // (leaf_size // 2)) + 1
 
 
 @njit(cache=True, error_model="numpy")
@@ -166,9 +167,9 @@ def _tree_view(f: KDForest, n0: int, n1: int, p0: int, p1: int) -> _Tree:
 
 
 @njit(inline="always", error_model="numpy")
-def _split_node(tree: _Tree, node: int, first: int) -> bool:
+def _split_node(tree: _Tree, node: int, first: int, leaf_size: int) -> bool:
     """Bound ``node`` (its range and cell already set) by the box of its points and, unless
-    it is a leaf (then ``leaf_of`` its points), split them at the median of the box's widest
+    it is a leaf (at most ``leaf_size`` points; then ``leaf_of`` its points), split them at the median of the box's widest
     side into the children ``first`` and ``first + 1`` (ranges and cells set). Returns whether
     it was split."""
     pts, low, high = tree.points, tree.low, tree.high
@@ -183,7 +184,7 @@ def _split_node(tree: _Tree, node: int, first: int) -> bool:
         lz, hz = min(lz, z), max(hz, z)
     low[node, 0], low[node, 1], low[node, 2] = lx, ly, lz
     high[node, 0], high[node, 1], high[node, 2] = hx, hy, hz
-    if e - s <= LEAF_SIZE:
+    if e - s <= leaf_size:
         tree.child[node] = -1
         for i in range(s, e):
             tree.leaf_of[i] = node
@@ -224,7 +225,7 @@ def _start_tree(tree: _Tree, cloud: np.ndarray) -> None:
 
 
 @njit(cache=True, error_model="numpy")
-def _build_subtree(tree: _Tree, root: int, first_free: int) -> int:
+def _build_subtree(tree: _Tree, root: int, first_free: int, leaf_size: int) -> int:
     """Build the subtree of ``root`` (its range and cell set) depth first, its other nodes
     numbered from ``first_free``, sorting the tree's points in its range into tree order in
     place (``order`` moves with them); ``leaf_of[i]`` becomes the leaf of tree point ``i``.
@@ -236,7 +237,7 @@ def _build_subtree(tree: _Tree, root: int, first_free: int) -> int:
     while top > 0:
         top -= 1
         node = stack[top]
-        if _split_node(tree, node, n_nodes):
+        if _split_node(tree, node, n_nodes, leaf_size):
             stack[top] = n_nodes + 1
             stack[top + 1] = n_nodes
             top += 2
@@ -245,19 +246,19 @@ def _build_subtree(tree: _Tree, root: int, first_free: int) -> int:
 
 
 @njit(cache=True, error_model="numpy")
-def _build_tree(tree: _Tree, cloud: np.ndarray) -> None:
+def _build_tree(tree: _Tree, cloud: np.ndarray, leaf_size: int) -> None:
     """The whole tree of ``cloud`` ``(M, 3)``, in this thread.
 
     A function of its own, not inlined into :func:`_build_forest`'s parallel loop: numba's
     parfors lost writes made through a tuple's attributes inside the loop's body (see
     :func:`_tree_view`)."""
     _start_tree(tree, cloud)
-    _build_subtree(tree, 0, 1)
+    _build_subtree(tree, 0, 1, leaf_size)
 
 
 @njit(cache=True, error_model="numpy")
-def _subtree_size(count: int) -> int:
-    """Nodes of a tree over ``count`` points (median splits down to ``LEAF_SIZE``)."""
+def _subtree_size(count: int, leaf_size: int) -> int:
+    """Nodes of a tree over ``count`` points (median splits down to ``leaf_size``)."""
     sizes = np.empty(STACK_DEPTH * 2, dtype=np.int64)
     sizes[0] = count
     top = 1
@@ -266,7 +267,7 @@ def _subtree_size(count: int) -> int:
         top -= 1
         m = sizes[top]
         nodes += 1
-        if m > LEAF_SIZE:
+        if m > leaf_size:
             sizes[top] = m // 2
             sizes[top + 1] = m - m // 2
             top += 2
@@ -279,12 +280,15 @@ PARALLEL_BUILD_POINTS = 16384
 # Levels built breadth first before the subtrees below them are built in parallel: 2 ** 4 = 16
 # subtrees, enough to balance a few threads.
 PARALLEL_LEVELS = 4
+# Leaves no larger than this: a cloud of PARALLEL_BUILD_POINTS then has no leaf above the level
+# PARALLEL_LEVELS (see _build_tree_parallel).
+MAX_LEAF_SIZE = PARALLEL_BUILD_POINTS // 2**PARALLEL_LEVELS - 1
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _build_tree_parallel(tree: _Tree, cloud: np.ndarray) -> int:
+def _build_tree_parallel(tree: _Tree, cloud: np.ndarray, leaf_size: int) -> int:
     """:func:`_build_tree` of ``cloud`` ``(M, 3)`` on numba's thread pool, for a cloud of at
-    least ``2 ** PARALLEL_LEVELS * (LEAF_SIZE + 1)`` points (then no node above the level
+    least ``2 ** PARALLEL_LEVELS * (leaf_size + 1)`` points (then no node above the level
     ``PARALLEL_LEVELS`` is a leaf): the first levels breadth first in this thread (level ``l``
     is nodes ``2 ** l - 1 : 2 ** (l + 1) - 1``), then the subtrees below in parallel, each
     into its own range of nodes. The same tree as the serial build, numbered differently.
@@ -298,22 +302,26 @@ def _build_tree_parallel(tree: _Tree, cloud: np.ndarray) -> int:
         first_node = (1 << level) - 1
         width = 1 << level
         for j in range(width):
-            _split_node(tree, first_node + j, first_node + width + 2 * j)
+            _split_node(tree, first_node + j, first_node + width + 2 * j, leaf_size)
     width = 1 << PARALLEL_LEVELS
     first_node = width - 1
     base = np.empty(width + 1, dtype=np.int64)
     base[0] = first_node + width  # the nodes above the subtrees and their roots come first
     for j in range(width):
         node = first_node + j
-        base[j + 1] = base[j] + _subtree_size(tree.end[node] - tree.start[node]) - 1
+        base[j + 1] = base[j] + _subtree_size(tree.end[node] - tree.start[node], leaf_size) - 1
     for j in prange(width):
-        _build_subtree(tree, first_node + j, base[j])
+        _build_subtree(tree, first_node + j, base[j], leaf_size)
     return base[width]
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def _build_forest(
-    clouds: np.ndarray, counts: np.ndarray, node_capacity_offset: np.ndarray, f: KDForest
+    clouds: np.ndarray,
+    counts: np.ndarray,
+    node_capacity_offset: np.ndarray,
+    f: KDForest,
+    leaf_size: int,
 ) -> None:
     for b in prange(clouds.shape[0]):
         m = counts[b]
@@ -322,16 +330,20 @@ def _build_forest(
         p0 = f.point_offset[b]
         tree = _tree_view(f, node_capacity_offset[b], node_capacity_offset[b + 1], p0, p0 + m)
         # the cloud's rows are sorted into tree order where the forest keeps them
-        _build_tree(tree, clouds[b, :m])
+        _build_tree(tree, clouds[b, :m], leaf_size)
 
 
-def build_forest(clouds: np.ndarray, counts: np.ndarray, parallel: bool = True) -> KDForest:
+def build_forest(
+    clouds: np.ndarray, counts: np.ndarray, parallel: bool = True, leaf_size: int = LEAF_SIZE
+) -> KDForest:
     """One KD-tree per cloud.
 
     Args:
         clouds: ``(B, M, 3)`` points; cloud ``b`` uses its first ``counts[b]`` rows.
         counts: ``(B,)`` valid points per cloud (0 allowed: that tree is empty).
         parallel: build the trees on numba's thread pool (False: in this thread).
+        leaf_size: most points of a leaf, in ``[2, MAX_LEAF_SIZE]`` (every search works on any
+            such tree; only its speed changes).
     """
     clouds = np.ascontiguousarray(clouds, dtype=np.float64)
     counts = np.asarray(counts, dtype=np.int64)
@@ -339,13 +351,15 @@ def build_forest(clouds: np.ndarray, counts: np.ndarray, parallel: bool = True) 
         raise ValueError(
             f"clouds must be (B, M, 3) with counts (B,), got {clouds.shape} and {counts.shape}"
         )
+    if not 2 <= leaf_size <= MAX_LEAF_SIZE:
+        raise ValueError(f"leaf_size must lie in [2, {MAX_LEAF_SIZE}], got {leaf_size}")
     if counts.size and (counts.min() < 0 or counts.max() > clouds.shape[1]):
         raise ValueError(f"counts must lie in [0, {clouds.shape[1]}], got {counts.tolist()}")
     # (small problems call this once per ICP call: array operations, not Python loops)
     point_offset = np.zeros(counts.size + 1, dtype=np.int64)
     np.cumsum(counts, out=point_offset[1:])
     capacity_offset = np.zeros(counts.size + 1, dtype=np.int64)
-    np.cumsum(_node_capacity(counts), out=capacity_offset[1:])
+    np.cumsum(_node_capacity(counts, leaf_size), out=capacity_offset[1:])
     n_points, n_nodes = int(point_offset[-1]), int(capacity_offset[-1])
     boxes = np.zeros((4, n_nodes, 3))  # node_low, node_high, cell_low, cell_high
     links = np.full((2, n_nodes), -1, dtype=np.int64)  # node_child, node_parent
@@ -368,10 +382,10 @@ def build_forest(clouds: np.ndarray, counts: np.ndarray, parallel: bool = True) 
         # one large cloud: its tree itself built on the thread pool (the forest's loop is over
         # clouds: one thread would build it alone)
         m = int(counts[0])
-        _build_tree_parallel(_tree_view(forest, 0, n_nodes, 0, m), clouds[0, :m])
+        _build_tree_parallel(_tree_view(forest, 0, n_nodes, 0, m), clouds[0, :m], leaf_size)
     else:
         with nullcontext() if parallel else on_calling_thread():
-            _build_forest(clouds, counts, capacity_offset, forest)
+            _build_forest(clouds, counts, capacity_offset, forest, leaf_size)
     return forest
 
 
