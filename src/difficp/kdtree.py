@@ -440,7 +440,7 @@ def _next_leaf(
     """The depth-first descent every search of this module shares: pop nodes off ``stack`` /
     ``stack_d2`` (global nodes with their box distances; ``top`` entries) until a leaf within
     ``bound`` (``<=`` with ``inclusive``, else ``<``), pushing the children within it of each
-    inner node, the nearer last so that it is visited first.
+    inner node, the nearer last so that it is visited first (in effect: see the loop).
 
     Returns ``(leaf, top)``: the leaf (global; -1 when the stack ran out) and the new height.
     The caller scans the leaf, tightens its bound and calls again: the bound only changes
@@ -452,24 +452,27 @@ def _next_leaf(
         if not _within(stack_d2[top], bound, inclusive):
             continue
         node = stack[top]
-        first = f.node_child[node]
-        if first < 0:
-            return node, top
-        a = node_base + first
-        b = a + 1
-        da = _box_distance2(x, y, z, low, high, a)
-        db = _box_distance2(x, y, z, low, high, b)
-        if da > db:  # visit the nearer child first: push it last
-            a, b = b, a
-            da, db = db, da
-        if _within(db, bound, inclusive):
-            stack[top] = b
-            stack_d2[top] = db
-            top += 1
-        if _within(da, bound, inclusive):
-            stack[top] = a
-            stack_d2[top] = da
-            top += 1
+        # Down to a leaf through the nearer child of every node, pushing the farther one when
+        # within the bound: the nodes and order of pushing both and popping the nearer at once
+        # (the bound cannot change in between), without the stack round trip (cold nearest
+        # searches of 256 x 1024 ModelNet pairs 86.0 -> 80.9 ms, 4 alternating runs, medians;
+        # the same answers).
+        while node >= 0:
+            first = f.node_child[node]
+            if first < 0:
+                return node, top
+            a = node_base + first
+            b = a + 1
+            da = _box_distance2(x, y, z, low, high, a)
+            db = _box_distance2(x, y, z, low, high, b)
+            if da > db:
+                a, b = b, a
+                da, db = db, da
+            if _within(db, bound, inclusive):
+                stack[top] = b
+                stack_d2[top] = db
+                top += 1
+            node = a if _within(da, bound, inclusive) else -1
     return -1, 0
 
 
