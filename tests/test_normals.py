@@ -92,6 +92,23 @@ def test_real_scan_normals_equal_the_pytorch_path(data_dir) -> None:
     np.testing.assert_allclose(fast[ok].numpy(), ref[ok].numpy(), atol=1e-9)
 
 
+def test_both_paths_take_the_same_neighbours_at_ties() -> None:
+    """A depth image's cloud has many points whose k-th and (k+1)-th neighbours are equally far
+    (a fifth of a Redwood frame's at k = 30); which of them a search takes depends on the tree.
+    On integer pixels with integer depth steps every distance is exact and ties abound: both
+    paths must still give the same normals (they search trees of the same leaf size)."""
+    i, j = torch.meshgrid(torch.arange(40.0), torch.arange(40.0), indexing="ij")
+    depth = torch.floor(6 * torch.sin(i / 9) + 4 * torch.cos(j / 7))  # steps of one unit
+    pts = torch.stack([i, j, depth], -1).reshape(1, -1, 3).double()
+    lengths = torch.tensor([pts.shape[1]])
+    vp = torch.tensor([[20.0, 20.0, 100.0]], dtype=torch.float64)
+    d = torch.cdist(pts[0], pts[0]).sort(1).values
+    assert (d[:, 29] == d[:, 30]).float().mean() > 0.2  # ties at k = 30 are common here
+    fast = normals_module._compiled_normals(pts, 30, vp, lengths)
+    ref = normals_module._torch_normals(pts, 30, vp, lengths)
+    np.testing.assert_allclose(fast.numpy(), ref.numpy(), atol=1e-9)
+
+
 def test_float32_normals_agree_with_the_pytorch_path() -> None:
     pts, _ = wavy_surface(2000, torch.Generator().manual_seed(3), torch.float32)
     fast = difficp.estimate_normals(pts, k=20)
