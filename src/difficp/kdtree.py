@@ -169,9 +169,9 @@ def _tree_view(f: KDForest, n0: int, n1: int, p0: int, p1: int) -> _Tree:
 @njit(inline="always", error_model="numpy")
 def _split_node(tree: _Tree, node: int, first: int, leaf_size: int) -> bool:
     """Bound ``node`` (its range and cell already set) by the box of its points and, unless
-    it is a leaf (at most ``leaf_size`` points; then ``leaf_of`` its points), split them at the median of the box's widest
-    side into the children ``first`` and ``first + 1`` (ranges and cells set). Returns whether
-    it was split."""
+    it is a leaf (at most ``leaf_size`` points; then ``leaf_of`` its points), split them at
+    the median of the box's widest side into the children ``first`` and ``first + 1`` (ranges
+    and cells set). Returns whether it was split."""
     pts, low, high = tree.points, tree.low, tree.high
     cell_low, cell_high = tree.cell_low, tree.cell_high
     s, e = tree.start[node], tree.end[node]
@@ -439,8 +439,8 @@ def _next_leaf(
 ) -> tuple[int, int]:
     """The depth-first descent every search of this module shares: pop nodes off ``stack`` /
     ``stack_d2`` (global nodes with their box distances; ``top`` entries) until a leaf within
-    ``bound`` (``<=`` with ``inclusive``, else ``<``), pushing the children within it of each
-    inner node, the nearer last so that it is visited first (in effect: see the loop).
+    ``bound`` (``<=`` with ``inclusive``, else ``<``), going on through the nearer child of
+    each inner node and pushing the farther one when within it.
 
     Returns ``(leaf, top)``: the leaf (global; -1 when the stack ran out) and the new height.
     The caller scans the leaf, tightens its bound and calls again: the bound only changes
