@@ -147,17 +147,16 @@ def _error(T: np.ndarray) -> str:
     return f"{angle:.3f}° {1e3 * np.linalg.norm(D[:3, 3]):.2f} mm"
 
 
-# Where a call's time goes: (module, function) pairs timed by --phases. Nested ones (the forest
-# build inside the compiled path's set-up, the compiled loop inside run_loop) are part of their
+# Where a call's time goes: (module, function) pairs timed by --phases. A lone small pair takes
+# difficp.icp's express lane (difficp.express); nested functions (the source's moments and the
+# compiled call inside the lane, the compiled loop inside its thread set-up) are part of their
 # caller's time too.
 PHASES = (
     ("difficp.registration", "resolve_config"),
-    ("difficp.registration", "prepare_problem"),
-    ("difficp.registration", "_choose_steps"),
-    ("difficp.fused", "build_forest"),
-    ("difficp.registration", "rmse_tolerance"),
-    ("difficp.registration", "run_loop"),
-    ("difficp.fused", "_whole_loop"),
+    ("difficp.express", "express_icp"),
+    ("difficp.express", "masked_moments"),
+    ("difficp.fused", "small_pair_loop"),
+    ("difficp.fused", "_small_pair_loop"),
 )
 
 

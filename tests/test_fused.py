@@ -73,10 +73,17 @@ def test_fused_combos_are_the_supported_ones() -> None:
     ]
 
 
+def _no_express(*args: object, **kwargs: object) -> None:
+    return None
+
+
 @pytest.fixture
 def steps_used(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Names of the step classes :func:`difficp.icp` ran, in call order (so a test can tell the
-    fast path really ran instead of silently falling back)."""
+    fast path really ran instead of silently falling back). The express lane of single small
+    pairs is off here, so that single pairs test :class:`~difficp.fused.FusedSteps` itself
+    (``tests/test_express.py`` checks that the lane gives its results bit for bit)."""
+    monkeypatch.setattr(importlib.import_module("difficp.express"), "express_icp", _no_express)
     module = importlib.import_module("difficp.registration")
     original = module.run_loop
     used: list[str] = []

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import difficp
-from difficp import compile_cache, fused
+from difficp import compile_cache, express, fused
 from difficp.commands import warmup
 from difficp.loop import LoopResult
 
@@ -135,7 +135,7 @@ def test_auto_runs_pytorch_while_the_fast_path_compiles_in_the_background(
             started.append(command)
             assert kwargs["env"]["DIFFICP_COMPILE"] == "now"  # the child compiles, never spawns
 
-    monkeypatch.setattr(fused, "compiled_ready", lambda small, projective=False: False)
+    monkeypatch.setattr(fused, "compiled_ready", lambda *args, **kwargs: False)
     monkeypatch.setattr(compile_cache.subprocess, "Popen", FakePopen)
     monkeypatch.setattr(compile_cache, "_background", None)
     monkeypatch.setattr(compile_cache, "_announced", set())
@@ -148,6 +148,15 @@ def test_auto_runs_pytorch_while_the_fast_path_compiles_in_the_background(
         original(self, *args)
 
     monkeypatch.setattr(fused.FusedSteps, "__init__", spy)
+    express_icp = express.express_icp
+
+    def express_spy(*args):
+        result = express_icp(*args)
+        if result is not None:
+            chosen.append("express")  # the fast path of a single small pair
+        return result
+
+    monkeypatch.setattr(express, "express_icp", express_spy)
     with caplog.at_level(logging.WARNING, logger="difficp"):
         first = difficp.icp(p["source"], p["target"], max_distance=0.1)
         difficp.icp(p["source"], p["target"], max_distance=0.1)
@@ -161,7 +170,7 @@ def test_auto_runs_pytorch_while_the_fast_path_compiles_in_the_background(
     fast = difficp.icp(p["source"], p["target"], max_distance=0.1)
     monkeypatch.setenv("DIFFICP_COMPILE", "background")
     difficp.icp(p["source"], p["target"], max_distance=0.1, search_backend="compiled")
-    assert chosen == ["fused", "fused"] and len(started) == 1
+    assert chosen == ["express", "express"] and len(started) == 1
     torch.testing.assert_close(first.transform, fast.transform, atol=1e-9, rtol=0)
     monkeypatch.setenv("DIFFICP_COMPILE", "later")
     with pytest.raises(ValueError, match="DIFFICP_COMPILE"):

@@ -26,8 +26,9 @@ import math
 import sys
 from contextlib import nullcontext
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import numba
 import numpy as np
 import torch
 from numba import njit, prange
@@ -44,6 +45,7 @@ from difficp.kdtree import (
     STACK_DEPTH,
     KDForest,
     build_forest,
+    note_pool_owner,
     on_calling_thread,
     parallel_unsafe_after_fork,
     warm_two_nearest,
@@ -440,20 +442,29 @@ def _merge_moments(into: np.ndarray, other: np.ndarray) -> None:
 
 def fused_supported(problem: Problem, config: ICPConfig) -> str | None:
     """None when the fast path computes this problem exactly, else the reason it cannot."""
-    strategies = config.strategies
     correspondence = for_target(config.correspondence, problem.target)
     if correspondence.fused_reason is not None:
         return correspondence.fused_reason
     if problem.source.device.type != "cpu":
         return "the compiled path runs on the CPU"
+    reason = config_fused_reason(config)
+    if reason is not None:
+        return reason
+    if parallel_unsafe_after_fork():
+        return "this is a forked process and its parent's OpenMP pool cannot run in it"
+    return None
+
+
+def config_fused_reason(config: ICPConfig) -> str | None:
+    """None when the fast path computes these options (weighting, rejection, kernel, metric,
+    solver) exactly, else the reason it cannot; whatever the inputs."""
+    strategies = config.strategies
     for strategy in (strategies.solver, strategies.metric, strategies.kernel, strategies.rejection):
         reason = getattr(strategy, "fused_reason", None)
         if reason is not None:
             return reason
     if config.weight_distance and config.max_distance is None:
         return "weight_distance without max_distance needs each pair's largest distance"
-    if parallel_unsafe_after_fork():
-        return "this is a forked process and its parent's OpenMP pool cannot run in it"
     return None
 
 
@@ -933,12 +944,98 @@ def _whole_loop(
     return filled
 
 
-def compiled_ready(small: bool, projective: bool = False) -> bool:
+@njit(cache=True, error_model="numpy")
+def _small_pair_loop(
+    source: np.ndarray,
+    source_normals: np.ndarray,
+    source_mean: np.ndarray,
+    source_radius: np.ndarray,
+    target: np.ndarray,
+    target_normals: np.ndarray,
+    T: np.ndarray,
+    options: np.ndarray,
+    int_options: np.ndarray,
+    tolerance: np.ndarray,
+    relative_fitness: float,
+    step_translation: np.ndarray,
+    step_rotation: float,
+    fitness: np.ndarray,
+    rmse: np.ndarray,
+    iterations: np.ndarray,
+    converged: np.ndarray,
+    history: np.ndarray,
+) -> int:
+    """:func:`_whole_loop` of one pair from its plain arrays, the target's KD-tree built here:
+    what :class:`FusedSteps` does in Python, for :mod:`difficp.express` (one compiled call, on
+    the calling thread alone: small pairs).
+
+    ``source`` ``(1, N, 3)``, ``source_normals`` ``(1, N, 3)`` (``(1, 1, 3)`` when unused),
+    ``source_mean`` ``(1, 3)`` and ``source_radius`` ``(1,)``, ``target`` ``(1, M, 3)`` and
+    ``target_normals`` ``(M, 3)`` in the target's own order (``(1, 3)`` when unused), all
+    float64; the rest as :func:`_whole_loop` (``min_iterations`` 0). Returns the columns of
+    ``history`` filled. Its parallel kernels run on the caller's numba thread count: set it to 1
+    (numba's thread count cannot be set in a cached function)."""
+    counts = np.full(1, target.shape[1], dtype=np.int64)
+    forest, capacity_offset = kdtree._new_forest(counts, kdtree.LEAF_SIZE)
+    kdtree._build_forest(target, counts, capacity_offset, forest, kdtree.LEAF_SIZE)
+    normals = target_normals
+    if target_normals.shape[0] == target.shape[1]:
+        normals = target_normals[forest.order]  # in tree order, as FusedSteps keeps them
+    N = source.shape[1]
+    problem = _WholeLoopProblem(
+        source,
+        source_normals,
+        np.full(1, N, dtype=np.int64),
+        source_mean,
+        source_radius,
+        np.full((1, N), -1, dtype=np.int64),
+        np.zeros((1, N, 3)),
+        np.zeros((1, N)),
+        normals,
+        forest,
+        options,
+        int_options,
+        (N + CHUNK - 1) // CHUNK,
+        np.zeros((1, 1, 3, 3)),
+        np.zeros((1, 3, 3)),
+        np.zeros((1, 1)),
+        np.zeros((1, 5)),
+    )
+    return _whole_loop(
+        T,
+        problem,
+        tolerance,
+        relative_fitness,
+        step_translation,
+        step_rotation,
+        0,
+        fitness,
+        rmse,
+        iterations,
+        converged,
+        history,
+    )
+
+
+def small_pair_loop(*arrays: Any) -> int:
+    """:func:`_small_pair_loop` (its arguments, in its order) on the calling thread alone, as
+    :class:`FusedSteps` runs small problems (:func:`~difficp.kdtree.on_calling_thread`, with
+    less overhead: ~3 against ~5 us)."""
+    note_pool_owner()
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        return _small_pair_loop(*arrays)
+    finally:
+        numba.set_num_threads(threads)
+
+
+def compiled_ready(small: bool, projective: bool = False, express: bool = False) -> bool:
     """Whether the kernels a problem needs (``small``: the whole loop on the calling thread,
     else the parallel iterations, which the whole loop of a larger problem compiles with it;
-    ``projective``: the depth-map kernel) are compiled in this process or in numba's
-    cache, so that running them costs no compilation (1-3 minutes on 2 cores). True when that
-    cannot be told (other numba)."""
+    ``projective``: the depth-map kernel; ``express``: :func:`_small_pair_loop`) are compiled
+    in this process or in numba's cache, so that running them costs no compilation (1-3 minutes
+    on 2 cores). True when that cannot be told (other numba)."""
     kernels: tuple[Dispatcher, ...] = (
         (_whole_loop, kdtree._build_forest)
         if small
@@ -946,6 +1043,8 @@ def compiled_ready(small: bool, projective: bool = False) -> bool:
     )
     if projective:
         kernels = (projective_iteration, _solve_updates)
+    if express:
+        kernels = (_small_pair_loop,)
     return kernels_cached(kernels)
 
 

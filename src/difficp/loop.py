@@ -320,17 +320,23 @@ def step_tolerance(problem: Problem, config: ICPConfig) -> Tensor | None:
     (``config.translation_tolerance``, times the source's RMS radius with
     ``criteria_scale="relative"``; inf where it is 0: not checked), or None when the small-step
     rule is off."""
+    return step_tolerance_for(source_radius(problem), config)
+
+
+def step_tolerance_for(radius: Tensor, config: ICPConfig) -> Tensor | None:
+    """:func:`step_tolerance` for sources of RMS radius ``radius`` ``(B,)`` (in the problem's
+    dtype)."""
     if not config.stops_on_small_steps:
         return None
     if config.translation_tolerance == 0:
-        return torch.full_like(source_radius(problem), math.inf)
-    return _in_criteria_units(config.translation_tolerance, problem, config)
+        return torch.full_like(radius, math.inf)
+    return _in_criteria_units(config.translation_tolerance, radius, config)
 
 
-def _in_criteria_units(value: float, problem: Problem, config: ICPConfig) -> Tensor:
+def _in_criteria_units(value: float, radius: Tensor, config: ICPConfig) -> Tensor:
     """``(B,)`` a distance criterion as the loop compares it: ``value`` itself
-    (``criteria_scale="absolute"``) or ``value`` times each source cloud's RMS radius."""
-    radius = source_radius(problem)
+    (``criteria_scale="absolute"``) or ``value`` times each source cloud's RMS radius
+    ``radius`` ``(B,)``."""
     if config.criteria_scale == "relative":
         return value * radius
     return torch.full_like(radius, value)
@@ -378,14 +384,28 @@ def rmse_tolerance(problem: Problem, config: ICPConfig) -> Tensor:
     after a step or two, reporting convergence). ``"relative"``: ``relative_rmse`` times the
     radius.
     """
-    if config.criteria_scale == "absolute":
-        smallest = float(problem.source_radius_np.min())  # NumPy: torch calls cost more here
-        if config.relative_rmse > 0 and config.relative_rmse > COARSE_CRITERIA * smallest:
-            warnings.warn(
-                f"ICPConfig.relative_rmse={config.relative_rmse:g} is coarse for a source cloud "
-                f"of RMS radius {smallest:.3g} (the criteria are absolute, as in Open3D), so ICP "
-                "may stop after a step or two; pass criteria_scale='relative' (the RMSE change "
-                "is then divided by the cloud's radius) or a smaller relative_rmse",
-                stacklevel=3,
-            )
-    return _in_criteria_units(config.relative_rmse, problem, config)
+    if coarse_rmse_criterion(problem.source_radius_np, config):
+        smallest = float(problem.source_radius_np.min())
+        warnings.warn(
+            f"ICPConfig.relative_rmse={config.relative_rmse:g} is coarse for a source cloud "
+            f"of RMS radius {smallest:.3g} (the criteria are absolute, as in Open3D), so ICP "
+            "may stop after a step or two; pass criteria_scale='relative' (the RMSE change "
+            "is then divided by the cloud's radius) or a smaller relative_rmse",
+            stacklevel=3,
+        )
+    return rmse_criterion_for(source_radius(problem), config)
+
+
+def rmse_criterion_for(radius: Tensor, config: ICPConfig) -> Tensor:
+    """:func:`rmse_tolerance` for sources of RMS radius ``radius`` ``(B,)`` (in the problem's
+    dtype), without its warning."""
+    return _in_criteria_units(config.relative_rmse, radius, config)
+
+
+def coarse_rmse_criterion(radius: np.ndarray, config: ICPConfig) -> bool:
+    """Whether :func:`rmse_tolerance` warns for sources of RMS radius ``radius`` ``(B,)``: an
+    absolute RMSE criterion above :data:`COARSE_CRITERIA` of the smallest radius."""
+    if config.criteria_scale != "absolute" or not config.relative_rmse > 0:
+        return False
+    # NumPy: torch calls cost more here
+    return bool(config.relative_rmse > COARSE_CRITERIA * float(radius.min()))

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -14,7 +15,7 @@ from difficp.config import TENSOR_OPTIONS, ICPConfig, resolve_config
 from difficp.correspondence import Correspondences, DepthTarget
 from difficp.geometry import rotate_vectors, transform_points
 from difficp.implicit import implicit_transform
-from difficp.inputs import PointTarget, Problem, prepare_problem
+from difficp.inputs import SPATIAL_ORDER_MIN_POINTS, PointTarget, Problem, prepare_problem
 from difficp.loop import (
     ICPResult,
     ProgressCallback,
@@ -199,6 +200,29 @@ def _choose_steps(
     return ReferenceSteps(problem, config)
 
 
+def _may_take_express_lane(
+    search_backend: str,
+    source: object,
+    progress: object,
+    source_lengths: object,
+    target_lengths: object,
+) -> bool:
+    """A cheap first look (no numba) at whether :mod:`difficp.express` may run this call: a
+    single small source cloud, no progress callback, no lengths."""
+    if search_backend not in ("auto", "compiled") or progress is not None:
+        return False
+    if source_lengths is not None or target_lengths is not None:
+        return False
+    if isinstance(source, Tensor):
+        small = source.dim() == 2 and source.shape[0] < SPATIAL_ORDER_MIN_POINTS
+        return small and source.device.type == "cpu"
+    return (
+        isinstance(source, np.ndarray)
+        and source.ndim == 2
+        and len(source) < (SPATIAL_ORDER_MIN_POINTS)
+    )
+
+
 def icp(
     source: Tensor,
     target: Tensor,
@@ -259,6 +283,17 @@ def icp(
     config = resolve_config(config, overrides)
     if search_backend not in SEARCH_BACKENDS:
         raise ValueError(f"search_backend must be one of {SEARCH_BACKENDS}, got {search_backend!r}")
+    if _may_take_express_lane(search_backend, source, progress, source_lengths, target_lengths):
+        others = (intrinsics, target_pose, source_covariances, target_covariances)
+        if all(value is None for value in (*others, source_colors, target_colors)):
+            # imported here: it loads numba (~70 MB), which importing difficp must not
+            from difficp.express import express_icp
+
+            result = express_icp(
+                source, target, init, source_normals, target_normals, config, search_backend
+            )
+            if result is not None:
+                return result
     index_backend = "kdtree" if search_backend == "compiled" else search_backend
     grad_context = torch.no_grad() if config.differentiation == "none" else nullcontext()
     with grad_context:

@@ -56,10 +56,11 @@ def warm_up() -> float:
 
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(0)
-    # a small problem (the whole loop on the calling thread) and a larger one (the whole loop on
-    # the pool, which compiles the parallel kernels of the lock-step iterations with it)
-    for points in (100, 2 * fused.SERIAL_POINTS):
-        source = torch.rand(points, 3, generator=generator, dtype=torch.float64)
+    # one small pair (difficp.express: one compiled call), a small batch (the whole loop on the
+    # calling thread) and a larger problem (the whole loop on the pool, which compiles the
+    # parallel kernels of the lock-step iterations with it)
+    for shape in ((100, 3), (2, 100, 3), (2 * fused.SERIAL_POINTS, 3)):
+        source = torch.rand(shape, generator=generator, dtype=torch.float64)
         target = source + 0.01
         difficp.icp(source, target, max_distance=0.1, max_iterations=2, search_backend="compiled")
     # one large cloud's tree, built on the thread pool (difficp.kdtree.build_forest)
