@@ -85,6 +85,7 @@ def _assert_identical(a: difficp.ICPResult, b: difficp.ICPResult) -> None:
     extra=st.sampled_from(EXTRAS),
     max_distance=st.sampled_from([None, 0.05, 0.3]),
     with_init=st.booleans(),
+    batch_of_one=st.sampled_from(["none", "source", "target", "both"]),
 )
 def test_the_lane_gives_the_general_paths_result_bit_for_bit(
     seed: int,
@@ -94,6 +95,7 @@ def test_the_lane_gives_the_general_paths_result_bit_for_bit(
     extra: dict,
     max_distance: float | None,
     with_init: bool,
+    batch_of_one: str,
 ) -> None:
     if extra.get("weight_distance") and max_distance is None:
         max_distance = 0.3  # the compiled path needs it with weight_distance
@@ -108,6 +110,14 @@ def test_the_lane_gives_the_general_paths_result_bit_for_bit(
         "source_normals": p["source_normals"] if config.needs_source_normals else None,
         "target_normals": p["target_normals"] if config.needs_target_normals else None,
     }
+    # a batch of one (its normals too; the init either way): the result keeps the batch
+    for side in ("source", "target"):
+        if batch_of_one in (side, "both"):
+            for key in (side, f"{side}_normals"):
+                if arguments[key] is not None:
+                    arguments[key] = arguments[key][None]
+    if with_init and seed % 2:
+        arguments["init"] = arguments["init"][None]
     with pytest.MonkeyPatch.context() as m:
         taken: list[bool] = []
         original = express.express_icp
@@ -123,6 +133,7 @@ def test_the_lane_gives_the_general_paths_result_bit_for_bit(
     assert taken == [True]
     _assert_identical(fast, general)
     assert fast.transform.dtype == torch.promote_types(source_dtype, target_dtype)
+    assert fast.transform.shape == ((1, 4, 4) if batch_of_one in ("source", "both") else (4, 4))
 
 
 def test_numpy_arrays_take_the_lane_too(lane: list[bool], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -187,7 +198,7 @@ def test_other_calls_take_the_general_path(
         options["max_distance"] = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
         options.update(rejection="soft", rejection_temperature=0.01)
     elif case == "batched":
-        source, target = source[None], target[None]
+        source, target = torch.stack([source, source]), target[None]
     elif case == "lengths":
         source, target = source[None], target[None]
         options["source_lengths"] = torch.tensor([150])
@@ -236,6 +247,15 @@ def test_bad_input_gets_the_general_paths_errors(lane: list[bool]) -> None:
         difficp.icp(p["source"], p["target"], target_normals=zero_normals, metric="point_to_plane")
     with pytest.raises(ValueError, match="target_normals are required"):
         difficp.icp(p["source"], p["target"], metric="point_to_plane")
+    with pytest.raises(ValueError, match="source_normals must have the shape of its points"):
+        # a batch of one needs its normals batched too
+        difficp.icp(
+            p["source"][None],
+            p["target"],
+            source_normals=p["source_normals"],
+            target_normals=p["target_normals"],
+            metric="symmetric",
+        )
     sheared = torch.eye(4, dtype=torch.float64)
     sheared[0, 1] = 0.5
     with pytest.raises(ValueError, match="init must be a rigid transform"):

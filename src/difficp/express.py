@@ -7,7 +7,8 @@ pair that needs none of the general path's machinery goes from its arrays to one
 
 It takes only what it computes exactly as the general path does (the same kernels on the same
 float64 arrays, the same stopping tolerances; tests compare the two bit for bit): a single pair of
-CPU float32/float64 tensors or arrays ``(N, 3)`` / ``(M, 3)`` with fewer than
+CPU float32/float64 tensors or arrays ``(N, 3)`` / ``(M, 3)`` (or batches of one, ``(1, N, 3)``,
+whose results keep their batch) with fewer than
 :data:`difficp.inputs.SPATIAL_ORDER_MIN_POINTS` source points, hard-nearest correspondences and
 options the compiled path supports, no gradient asked for, normals exactly when the options read
 them, and inputs that pass every check without a warning. Anything else, including every input
@@ -51,9 +52,8 @@ _OPTIONS_KEPT = 64
 
 
 def _array(value: object, grad: bool) -> np.ndarray | None:
-    """``value`` as a NumPy array sharing its memory when it is a plain 2-D CPU float32 /
-    float64 tensor or array, and asks for no gradient (``grad``: gradients are recorded), else
-    None."""
+    """``value`` as a NumPy array sharing its memory when it is a plain CPU float32 / float64
+    tensor or array that asks for no gradient (``grad``: gradients are recorded), else None."""
     if isinstance(value, Tensor):
         if grad and value.requires_grad:
             return None
@@ -61,31 +61,46 @@ def _array(value: object, grad: bool) -> np.ndarray | None:
             value = value.detach().numpy()  # refuses GPU, sparse and negative-bit tensors
         except (RuntimeError, TypeError):
             return None
-    if not isinstance(value, np.ndarray) or value.dtype not in _FLOATS or value.ndim != 2:
+    if not isinstance(value, np.ndarray) or value.dtype not in _FLOATS:
         return None
     return value
 
 
-def _points(value: object, grad: bool) -> np.ndarray | None:
-    """A non-empty ``(K, 3)`` cloud that passes the general path's coordinate check, else None."""
-    points = _array(value, grad)
-    if points is None or points.shape[1] != 3 or points.shape[0] == 0:
+def _single(array: np.ndarray | None, ndim: int) -> tuple[np.ndarray, bool] | None:
+    """``array`` of ``ndim`` dimensions, or of ``ndim + 1`` with a leading batch of one (then
+    dropped), and whether it had that batch; None for any other shape."""
+    if array is None:
+        return None
+    if array.ndim == ndim + 1 and array.shape[0] == 1:
+        return array[0], True
+    return (array, False) if array.ndim == ndim else None
+
+
+def _points(value: object, grad: bool) -> tuple[np.ndarray, bool] | None:
+    """A non-empty ``(K, 3)`` cloud (given as such or as ``(1, K, 3)``: the flag) that passes
+    the general path's coordinate check, else None."""
+    single = _single(_array(value, grad), 2)
+    if single is None:
+        return None
+    points = single[0]
+    if points.shape[1] != 3 or points.shape[0] == 0:
         return None
     largest = float(np.abs(points).max())  # NaN when any coordinate is NaN
     if not largest <= _COORDINATE_LIMIT[points.dtype]:
         return None
-    return points
+    return single
 
 
 def _normals(
-    value: object, shape: tuple[int, ...], dtype: np.dtype, grad: bool
+    value: object, shape: tuple[int, ...], dtype: np.dtype, grad: bool, batched: bool
 ) -> np.ndarray | None:
-    """``(1, K, 3)`` normals, cast to ``dtype`` then float64 as the general path casts them, or
-    None when the general path should judge them (shape, NaN, zero normals)."""
-    normals = _array(value, grad)
-    if normals is None or normals.shape != shape:
+    """``(1, K, 3)`` normals of a cloud ``shape`` ``(K, 3)`` (``batched``: it came as
+    ``(1, K, 3)``, and its normals must too), cast to ``dtype`` then float64 as the general path
+    casts them, or None when the general path should judge them (shape, NaN, zero normals)."""
+    single = _single(_array(value, grad), 2)
+    if single is None or single[0].shape != shape or (batched and not single[1]):
         return None
-    cast = np.ascontiguousarray(normals.astype(dtype, copy=False), dtype=np.float64)
+    cast = np.ascontiguousarray(single[0].astype(dtype, copy=False), dtype=np.float64)
     lengths = np.sqrt((cast * cast).sum(1))
     # NaN fails too; the margin leaves borderline lengths to the general path's own check
     if not float(lengths.min()) >= 2 * ZERO_NORMAL or not np.isfinite(lengths).all():
@@ -95,12 +110,14 @@ def _normals(
 
 def _init(value: object, dtype: np.dtype, grad: bool) -> np.ndarray | None:
     """``(1, 4, 4)`` float64 init as the general path casts it, or None when it is not an
-    exactly rigid ``(4, 4)`` (the general path then projects it with a warning, or refuses it)."""
+    exactly rigid ``(4, 4)`` / ``(1, 4, 4)`` (the general path then projects it with a warning,
+    or refuses it)."""
     if value is None:
         return np.eye(4)[None]
-    given = _array(value, grad)
-    if given is None or given.shape != (4, 4):
+    single = _single(_array(value, grad), 2)
+    if single is None or single[0].shape != (4, 4):
         return None
+    given = single[0]
     T = given.astype(dtype, copy=False).astype(np.float64)
     if not np.isfinite(T).all():
         return None
@@ -163,8 +180,11 @@ def express_icp(
     :mod:`difficp.compile_cache`) or ``"compiled"`` (compiles it here if need be)."""
     # gradients recorded: differentiation="none" runs the general path under no_grad too
     grad = config.differentiation != "none" and torch.is_grad_enabled()
-    src, tgt = _points(source, grad), _points(target, grad)
-    if src is None or tgt is None or src.shape[0] >= SPATIAL_ORDER_MIN_POINTS:
+    source_single, target_single = _points(source, grad), _points(target, grad)
+    if source_single is None or target_single is None:
+        return None
+    (src, batched), (tgt, target_batched) = source_single, target_single
+    if src.shape[0] >= SPATIAL_ORDER_MIN_POINTS:
         return None
     chosen = _config_options(config)
     if chosen is None or _options_ask_for_gradients(config, grad):
@@ -179,14 +199,14 @@ def express_icp(
     s_normals, t_normals = unused, unused[0]
     if config.needs_source_normals:
         # the general path casts source normals to the source's dtype, then to the problem's
-        given = _normals(source_normals, src.shape, src.dtype, grad)
+        given = _normals(source_normals, src.shape, src.dtype, grad, batched)
         if given is None:
             return None
         s_normals = given
     elif source_normals is not None:
         return None
     if config.needs_target_normals:
-        given = _normals(target_normals, tgt.shape, dtype, grad)
+        given = _normals(target_normals, tgt.shape, dtype, grad, target_batched)
         if given is None:
             return None
         t_normals = given[0]
@@ -234,16 +254,18 @@ def express_icp(
         history,
     )
     result_dtype = torch.float32 if dtype == np.float32 else torch.float64
-    # (the general path's result: its float64 tensors in the result dtype, the batch dropped)
-    scores = torch.from_numpy(np.concatenate((fitness, rmse))).to(result_dtype)
-    return ICPResult(
-        torch.from_numpy(T[0]).to(result_dtype),
+    # the general path's result: its float64 tensors in the result dtype, the batch of one kept
+    # when the source came batched
+    scores = torch.from_numpy(np.stack((fitness, rmse))).to(result_dtype)
+    result = ICPResult(
+        torch.from_numpy(T).to(result_dtype),
         scores[0],
         scores[1],
-        torch.from_numpy(iterations)[0],
-        torch.from_numpy(converged)[0],
-        torch.from_numpy(history[0, :filled]).to(result_dtype) if config.return_history else None,
+        torch.from_numpy(iterations),
+        torch.from_numpy(converged),
+        torch.from_numpy(history[:, :filled]).to(result_dtype) if config.return_history else None,
     )
+    return result if batched else result._squeeze()
 
 
 __all__ = ["express_icp"]

@@ -208,19 +208,20 @@ def _may_take_express_lane(
     target_lengths: object,
 ) -> bool:
     """A cheap first look (no numba) at whether :mod:`difficp.express` may run this call: a
-    single small source cloud, no progress callback, no lengths."""
+    single small CPU source cloud (or a batch of one), no progress callback, no lengths."""
     if search_backend not in ("auto", "compiled") or progress is not None:
         return False
     if source_lengths is not None or target_lengths is not None:
         return False
     if isinstance(source, Tensor):
-        small = source.dim() == 2 and source.shape[0] < SPATIAL_ORDER_MIN_POINTS
-        return small and source.device.type == "cpu"
-    return (
-        isinstance(source, np.ndarray)
-        and source.ndim == 2
-        and len(source) < (SPATIAL_ORDER_MIN_POINTS)
-    )
+        if source.device.type != "cpu":
+            return False
+    elif not isinstance(source, np.ndarray):
+        return False
+    # one cloud, (N, 3) or a batch of one (1, N, 3)
+    shape = source.shape
+    single = len(shape) == 2 or (len(shape) == 3 and shape[0] == 1)
+    return single and shape[-2] < SPATIAL_ORDER_MIN_POINTS
 
 
 def icp(
