@@ -265,7 +265,10 @@ def icp(
             (:mod:`difficp.fused`) when correspondences are hard (nearest or projective) on the CPU
             and nothing needs a gradient, else a scipy KD-tree on the CPU and a chunked
             brute-force search on other devices. ``"kdtree"`` / ``"brute_force"`` force those
-            (PyTorch reference path); ``"compiled"`` forces the fast path or raises.
+            (PyTorch reference path); ``"compiled"`` forces the fast path or raises. A lone
+            small pair on the fast path (fewer than 4096 source points, no lengths, normals only
+            where the options read them) goes straight to one compiled call
+            (:mod:`difficp.express`), with the same result.
         progress: called with a :class:`~difficp.loop.Progress` (iteration, fitness, inlier
             RMSE, pairs still active) after the first correspondences and after every
             iteration, e.g. to show progress of a long run (``difficp register`` does).
