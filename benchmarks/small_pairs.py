@@ -155,8 +155,8 @@ PHASES = (
     ("difficp.registration", "resolve_config"),
     ("difficp.express", "express_icp"),
     ("difficp.express", "masked_moments"),
-    ("difficp.fused", "small_pair_loop"),
-    ("difficp.fused", "_small_pair_loop"),
+    ("difficp.fused", "express_loop"),
+    ("difficp.fused", "_express_loop"),
 )
 
 

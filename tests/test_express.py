@@ -74,6 +74,18 @@ def _assert_identical(a: difficp.ICPResult, b: difficp.ICPResult) -> None:
         assert torch.equal(a.rmse_history, b.rmse_history)
 
 
+# How the clouds come: one pair, batches of one ((1, N, 3): kept in the result), batches of
+# several pairs (each its own target, or one target for all).
+LAYOUTS = [
+    "pair",
+    "source batch of one",
+    "target batch of one",
+    "both batches of one",
+    "batch",
+    "batch, one target",
+]
+
+
 @SETTINGS
 @given(
     seed=st.integers(0, 10_000),
@@ -85,7 +97,8 @@ def _assert_identical(a: difficp.ICPResult, b: difficp.ICPResult) -> None:
     extra=st.sampled_from(EXTRAS),
     max_distance=st.sampled_from([None, 0.05, 0.3]),
     with_init=st.booleans(),
-    batch_of_one=st.sampled_from(["none", "source", "target", "both"]),
+    layout=st.sampled_from(LAYOUTS),
+    batch=st.integers(2, 4),
 )
 def test_the_lane_gives_the_general_paths_result_bit_for_bit(
     seed: int,
@@ -95,29 +108,42 @@ def test_the_lane_gives_the_general_paths_result_bit_for_bit(
     extra: dict,
     max_distance: float | None,
     with_init: bool,
-    batch_of_one: str,
+    layout: str,
+    batch: int,
 ) -> None:
     if extra.get("weight_distance") and max_distance is None:
         max_distance = 0.3  # the compiled path needs it with weight_distance
-    p = make_pair(seed, n=n, angle=8, translation=0.08, noise=0.002)
+    B = batch if layout.startswith("batch") else 1
+    pairs = [make_pair(seed + b, n=n, angle=8, translation=0.08, noise=0.002) for b in range(B)]
     source_dtype, target_dtype = dtypes
     options = {**metric, **extra, "max_distance": max_distance}
     config = difficp.ICPConfig(**options)
-    arguments = {
-        "source": p["source"].to(source_dtype),
-        "target": p["target"].to(target_dtype),
-        "init": random_pose(torch.Generator().manual_seed(seed), 3, 0.02) if with_init else None,
-        "source_normals": p["source_normals"] if config.needs_source_normals else None,
-        "target_normals": p["target_normals"] if config.needs_target_normals else None,
+    inits = [random_pose(torch.Generator().manual_seed(seed + b), 3, 0.02) for b in range(B)]
+
+    def stacked(key: str, one: bool = False) -> torch.Tensor:
+        return torch.stack([p[key] for p in pairs[: 1 if one else B]])
+
+    arguments: dict = {
+        "source": stacked("source").to(source_dtype),
+        "target": stacked("target", layout == "batch, one target").to(target_dtype),
+        "init": torch.stack(inits) if with_init else None,
+        "source_normals": stacked("source_normals") if config.needs_source_normals else None,
+        "target_normals": None,
     }
-    # a batch of one (its normals too; the init either way): the result keeps the batch
-    for side in ("source", "target"):
-        if batch_of_one in (side, "both"):
-            for key in (side, f"{side}_normals"):
-                if arguments[key] is not None:
-                    arguments[key] = arguments[key][None]
-    if with_init and seed % 2:
-        arguments["init"] = arguments["init"][None]
+    if config.needs_target_normals:
+        # the general path wants a batched target's normals for every pair
+        arguments["target_normals"] = stacked("target_normals", layout == "batch, one target")
+        if layout == "batch, one target":
+            arguments["target_normals"] = arguments["target_normals"].expand(B, -1, -1)
+    # a single pair given without its batch dimension (its normals too; the init either way)
+    unbatched = {"pair": ("source", "target"), "source batch of one": ("target",)}
+    unbatched["target batch of one"] = ("source",)
+    for side in unbatched.get(layout, ()):
+        for key in (side, f"{side}_normals"):
+            if arguments[key] is not None:
+                arguments[key] = arguments[key][0]
+    if with_init and B == 1 and seed % 2:
+        arguments["init"] = arguments["init"][0]
     with pytest.MonkeyPatch.context() as m:
         taken: list[bool] = []
         original = express.express_icp
@@ -133,7 +159,8 @@ def test_the_lane_gives_the_general_paths_result_bit_for_bit(
     assert taken == [True]
     _assert_identical(fast, general)
     assert fast.transform.dtype == torch.promote_types(source_dtype, target_dtype)
-    assert fast.transform.shape == ((1, 4, 4) if batch_of_one in ("source", "both") else (4, 4))
+    single = layout in ("pair", "target batch of one")
+    assert fast.transform.shape == ((4, 4) if single else (B, 4, 4))
 
 
 def test_numpy_arrays_take_the_lane_too(lane: list[bool], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -174,7 +201,7 @@ def test_a_learnt_threshold_is_read_at_every_call(lane: list[bool]) -> None:
     [
         "source_requires_grad",
         "threshold_requires_grad",
-        "batched",
+        "large_batch",
         "lengths",
         "float16",
         "implicit",
@@ -197,8 +224,9 @@ def test_other_calls_take_the_general_path(
         # soft rejection: the result depends on the threshold smoothly
         options["max_distance"] = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
         options.update(rejection="soft", rejection_temperature=0.01)
-    elif case == "batched":
-        source, target = torch.stack([source, source]), target[None]
+    elif case == "large_batch":
+        # more source points in all than the calling thread takes (difficp.fused.SERIAL_POINTS)
+        source, target = torch.stack([source] * 25), target[None]
     elif case == "lengths":
         source, target = source[None], target[None]
         options["source_lengths"] = torch.tensor([150])

@@ -1,19 +1,19 @@
-"""The express lane of :func:`difficp.icp`: one small, plain pair straight to the compiled loop.
+"""The express lane of :func:`difficp.icp`: a small, plain problem straight to the compiled loop.
 
 A lone call on a small pair used to spend most of its time outside the compiled loop: ~0.45 ms of
 input checks, batching, tensors and set-up around ~0.07 ms of compiled work at 100 points. Here a
-pair that needs none of the general path's machinery goes from its arrays to one compiled call
-(:func:`difficp.fused.small_pair_loop`, which also builds the target's KD-tree) and back.
+problem that needs none of the general path's machinery goes from its arrays to one compiled
+call (:func:`difficp.fused.express_loop`, which also builds the targets' KD-trees) and back.
 
 It takes only what it computes exactly as the general path does (the same kernels on the same
-float64 arrays, the same stopping tolerances; tests compare the two bit for bit): a single pair of
-CPU float32/float64 tensors or arrays ``(N, 3)`` / ``(M, 3)`` (or batches of one, ``(1, N, 3)``,
-whose results keep their batch) with fewer than
-:data:`difficp.inputs.SPATIAL_ORDER_MIN_POINTS` source points, hard-nearest correspondences and
-options the compiled path supports, no gradient asked for, normals exactly when the options read
-them, and inputs that pass every check without a warning. Anything else, including every input
-the general path would refuse or warn about, returns None and takes the general path, which
-says what is wrong: errors and warnings live there alone.
+float64 arrays, the same stopping tolerances; tests compare the two bit for bit): CPU
+float32/float64 tensors or arrays, one pair ``(N, 3)`` / ``(M, 3)`` or a batch ``(B, N, 3)`` /
+``(B or 1, M, 3)`` without lengths, small enough to run on the calling thread (``B * N`` at most
+:data:`difficp.fused.SERIAL_POINTS`, ``N`` below :data:`difficp.inputs.SPATIAL_ORDER_MIN_POINTS`),
+hard-nearest correspondences and options the compiled path supports, no gradient asked for,
+normals exactly when the options read them, and inputs that pass every check without a warning.
+Anything else, including every input the general path would refuse or warn about, returns None
+and takes the general path, which says what is wrong: errors and warnings live there alone.
 """
 
 from __future__ import annotations
@@ -66,68 +66,77 @@ def _array(value: object, grad: bool) -> np.ndarray | None:
     return value
 
 
-def _single(array: np.ndarray | None, ndim: int) -> tuple[np.ndarray, bool] | None:
-    """``array`` of ``ndim`` dimensions, or of ``ndim + 1`` with a leading batch of one (then
-    dropped), and whether it had that batch; None for any other shape."""
+def _float64(array: np.ndarray) -> np.ndarray:
+    """``array`` as a C-contiguous, writable float64 array (a copy where it is not one: the
+    kernels are compiled for those; a read-only array would compile another specialisation)."""
+    out = np.ascontiguousarray(array, dtype=np.float64)
+    return out if out.flags.writeable else out.copy()
+
+
+def _batched(array: np.ndarray | None, ndim: int) -> tuple[np.ndarray, bool] | None:
+    """``array`` with a leading batch dimension (given ``ndim + 1`` dimensions, or ``ndim``:
+    then a batch of one is added) and whether it came without one; None for other shapes."""
     if array is None:
         return None
-    if array.ndim == ndim + 1 and array.shape[0] == 1:
-        return array[0], True
-    return (array, False) if array.ndim == ndim else None
+    if array.ndim == ndim:
+        return array[None], True
+    return (array, False) if array.ndim == ndim + 1 else None
 
 
 def _points(value: object, grad: bool) -> tuple[np.ndarray, bool] | None:
-    """A non-empty ``(K, 3)`` cloud (given as such or as ``(1, K, 3)``: the flag) that passes
+    """Non-empty clouds ``(B, K, 3)`` (given as such, or one as ``(K, 3)``: the flag) that pass
     the general path's coordinate check, else None."""
-    single = _single(_array(value, grad), 2)
-    if single is None:
+    batched = _batched(_array(value, grad), 2)
+    if batched is None:
         return None
-    points = single[0]
-    if points.shape[1] != 3 or points.shape[0] == 0:
+    points = batched[0]
+    if points.shape[2] != 3 or 0 in points.shape:
         return None
     largest = float(np.abs(points).max())  # NaN when any coordinate is NaN
     if not largest <= _COORDINATE_LIMIT[points.dtype]:
         return None
-    return single
+    return batched
 
 
 def _normals(
-    value: object, shape: tuple[int, ...], dtype: np.dtype, grad: bool, batched: bool
+    value: object, shape: tuple[int, ...], dtype: np.dtype, grad: bool, unbatched: bool
 ) -> np.ndarray | None:
-    """``(1, K, 3)`` normals of a cloud ``shape`` ``(K, 3)`` (``batched``: it came as
-    ``(1, K, 3)``, and its normals must too), cast to ``dtype`` then float64 as the general path
-    casts them, or None when the general path should judge them (shape, NaN, zero normals)."""
-    single = _single(_array(value, grad), 2)
-    if single is None or single[0].shape != shape or (batched and not single[1]):
+    """Normals of clouds ``shape`` ``(B, K, 3)`` (``unbatched``: the clouds came as ``(K, 3)``,
+    and so may their normals), cast to ``dtype`` then float64 as the general path casts them;
+    None when the general path should judge them (shape, NaN, zero normals)."""
+    normals = _array(value, grad)
+    if normals is not None and unbatched and normals.ndim == 2:
+        normals = normals[None]
+    if normals is None or normals.shape != shape:
         return None
-    cast = np.ascontiguousarray(single[0].astype(dtype, copy=False), dtype=np.float64)
-    lengths = np.sqrt((cast * cast).sum(1))
+    cast = _float64(normals.astype(dtype, copy=False))
+    lengths = np.sqrt((cast * cast).sum(2))
     # NaN fails too; the margin leaves borderline lengths to the general path's own check
     if not float(lengths.min()) >= 2 * ZERO_NORMAL or not np.isfinite(lengths).all():
         return None
-    return cast[None]
+    return cast
 
 
-def _init(value: object, dtype: np.dtype, grad: bool) -> np.ndarray | None:
-    """``(1, 4, 4)`` float64 init as the general path casts it, or None when it is not an
-    exactly rigid ``(4, 4)`` / ``(1, 4, 4)`` (the general path then projects it with a warning,
-    or refuses it)."""
+def _init(value: object, batch: int, dtype: np.dtype, grad: bool) -> np.ndarray | None:
+    """``(B, 4, 4)`` float64 inits as the general path casts them, or None when they are not
+    exactly rigid ``(4, 4)`` / ``(1 or B, 4, 4)`` transforms (the general path then projects
+    them with a warning, or refuses them)."""
     if value is None:
-        return np.eye(4)[None]
-    single = _single(_array(value, grad), 2)
-    if single is None or single[0].shape != (4, 4):
+        return np.repeat(np.eye(4)[None], batch, axis=0)
+    batched = _batched(_array(value, grad), 2)
+    if batched is None or batched[0].shape[1:] != (4, 4) or len(batched[0]) not in (1, batch):
         return None
-    given = single[0]
+    given = batched[0]
     T = given.astype(dtype, copy=False).astype(np.float64)
     if not np.isfinite(T).all():
         return None
     quiet = max(1e-6, 10 * float(np.finfo(given.dtype).eps))
-    R = T[:3, :3]
-    off = float(np.abs(R.T @ R - np.eye(3)).max())
-    bottom = float(np.abs(T[3] - (0.0, 0.0, 0.0, 1.0)).max())
-    if off > quiet or bottom > quiet or float(np.linalg.det(R)) <= 0:
+    R = T[:, :3, :3]
+    off = float(np.abs(R.transpose(0, 2, 1) @ R - np.eye(3)).max())
+    bottom = float(np.abs(T[:, 3] - (0.0, 0.0, 0.0, 1.0)).max())
+    if off > quiet or bottom > quiet or float(np.linalg.det(R).min()) <= 0:
         return None
-    return T[None].copy()  # written to
+    return np.array(np.broadcast_to(T, (batch, 4, 4)))  # a copy: written to
 
 
 def _config_options(config: ICPConfig) -> tuple[np.ndarray, np.ndarray, float] | None:
@@ -174,42 +183,44 @@ def express_icp(
     config: ICPConfig,
     search_backend: str = "auto",
 ) -> ICPResult | None:
-    """:func:`difficp.icp` of one small plain pair in one compiled call, or None when the pair
-    needs the general path (see the module docstring). The result is the general path's, bit
-    for bit. ``search_backend``: ``"auto"`` (while the kernel is not compiled, None: see
+    """:func:`difficp.icp` of a small plain problem in one compiled call, or None when it needs
+    the general path (see the module docstring). The result is the general path's, bit for
+    bit. ``search_backend``: ``"auto"`` (while the kernel is not compiled, None: see
     :mod:`difficp.compile_cache`) or ``"compiled"`` (compiles it here if need be)."""
     # gradients recorded: differentiation="none" runs the general path under no_grad too
     grad = config.differentiation != "none" and torch.is_grad_enabled()
-    source_single, target_single = _points(source, grad), _points(target, grad)
-    if source_single is None or target_single is None:
+    source_batched, target_batched = _points(source, grad), _points(target, grad)
+    if source_batched is None or target_batched is None:
         return None
-    (src, batched), (tgt, target_batched) = source_single, target_single
-    if src.shape[0] >= SPATIAL_ORDER_MIN_POINTS:
+    (src, unbatched), (tgt, target_unbatched) = source_batched, target_batched
+    B, N = src.shape[:2]
+    # small problems only: as the general path, on the calling thread, the source unsorted
+    if B * N > fused.SERIAL_POINTS or N >= SPATIAL_ORDER_MIN_POINTS or len(tgt) not in (1, B):
         return None
     chosen = _config_options(config)
     if chosen is None or _options_ask_for_gradients(config, grad):
         return None
     options, int_options, rotation = chosen
     dtype = np.promote_types(src.dtype, tgt.dtype)
-    T = _init(init, dtype, grad)
+    T = _init(init, B, dtype, grad)
     if T is None:
         return None
+    M = tgt.shape[1]
     # normals exactly when the options read them (others the general path checks and ignores)
-    unused = np.zeros((1, 1, 3))
-    s_normals, t_normals = unused, unused[0]
+    s_normals, t_normals = np.zeros((1, 1, 3)), np.zeros((1, 1, 3))
     if config.needs_source_normals:
         # the general path casts source normals to the source's dtype, then to the problem's
-        given = _normals(source_normals, src.shape, src.dtype, grad, batched)
+        given = _normals(source_normals, src.shape, src.dtype, grad, unbatched)
         if given is None:
             return None
         s_normals = given
     elif source_normals is not None:
         return None
     if config.needs_target_normals:
-        given = _normals(target_normals, tgt.shape, dtype, grad, target_batched)
+        given = _normals(target_normals, (B, M, 3), dtype, grad, target_unbatched)
         if given is None:
             return None
-        t_normals = given[0]
+        t_normals = given
     elif target_normals is not None:
         return None
     if parallel_unsafe_after_fork():
@@ -218,22 +229,22 @@ def express_icp(
         fused.compiled_ready(small=True, express=True)
     ):
         return None
-    # (the general path casts both clouds to their promoted dtype, then to float64: exact)
-    source64 = np.ascontiguousarray(src, dtype=np.float64)[None]
-    target64 = np.ascontiguousarray(tgt, dtype=np.float64)[None]
-    N = source64.shape[1]
-    mean, radius = masked_moments(source64, np.ones((1, N)), np.array([N]))
+    # (the general path casts both clouds to their promoted dtype, then to float64: exact; a
+    # target of one cloud serves every pair)
+    source64 = _float64(src)
+    target64 = _float64(tgt if len(tgt) == B else np.broadcast_to(tgt, (B, M, 3)))
+    mean, radius = masked_moments(source64, np.ones((B, N)), np.full(B, N))
     if coarse_rmse_criterion(radius, config):
         return None  # the general path warns
     radius_t = torch.from_numpy(radius).to(torch.float32 if dtype == np.float32 else torch.float64)
     tolerance = rmse_criterion_for(radius_t, config).double().numpy()
     small_step = step_tolerance_for(radius_t, config)
     step = np.empty(0) if small_step is None else small_step.double().numpy()
-    fitness, rmse = np.empty(1), np.empty(1)
-    iterations = np.empty(1, dtype=np.int64)
-    converged = np.empty(1, dtype=np.bool_)
-    history = np.empty((1, config.max_iterations + 1))
-    filled = fused.small_pair_loop(
+    fitness, rmse = np.empty(B), np.empty(B)
+    iterations = np.empty(B, dtype=np.int64)
+    converged = np.empty(B, dtype=np.bool_)
+    history = np.empty((B, config.max_iterations + 1))
+    filled = fused.express_loop(
         source64,
         s_normals,
         mean,
@@ -254,8 +265,8 @@ def express_icp(
         history,
     )
     result_dtype = torch.float32 if dtype == np.float32 else torch.float64
-    # the general path's result: its float64 tensors in the result dtype, the batch of one kept
-    # when the source came batched
+    # the general path's result: its float64 tensors in the result dtype (a single pair's
+    # batch dropped)
     scores = torch.from_numpy(np.stack((fitness, rmse))).to(result_dtype)
     result = ICPResult(
         torch.from_numpy(T).to(result_dtype),
@@ -265,7 +276,7 @@ def express_icp(
         torch.from_numpy(converged),
         torch.from_numpy(history[:, :filled]).to(result_dtype) if config.return_history else None,
     )
-    return result if batched else result._squeeze()
+    return result._squeeze() if unbatched else result
 
 
 __all__ = ["express_icp"]

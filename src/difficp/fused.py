@@ -945,7 +945,7 @@ def _whole_loop(
 
 
 @njit(cache=True, error_model="numpy")
-def _small_pair_loop(
+def _express_loop(
     source: np.ndarray,
     source_normals: np.ndarray,
     source_mean: np.ndarray,
@@ -965,32 +965,35 @@ def _small_pair_loop(
     converged: np.ndarray,
     history: np.ndarray,
 ) -> int:
-    """:func:`_whole_loop` of one pair from its plain arrays, the target's KD-tree built here:
-    what :class:`FusedSteps` does in Python, for :mod:`difficp.express` (one compiled call, on
-    the calling thread alone: small pairs).
+    """:func:`_whole_loop` of a small problem from its plain arrays, the targets' KD-trees built
+    here: what :class:`FusedSteps` does in Python, for :mod:`difficp.express` (one compiled
+    call, on the calling thread alone: small problems).
 
-    ``source`` ``(1, N, 3)``, ``source_normals`` ``(1, N, 3)`` (``(1, 1, 3)`` when unused),
-    ``source_mean`` ``(1, 3)`` and ``source_radius`` ``(1,)``, ``target`` ``(1, M, 3)`` and
-    ``target_normals`` ``(M, 3)`` in the target's own order (``(1, 3)`` when unused), all
+    ``source`` ``(B, N, 3)``, ``source_normals`` ``(B, N, 3)`` (``(1, 1, 3)`` when unused),
+    ``source_mean`` ``(B, 3)`` and ``source_radius`` ``(B,)``, ``target`` ``(B, M, 3)`` and
+    ``target_normals`` ``(B, M, 3)`` in the targets' own order (``(1, 1, 3)`` when unused), all
     float64; the rest as :func:`_whole_loop` (``min_iterations`` 0). Returns the columns of
     ``history`` filled. Its parallel kernels run on the caller's numba thread count: set it to 1
     (numba's thread count cannot be set in a cached function)."""
-    counts = np.full(1, target.shape[1], dtype=np.int64)
+    B, N, M = source.shape[0], source.shape[1], target.shape[1]
+    counts = np.full(B, M, dtype=np.int64)
     forest, capacity_offset = kdtree._new_forest(counts, kdtree.LEAF_SIZE)
     kdtree._build_forest(target, counts, capacity_offset, forest, kdtree.LEAF_SIZE)
-    normals = target_normals
-    if target_normals.shape[0] == target.shape[1]:
-        normals = target_normals[forest.order]  # in tree order, as FusedSteps keeps them
-    N = source.shape[1]
+    normals = np.zeros((1, 3))
+    if target_normals.shape[0] == B and target_normals.shape[1] == M:
+        # in tree order, as FusedSteps keeps them (tree b holds rows b * M to (b + 1) * M)
+        normals = np.empty((B * M, 3))
+        for row in range(B * M):
+            normals[row] = target_normals[row // M, forest.order[row]]
     problem = _WholeLoopProblem(
         source,
         source_normals,
-        np.full(1, N, dtype=np.int64),
+        np.full(B, N, dtype=np.int64),
         source_mean,
         source_radius,
-        np.full((1, N), -1, dtype=np.int64),
-        np.zeros((1, N, 3)),
-        np.zeros((1, N)),
+        np.full((B, N), -1, dtype=np.int64),
+        np.zeros((B, N, 3)),
+        np.zeros((B, N)),
         normals,
         forest,
         options,
@@ -1017,15 +1020,15 @@ def _small_pair_loop(
     )
 
 
-def small_pair_loop(*arrays: Any) -> int:
-    """:func:`_small_pair_loop` (its arguments, in its order) on the calling thread alone, as
+def express_loop(*arrays: Any) -> int:
+    """:func:`_express_loop` (its arguments, in its order) on the calling thread alone, as
     :class:`FusedSteps` runs small problems (:func:`~difficp.kdtree.on_calling_thread`, with
     less overhead: ~3 against ~5 us)."""
     note_pool_owner()
     threads = numba.get_num_threads()
     numba.set_num_threads(1)
     try:
-        return _small_pair_loop(*arrays)
+        return _express_loop(*arrays)
     finally:
         numba.set_num_threads(threads)
 
@@ -1033,7 +1036,7 @@ def small_pair_loop(*arrays: Any) -> int:
 def compiled_ready(small: bool, projective: bool = False, express: bool = False) -> bool:
     """Whether the kernels a problem needs (``small``: the whole loop on the calling thread,
     else the parallel iterations, which the whole loop of a larger problem compiles with it;
-    ``projective``: the depth-map kernel; ``express``: :func:`_small_pair_loop`) are compiled
+    ``projective``: the depth-map kernel; ``express``: :func:`_express_loop`) are compiled
     in this process or in numba's cache, so that running them costs no compilation (1-3 minutes
     on 2 cores). True when that cannot be told (other numba)."""
     kernels: tuple[Dispatcher, ...] = (
@@ -1044,7 +1047,7 @@ def compiled_ready(small: bool, projective: bool = False, express: bool = False)
     if projective:
         kernels = (projective_iteration, _solve_updates)
     if express:
-        kernels = (_small_pair_loop,)
+        kernels = (_express_loop,)
     return kernels_cached(kernels)
 
 

@@ -3,6 +3,7 @@ which run them through :func:`difficp.loop.run_loop`."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
@@ -15,7 +16,7 @@ from difficp.config import TENSOR_OPTIONS, ICPConfig, resolve_config
 from difficp.correspondence import Correspondences, DepthTarget
 from difficp.geometry import rotate_vectors, transform_points
 from difficp.implicit import implicit_transform
-from difficp.inputs import SPATIAL_ORDER_MIN_POINTS, PointTarget, Problem, prepare_problem
+from difficp.inputs import PointTarget, Problem, prepare_problem
 from difficp.loop import (
     ICPResult,
     ProgressCallback,
@@ -208,7 +209,7 @@ def _may_take_express_lane(
     target_lengths: object,
 ) -> bool:
     """A cheap first look (no numba) at whether :mod:`difficp.express` may run this call: a
-    single small CPU source cloud (or a batch of one), no progress callback, no lengths."""
+    small CPU problem, no progress callback, no lengths."""
     if search_backend not in ("auto", "compiled") or progress is not None:
         return False
     if source_lengths is not None or target_lengths is not None:
@@ -218,10 +219,10 @@ def _may_take_express_lane(
             return False
     elif not isinstance(source, np.ndarray):
         return False
-    # one cloud, (N, 3) or a batch of one (1, N, 3)
+    # small: at most this many source points in all (difficp.fused.SERIAL_POINTS, read by the
+    # lane itself: that module loads numba)
     shape = source.shape
-    single = len(shape) == 2 or (len(shape) == 3 and shape[0] == 1)
-    return single and shape[-2] < SPATIAL_ORDER_MIN_POINTS
+    return len(shape) in (2, 3) and math.prod(shape[:-1]) <= 4096
 
 
 def icp(
@@ -265,9 +266,9 @@ def icp(
             (:mod:`difficp.fused`) when correspondences are hard (nearest or projective) on the CPU
             and nothing needs a gradient, else a scipy KD-tree on the CPU and a chunked
             brute-force search on other devices. ``"kdtree"`` / ``"brute_force"`` force those
-            (PyTorch reference path); ``"compiled"`` forces the fast path or raises. A lone
-            small pair on the fast path (fewer than 4096 source points, no lengths, normals only
-            where the options read them) goes straight to one compiled call
+            (PyTorch reference path); ``"compiled"`` forces the fast path or raises. A small
+            problem on the fast path (at most 4096 source points in all, no lengths, normals
+            only where the options read them) goes straight to one compiled call
             (:mod:`difficp.express`), with the same result.
         progress: called with a :class:`~difficp.loop.Progress` (iteration, fitness, inlier
             RMSE, pairs still active) after the first correspondences and after every
