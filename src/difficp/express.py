@@ -11,7 +11,7 @@ float32/float64 tensors or arrays, one pair ``(N, 3)`` / ``(M, 3)`` or a batch `
 ``(B or 1, M, 3)`` without lengths, small enough to run on the calling thread (``B * N`` at most
 :data:`difficp.fused.SERIAL_POINTS`, ``N`` below :data:`difficp.inputs.SPATIAL_ORDER_MIN_POINTS`),
 hard-nearest correspondences and options the compiled path supports, no gradient asked for,
-normals exactly when the options read them, and inputs that pass every check without a warning.
+normals where the options read them, and inputs that pass every check without a warning.
 Anything else, including every input the general path would refuse or warn about, returns None
 and takes the general path, which says what is wrong: errors and warnings live there alone.
 """
@@ -117,6 +117,19 @@ def _normals(
     return cast
 
 
+def _unused_normals_pass(
+    value: object, shape: tuple[int, ...], grad: bool, unbatched: bool
+) -> bool:
+    """Whether normals the options do not read (``value``, None when not given) pass the
+    general path's checks of them (shape, finite), which then ignores them."""
+    if value is None:
+        return True
+    normals = _array(value, grad)
+    if normals is not None and unbatched and normals.ndim == 2:
+        normals = normals[None]
+    return normals is not None and normals.shape == shape and bool(np.isfinite(normals).all())
+
+
 def _init(value: object, batch: int, dtype: np.dtype, grad: bool) -> np.ndarray | None:
     """``(B, 4, 4)`` float64 inits as the general path casts them, or None when they are not
     exactly rigid ``(4, 4)`` / ``(1 or B, 4, 4)`` transforms (the general path then projects
@@ -206,7 +219,7 @@ def express_icp(
     if T is None:
         return None
     M = tgt.shape[1]
-    # normals exactly when the options read them (others the general path checks and ignores)
+    # normals where the options read them (others, checked as the general path does, unused)
     s_normals, t_normals = np.zeros((1, 1, 3)), np.zeros((1, 1, 3))
     if config.needs_source_normals:
         # the general path casts source normals to the source's dtype, then to the problem's
@@ -214,14 +227,14 @@ def express_icp(
         if given is None:
             return None
         s_normals = given
-    elif source_normals is not None:
+    elif not _unused_normals_pass(source_normals, src.shape, grad, unbatched):
         return None
     if config.needs_target_normals:
         given = _normals(target_normals, (B, M, 3), dtype, grad, target_unbatched)
         if given is None:
             return None
         t_normals = given
-    elif target_normals is not None:
+    elif not _unused_normals_pass(target_normals, (B, M, 3), grad, target_unbatched):
         return None
     if parallel_unsafe_after_fork():
         return None
