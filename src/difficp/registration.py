@@ -267,8 +267,8 @@ def icp(
             and nothing needs a gradient, else a scipy KD-tree on the CPU and a chunked
             brute-force search on other devices. ``"kdtree"`` / ``"brute_force"`` force those
             (PyTorch reference path); ``"compiled"`` forces the fast path or raises. A small
-            problem on the fast path (at most 4096 source points in all, no lengths, normals
-            only where the options read them) goes straight to one compiled call
+            problem on the fast path (at most 4096 source points in all, no lengths) goes
+            straight to one compiled call
             (:mod:`difficp.express`), with the same result.
         progress: called with a :class:`~difficp.loop.Progress` (iteration, fitness, inlier
             RMSE, pairs still active) after the first correspondences and after every
