@@ -314,3 +314,22 @@ def test_warnings_come_from_the_general_path(lane: list[bool]) -> None:
         warnings.simplefilter("error")
         difficp.icp(p["source"], p["target"], max_distance=0.2)
     assert lane == [False, False, True]
+
+
+def test_calls_the_lane_never_takes_do_not_load_numba() -> None:
+    # soft correspondences run in PyTorch: asking whether the lane takes them must not import
+    # numba (~70 MB), as the general path does not
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, difficp\n"
+        "s = torch.rand(100, 3)\n"
+        "difficp.icp(s, s + 0.01, correspondence='soft', temperature=0.01, max_iterations=2)\n"
+        "print('numba' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"

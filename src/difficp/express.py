@@ -18,21 +18,20 @@ and takes the general path, which says what is wrong: errors and warnings live t
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
 
-from difficp import fused
 from difficp.compile_cache import compile_or_fall_back
 from difficp.config import TENSOR_OPTIONS, ICPConfig
-from difficp.fused import _kernel_options, config_fused_reason
 from difficp.inputs import (
     OVERFLOW_MARGIN,
     SPATIAL_ORDER_MIN_POINTS,
     ZERO_NORMAL,
     masked_moments,
 )
-from difficp.kdtree import parallel_unsafe_after_fork
 from difficp.loop import (
     ICPResult,
     coarse_rmse_criterion,
@@ -98,16 +97,25 @@ def _points(value: object, grad: bool) -> tuple[np.ndarray, bool] | None:
     return batched
 
 
-def _normals(
-    value: object, shape: tuple[int, ...], dtype: np.dtype, grad: bool, unbatched: bool
+def _shaped_normals(
+    value: object, shape: tuple[int, ...], grad: bool, unbatched: bool
 ) -> np.ndarray | None:
-    """Normals of clouds ``shape`` ``(B, K, 3)`` (``unbatched``: the clouds came as ``(K, 3)``,
-    and so may their normals), cast to ``dtype`` then float64 as the general path casts them;
-    None when the general path should judge them (shape, NaN, zero normals)."""
+    """Normals ``value`` of clouds ``shape`` ``(B, K, 3)`` as an array of that shape (the
+    clouds ``unbatched``: they came as ``(K, 3)``, and so may their normals), or None."""
     normals = _array(value, grad)
     if normals is not None and unbatched and normals.ndim == 2:
         normals = normals[None]
-    if normals is None or normals.shape != shape:
+    return normals if normals is not None and normals.shape == shape else None
+
+
+def _normals(
+    value: object, shape: tuple[int, ...], dtype: np.dtype, grad: bool, unbatched: bool
+) -> np.ndarray | None:
+    """Normals the options read (:func:`_shaped_normals`), cast to ``dtype`` then float64 as
+    the general path casts them; None when the general path should judge them (shape, NaN,
+    zero normals)."""
+    normals = _shaped_normals(value, shape, grad, unbatched)
+    if normals is None:
         return None
     cast = _float64(normals.astype(dtype, copy=False))
     lengths = np.sqrt((cast * cast).sum(2))
@@ -124,10 +132,8 @@ def _unused_normals_pass(
     general path's checks of them (shape, finite), which then ignores them."""
     if value is None:
         return True
-    normals = _array(value, grad)
-    if normals is not None and unbatched and normals.ndim == 2:
-        normals = normals[None]
-    return normals is not None and normals.shape == shape and bool(np.isfinite(normals).all())
+    normals = _shaped_normals(value, shape, grad, unbatched)
+    return normals is not None and bool(np.isfinite(normals).all())
 
 
 def _init(value: object, batch: int, dtype: np.dtype, grad: bool) -> np.ndarray | None:
@@ -152,24 +158,37 @@ def _init(value: object, batch: int, dtype: np.dtype, grad: bool) -> np.ndarray 
     return np.array(np.broadcast_to(T, (batch, 4, 4)))  # a copy: written to
 
 
-def _config_options(config: ICPConfig) -> tuple[np.ndarray, np.ndarray, float] | None:
-    """The kernel options of ``config`` and its small-step rotation bound, or None when the
-    express lane cannot run it."""
-    cached = _OPTIONS.get(id(config))
-    if cached is not None and cached[0] is config:
-        return cached[1:]
-    strategies = config.strategies
-    correspondence = strategies.correspondence
+def _lane_may_run(config: ICPConfig, grad: bool) -> bool:
+    """Whether the lane may run ``config`` at all, told without loading numba: hard
+    correspondences to a cloud, unrolled or no gradients, no covariances or colours, and no
+    tensor-valued option asking for a gradient (``grad``: gradients are recorded)."""
+    correspondence = config.strategies.correspondence
     if (
         correspondence.fused_reason is not None
         or correspondence.depth_target
         or config.differentiation == "implicit"
         or config.needs_covariances
         or config.needs_colors
-        or config_fused_reason(config) is not None
     ):
+        return False
+    return not grad or not any(
+        isinstance(value, Tensor) and value.requires_grad
+        for value in (getattr(config, name) for name in TENSOR_OPTIONS)
+    )
+
+
+def _config_options(config: ICPConfig) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """The kernel options of ``config`` (one :func:`_lane_may_run` allows) and its small-step
+    rotation bound, or None when the compiled path cannot run it."""
+    cached = _OPTIONS.get(id(config))
+    if cached is not None and cached[0] is config:
+        return cached[1:]
+    # here: it loads numba, which calls the lane does not take must not
+    from difficp.fused import _kernel_options, config_fused_reason
+
+    if config_fused_reason(config) is not None:
         return None
-    procrustes = strategies.solver.compiled_sums == "moments"
+    procrustes = config.strategies.solver.compiled_sums == "moments"
     options, int_options = _kernel_options(config, procrustes)
     entry = (config, options, int_options, rotation_bound(config))
     if not any(isinstance(getattr(config, name), Tensor) for name in TENSOR_OPTIONS):
@@ -179,12 +198,34 @@ def _config_options(config: ICPConfig) -> tuple[np.ndarray, np.ndarray, float] |
     return entry[1:]
 
 
-def _options_ask_for_gradients(config: ICPConfig, grad: bool) -> bool:
-    """Whether a tensor-valued option asks for a gradient (the general path then unrolls)."""
-    return grad and any(
-        isinstance(value, Tensor) and value.requires_grad
-        for value in (getattr(config, name) for name in TENSOR_OPTIONS)
-    )
+def may_take(
+    search_backend: str,
+    source: object,
+    config: ICPConfig,
+    progress: object,
+    source_lengths: object,
+    target_lengths: object,
+) -> bool:
+    """A cheap first look, without loading numba, at whether :func:`express_icp` may run a
+    :func:`difficp.icp` call: a small CPU problem (at most 4096 source points, the most
+    :data:`difficp.fused.SERIAL_POINTS` allows by default; the lane reads the setting itself),
+    no lengths, no progress callback, options and gradients it can run."""
+    if search_backend not in ("auto", "compiled") or progress is not None:
+        return False
+    if source_lengths is not None or target_lengths is not None:
+        return False
+    if isinstance(source, Tensor):
+        if source.device.type != "cpu":
+            return False
+    elif not isinstance(source, np.ndarray):
+        return False
+    shape = source.shape
+    if len(shape) not in (2, 3) or math.prod(shape[:-1]) > 4096:
+        return False
+    grad = config.differentiation != "none" and torch.is_grad_enabled()
+    if grad and isinstance(source, Tensor) and source.requires_grad:
+        return False
+    return _lane_may_run(config, grad)
 
 
 def express_icp(
@@ -206,12 +247,18 @@ def express_icp(
     if source_batched is None or target_batched is None:
         return None
     (src, unbatched), (tgt, target_unbatched) = source_batched, target_batched
+    if not _lane_may_run(config, grad):
+        return None
+    # here: it loads numba, which calls the lane does not take must not
+    from difficp import fused
+    from difficp.kdtree import parallel_unsafe_after_fork
+
     B, N = src.shape[:2]
     # small problems only: as the general path, on the calling thread, the source unsorted
     if B * N > fused.SERIAL_POINTS or N >= SPATIAL_ORDER_MIN_POINTS or len(tgt) not in (1, B):
         return None
     chosen = _config_options(config)
-    if chosen is None or _options_ask_for_gradients(config, grad):
+    if chosen is None:
         return None
     options, int_options, rotation = chosen
     dtype = np.promote_types(src.dtype, tgt.dtype)
@@ -292,4 +339,4 @@ def express_icp(
     return result._squeeze() if unbatched else result
 
 
-__all__ = ["express_icp"]
+__all__ = ["express_icp", "may_take"]

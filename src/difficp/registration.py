@@ -3,15 +3,14 @@ which run them through :func:`difficp.loop.run_loop`."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+from difficp import express
 from difficp.config import TENSOR_OPTIONS, ICPConfig, resolve_config
 from difficp.correspondence import Correspondences, DepthTarget
 from difficp.geometry import rotate_vectors, transform_points
@@ -201,30 +200,6 @@ def _choose_steps(
     return ReferenceSteps(problem, config)
 
 
-def _may_take_express_lane(
-    search_backend: str,
-    source: object,
-    progress: object,
-    source_lengths: object,
-    target_lengths: object,
-) -> bool:
-    """A cheap first look (no numba) at whether :mod:`difficp.express` may run this call: a
-    small CPU problem, no progress callback, no lengths."""
-    if search_backend not in ("auto", "compiled") or progress is not None:
-        return False
-    if source_lengths is not None or target_lengths is not None:
-        return False
-    if isinstance(source, Tensor):
-        if source.device.type != "cpu":
-            return False
-    elif not isinstance(source, np.ndarray):
-        return False
-    # small: at most this many source points in all (difficp.fused.SERIAL_POINTS, read by the
-    # lane itself: that module loads numba)
-    shape = source.shape
-    return len(shape) in (2, 3) and math.prod(shape[:-1]) <= 4096
-
-
 def icp(
     source: Tensor,
     target: Tensor,
@@ -288,13 +263,10 @@ def icp(
     config = resolve_config(config, overrides)
     if search_backend not in SEARCH_BACKENDS:
         raise ValueError(f"search_backend must be one of {SEARCH_BACKENDS}, got {search_backend!r}")
-    if _may_take_express_lane(search_backend, source, progress, source_lengths, target_lengths):
+    if express.may_take(search_backend, source, config, progress, source_lengths, target_lengths):
         others = (intrinsics, target_pose, source_covariances, target_covariances)
         if all(value is None for value in (*others, source_colors, target_colors)):
-            # imported here: it loads numba (~70 MB), which importing difficp must not
-            from difficp.express import express_icp
-
-            result = express_icp(
+            result = express.express_icp(
                 source, target, init, source_normals, target_normals, config, search_backend
             )
             if result is not None:
