@@ -199,6 +199,35 @@ def test_forest_layout_is_a_permutation_of_each_cloud(leaf_size: int) -> None:
             assert (sizes >= min(leaf_size // 2, counts[b])).all()
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_split_separates_its_children(kind: str) -> None:
+    # The descent prunes a child by its distance to the parent's split plane, which is a bound
+    # only if the first child's points lie on or below the split and the second's on or above
+    # (grid and duplicate clouds put many points exactly on a split).
+    rng = np.random.default_rng(7)
+    clouds = np.stack([_cloud(rng, kind, 300) for _ in range(2)])
+    counts = np.array([300, 37])
+    f = build_forest(clouds, counts, leaf_size=4)
+    inner = 0
+    for b in range(2):
+        p0, n0 = f.point_offset[b], f.node_offset[b]
+        n1 = f.node_offset[b + 1] if b + 1 < 2 else f.node_child.shape[0]
+        for node in range(n0, n1):
+            first = f.node_child[node]
+            if first < 0 or f.node_end[node] == 0:
+                continue
+            inner += 1
+            axis, split = f.node_axis[node], f.node_split[node]
+            a, c = n0 + first, n0 + first + 1
+            low_side = f.points[p0 + f.node_start[a] : p0 + f.node_end[a], axis]
+            high_side = f.points[p0 + f.node_start[c] : p0 + f.node_end[c], axis]
+            assert low_side.size and high_side.size
+            assert (low_side <= split).all() and (high_side >= split).all()
+            # the children's cells meet at the split
+            assert f.cell_high[a, axis] == split == f.cell_low[c, axis]
+    assert inner > 50
+
+
 @pytest.mark.parametrize("leaf_size", [2, 5, 16, 40])
 def test_every_search_answers_the_same_on_any_leaf_size(leaf_size: int) -> None:
     # The leaf size changes only the speed: nearest (cold), k nearest and the PCA normals on a

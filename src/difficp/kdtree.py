@@ -57,6 +57,8 @@ class KDForest(NamedTuple):
             infinite); it holds the node's box, and no other point lies inside it.
         node_parent: ``(nodes,)`` int64 parent, local to its tree (-1 for a root).
         point_leaf: ``(P,)`` int64 leaf holding each tree point, local to its tree.
+        node_axis, node_split: ``(nodes,)`` int64 / float64 the split of an inner node: its
+            first child's points have ``point[axis] <= split``, its second child's ``>=``.
     """
 
     points: np.ndarray
@@ -72,6 +74,8 @@ class KDForest(NamedTuple):
     cell_high: np.ndarray
     node_parent: np.ndarray
     point_leaf: np.ndarray
+    node_axis: np.ndarray
+    node_split: np.ndarray
 
     @property
     def batch(self) -> int:
@@ -127,9 +131,10 @@ class _Tree(NamedTuple):
         points: ``(M, 3)`` float64 the tree's points, sorted into tree order by the build.
         order: ``(M,)`` int64 the cloud's index of each tree point (moves with ``points``).
         leaf_of: ``(M,)`` int64 the leaf of each tree point.
-        start, end, child, low, high, cell_low, cell_high, parent: the tree's rows of the
-            forest's ``node_start``, ``node_end``, ``node_child``, ``node_low``, ``node_high``,
-            ``cell_low``, ``cell_high`` and ``node_parent``.
+        start, end, child, low, high, cell_low, cell_high, parent, axis, split: the tree's rows
+            of the forest's ``node_start``, ``node_end``, ``node_child``, ``node_low``,
+            ``node_high``, ``cell_low``, ``cell_high``, ``node_parent``, ``node_axis`` and
+            ``node_split``.
     """
 
     points: np.ndarray
@@ -143,6 +148,8 @@ class _Tree(NamedTuple):
     cell_low: np.ndarray
     cell_high: np.ndarray
     parent: np.ndarray
+    axis: np.ndarray
+    split: np.ndarray
 
 
 @njit(cache=True, error_model="numpy")
@@ -164,6 +171,8 @@ def _tree_view(f: KDForest, n0: int, n1: int, p0: int, p1: int) -> _Tree:
         f.cell_low[n0:n1],
         f.cell_high[n0:n1],
         f.node_parent[n0:n1],
+        f.node_axis[n0:n1],
+        f.node_split[n0:n1],
     )
 
 
@@ -201,6 +210,8 @@ def _split_node(tree: _Tree, node: int, first: int, leaf_size: int) -> bool:
     tree.child[node] = first
     tree.parent[first] = tree.parent[first + 1] = node
     split = pts[mid, dim]  # left points <= split <= right points
+    tree.axis[node] = dim
+    tree.split[node] = split
     for d in range(3):
         cell_low[first, d] = cell_low[first + 1, d] = cell_low[node, d]
         cell_high[first, d] = cell_high[first + 1, d] = cell_high[node, d]
@@ -362,6 +373,8 @@ def _new_forest(counts: np.ndarray, leaf_size: int) -> tuple[KDForest, np.ndarra
         cell_high=boxes[3],
         node_parent=links[1],
         point_leaf=np.zeros(n_points, dtype=np.int64),
+        node_axis=np.zeros(n_nodes, dtype=np.int64),
+        node_split=np.zeros(n_nodes),
     )
     return forest, capacity_offset
 
@@ -450,41 +463,41 @@ def _next_leaf(
     top: int,
 ) -> tuple[int, int]:
     """The depth-first descent every search of this module shares: pop nodes off ``stack`` /
-    ``stack_d2`` (global nodes with their box distances; ``top`` entries) until a leaf within
-    ``bound`` (``<=`` with ``inclusive``, else ``<``), going on through the nearer child of
-    each inner node and pushing the farther one when within it.
+    ``stack_d2`` (global nodes with lower bounds of their points' squared distances; ``top``
+    entries) until a leaf within ``bound`` (``<=`` with ``inclusive``, else ``<``), going on
+    through the child on the query's side of each split and pushing the other one when the
+    split is within the bound.
 
     Returns ``(leaf, top)``: the leaf (global; -1 when the stack ran out) and the new height.
     The caller scans the leaf, tightens its bound and calls again: the bound only changes
     between leaves, so pruning is the same as a loop written out in full.
     """
-    low, high = f.node_low, f.node_high
     while top > 0:
         top -= 1
         if not _within(stack_d2[top], bound, inclusive):
             continue
-        node = stack[top]
-        # Down to a leaf through the nearer child of every node, pushing the farther one when
-        # within the bound: the nodes and order of pushing both and popping the nearer at once
-        # (the bound cannot change in between), without the stack round trip (cold nearest
-        # searches of 256 x 1024 ModelNet pairs 86.0 -> 80.9 ms, 4 alternating runs, medians;
-        # the same answers).
+        node, node_d2 = stack[top], stack_d2[top]
+        # Down to a leaf through the child on the query's side of each split, pushing the other
+        # one when the split plane is within the bound. The plane's distance is a looser bound
+        # than the child's box, but one subtraction instead of two box distances per node: cold
+        # nearest searches of 64 x 1024 ModelNet pairs 15.7 -> 13.3 ms (misaligned) and 10.0 ->
+        # 7.2 ms (aligned), medians of 15 interleaved; the same answers.
         while node >= 0:
             first = f.node_child[node]
             if first < 0:
                 return node, top
-            a = node_base + first
-            b = a + 1
-            da = _box_distance2(x, y, z, low, high, a)
-            db = _box_distance2(x, y, z, low, high, b)
-            if da > db:
-                a, b = b, a
-                da, db = db, da
-            if _within(db, bound, inclusive):
-                stack[top] = b
-                stack_d2[top] = db
+            axis = f.node_axis[node]
+            offset = (x if axis == 0 else (y if axis == 1 else z)) - f.node_split[node]
+            near = node_base + first
+            far = near + 1
+            if offset >= 0.0:
+                near, far = far, near
+            far_d2 = max(offset * offset, node_d2)
+            if _within(far_d2, bound, inclusive):
+                stack[top] = far
+                stack_d2[top] = far_d2
                 top += 1
-            node = a if _within(da, bound, inclusive) else -1
+            node = near
     return -1, 0
 
 
