@@ -11,9 +11,11 @@ Layout: one tree per cloud of a batch, all stored in flat arrays. Tree ``b`` own
 ``point_offset[b] : point_offset[b + 1]`` of ``points`` (reordered so that every node covers a
 contiguous range; ``order`` maps back to the cloud's own indices) and nodes
 ``node_offset[b] :``. A node stores its point range, its first child (the second child is the
-next node; -1 for a leaf) and its bounding box. Splits are at the median of the widest box side,
-so trees are balanced and leaves hold between ``leaf_size // 2`` and ``leaf_size`` points
-(``LEAF_SIZE`` unless the build asks for another).
+next node; -1 for a leaf), its split (axis and value), its bounding box and its cell. Splits are
+at the median of the widest box side, so trees are balanced and leaves hold between
+``leaf_size // 2`` and ``leaf_size`` points (``LEAF_SIZE`` unless the build asks for another).
+A search goes down the child on its side of each split and prunes the other by the distance to
+the split plane; boxes bound the node a search starts from, cells find that node.
 """
 
 from __future__ import annotations
