@@ -100,6 +100,7 @@ def test_brute_force_index_equals_compiled_and_scipy(k: int) -> None:
     assert (answers["brute_force"] == answers["kdtree"]).float().mean() > 0.999
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_blocked_knn_on_cuda_equals_cpu() -> None:
     rng = np.random.default_rng(5)

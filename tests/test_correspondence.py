@@ -202,6 +202,7 @@ def test_icp_with_forced_brute_force_search_equals_kdtree() -> None:
     assert int(runs[0].iterations) == int(runs[1].iterations)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu() -> None:
     p = make_pair(6, n=2000, angle=10, translation=0.1)

@@ -422,6 +422,7 @@ def test_huge_grids_fall_back_to_row_unique() -> None:
         )
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu() -> None:
     g = torch.Generator().manual_seed(1)
