@@ -481,9 +481,10 @@ def _next_leaf(
         node, node_d2 = stack[top], stack_d2[top]
         # Down to a leaf through the child on the query's side of each split, pushing the other
         # one when the split plane is within the bound. The plane's distance is a looser bound
-        # than the child's box, but one subtraction instead of two box distances per node: cold
-        # nearest searches of 64 x 1024 ModelNet pairs 15.7 -> 13.3 ms (misaligned) and 10.0 ->
-        # 7.2 ms (aligned), medians of 15 interleaved; the same answers.
+        # than the child's box, but one subtraction instead of two box distances per node:
+        # nearest() on 64 x 1024 ModelNet pairs 19.3-19.8 -> 17.9-19.1 ms misaligned and
+        # 13.7-14.0 -> 11.3-12.2 ms aligned (alternating processes, medians of 15); the same
+        # answers.
         while node >= 0:
             first = f.node_child[node]
             if first < 0:
