@@ -6,7 +6,8 @@ Everything runs the device-agnostic PyTorch path (the compiled KD forest is CPU-
 neighbours by the tiled brute force (:func:`difficp.correspondence.blocked_knn`), whose memory
 stays bounded. The peers' dense ``(B, N, M)`` distances do not fit at 100k points: their rows
 then say "out of memory". A time budget (``--budget-s``, default 420 s of the 8 minutes the
-issue allows) skips what would start after it, saying so.
+issue allows) skips what would start after it, saying so; the 100k problem runs last and once
+(no warm-up round), so that only it can be cut short.
 
 Without CUDA it says so and exits 0 (nothing to measure); ``--dry-run`` runs every part on the
 CPU at toy sizes instead, to check the script itself (the test suite does).
@@ -50,7 +51,7 @@ class Sizes:
 
 FULL = Sizes(problems=((32, 1024), (256, 1024), (8, 100_000)), no_grad_batch=256,
              search_points=100_000)  # fmt: skip
-DRY = Sizes(problems=((2, 1024), (2, 500)), no_grad_batch=4, search_points=2000)
+DRY = Sizes(problems=((2, 1024), (2, 1500)), no_grad_batch=4, search_points=2000)
 
 
 class Clock:
@@ -103,15 +104,21 @@ def reset_peak(device: str) -> None:
 
 
 def measure(
-    runs: dict[str, Callable[[], None]], repeats: int, device: str, clock: Clock
+    runs: dict[str, Callable[[], None]],
+    repeats: int,
+    device: str,
+    clock: Clock,
+    warm_up: bool = True,
 ) -> dict[str, tuple[float | str, float]]:
     """Median seconds (or why there is none) and peak memory (MiB; NaN on the CPU) of each
-    case: one warm-up, then ``repeats`` rounds, the cases interleaved. A case that runs out of
-    memory is dropped; once the budget is spent no run starts (a case keeps the rounds it had)."""
+    case: a warm-up round (unless ``warm_up`` is False), then ``repeats`` rounds, the cases
+    interleaved. A case that runs out of memory is dropped; once the budget is spent no run
+    starts (a case keeps the rounds it had)."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     peaks = dict.fromkeys(runs, math.nan)
     why_not: dict[str, str] = {}
-    for round_ in range(repeats + 1):
+    first = 0 if warm_up else 1
+    for round_ in range(first, repeats + 1):
         for name, run in runs.items():
             if name in why_not:
                 continue
@@ -129,7 +136,8 @@ def measure(
                 continue
             if round_:
                 times[name].append(time.perf_counter() - t0)
-            peaks[name] = max(peaks[name], peak_mib(device)) if round_ else peak_mib(device)
+            peak = peak_mib(device)
+            peaks[name] = peak if math.isnan(peaks[name]) else max(peaks[name], peak)
     return {
         name: (statistics.median(times[name]), peaks[name])
         if times[name]
@@ -156,13 +164,30 @@ def gradient_table(label: str, measured: dict[str, tuple[float | str, float]]) -
     return "\n".join(lines)
 
 
+DENSE_PEERS = ("naive dense soft ICP (PyTorch)", "PyPose ICP (pypose.module.ICP)")
+
+
 def gradient_cases(batch: int, points: int, device: str) -> dict[str, Callable[[], None]]:
     """benchmarks/gradients.py's cases on this problem (its compiled no-gradient run takes the
-    PyTorch path off the CPU: the same call)."""
+    PyTorch path off the CPU: the same call). Large problems put the dense peers first (they
+    run out of memory at once) and the soft cases last, so that a spent budget skips those."""
     source, target = problem(batch, points, device)
     runs = gradients.cases(source, target)
     runs[NO_GRAD] = runs.pop("difficp, no gradient (compiled)")
-    return {NO_GRAD: runs.pop(NO_GRAD), **runs}
+    first = [NO_GRAD, "difficp nearest, unroll"]
+    if points > 1024:
+        first = [name for name in DENSE_PEERS if name in runs] + first
+    return {**{name: runs.pop(name) for name in first}, **runs}
+
+
+def gradient_section(
+    batch: int, points: int, device: str, repeats: int, clock: Clock, warm_up: bool
+) -> str:
+    runs = gradient_cases(batch, points, device)
+    measured = measure(runs, repeats, device, clock, warm_up)
+    iterations = gradients.ITERATIONS
+    return gradient_table(f"{batch} x {points} points, {iterations} iterations, "
+                          "forward + backward", measured) + "\n"  # fmt: skip
 
 
 def batch_no_grad(batch: int, device: str, repeats: int, clock: Clock) -> str:
@@ -192,15 +217,15 @@ def big_search(points: int, device: str, clock: Clock, k: int = 16) -> str:
     return f"| blocked k-NN, k={k}, {points} x {points} | {shown} | {mib(peak)} |"
 
 
-def cuda_tests(dry_run: bool) -> str:
+def cuda_tests() -> str:
     """Run the tests marked ``cuda``; returns pytest's summary line."""
     command = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
                str(ROOT / "tests")]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     summary = lines[-1] if lines else done.stderr.strip().splitlines()[-1]
-    failed = done.returncode not in (0, 5) and not (dry_run and "skipped" in summary)
-    return ("FAILED: " if failed else "") + summary
+    # 5: none collected (no test carries the marker any more)
+    return ("FAILED: " if done.returncode not in (0, 5) else "") + summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,17 +248,19 @@ def main(argv: list[str] | None = None) -> int:
     clock = Clock(args.budget_s)
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu (dry run)"
     print(f"device: {name}, torch {torch.__version__}, difficp {difficp.__version__}")
-    print(f"CUDA tests: {cuda_tests(args.dry_run)}\n")
-    for batch, points in sizes.problems:
-        runs = gradient_cases(batch, points, device)
-        measured = measure(runs, repeats if points <= 1024 else 1, device, clock)
-        label = f"{batch} x {points} points, {gradients.ITERATIONS} iterations, forward + backward"
-        print(gradient_table(label, measured))
-        print()
+    print(f"CUDA tests: {cuda_tests()}\n")
+    # the large problem last, without a warm-up round: what the budget may cut short
+    small = [size for size in sizes.problems if size[1] <= 1024]
+    large = [size for size in sizes.problems if size[1] > 1024]
+    for batch, points in small:
+        print(gradient_section(batch, points, device, repeats, clock, warm_up=True))
     print("| case | ms | peak MiB |\n|---|---|---|")
     print(batch_no_grad(sizes.no_grad_batch, device, repeats, clock))
     print(big_search(sizes.search_points, device, clock))
-    print(f"\ntotal {time.perf_counter() - clock.start:.0f} s")
+    print()
+    for batch, points in large:
+        print(gradient_section(batch, points, device, 1, clock, warm_up=False))
+    print(f"total {time.perf_counter() - clock.start:.0f} s")
     return 0
 
 

@@ -35,7 +35,7 @@ def test_gpu_benchmark_dry_run_measures_every_part() -> None:
     for case in ("difficp, no gradient", "difficp nearest, unroll", "difficp soft top-16, unroll",
                  "difficp soft top-16, implicit", "naive dense soft ICP (PyTorch)"):  # fmt: skip
         assert out.count(f"| {case} |") == 2, case  # both problem sizes
-    assert "2 x 500 points" in out and "2 x 1024 points" in out
+    assert "2 x 1500 points" in out and "2 x 1024 points" in out
     assert "| batch of 4 x 1024, 30 iterations, no gradient |" in out
     assert "| blocked k-NN, k=16, 2000 x 2000 |" in out
     assert "skipped: time budget spent" not in out and "out of memory" not in out
