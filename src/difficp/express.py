@@ -201,15 +201,14 @@ def _config_options(config: ICPConfig) -> tuple[np.ndarray, np.ndarray, float] |
 def may_take(
     search_backend: str,
     source: object,
-    config: ICPConfig,
     progress: object,
     source_lengths: object,
     target_lengths: object,
 ) -> bool:
-    """A cheap first look, without loading numba, at whether :func:`express_icp` may run a
-    :func:`difficp.icp` call: a small CPU problem (at most 4096 source points, the most
-    :data:`difficp.fused.SERIAL_POINTS` allows by default; the lane reads the setting itself),
-    no lengths, no progress callback, options and gradients it can run."""
+    """A cheap first look at the shape of a :func:`difficp.icp` call, before
+    :func:`express_icp` judges its options and arrays: a small CPU problem (at most 4096 source
+    points, the most :data:`difficp.fused.SERIAL_POINTS` allows by default; the lane reads the
+    setting itself), no lengths, no progress callback."""
     if search_backend not in ("auto", "compiled") or progress is not None:
         return False
     if source_lengths is not None or target_lengths is not None:
@@ -220,12 +219,7 @@ def may_take(
     elif not isinstance(source, np.ndarray):
         return False
     shape = source.shape
-    if len(shape) not in (2, 3) or math.prod(shape[:-1]) > 4096:
-        return False
-    grad = config.differentiation != "none" and torch.is_grad_enabled()
-    if grad and isinstance(source, Tensor) and source.requires_grad:
-        return False
-    return _lane_may_run(config, grad)
+    return len(shape) in (2, 3) and math.prod(shape[:-1]) <= 4096
 
 
 def express_icp(
@@ -243,12 +237,12 @@ def express_icp(
     :mod:`difficp.compile_cache`) or ``"compiled"`` (compiles it here if need be)."""
     # gradients recorded: differentiation="none" runs the general path under no_grad too
     grad = config.differentiation != "none" and torch.is_grad_enabled()
+    if not _lane_may_run(config, grad):
+        return None
     source_batched, target_batched = _points(source, grad), _points(target, grad)
     if source_batched is None or target_batched is None:
         return None
     (src, unbatched), (tgt, target_unbatched) = source_batched, target_batched
-    if not _lane_may_run(config, grad):
-        return None
     # here: it loads numba, which calls the lane does not take must not
     from difficp import fused
     from difficp.kdtree import parallel_unsafe_after_fork

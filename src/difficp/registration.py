@@ -263,7 +263,7 @@ def icp(
     config = resolve_config(config, overrides)
     if search_backend not in SEARCH_BACKENDS:
         raise ValueError(f"search_backend must be one of {SEARCH_BACKENDS}, got {search_backend!r}")
-    if express.may_take(search_backend, source, config, progress, source_lengths, target_lengths):
+    if express.may_take(search_backend, source, progress, source_lengths, target_lengths):
         others = (intrinsics, target_pose, source_covariances, target_covariances)
         if all(value is None for value in (*others, source_colors, target_colors)):
             result = express.express_icp(
