@@ -25,6 +25,8 @@ _ATTRIBUTES: dict[str, str] = {
     "depth_normals": "difficp.geometry",
     "depth_to_points": "difficp.geometry",
     "estimate_normals": "difficp.normals",
+    "evaluate_registration": "difficp.evaluation",
+    "RegistrationEvaluation": "difficp.evaluation",
     "estimate_covariances": "difficp.normals",
     "regularize_covariances": "difficp.normals",
     "Cloud": "difficp.interop",
@@ -43,6 +45,7 @@ _SUBMODULES = frozenset(
     {
         "config",
         "correspondence",
+        "evaluation",
         "geometry",
         "implicit",
         "inputs",
@@ -65,6 +68,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from difficp import (  # noqa: F401
         config,
         correspondence,
+        evaluation,
         geometry,
         implicit,
         inputs,
@@ -83,6 +87,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     )
     from difficp.config import ICPConfig
     from difficp.correspondence import Correspondences, NeighborIndex
+    from difficp.evaluation import RegistrationEvaluation, evaluate_registration
     from difficp.geometry import (
         depth_normals,
         depth_to_points,
@@ -119,6 +124,7 @@ __all__ = [
     "ICPConfig",
     "ICPResult",
     "NeighborIndex",
+    "RegistrationEvaluation",
     "VoxelGrid",
     "__version__",
     "as_points",
@@ -126,6 +132,7 @@ __all__ = [
     "depth_to_points",
     "estimate_covariances",
     "estimate_normals",
+    "evaluate_registration",
     "icp",
     "invert_transform",
     "make_transform",

@@ -504,8 +504,10 @@ def prepare_problem(
     target_covariances: object = None,
     source_colors: object = None,
     target_colors: object = None,
+    init_name: str = "init",
 ) -> Problem:
-    """Validate and batch every input of :func:`difficp.icp` (see there for shapes)."""
+    """Validate and batch every input of :func:`difficp.icp` (see there for shapes);
+    ``init_name``: what error messages call ``init``."""
     _check_colors(config, source_colors, target_colors)
     _check_covariance_inputs(config, source_covariances, target_covariances)
     result_dtype = _input_dtype(source, target, config)
@@ -542,7 +544,7 @@ def prepare_problem(
         source_mask=src.mask,
         source_counts=src.mask.sum(1),
         target=tgt,
-        init=_init(init, B, dtype, src.points.device),
+        init=_init(init, B, dtype, src.points.device, init_name),
         unbatched=unbatched,
         result_dtype=result_dtype,
         source_covariances=cast(src.covariances),
