@@ -112,17 +112,13 @@ def evaluate_registration(
     positive = mean_square > 0
     rmse = torch.where(positive, torch.where(positive, mean_square, 1.0).sqrt(), 0.0)
 
-    result = RegistrationEvaluation(
-        fitness.detach(),
-        rmse,
-        torch.where(inlier, index, -1),
-        information_from_partners(partner, weight),
-    )
     dtype = problem.result_dtype or problem.source.dtype
     result = RegistrationEvaluation(
-        result.fitness.to(dtype), result.inlier_rmse.to(dtype), result.correspondences,
-        result.information.to(dtype),
-    )  # fmt: skip
+        fitness.detach().to(dtype),
+        rmse.to(dtype),
+        torch.where(inlier, index, -1),
+        information_from_partners(partner, weight).to(dtype),
+    )
     if problem.unbatched:
         return RegistrationEvaluation(*(field[0] for field in result))
     return result
