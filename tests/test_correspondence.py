@@ -42,6 +42,26 @@ def test_nearest_matches_exhaustive_search_on_padded_batch(backend: str) -> None
     assert (got[..., 0] < lengths[:, None]).all()
 
 
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("max_distance", [None, 0.08])
+def test_one_off_compiled_query_equals_the_repeated_one(k: int, max_distance: float | None) -> None:
+    """``repeated=False`` (a plain search, no warm-start state) answers as ICP's repeated
+    questions do, on padded clouds with masked-out queries."""
+    g = torch.Generator().manual_seed(5)
+    ref = torch.rand(3, 300, 3, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([300, 120, 31])
+    queries = torch.rand(3, 200, 3, generator=g, dtype=torch.float64)
+    query_mask = torch.rand(3, 200, generator=g) < 0.9
+    for index in (NeighborIndex(ref, lengths, "compiled"), NeighborIndex(ref, lengths, "kdtree")):
+        once = index.query(queries, k, query_mask, max_distance, repeated=False)
+        again = index.query(queries, k, query_mask, max_distance)
+        assert torch.equal(once[1], again[1])
+        assert torch.equal(once[0], again[0])
+        assert bool(once[1].any()) and bool((once[0] < lengths[:, None, None]).all())
+        expected = _reference_nearest(queries, ref, lengths)
+        assert torch.equal(once[0][..., 0][once[1][..., 0]], expected[once[1][..., 0]])
+
+
 def test_knn_order_and_radius() -> None:
     g = torch.Generator().manual_seed(1)
     ref = torch.rand(1, 500, 3, generator=g, dtype=torch.float64)

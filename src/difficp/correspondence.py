@@ -16,6 +16,7 @@ matrix products whose memory stays bounded.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -204,6 +205,7 @@ class NeighborIndex:
         query_mask: Tensor | None = None,
         max_distance: float | None = None,
         workers: int | None = None,
+        repeated: bool = True,
     ) -> tuple[Tensor, Tensor]:
         """The ``k`` nearest references of each query, closest first.
 
@@ -213,6 +215,9 @@ class NeighborIndex:
             query_mask: ``(B, N)`` bool; masked-out queries get index 0 and found False.
             max_distance: only neighbours within this distance count as found (faster search).
             workers: KD-tree query threads (default: 1 for small queries, all cores for large).
+            repeated: the same queries will ask again after moving a little (ICP): the
+                compiled backend keeps what makes the next answer cheap, at ~1.7x the cost of
+                a plain search for ``k = 1``. False for a one-off question.
         Returns:
             ``index`` ``(B, N, k)`` long into the reference clouds (always a valid index) and
             ``found`` ``(B, N, k)`` bool.
@@ -223,7 +228,7 @@ class NeighborIndex:
         if query_mask is None:
             query_mask = torch.ones(B, N, dtype=torch.bool, device=queries.device)
         if self.backend == "compiled":
-            index, found = self._query_forest(queries.detach(), k, max_distance)
+            index, found = self._query_forest(queries.detach(), k, max_distance, repeated)
         elif self.backend == "kdtree":
             index, found = self._query_tree(queries.detach(), k, max_distance, workers)
         else:
@@ -263,29 +268,45 @@ class NeighborIndex:
         return self._forest if self._forest is not None and self._forest_order is None else None
 
     def _query_forest(
-        self, queries: Tensor, k: int, max_distance: float | None
+        self, queries: Tensor, k: int, max_distance: float | None, repeated: bool = True
     ) -> tuple[Tensor, Tensor]:
         # Imported here: importing difficp must not load numba (~70 MB).
-        from difficp.kdtree import knearest, knn_warm_start
+        from difficp.kdtree import SERIAL_QUERIES, on_calling_thread
 
         forest, _ = self.compiled_forest()
         B, N, _ = queries.shape
-        # ICP asks again with queries that barely moved: keep each query's neighbours and how
-        # far it may move before they can change (kdtree.KnnWarmStart), per kind of question.
-        key = (N, k, max_distance)
-        if key not in self._warm:
-            self._warm[key] = knn_warm_start(B, N, k)
-        # Masked-out queries are answered too (cheap) and dropped by the caller's found mask.
-        # Contiguous in the same pass: moved points are often a transposed product's view,
-        # which .double() would keep strided and the search would copy again (.to returns a
-        # float64 input itself, strided or not: .contiguous() then copies it once).
-        q = queries.cpu().to(torch.float64, memory_format=torch.contiguous_format)
-        row, _ = knearest(forest, q.contiguous().numpy(), k, None, max_distance, self._warm[key])
+        with on_calling_thread() if B * N <= SERIAL_QUERIES else nullcontext():
+            row = self._search_forest(forest, queries, k, max_distance, repeated)
         found = torch.from_numpy(row >= 0)
         index = torch.from_numpy(row).clamp_min_(0)
         if self._forest_order is not None:  # back to the cloud's own order
             index = torch.gather(torch.from_numpy(self._forest_order), 1, index.reshape(B, -1))
         return index.reshape(B, N, k).to(queries.device), found.to(queries.device)
+
+    def _search_forest(
+        self, forest: KDForest, queries: Tensor, k: int, max_distance: float | None, repeated: bool
+    ) -> np.ndarray:
+        """``(B, N, k)`` int64 rows of :meth:`_query_forest` (-1: none found)."""
+        from difficp.kdtree import knearest, knn_warm_start, nearest  # numba: only when used
+
+        B, N, _ = queries.shape
+        # Masked-out queries are answered too (cheap) and dropped by the caller's found mask.
+        # Contiguous in the same pass: moved points are often a transposed product's view,
+        # which .double() would keep strided and the search would copy again (.to returns a
+        # float64 input itself, strided or not: .contiguous() then copies it once).
+        moved = queries.cpu().to(torch.float64, memory_format=torch.contiguous_format)
+        q = moved.contiguous().numpy()
+        if repeated:
+            # ICP asks again with queries that barely moved: keep each query's neighbours and
+            # how far it may move before they can change (kdtree.KnnWarmStart), per question.
+            key = (N, k, max_distance)
+            if key not in self._warm:
+                self._warm[key] = knn_warm_start(B, N, k)
+            row, _ = knearest(forest, q, k, None, max_distance, self._warm[key])
+            return row
+        if k == 1:  # a plain search, without that bookkeeping
+            return nearest(forest, q, None, max_distance)[0][..., None]
+        return knearest(forest, q, k, None, max_distance)[0]
 
     def _query_tree(
         self, queries: Tensor, k: int, max_distance: float | None, workers: int | None = None
@@ -427,13 +448,15 @@ def blocked_knn(
 def _compiled_unsafe() -> bool:
     """Whether ``backend="auto"`` should not search with the compiled KD forest here: in a
     forked child of a process whose OpenMP pool the compiled kernels started (numba would
-    terminate it), or before :func:`difficp.kdtree.knearest` is compiled (minutes on a first
-    use; ``difficp warmup``, which the fast path starts in the background, compiles it)."""
+    terminate it), or before its searches (:func:`difficp.kdtree.knearest`, ``nearest``) are
+    compiled (minutes on a first use; ``difficp warmup``, which the fast path starts in the
+    background, compiles them)."""
     from difficp import kdtree  # here: importing difficp must not load numba
 
     if kdtree.parallel_unsafe_after_fork():
         return True
-    kernels = (kdtree._knearest_batch, kdtree._build_forest, kdtree._build_tree_parallel)
+    searches = (kdtree._knearest_batch, kdtree._nearest_batch)
+    kernels = (*searches, kdtree._build_forest, kdtree._build_tree_parallel)
     return not compile_or_fall_back(kernels_cached(kernels))
 
 

@@ -98,7 +98,9 @@ def evaluate_registration(
     points = problem.target
     assert isinstance(points, PointTarget) and points.index is not None
     moved = transform_points(problem.source, problem.init)
-    index, found = points.index.query(moved, 1, problem.source_mask, max_distance=radius)
+    index, found = points.index.query(
+        moved, 1, problem.source_mask, max_distance=radius, repeated=False
+    )
     index, found = index[..., 0], found[..., 0]
     partner = _gather(points.points, index)
     squared = (moved - partner).square().sum(-1)
