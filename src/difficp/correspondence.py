@@ -34,6 +34,11 @@ if TYPE_CHECKING:
     from difficp.kdtree import KDForest
 
 SearchBackend = Literal["auto", "kdtree", "compiled", "brute_force"]
+# Compiled searches of at most this many queries in all run on the calling thread: waking the
+# pool cost more than such a search takes (the 3903 queries of a 3DMatch fragment, 2 threads:
+# 4.7 ms with the pool, 3.3 on the calling thread). The fast path's whole ICP loop has the same
+# rule of its own, difficp.fused.SERIAL_POINTS.
+SERIAL_QUERIES = 4096
 
 # Elements of the (queries x references) distance block computed at once by brute force.
 _BRUTE_FORCE_BLOCK = 1 << 22
@@ -271,7 +276,7 @@ class NeighborIndex:
         self, queries: Tensor, k: int, max_distance: float | None, repeated: bool = True
     ) -> tuple[Tensor, Tensor]:
         # Imported here: importing difficp must not load numba (~70 MB).
-        from difficp.kdtree import SERIAL_QUERIES, on_calling_thread
+        from difficp.kdtree import on_calling_thread
 
         forest, _ = self.compiled_forest()
         B, N, _ = queries.shape

@@ -39,11 +39,6 @@ warnings.filterwarnings(
 )
 
 LEAF_SIZE = 8
-# Searches of at most this many queries in all run on the calling thread (NeighborIndex): waking
-# the pool cost more than such a search takes (the 3903 queries of a 3DMatch fragment, 2
-# threads: 4.7 ms with the pool, 3.3 on the calling thread). The whole ICP loop has the same rule
-# of its own, difficp.fused.SERIAL_POINTS.
-SERIAL_QUERIES = 4096
 # Deep enough for any balanced tree that fits in memory (depth ~ log2(points / LEAF_SIZE)).
 STACK_DEPTH = 96
 
@@ -1600,7 +1595,6 @@ def parallel_unsafe_after_fork() -> bool:
 
 __all__ = [
     "LEAF_SIZE",
-    "SERIAL_QUERIES",
     "KDForest",
     "KnnWarmStart",
     "build_forest",
