@@ -339,6 +339,27 @@ def test_float32_rounding_of_init_passes_silently(clouds) -> None:
         difficp.icp(clouds[0].float(), clouds[1].float(), init=init)
 
 
+def test_float32_network_rotation_a_few_eps_off_passes_silently(clouds) -> None:
+    """A float32 rotation as a network's SVD head makes it (1.3e-6 = 11 eps off orthonormal
+    was seen from DCP) is rounding, not a user error: no warning, on either lane."""
+    import warnings
+
+    from difficp.geometry import make_transform, random_rotation
+
+    R = random_rotation(max_angle_deg=30.0, generator=torch.Generator().manual_seed(1))
+    init = make_transform(R * (1 + 4e-6), torch.zeros(3)).float()  # |R^T R - I| ~ 8e-6
+    off = float((init[:3, :3].double().T @ init[:3, :3].double() - torch.eye(3)).abs().max())
+    assert 5e-6 < off < 1.2e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for source, target in ((clouds[0], clouds[1]), (clouds[0][:100], clouds[1][:100])):
+            difficp.icp(source.float(), target.float(), init=init)
+    sheared = init.clone()
+    sheared[0, 1] += 3e-5  # beyond rounding: projected, with a warning
+    with pytest.warns(UserWarning, match="init is not exactly rigid"):
+        difficp.icp(clouds[0].float(), clouds[1].float(), init=sheared)
+
+
 def test_misspelt_option_suggests_the_right_name() -> None:
     source = torch.rand(10, 3)
     with pytest.raises(TypeError, match=r"'max_dist' \(did you mean 'max_distance'\?\)"):

@@ -31,6 +31,7 @@ from difficp.inputs import (
     SPATIAL_ORDER_MIN_POINTS,
     ZERO_NORMAL,
     masked_moments,
+    rounding_tolerance,
 )
 from difficp.loop import (
     ICPResult,
@@ -149,7 +150,7 @@ def _init(value: object, batch: int, dtype: np.dtype, grad: bool) -> np.ndarray 
     T = given.astype(dtype, copy=False).astype(np.float64)
     if not np.isfinite(T).all():
         return None
-    quiet = max(1e-6, 10 * float(np.finfo(given.dtype).eps))
+    quiet = rounding_tolerance(given.dtype)
     R = T[:, :3, :3]
     off = float(np.abs(R.transpose(0, 2, 1) @ R - np.eye(3)).max())
     bottom = float(np.abs(T[:, 3] - (0.0, 0.0, 0.0, 1.0)).max())

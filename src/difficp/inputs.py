@@ -47,6 +47,17 @@ ZERO_NORMAL = 1e-6
 # than the rounding of its dtype is projected onto SO(3) with a warning, up to this tolerance;
 # beyond it, it is refused (it is not a rotation with a little noise).
 ROTATION_TOLERANCE = 1e-2
+# Up to this many epsilons of its dtype (and 1e-6) off orthonormal, a rotation block is taken as
+# rounding and projected silently: a float32 rotation from a network's SVD head (DCP) came out
+# 1.3e-6 = 11 eps off, which a bound of 10 eps warned about.
+ROUNDING_EPSILONS = 100
+
+
+def rounding_tolerance(dtype: torch.dtype | np.dtype) -> float:
+    """How far (max |R^T R - I|, and the last row from 0 0 0 1) a rigid transform given in
+    ``dtype`` may be off from its rounding alone: not worth a warning."""
+    eps = torch.finfo(dtype).eps if isinstance(dtype, torch.dtype) else np.finfo(dtype).eps
+    return max(1e-6, ROUNDING_EPSILONS * float(eps))
 
 
 def _take(values: Tensor, order: Tensor) -> Tensor:
@@ -225,8 +236,7 @@ def _init(
     if init is None:
         return torch.eye(4, dtype=dtype, device=device).expand(batch, 4, 4).clone()
     given = _as_float_tensor(name, init)
-    # Rounding in the caller's own dtype is not worth a warning (float32: 1.2e-6).
-    quiet = max(1e-6, 10 * torch.finfo(_float_dtype(init) or given.dtype).eps)
+    quiet = rounding_tolerance(_float_dtype(init) or given.dtype)
     tolerance = max(ROTATION_TOLERANCE, 2 * quiet)
     T = given.to(device=device, dtype=dtype)
     if T.shape[-2:] != (4, 4) or T.dim() not in (2, 3):
