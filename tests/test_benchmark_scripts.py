@@ -81,3 +81,27 @@ def test_gpu_benchmark_reports_out_of_memory_and_the_spent_budget() -> None:
     spent = gpu.measure(runs, 3, "cpu", gpu.Clock(0.0))
     assert spent["fits"][0] == spent["too big"][0] == "skipped: time budget spent"
     assert calls["fits"] == 4  # nothing started once the budget was spent
+
+
+@pytest.mark.slow
+def test_evaluation_benchmark_agrees_with_open3d() -> None:
+    """``benchmarks/evaluation.py`` runs (one repeat) and its rows say that difficp and Open3D
+    agree: the README's table must come from a script that still works."""
+    pytest.importorskip("open3d")
+    data = find_data_dir()
+    if data is None or not (data / "scans" / "open3d_3dmatch_pair").is_dir():
+        pytest.skip("needs the data folder's scans and modelnet10 (DIFFICP_DATA)")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "evaluation.py"), "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| 3dmatch") or
+            line.startswith("| modelnet")]  # fmt: skip
+    assert len(rows) == 2, done.stdout
+    for row in rows:
+        difference = float(row.strip("|").split("|")[-1])
+        assert difference < 1e-9, row
