@@ -19,6 +19,7 @@ and takes the general path, which says what is wrong: errors and warnings live t
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -223,6 +224,24 @@ def may_take(
     return len(shape) in (2, 3) and math.prod(shape[:-1]) <= 4096
 
 
+class _LaneCall(NamedTuple):
+    """A problem the lane takes, as :func:`difficp.fused.express_loop` reads it: the clouds as
+    given (``(B, N, 3)``, ``(1 or B, M, 3)``), normals where the options read them (else a
+    placeholder), the ``(B, 4, 4)`` float64 inits and the kernel options (a tuple: cheap to
+    make, and the lane exists to save microseconds)."""
+
+    source: np.ndarray
+    target: np.ndarray
+    source_normals: np.ndarray
+    target_normals: np.ndarray
+    init: np.ndarray
+    options: np.ndarray
+    int_options: np.ndarray
+    rotation: float
+    dtype: np.dtype  # the clouds' promoted dtype: the result's
+    unbatched: bool
+
+
 def express_icp(
     source: object,
     target: object,
@@ -240,13 +259,38 @@ def express_icp(
     grad = config.differentiation != "none" and torch.is_grad_enabled()
     if not _lane_may_run(config, grad):
         return None
+    call = _lane_call(source, target, init, source_normals, target_normals, config, grad)
+    if call is None:
+        return None
+    # here: it loads numba, which calls the lane does not take must not
+    from difficp import fused
+    from difficp.kdtree import parallel_unsafe_after_fork
+
+    if parallel_unsafe_after_fork():
+        return None
+    if search_backend != "compiled" and not compile_or_fall_back(
+        fused.compiled_ready(small=True, express=True)
+    ):
+        return None
+    return _run(call, config)
+
+
+def _lane_call(
+    source: object,
+    target: object,
+    init: object,
+    source_normals: object,
+    target_normals: object,
+    config: ICPConfig,
+    grad: bool,
+) -> _LaneCall | None:
+    """The inputs as the lane's compiled call reads them, or None when the general path must
+    take them (``grad``: gradients are recorded)."""
     source_batched, target_batched = _points(source, grad), _points(target, grad)
     if source_batched is None or target_batched is None:
         return None
     (src, unbatched), (tgt, target_unbatched) = source_batched, target_batched
-    # here: it loads numba, which calls the lane does not take must not
-    from difficp import fused
-    from difficp.kdtree import parallel_unsafe_after_fork
+    from difficp import fused  # here: it loads numba, which calls the lane does not take must not
 
     B, N = src.shape[:2]
     # small problems only: as the general path, on the calling thread, the source unsorted
@@ -278,20 +322,28 @@ def express_icp(
         t_normals = given
     elif not _unused_normals_pass(target_normals, (B, M, 3), grad, target_unbatched):
         return None
-    if parallel_unsafe_after_fork():
-        return None
-    if search_backend != "compiled" and not compile_or_fall_back(
-        fused.compiled_ready(small=True, express=True)
-    ):
-        return None
+    return _LaneCall(
+        src, tgt, s_normals, t_normals, T, options, int_options, rotation, dtype, unbatched
+    )
+
+
+def _run(call: _LaneCall, config: ICPConfig) -> ICPResult | None:
+    """The compiled loop on ``call`` and its result as the general path's :class:`ICPResult`;
+    None where the general path would warn (an RMSE criterion coarse for the cloud)."""
+    from difficp import fused  # here: it loads numba, which calls the lane does not take must not
+
+    B, N = call.source.shape[:2]
+    M = call.target.shape[1]
     # (the general path casts both clouds to their promoted dtype, then to float64: exact; a
     # target of one cloud serves every pair)
-    source64 = _float64(src)
-    target64 = _float64(tgt if len(tgt) == B else np.broadcast_to(tgt, (B, M, 3)))
+    source64 = _float64(call.source)
+    target = call.target if len(call.target) == B else np.broadcast_to(call.target, (B, M, 3))
+    target64 = _float64(target)
     mean, radius = masked_moments(source64, np.ones((B, N)), np.full(B, N))
     if coarse_rmse_criterion(radius, config):
         return None  # the general path warns
-    radius_t = torch.from_numpy(radius).to(torch.float32 if dtype == np.float32 else torch.float64)
+    result_dtype = torch.float32 if call.dtype == np.float32 else torch.float64
+    radius_t = torch.from_numpy(radius).to(result_dtype)
     tolerance = rmse_criterion_for(radius_t, config).double().numpy()
     small_step = step_tolerance_for(radius_t, config)
     step = np.empty(0) if small_step is None else small_step.double().numpy()
@@ -299,27 +351,27 @@ def express_icp(
     iterations = np.empty(B, dtype=np.int64)
     converged = np.empty(B, dtype=np.bool_)
     history = np.empty((B, config.max_iterations + 1))
+    T = call.init
     filled = fused.express_loop(
         source64,
-        s_normals,
+        call.source_normals,
         mean,
         radius,
         target64,
-        t_normals,
+        call.target_normals,
         T,
-        options,
-        int_options,
+        call.options,
+        call.int_options,
         tolerance,
         float(config.relative_fitness),
         step,
-        rotation,
+        call.rotation,
         fitness,
         rmse,
         iterations,
         converged,
         history,
     )
-    result_dtype = torch.float32 if dtype == np.float32 else torch.float64
     # the general path's result: its float64 tensors in the result dtype (a single pair's
     # batch dropped)
     scores = torch.from_numpy(np.stack((fitness, rmse))).to(result_dtype)
@@ -331,7 +383,7 @@ def express_icp(
         torch.from_numpy(converged),
         torch.from_numpy(history[:, :filled]).to(result_dtype) if config.return_history else None,
     )
-    return result._squeeze() if unbatched else result
+    return result._squeeze() if call.unbatched else result
 
 
 __all__ = ["express_icp", "may_take"]
