@@ -262,7 +262,7 @@ def express_icp(
     call = _lane_call(source, target, init, source_normals, target_normals, config, grad)
     if call is None:
         return None
-    # here: it loads numba, which calls the lane does not take must not
+    # numba (loaded by _lane_call): only for calls the lane may take
     from difficp import fused
     from difficp.kdtree import parallel_unsafe_after_fork
 
