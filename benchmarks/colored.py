@@ -43,6 +43,17 @@ reg = o3d.pipelines.registration
 MAX_DISTANCE = 0.05
 
 
+def use_threads(threads: int | None) -> None:
+    """Run torch and Open3D on ``threads`` threads (None: their defaults). Open3D's OpenMP
+    reads ``OMP_NUM_THREADS`` once, at import: the script restarts itself with it set."""
+    if threads is None:
+        return
+    if os.environ.get("OMP_NUM_THREADS") != str(threads):
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+    torch.set_num_threads(threads)
+
+
 def perturbation(angle_deg: float, translation: float, seed: int) -> np.ndarray:
     """A rigid ``(4, 4)`` of the given rotation angle and translation length, random axes."""
     g = torch.Generator().manual_seed(seed)
@@ -130,12 +141,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: its)")
     args = parser.parse_args()
-    if args.threads is not None:
-        if os.environ.get("OMP_NUM_THREADS") != str(args.threads):
-            # Open3D's OpenMP reads it once, at import: restart with it set
-            os.environ["OMP_NUM_THREADS"] = str(args.threads)
-            os.execv(sys.executable, [sys.executable, *sys.argv])
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     folder = require_data_dir(args.data_dir, needs="the 3DMatch pair") / "scans"
     folder = folder / "open3d_3dmatch_pair"
     clouds = [read_point_cloud(folder / f"feature_cloud_bin_{i}.pcd") for i in (0, 1)]

@@ -36,7 +36,7 @@ from difficp.datadir import require_data_dir
 from difficp.io import read_point_cloud
 
 sys.path.insert(0, str(Path(__file__).parent))
-from colored import perturbation
+from colored import perturbation, use_threads
 from gradients import modelnet_batch
 
 reg = o3d.pipelines.registration
@@ -88,11 +88,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
-    if args.threads is not None:
-        if os.environ.get("OMP_NUM_THREADS") != str(args.threads):
-            os.environ["OMP_NUM_THREADS"] = str(args.threads)
-            os.execv(sys.executable, [sys.executable, *sys.argv])
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
 
     folder = require_data_dir() / "scans" / "open3d_3dmatch_pair"
     clouds = [read_point_cloud(folder / f"feature_cloud_bin_{i}.pcd").points for i in (0, 1)]
