@@ -9,7 +9,7 @@ a pairwise registration in a pose graph (the information matrix).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, get_args
 
 import torch
 from torch import Tensor
@@ -78,10 +78,9 @@ def evaluate_registration(
         ValueError: bad input (NaN/inf, empty or mismatched shapes, a non-rigid transform,
             ``max_distance`` not positive), naming the argument.
     """
-    if search_backend not in ("auto", "kdtree", "compiled", "brute_force"):
+    if search_backend not in get_args(SearchBackend):
         raise ValueError(
-            "search_backend must be 'auto', 'kdtree', 'compiled' or 'brute_force', "
-            f"got {search_backend!r}"
+            f"search_backend must be one of {get_args(SearchBackend)}, got {search_backend!r}"
         )
     config = ICPConfig(max_distance=max_distance)  # validates it
     radius = float(torch.as_tensor(max_distance).detach())
